@@ -1,0 +1,914 @@
+"""Fine-tune a Hugging Face encoder for text sequence classification: the training loop and the CLI.
+
+One process (CPU or one GPU):
+    python trainer.py                                        # the default job in config.yaml
+    python trainer.py --trainer.epochs 3 --module.max_lr 3e-5
+Evaluate a checkpoint, or label new texts:
+    python trainer.py --data.train_filepath null --data.val_filepath test.csv --model.model_path checkpoints/best
+    python trainer.py --data.train_filepath null --data.val_filepath null \
+        --data.predict_filepath new.csv --model.model_path checkpoints/best
+Several processes (DDP), on one machine or several:
+    torchrun --nproc_per_node 4 trainer.py --trainer.backend ddp-amp
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_endpoint host:29500 trainer.py --trainer.backend ddp
+Resume after a crash:
+    python trainer.py --ckpt.resume auto
+
+The loop is written out by hand so it can be read: global batch = micro-batches x accumulation x
+ranks, the loss scaled by the true number of examples in each step, no gradient sync on non-final
+micro-steps, GradScaler for float16 only, a linear warmup / decay schedule, and checkpoints that
+carry everything needed to resume exactly.
+"""
+import csv
+import json
+import math
+import os
+import random
+import re
+import signal
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
+from metrics import compute_metrics, format_report
+from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained, unwrap_model
+
+GOLDEN_CONFIG = Path(__file__).resolve().with_name("config.yaml")
+TRAINING_STATE = "training_state"
+
+
+class ConfigError(Exception):
+    """A bad config key or value, reported to the user as one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# config: the golden config.yaml, then the user's file, then --section.key value overrides
+
+
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 2e-5 as a float (YAML 1.1 only knows 2.0e-5)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+.0123456789"))
+
+CHOICES = {
+    "data.file_format": ["csv", "tsv", "jsonl"],
+    "module.metric": ["acc", "acc_and_f1", "mcc", "pcc_and_scc"],
+    "trainer.backend": ["sp", "sp-amp", "ddp", "ddp-amp"],
+    "trainer.amp_dtype": ["auto", "bf16", "fp16"],
+    "trainer.device": ["auto", "cpu", "cuda"],
+}
+# keys that take null or several types; every other key takes the type of its golden value
+TYPES = {
+    "data.train_filepath": (str, None), "data.val_filepath": (str, None),
+    "data.predict_filepath": (str, None), "data.predict_output": (str, None),
+    "data.header": (int, None), "data.text_a_col": (str, int), "data.text_b_col": (str, int, None),
+    "data.label_col": (str, int),
+    "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
+    "model.model_path": (str, None), "model.model_file": (str, None),
+    "ckpt.keep_last": (int, None), "ckpt.resume": (str, None),
+}
+
+
+def read_yaml(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = yaml.load(f, Loader=YamlLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
+        raise ConfigError(f"{path}: expected sections (data:, model:, ...) holding key: value pairs")
+    return content
+
+
+def type_ok(value, types):
+    for t in types:
+        if t is None and value is None:
+            return True
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t not in (None, float, int) and isinstance(value, t):
+            return True
+    return False
+
+
+def set_key(cfg, key, value, source):
+    """Set section.key after checking the key exists and the value has the right type."""
+    section, _, name = key.partition(".")
+    if section not in cfg:
+        raise ConfigError(f"{source}: unknown section {section!r}; sections are {list(cfg)}")
+    if name not in cfg[section]:
+        raise ConfigError(f"{source}: unknown key {key!r}; keys of {section} are {list(cfg[section])}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{source}: {key} is {value!r}; choose one of {CHOICES[key]}")
+    golden = cfg[section][name]
+    types = TYPES.get(key, (type(golden),))
+    if not type_ok(value, types):
+        names = ", ".join("null" if t is None else t.__name__ for t in types)
+        raise ConfigError(f"{source}: {key} is {value!r}; expected {names}")
+    cfg[section][name] = value
+
+
+def parse_args(argv):
+    """(config path, [(key, value), ...]) from --config_path and --section.key value pairs."""
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(__doc__ + f"\nEvery key, with its default and meaning: {GOLDEN_CONFIG}")
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options are --section.key value")
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if key == "config_path":
+            config_path = value
+            continue
+        try:
+            overrides.append((key, yaml.load(value, Loader=YamlLoader)))
+        except yaml.YAMLError:
+            raise ConfigError(f"--{key}: cannot read {value!r} as a YAML value") from None
+    return config_path, overrides
+
+
+def load_config(argv, golden_path=GOLDEN_CONFIG):
+    """The config of this run: golden defaults < the --config_path file < command-line overrides."""
+    config_path, overrides = parse_args(argv)
+    cfg = read_yaml(golden_path)
+    if config_path is not None and Path(config_path).resolve() != Path(golden_path).resolve():
+        for section, values in read_yaml(config_path).items():
+            for name, value in values.items():
+                set_key(cfg, f"{section}.{name}", value, config_path)
+    for key, value in overrides:
+        set_key(cfg, key, value, f"--{key}")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Values that are well typed but cannot work, caught before anything runs."""
+    data, module, trainer = cfg["data"], cfg["module"], cfg["trainer"]
+    positive = ["module.max_lr", "module.max_seq_len", "trainer.train_batch_size",
+                "trainer.val_batch_size", "trainer.gpu_batch_size_limit", "trainer.log_steps"]
+    for key in positive:
+        section, name = key.split(".")
+        if cfg[section][name] <= 0:
+            raise ConfigError(f"{key} is {cfg[section][name]}; it must be positive")
+    for key in ["trainer.epochs", "trainer.eval_steps", "trainer.num_threads", "module.weight_decay",
+                "trainer.max_grad_norm", "ckpt.period", "ckpt.save_steps"]:
+        section, name = key.split(".")
+        if cfg[section][name] < 0:
+            raise ConfigError(f"{key} is {cfg[section][name]}; it must not be negative")
+    if not 0 <= module["warmup_prop"] <= 1:
+        raise ConfigError(f"module.warmup_prop is {module['warmup_prop']}; it must be in [0, 1]")
+    labels = [str(label).strip() for label in data["labels_list"]]
+    if not labels or len(set(labels)) != len(labels):
+        raise ConfigError(f"data.labels_list {data['labels_list']} must be non-empty without duplicates")
+    if data["text_b_col"] is not None and data["text_b_col"] == data["text_a_col"]:
+        raise ConfigError("data.text_b_col equals data.text_a_col; set it to the second text column or null")
+    regression = len(labels) == 1
+    if regression != (module["metric"] == "pcc_and_scc"):
+        raise ConfigError(f"module.metric {module['metric']} does not fit "
+                          f"{'regression (one label)' if regression else 'classification'}; use "
+                          f"{'pcc_and_scc' if regression else 'acc, acc_and_f1 or mcc'}")
+    if data["train_filepath"] is None:
+        if cfg["model"]["model_path"] is None:
+            raise ConfigError("data.train_filepath is null (evaluate / predict only), so "
+                              "model.model_path must name the fine-tuned model")
+        if data["val_filepath"] is None and data["predict_filepath"] is None:
+            raise ConfigError("nothing to do: set data.train_filepath, data.val_filepath or "
+                              "data.predict_filepath")
+    keep = cfg["ckpt"]["keep_last"]
+    if keep is not None and keep < 1:
+        raise ConfigError(f"ckpt.keep_last is {keep}; it must be at least 1, or null to keep all")
+
+
+# ---------------------------------------------------------------------------------------------
+# processes and devices
+
+
+@dataclass
+class Dist:
+    """Where this process stands: its rank among world_size processes, and its device."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool
+    ddp: bool
+
+
+def log(dist_ctx, message):
+    """Print on the main process only, keeping the progress bar intact."""
+    if dist_ctx.is_main:
+        tqdm.write(message, file=sys.stdout)
+
+
+def setup_distributed(trainer_cfg):
+    """Read torchrun's environment, pick the device, start the process group for DDP."""
+    ddp = trainer_cfg["backend"].startswith("ddp")
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if launched else 1
+    rank = int(os.environ.get("RANK", 0)) if launched else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched else 1
+    if world_size > 1 and not ddp:
+        raise ConfigError(f"started with {world_size} processes but trainer.backend is "
+                          f"{trainer_cfg['backend']}; use ddp or ddp-amp under torchrun")
+    use_cuda = trainer_cfg["device"] == "cuda" or (
+        trainer_cfg["device"] == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("trainer.device is cuda but no CUDA GPU is visible; use auto or cpu")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    # processes on one machine share its cores; oversubscribing them slows every process down
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(trainer_cfg["num_threads"] or max(1, cores // local_world_size))
+    if ddp and launched:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                device_id=device if use_cuda else None)
+    ctx = Dist(rank, local_rank, world_size, device, rank == 0, ddp and launched)
+    if ddp and not launched:
+        log(ctx, f"note: trainer.backend {trainer_cfg['backend']} without torchrun: running as a "
+                 f"world of one process (launch with torchrun --nproc_per_node N for more)")
+    return ctx
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_dtype(trainer_cfg, dist_ctx):
+    """The autocast dtype of *-amp backends, or None for float32; said plainly at start."""
+    if not trainer_cfg["backend"].endswith("-amp"):
+        return None
+    choice, device = trainer_cfg["amp_dtype"], dist_ctx.device
+    if device.type == "cuda":
+        if choice == "auto":
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        log(dist_ctx, f"mixed precision: autocast {choice} on {torch.cuda.get_device_name(device)}"
+                      f"{' with GradScaler' if choice == 'fp16' else ''}")
+        return torch.bfloat16 if choice == "bf16" else torch.float16
+    if choice == "auto":
+        # CPUs without native bf16 run a bf16 matmul about 100x slower than fp32 (measured here)
+        log(dist_ctx, "mixed precision: off on a CPU; training in float32 (autocast there is bf16, "
+                      "much slower than fp32 without native bf16; force with --trainer.amp_dtype bf16)")
+        return None
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    log(dist_ctx, f"mixed precision: autocast {choice} on the CPU"
+                  f"{'' if native else ' (this CPU has no native bf16: expect it to be far slower than fp32)'}")
+    return torch.bfloat16 if choice == "bf16" else torch.float16
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer, schedule, loss
+
+
+def lr_multiplier(step, warmup_steps, total_steps):
+    """Linear warmup to 1, then linear decay to 0, for the update with index `step` (from 0).
+
+    The warmup counts from 1/warmup_steps, not from 0, so the first update already learns; the
+    decay reaches 0 only after the last update.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def build_optimizer(model, lr, weight_decay):
+    """AdamW with weight decay on weight matrices only: biases and LayerNorm gains are exempt."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def supervised_loss(model, batch):
+    """Summed loss over the batch's examples (the caller divides by the step's example count)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()  # losses in float32, also under autocast
+    if logits.shape[-1] == 1:
+        loss = F.mse_loss(logits.squeeze(-1), batch["labels"].float(), reduction="sum")
+    else:
+        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
+    return loss, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# data, evaluation and predictions
+
+
+@dataclass
+class Split:
+    """One data file: its checked rows and their token ids."""
+    examples: object
+    encoded: object
+
+
+def load_split(cfg, tokenizer, path, need_labels):
+    examples = read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels)
+    return Split(examples, encode(tokenizer, examples, cfg["module"]["max_seq_len"]))
+
+
+def label_names(cfg):
+    labels = cfg["data"]["labels_list"]
+    return None if len(labels) == 1 else [str(label) for label in labels]
+
+
+@torch.inference_mode()
+def predict_logits(model, encoded, batch_size, pad_token_id, dist_ctx, amp_dtype):
+    """Float32 logits of every example in input order; batches sorted by length, sharded by rank."""
+    was_training = model.training
+    model.eval()
+    shards = []
+    for indices in eval_batches(encoded.lengths, batch_size, dist_ctx.rank, dist_ctx.world_size):
+        batch = {k: v.to(dist_ctx.device, non_blocking=True)
+                 for k, v in collate(encoded, indices, pad_token_id).items() if k != "labels"}
+        with autocast(dist_ctx, amp_dtype):
+            logits = model(**batch).logits.float()
+        shards.append((indices, logits.cpu().numpy()))
+    model.train(was_training)
+    if dist_ctx.ddp:  # every example was on exactly one rank: gather them all, no duplicates
+        gathered = [None] * dist_ctx.world_size
+        dist.all_gather_object(gathered, shards)
+        shards = [shard for rank_shards in gathered for shard in rank_shards]
+    num_outputs = shards[0][1].shape[1] if shards else 1
+    logits = np.zeros((len(encoded), num_outputs), dtype=np.float32)
+    for indices, values in shards:
+        logits[indices] = values
+    return logits
+
+
+def logits_to_predictions(logits, names):
+    return logits[:, 0] if names is None else logits.argmax(axis=1)
+
+
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def write_predictions(path, examples, logits, names):
+    """The input columns, the predicted label and every class probability, in input order."""
+    extra = ["prediction"] if names is None else ["predicted_label"] + [f"prob_{n}" for n in names]
+    probs = None if names is None else softmax(logits)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow([str(c) for c in examples.columns] + extra)
+        for i, row in enumerate(examples.rows):
+            values = ["" if row.get(c) is None else row.get(c) for c in examples.columns]
+            if names is None:
+                values.append(f"{logits[i, 0]:.6g}")
+            else:
+                values += [names[int(probs[i].argmax())]] + [f"{p:.6f}" for p in probs[i]]
+            writer.writerow(values)
+    os.replace(tmp, path)  # never leave a half-written predictions file
+
+
+def autocast(dist_ctx, amp_dtype):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(dist_ctx.device.type, dtype=amp_dtype)
+
+
+def scalar_metrics(metrics):
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoint_dirs(save_dir, prefix):
+    """Complete checkpoints in save_dir, oldest first (by step)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-epoch(\d+)-step(\d+)$")
+    found = []
+    for path in Path(save_dir).glob(f"{prefix}-epoch*-step*"):
+        match = pattern.match(path.name)
+        if match and path.is_dir() and any(path.glob(f"{TRAINING_STATE}*")):
+            found.append((int(match.group(2)), path))
+    return [path for _, path in sorted(found)]
+
+
+def point_link(save_dir, name, target):
+    """Atomically make save_dir/name a relative link to the checkpoint folder target."""
+    tmp = Path(save_dir) / f".{name}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(Path(target).name, target_is_directory=True)
+    os.replace(tmp, Path(save_dir) / name)
+
+
+class Trainer:
+    """The state of one training run and the steps of its loop.
+
+    loss_fn(model, batch) -> (summed loss, {term name: summed term}) lets distillation train with
+    another loss through the same loop; `model` may wrap the Hugging Face model as `.student`.
+    """
+
+    def __init__(self, cfg, dist_ctx, model, tokenizer, train, val, loss_fn=supervised_loss):
+        self.cfg, self.dist, self.tokenizer = cfg, dist_ctx, tokenizer
+        self.train_split, self.val_split, self.loss_fn = train, val, loss_fn
+        tcfg = cfg["trainer"]
+        self.amp_dtype = autocast_dtype(tcfg, dist_ctx)
+        self.model = model.to(dist_ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg["module"]["max_lr"],
+                                         cfg["module"]["weight_decay"])
+        self.setup_batches()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, self.warmup_steps, self.total_steps))
+        # loss scaling guards float16 gradients from underflow; bfloat16 has float32's range
+        self.scaler = torch.amp.GradScaler(dist_ctx.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
+        self.skipped_steps = 0
+        self.stop_signal = None
+        self.run_dir = None
+        if dist_ctx.ddp:
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[dist_ctx.device] if dist_ctx.device.type == "cuda" else None)
+        else:
+            self.ddp_model = self.model
+        if tcfg["compile"]:
+            self.ddp_model = torch.compile(self.ddp_model, dynamic=True)
+
+    def setup_batches(self):
+        """Per-rank micro-batch plan and step counts, from the global batch and the world size."""
+        tcfg, world_size = self.cfg["trainer"], self.dist.world_size
+        if tcfg["train_batch_size"] % world_size:
+            raise ConfigError(f"trainer.train_batch_size {tcfg['train_batch_size']} does not divide "
+                              f"among {world_size} processes; use a multiple of {world_size}")
+        self.per_rank_batch = tcfg["train_batch_size"] // world_size
+        self.grad_accum_steps = math.ceil(self.per_rank_batch / tcfg["gpu_batch_size_limit"])
+        self.steps_per_epoch = len(self.epoch_batches(0))
+        self.total_steps = max(1, self.steps_per_epoch * tcfg["epochs"])
+        self.warmup_steps = round(self.cfg["module"]["warmup_prop"] * self.total_steps)
+
+    def epoch_batches(self, epoch):
+        return train_batches(self.train_split.encoded.lengths, self.cfg["trainer"]["train_batch_size"],
+                             self.cfg["trainer"]["seed"], epoch, self.dist.rank, self.dist.world_size)
+
+    @property
+    def hf_model(self):
+        """The Hugging Face model inside (what checkpoints and evaluation use)."""
+        return getattr(self.model, "student", self.model)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self):
+        tcfg = self.cfg["trainer"]
+        self.open_logs()
+        log(self.dist, f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
+                       f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
+                       f"{self.dist.world_size} processes x {self.grad_accum_steps} micro-batches "
+                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
+                       f"device {self.dist.device}")
+        self.model.train()
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
+                        desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while self.epoch < tcfg["epochs"] and self.stop_signal is None:
+                self.train_epoch(progress)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            progress.close()
+        if self.stop_signal is not None:
+            return None
+        return self.finish()
+
+    def train_epoch(self, progress):
+        tcfg, ckpt = self.cfg["trainer"], self.cfg["ckpt"]
+        batches = self.epoch_batches(self.epoch)
+        window = {"loss": torch.zeros((), device=self.dist.device), "examples": 0, "terms": {},
+                  "start": time.perf_counter()}
+        for rank_indices, global_size in batches[self.batch_in_epoch:]:
+            self.train_step(rank_indices, global_size, window)
+            self.step += 1
+            self.batch_in_epoch += 1
+            progress.update(1)
+            if self.step % tcfg["log_steps"] == 0:
+                self.log_train(window, progress)
+            if tcfg["eval_steps"] and self.step % tcfg["eval_steps"] == 0 and self.batch_in_epoch < len(batches):
+                self.validate()
+            if ckpt["save_steps"] and self.step % ckpt["save_steps"] == 0:
+                self.save_checkpoint()
+            if self.stop_signal is not None:
+                self.save_checkpoint(reason="stop")
+                return
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        self.validate()
+        if ckpt["checkpoint"] and ckpt["period"] and self.epoch % ckpt["period"] == 0:
+            self.save_checkpoint()  # nothing new is written if validation just saved this step
+
+    def train_step(self, rank_indices, global_size, window):
+        """One optimizer step over a global batch: accumulate micro-batches, clip, step."""
+        tcfg = self.cfg["trainer"]
+        micro = micro_batches(rank_indices, tcfg["gpu_batch_size_limit"])
+        # each rank's summed loss is scaled so that DDP's mean over ranks is the mean over the
+        # global batch: this weighs every example equally, also in a short last step
+        scale = self.dist.world_size / global_size
+        step_loss = torch.zeros((), device=self.dist.device)
+        for i, indices in enumerate(micro):
+            batch = {k: v.to(self.dist.device, non_blocking=True)
+                     for k, v in collate(self.train_split.encoded, indices,
+                                         self.tokenizer.pad_token_id).items()}
+            # gradients are all-reduced only on the last micro-batch; no_sync covers the forward too
+            is_last = i == len(micro) - 1
+            sync = nullcontext() if is_last or not self.dist.ddp else self.ddp_model.no_sync()
+            with sync:
+                with autocast(self.dist, self.amp_dtype):
+                    loss, terms = self.loss_fn(self.ddp_model, batch)
+                self.scaler.scale(loss * scale).backward()
+            step_loss += loss.detach()
+            for name, value in terms.items():
+                window["terms"][name] = window["terms"].get(name, 0) + value.detach()
+        self.agree_to_stop(step_loss)  # before the update, so a bad loss never reaches the weights
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        if tcfg["clip_grads"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg["max_grad_norm"])
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if scale_before is not None and self.scaler.get_scale() < scale_before:
+            self.skipped_steps += 1  # inf/nan gradients: GradScaler skipped this update
+        else:
+            self.scheduler.step()  # the schedule only advances with real updates
+        self.optimizer.zero_grad(set_to_none=True)
+        window["loss"] += step_loss
+        window["examples"] += global_size
+
+    def log_train(self, window, progress):
+        """Mean loss over the window's examples (and ranks), learning rate, throughput."""
+        stats = torch.stack([window["loss"], torch.tensor(float(window["examples"]), device=self.dist.device)]
+                            + [v.float() for v in window["terms"].values()])
+        if self.dist.ddp:
+            dist.all_reduce(stats)
+        stats = stats.tolist()  # the one host sync of a log interval
+        elapsed = time.perf_counter() - window["start"]
+        examples = window["examples"]
+        scalars = {"train/loss": stats[0] / stats[1], "train/lr": self.scheduler.get_last_lr()[0],
+                   "train/examples_per_s": examples / elapsed}
+        for name, value in zip(window["terms"], stats[2:]):
+            scalars[f"train/{name}"] = value / stats[1]
+        if self.skipped_steps:
+            scalars["train/skipped_steps"] = self.skipped_steps
+        self.write_scalars(scalars)
+        progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
+                             ex_s=f"{scalars['train/examples_per_s']:.1f}")
+        window.update(loss=torch.zeros((), device=self.dist.device), examples=0, terms={},
+                      start=time.perf_counter())
+
+    def validate(self):
+        """Metrics on the validation file; saves and marks the best checkpoint. None without one."""
+        if self.val_split is None:
+            return None
+        names = label_names(self.cfg)
+        logits = predict_logits(self.hf_model, self.val_split.encoded, self.cfg["trainer"]["val_batch_size"],
+                                self.tokenizer.pad_token_id, self.dist, self.amp_dtype)
+        metrics = compute_metrics(logits_to_predictions(logits, names), self.val_split.encoded.labels, names)
+        metric = self.cfg["module"]["metric"]
+        self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
+        log(self.dist, f"validation at step {self.step} (epoch {self.epoch}): "
+                       + "  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
+        if self.best is None or metrics[metric] > self.best["value"]:
+            path = self.save_checkpoint(reason="best") if self.cfg["ckpt"]["checkpoint"] else None
+            self.best = {"value": metrics[metric], "metrics": metrics, "path": path, "step": self.step}
+            if path is not None and self.dist.is_main:
+                point_link(self.cfg["ckpt"]["model_state_save_dir"], "best", path)
+        return metrics
+
+    def finish(self):
+        """Reload the best model for predictions and report: the final metrics of the run."""
+        if self.best is None:
+            return {"step": self.step}
+        if self.best["path"] is not None and self.best["step"] != self.step:
+            load_weights(self.hf_model, str(Path(self.best["path"]) / "model.safetensors"))
+        result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
+                  "best_checkpoint": str(self.best["path"]) if self.best["path"] else None}
+        if self.dist.is_main:
+            write_json(Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
+        return result
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def request_stop(self, signum, frame):
+        self.stop_signal = signal.Signals(signum).name
+
+    def agree_to_stop(self, step_loss):
+        """(loss not finite, stop requested) as agreed by all ranks, so that none waits forever.
+
+        One small all-reduce per step under DDP; float16 overflows are left to GradScaler.
+        """
+        nonfinite = not self.scaler.is_enabled() and not torch.isfinite(step_loss)
+        flags = torch.tensor([float(nonfinite), float(self.stop_signal is not None)],
+                             device=self.dist.device)
+        if self.dist.ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        nonfinite, stop = flags.tolist()
+        if stop and self.stop_signal is None:
+            self.stop_signal = "a signal to another process"
+        if nonfinite:
+            last = Path(self.cfg["ckpt"]["model_state_save_dir"]) / "last"
+            raise TrainingError(f"step {self.step + 1}: the loss is not finite; lower module.max_lr "
+                                f"or check the data. Last good checkpoint: "
+                                f"{last.resolve() if last.exists() else 'none'}")
+
+    # -- logs and checkpoints ------------------------------------------------------------------
+
+    def open_logs(self):
+        """A new log folder per run (a resumed run continues its own), never deleting others."""
+        if not self.dist.is_main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        if self.run_dir is None:
+            self.run_dir = new_run_dir(self.cfg["trainer"]["log_dir"], "train")
+        # purge_step drops events a killed run logged after the checkpoint it is resumed from
+        self.writer = SummaryWriter(self.run_dir, purge_step=self.step or None)
+        self.jsonl = Path(self.run_dir) / "metrics.jsonl"
+        truncate_jsonl(self.jsonl, self.step)
+        write_json(Path(self.run_dir) / "config.json", self.cfg)
+        log(self.dist, f"logs: {self.run_dir}")
+
+    def write_scalars(self, scalars):
+        if not self.dist.is_main:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, self.step)
+        self.writer.flush()
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": self.step, "epoch": self.epoch, **scalars}) + "\n")
+
+    def training_state(self):
+        """Everything besides the weights that an exact resume needs, RNG of every rank included."""
+        rng = [rng_state()]
+        if self.dist.ddp:
+            rng = [None] * self.dist.world_size
+            dist.all_gather_object(rng, rng_state())
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict(), "rng": rng, "best": self.best,
+                 "skipped_steps": self.skipped_steps, "run_dir": self.run_dir,
+                 "world_size": self.dist.world_size, "config": self.cfg}
+        if self.model is not self.hf_model:  # e.g. distillation projections beside the student
+            state["module"] = self.model.state_dict()
+        return state
+
+    def save_checkpoint(self, reason="period"):
+        """Write a checkpoint folder atomically (temporary name, then rename); rank 0 writes."""
+        ckpt = self.cfg["ckpt"]
+        save_dir = Path(ckpt["model_state_save_dir"])
+        path = save_dir / f"{ckpt['file_prefix']}-epoch{self.epoch + (self.batch_in_epoch > 0)}-step{self.step}"
+        state = self.training_state()  # a collective under DDP: every rank calls it
+        if self.dist.is_main and not path.exists():
+            tmp = save_dir / f".tmp-{path.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_pretrained(self.hf_model, self.tokenizer, tmp)
+            torch.save(state, tmp / f"{TRAINING_STATE}{ckpt['file_ext']}")
+            os.replace(tmp, path)
+            point_link(save_dir, "last", path)
+            self.prune_checkpoints(keep_also=path if reason == "best" else None)
+            log(self.dist, f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
+        if self.dist.ddp:
+            dist.barrier()  # nobody reads or resumes from a checkpoint before it is complete
+        return path
+
+    def prune_checkpoints(self, keep_also=None):
+        keep_last = self.cfg["ckpt"]["keep_last"]
+        if keep_last is None:
+            return
+        save_dir = self.cfg["ckpt"]["model_state_save_dir"]
+        best = Path(save_dir) / "best"
+        protected = {p.resolve() for p in (best, keep_also) if p is not None and Path(p).exists()}
+        for path in checkpoint_dirs(save_dir, self.cfg["ckpt"]["file_prefix"])[:-keep_last]:
+            if path.resolve() not in protected:
+                shutil.rmtree(path)
+
+    def resume_from(self, path):
+        """Restore weights, optimizer, schedule, scaler, position and RNG from a checkpoint."""
+        state = torch.load(Path(path) / f"{TRAINING_STATE}{self.cfg['ckpt']['file_ext']}",
+                           map_location="cpu", weights_only=False)
+        if state["world_size"] != self.dist.world_size:
+            raise ConfigError(f"{path} was written by {state['world_size']} processes; resume it "
+                              f"with the same number (this run has {self.dist.world_size})")
+        if "module" in state:
+            self.model.load_state_dict(state["module"])
+        else:
+            load_weights(self.hf_model, str(Path(path) / "model.safetensors"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best, self.skipped_steps, self.run_dir = state["best"], state["skipped_steps"], state["run_dir"]
+        set_rng_state(state["rng"][self.dist.rank])
+        log(self.dist, f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
+                       f"batch {self.batch_in_epoch})")
+
+
+class TrainingError(Exception):
+    """The run cannot go on (for example a non-finite loss); reported as one line."""
+
+
+def new_run_dir(log_dir, mode):
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(log_dir) / f"{stamp}-{mode}"
+    n = 1
+    while path.exists():  # two runs in the same second get their own folders
+        n += 1
+        path = Path(log_dir) / f"{stamp}-{mode}-{n}"
+    path.mkdir(parents=True)
+    return str(path)
+
+
+def truncate_jsonl(path, step):
+    """Drop log lines past `step`: the part of a killed run that a resume will redo."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    path.write_text("".join(kept), encoding="utf-8")
+
+
+def write_json(path, obj):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run: check everything, then train, evaluate, predict
+
+
+def find_resume_checkpoint(ckpt):
+    """The checkpoint folder to resume from, None for a fresh run; refuses to overwrite."""
+    save_dir, prefix = ckpt["model_state_save_dir"], ckpt["file_prefix"]
+    existing = checkpoint_dirs(save_dir, prefix) if Path(save_dir).is_dir() else []
+    if ckpt["resume"] is None:
+        if existing and not ckpt["overwrite"]:
+            raise ConfigError(f"{save_dir} already holds checkpoints ({existing[-1].name}); resume "
+                              f"with --ckpt.resume auto, choose another --ckpt.model_state_save_dir, "
+                              f"or pass --ckpt.overwrite true to replace them")
+        return None
+    if ckpt["resume"] == "auto":
+        return existing[-1] if existing else None
+    path = Path(ckpt["resume"])
+    if not any(path.glob(f"{TRAINING_STATE}*")):
+        raise ConfigError(f"ckpt.resume: {path} is not a checkpoint folder with a training state")
+    return path
+
+
+def clear_checkpoints(ckpt):
+    """--ckpt.overwrite true: the old checkpoints and links go before the new run writes any."""
+    save_dir = Path(ckpt["model_state_save_dir"])
+    for path in checkpoint_dirs(save_dir, ckpt["file_prefix"]):
+        shutil.rmtree(path)
+    for name in ("last", "best"):
+        if (save_dir / name).is_symlink():
+            (save_dir / name).unlink()
+
+
+def load_splits(cfg, tokenizer):
+    """Read and check every file of the run up front, so a bad row fails before training."""
+    data = cfg["data"]
+    train = load_split(cfg, tokenizer, data["train_filepath"], True) if data["train_filepath"] else None
+    val = load_split(cfg, tokenizer, data["val_filepath"], True) if data["val_filepath"] else None
+    predict = (load_split(cfg, tokenizer, data["predict_filepath"], False)
+               if data["predict_filepath"] else None)
+    return train, val, predict
+
+
+def evaluate_only(cfg, dist_ctx, model, tokenizer, val):
+    """Metrics of a fine-tuned model on a labelled file, with a per-class table."""
+    names = label_names(cfg)
+    logits = predict_logits(model, val.encoded, cfg["trainer"]["val_batch_size"],
+                            tokenizer.pad_token_id, dist_ctx, autocast_dtype(cfg["trainer"], dist_ctx))
+    metrics = compute_metrics(logits_to_predictions(logits, names), val.encoded.labels, names)
+    log(dist_ctx, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
+                  f"({len(val.encoded)} examples)\n{format_report(metrics)}")
+    return metrics
+
+
+def run(cfg, dist_ctx):
+    """Everything a config asks for; returns the final metrics (main process)."""
+    seed_everything(cfg["trainer"]["seed"])
+    tokenizer = load_tokenizer(cfg["model"])
+    train, val, predict = load_splits(cfg, tokenizer)
+    resume = find_resume_checkpoint(cfg["ckpt"]) if train else None
+    model = build_model(cfg["model"], cfg["data"]["labels_list"])
+    # ranks draw different dropout masks; the initial weights were already the same on all
+    seed_everything(cfg["trainer"]["seed"] + dist_ctx.rank)
+    result, run_dir = {}, None
+    if train:
+        if cfg["ckpt"]["overwrite"] and resume is None and dist_ctx.is_main:
+            clear_checkpoints(cfg["ckpt"])
+        trainer = Trainer(cfg, dist_ctx, model, tokenizer, train, val)
+        if resume is not None:
+            trainer.resume_from(resume)
+        result = trainer.train()
+        if result is None:
+            log(dist_ctx, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with "
+                          f"--ckpt.resume auto")
+            return None
+        model, run_dir = trainer.hf_model, trainer.run_dir
+    elif val:
+        metrics = evaluate_only(cfg, dist_ctx, model.to(dist_ctx.device), tokenizer, val)
+        result = scalar_metrics(metrics)
+        if dist_ctx.is_main:
+            run_dir = new_run_dir(cfg["trainer"]["log_dir"], "eval")
+            write_json(Path(run_dir) / "eval_metrics.json", metrics)
+            log(dist_ctx, f"metrics written to {Path(run_dir) / 'eval_metrics.json'}")
+    if predict:
+        result["predictions"] = predict_file(cfg, dist_ctx, model.to(dist_ctx.device), tokenizer,
+                                             predict, run_dir)
+    return result
+
+
+def predict_file(cfg, dist_ctx, model, tokenizer, predict, run_dir):
+    logits = predict_logits(model, predict.encoded, cfg["trainer"]["val_batch_size"],
+                            tokenizer.pad_token_id, dist_ctx, autocast_dtype(cfg["trainer"], dist_ctx))
+    if not dist_ctx.is_main:
+        return None
+    path = cfg["data"]["predict_output"]
+    if path is None:
+        run_dir = run_dir or new_run_dir(cfg["trainer"]["log_dir"], "predict")
+        path = str(Path(run_dir) / "predictions.csv")
+    write_predictions(path, predict.examples, logits, label_names(cfg))
+    log(dist_ctx, f"predictions for {len(predict.encoded)} texts written to {path}")
+    return path
+
+
+def main(argv=None):
+    """Command-line entry point: one clear line and exit status 2 on any user error."""
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = None
+    try:
+        cfg = load_config(argv)
+        dist_ctx = setup_distributed(cfg["trainer"])
+        try:
+            result = run(cfg, dist_ctx)
+        finally:
+            cleanup_distributed()
+    except (ConfigError, DataError, ModelError, TrainingError) as e:
+        if cfg is not None and cfg["trainer"]["debug"]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is None:
+        return 1  # stopped by a signal; the checkpoint to resume from is written
+    if dist_ctx.is_main:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
