@@ -1,0 +1,190 @@
+"""Config: the golden config.yaml, a --config_path file over it, --section.key overrides, and the
+checks that stop a run with one line before anything starts."""
+import pytest
+
+from trainer import GOLDEN_CONFIG, ConfigError, check_config, load_config, read_yaml
+
+
+def config_error(argv):
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    return str(info.value)
+
+
+def write_config(tmp_path, text):
+    path = tmp_path / "my.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# -- values are YAML values, in a file and on the command line ---------------------------------
+
+
+def test_golden_config_reads_exponent_floats_as_floats():
+    # plain PyYAML (YAML 1.1) reads "5e-5" as a string; the golden file writes max_lr that way
+    golden = read_yaml(GOLDEN_CONFIG)
+    assert isinstance(golden["module"]["max_lr"], float)
+    assert load_config([])["module"]["max_lr"] == pytest.approx(5e-5)
+
+
+@pytest.mark.parametrize("text, value", [("2e-5", 2e-5), ("2E-5", 2e-5), ("1e3", 1000.0),
+                                         ("+3.5e-4", 3.5e-4), ("0.001", 0.001), ("1", 1)])
+def test_command_line_numbers_are_numbers(text, value):
+    lr = load_config(["--module.max_lr", text])["module"]["max_lr"]
+    assert lr == pytest.approx(value) and not isinstance(lr, str)
+
+
+def test_exponent_float_in_a_config_file_is_a_float(tmp_path):
+    path = write_config(tmp_path, "module:\n  max_lr: 2e-5\n  warmup_prop: 1e-1\n")
+    cfg = load_config(["--config_path", path])
+    assert cfg["module"]["max_lr"] == pytest.approx(2e-5)
+    assert cfg["module"]["warmup_prop"] == pytest.approx(0.1)
+
+
+def test_null_lists_and_key_equals_value_form():
+    cfg = load_config(["--data.val_filepath", "null", "--data.labels_list", "[a, b, 'c d']",
+                       "--trainer.epochs=4", "--data.text_b_col", "premise"])
+    assert cfg["data"]["val_filepath"] is None
+    assert cfg["data"]["labels_list"] == ["a", "b", "c d"]
+    assert cfg["trainer"]["epochs"] == 4
+    assert cfg["data"]["text_b_col"] == "premise"
+
+
+def test_labels_with_dashes_stay_whole():
+    # the original split CLI lists on "-" and eval'ed the pieces
+    cfg = load_config(["--data.labels_list", "[not-entailment, entailment]"])
+    assert cfg["data"]["labels_list"] == ["not-entailment", "entailment"]
+
+
+def test_yes_no_labels_stay_strings(tmp_path):
+    # YAML 1.1 reads yes / no / on / off as booleans; labels such as these must match the file
+    assert load_config(["--data.labels_list", "[no, yes]"])["data"]["labels_list"] == ["no", "yes"]
+    path = write_config(tmp_path, "data:\n  labels_list: [off, on]\n")
+    assert load_config(["--config_path", path])["data"]["labels_list"] == ["off", "on"]
+    assert load_config(["--trainer.clip_grads", "false"])["trainer"]["clip_grads"] is False
+
+
+def test_column_positions_are_ints():
+    cfg = load_config(["--data.header", "null", "--data.text_a_col", "1", "--data.label_col", "0"])
+    assert cfg["data"]["header"] is None
+    assert cfg["data"]["text_a_col"] == 1 and cfg["data"]["label_col"] == 0
+
+
+# -- --config_path: a partial file over the golden config, the command line over both -----------
+
+
+def test_partial_config_file_overlays_the_golden_config(tmp_path):
+    path = write_config(tmp_path, "trainer:\n  epochs: 7\ndata:\n  labels_list: [no, yes]\n"
+                                  "  encoding: latin-1\n")
+    golden = load_config([])
+    cfg = load_config(["--config_path", path])
+    assert cfg["trainer"]["epochs"] == 7
+    assert cfg["data"]["encoding"] == "latin-1"
+    # keys the file leaves out keep their golden values
+    assert cfg["trainer"]["train_batch_size"] == golden["trainer"]["train_batch_size"]
+    assert cfg["module"] == golden["module"]
+    assert cfg["ckpt"] == golden["ckpt"]
+
+
+def test_command_line_wins_over_the_config_file(tmp_path):
+    path = write_config(tmp_path, "trainer:\n  epochs: 7\n  seed: 3\n")
+    cfg = load_config(["--trainer.epochs", "2", "--config_path", path])
+    assert cfg["trainer"]["epochs"] == 2
+    assert cfg["trainer"]["seed"] == 3
+
+
+def test_missing_config_file_is_named(tmp_path):
+    message = config_error(["--config_path", str(tmp_path / "nope.yaml")])
+    assert "nope.yaml" in message and "not found" in message
+
+
+def test_config_file_without_sections_is_refused(tmp_path):
+    path = write_config(tmp_path, "max_lr: 2e-5\n")
+    assert "sections" in config_error(["--config_path", path])
+
+
+# -- unknown keys, wrong types and bad choices name the key and what is valid -------------------
+
+
+def test_unknown_section_lists_the_sections():
+    message = config_error(["--optim.lr", "0.1"])
+    assert "'optim'" in message
+    for section in ["data", "model", "module", "trainer", "ckpt"]:
+        assert section in message
+
+
+def test_unknown_key_lists_the_keys_of_its_section():
+    message = config_error(["--module.lr", "0.1"])
+    assert "module.lr" in message
+    assert "max_lr" in message and "warmup_prop" in message
+
+
+def test_unknown_key_in_a_config_file_names_the_file(tmp_path):
+    path = write_config(tmp_path, "trainer:\n  epoch: 3\n")
+    message = config_error(["--config_path", path])
+    assert "my.yaml" in message and "trainer.epoch" in message and "epochs" in message
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("trainer.epochs", "2.5", "int"),
+    ("trainer.epochs", "three", "int"),
+    ("trainer.clip_grads", "1", "bool"),
+    ("trainer.train_batch_size", "true", "int"),
+    ("module.max_lr", "fast", "float"),
+    ("data.labels_list", "positive", "list"),
+    ("data.header", "first", "int, null"),
+])
+def test_wrong_type_names_the_key_and_the_type(key, value, expected):
+    message = config_error([f"--{key}", value])
+    assert key in message and expected in message
+
+
+@pytest.mark.parametrize("key, value, choices", [
+    ("data.file_format", "xlsx", ["csv", "tsv", "jsonl"]),
+    ("module.metric", "f1", ["acc", "acc_and_f1", "mcc", "pcc_and_scc"]),
+    ("trainer.backend", "dp", ["sp", "sp-amp", "ddp", "ddp-amp"]),
+])
+def test_bad_choice_lists_the_choices(key, value, choices):
+    message = config_error([f"--{key}", value])
+    assert key in message and repr(value) in message
+    assert all(choice in message for choice in choices)
+
+
+def test_argument_without_dashes_or_value_is_an_error():
+    assert "unexpected argument" in config_error(["trainer.epochs", "3"])
+    assert "needs a value" in config_error(["--trainer.epochs"])
+
+
+# -- check_config: well-typed values that cannot work ------------------------------------------
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--module.max_lr", "0"], "module.max_lr"),
+    (["--module.max_lr", "-1e-5"], "module.max_lr"),
+    (["--trainer.train_batch_size", "0"], "trainer.train_batch_size"),
+    (["--trainer.gpu_batch_size_limit", "-4"], "trainer.gpu_batch_size_limit"),
+    (["--module.max_seq_len", "0"], "module.max_seq_len"),
+    (["--trainer.epochs", "-1"], "trainer.epochs"),
+    (["--module.warmup_prop", "1.5"], "module.warmup_prop"),
+    (["--module.warmup_prop", "-0.1"], "module.warmup_prop"),
+    (["--data.labels_list", "[a, b, a]"], "without duplicates"),
+    (["--data.labels_list", "[1, '1']"], "without duplicates"),  # the same label once read from a file
+    (["--data.labels_list", "[]"], "non-empty"),
+    (["--data.text_b_col", "text"], "text_b_col equals data.text_a_col"),
+    (["--data.labels_list", "[score]"], "pcc_and_scc"),           # regression needs its metric
+    (["--module.metric", "pcc_and_scc"], "acc, acc_and_f1 or mcc"),
+    (["--data.train_filepath", "null"], "model.model_path"),
+    (["--data.train_filepath", "null", "--data.val_filepath", "null", "--model.model_path", "m"],
+     "nothing to do"),
+    (["--ckpt.keep_last", "0"], "ckpt.keep_last"),
+])
+def test_check_config_refuses_values_that_cannot_work(argv, fragment):
+    assert fragment in config_error(argv)
+
+
+def test_check_config_accepts_the_edges_of_valid_ranges():
+    for warmup in ("0", "1", "0.0", "1.0"):
+        load_config(["--module.warmup_prop", warmup])
+    cfg = load_config(["--data.labels_list", "[score]", "--module.metric", "pcc_and_scc"])
+    check_config(cfg)
+    load_config(["--data.train_filepath", "null", "--model.model_path", "some/checkpoint"])
