@@ -236,7 +236,8 @@ def micro_batches(indices, micro_batch_size):
 def eval_batches(lengths, batch_size, rank=0, world_size=1):
     """This rank's evaluation batches, longest first; every example on exactly one rank."""
     order = np.argsort(-lengths, kind="stable")[rank::world_size]
-    return np.split(order, range(batch_size, len(order), batch_size))
+    # a rank can have no example at all (fewer examples than ranks): no empty batch to collate then
+    return [batch for batch in np.split(order, range(batch_size, len(order), batch_size)) if len(batch)]
 
 
 def pad(sequences, value):

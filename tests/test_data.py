@@ -1,0 +1,260 @@
+"""Data: reading csv / tsv / jsonl files, token ids, and the batches the loop and DDP ranks use."""
+import numpy as np
+import pytest
+import torch
+from conftest import make_tokenizer, write_csv, write_jsonl
+
+from data import Encoded, collate, encode, eval_batches, micro_batches, read_examples, train_batches
+
+LABELS = ["negative", "positive"]
+ROWS = [{"text": "good movie", "label": "positive"},
+        {"text": "bad plot", "label": "negative"},
+        {"text": "the film was great", "label": "positive"}]
+
+
+def data_cfg(**overrides):
+    cfg = {"file_format": "csv", "header": 0, "encoding": "utf-8", "text_a_col": "text",
+           "text_b_col": None, "label_col": "label"}
+    return {**cfg, **overrides}
+
+
+# -- file formats --------------------------------------------------------------------------------
+
+
+def test_csv_reads_texts_labels_and_columns(tmp_path):
+    path = write_csv(tmp_path / "a.csv", [{"id": i, **row} for i, row in enumerate(ROWS)])
+    examples = read_examples(path, data_cfg(), LABELS, need_labels=True)
+    assert examples.columns == ["id", "text", "label"]
+    assert examples.texts_a == ["good movie", "bad plot", "the film was great"]
+    assert examples.texts_b is None
+    assert examples.labels.tolist() == [1, 0, 1] and examples.labels.dtype == np.int64
+    assert examples.rows[2] == {"id": "2", "text": "the film was great", "label": "positive"}
+
+
+def test_tsv_keeps_commas_inside_texts(tmp_path):
+    rows = [{"text": "good, very good", "label": "positive"}, {"text": "bad, sad", "label": "negative"}]
+    path = write_csv(tmp_path / "a.tsv", rows, delimiter="\t")
+    examples = read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+    assert examples.texts_a == ["good, very good", "bad, sad"]
+    assert examples.labels.tolist() == [1, 0]
+
+
+def test_jsonl_reads_objects_and_skips_blank_lines(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", ROWS)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n")
+    examples = read_examples(path, data_cfg(file_format="jsonl"), LABELS, need_labels=True)
+    assert examples.texts_a == [row["text"] for row in ROWS]
+    assert examples.labels.tolist() == [1, 0, 1]
+
+
+def test_quoted_newline_inside_a_csv_field(tmp_path):
+    rows = [{"text": "good\nmovie", "label": "positive"}, {"text": "bad", "label": "negative"}]
+    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), LABELS, True)
+    assert examples.texts_a == ["good\nmovie", "bad"]
+
+
+def test_header_row_index_skips_the_rows_above(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("exported by some tool,\ntext,label\ngood,positive\nbad,negative\n")
+    examples = read_examples(str(path), data_cfg(header=1), LABELS, need_labels=True)
+    assert examples.texts_a == ["good", "bad"]
+    assert examples.labels.tolist() == [1, 0]
+
+
+def test_header_null_names_columns_by_position(tmp_path):
+    path = write_csv(tmp_path / "a.csv", ROWS, columns=["label", "text"], header=False)
+    examples = read_examples(path, data_cfg(header=None, text_a_col=1, label_col=0), LABELS, True)
+    assert examples.columns == [0, 1]
+    assert examples.texts_a == ["good movie", "bad plot", "the film was great"]
+    assert examples.labels.tolist() == [1, 0, 1]
+
+
+def test_sentence_pairs_read_both_texts_and_tokenize_as_pairs(tmp_path):
+    rows = [{"premise": "the movie", "hypothesis": "good", "label": "positive"},
+            {"premise": "it was", "hypothesis": "very bad", "label": "negative"}]
+    path = write_csv(tmp_path / "a.csv", rows)
+    cfg = data_cfg(text_a_col="premise", text_b_col="hypothesis")
+    examples = read_examples(path, cfg, LABELS, need_labels=True)
+    assert examples.texts_b == ["good", "very bad"]
+    encoded = encode(make_tokenizer(), examples, max_seq_len=16)
+    # [CLS] it was [SEP] very bad [SEP]: the second text is segment 1
+    assert encoded.token_type_ids[1] == [0, 0, 0, 0, 1, 1, 1]
+    assert encoded.lengths.tolist() == [6, 7]
+
+
+def test_numeric_labels_in_the_file_match_string_and_int_labels_list(tmp_path):
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}, {"text": "nice", "label": 2}]
+    csv_path = write_csv(tmp_path / "a.csv", rows)
+    jsonl_path = write_jsonl(tmp_path / "a.jsonl", rows)  # labels are JSON numbers here
+    for labels_list in (["0", "1", "2"], [0, 1, 2]):       # as written in YAML: strings or ints
+        for path, fmt in ((csv_path, "csv"), (jsonl_path, "jsonl")):
+            examples = read_examples(path, data_cfg(file_format=fmt), labels_list, need_labels=True)
+            assert examples.labels.tolist() == [1, 0, 2]
+
+
+def test_labels_list_order_is_the_class_id(tmp_path):
+    path = write_csv(tmp_path / "a.csv", ROWS)
+    examples = read_examples(path, data_cfg(), ["positive", "negative"], need_labels=True)
+    assert examples.labels.tolist() == [0, 1, 0]
+
+
+def test_regression_labels_are_floats(tmp_path):
+    rows = [{"text": "good", "label": "4.5"}, {"text": "bad", "label": "-1"}, {"text": "ok", "label": "2e-1"}]
+    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), ["score"], True)
+    assert examples.labels.dtype == np.float32
+    assert examples.labels.tolist() == pytest.approx([4.5, -1.0, 0.2])
+
+
+def test_file_without_labels_reads_for_prediction(tmp_path):
+    path = write_csv(tmp_path / "a.csv", [{"text": row["text"]} for row in ROWS])
+    examples = read_examples(path, data_cfg(), LABELS, need_labels=False)
+    assert examples.labels is None and len(examples.texts_a) == 3
+
+
+def test_latin1_file_reads_with_data_encoding(tmp_path):
+    rows = [{"text": "café très bon", "label": "positive"}, {"text": "naïve", "label": "negative"}]
+    path = write_csv(tmp_path / "a.csv", rows, encoding="latin-1")
+    examples = read_examples(path, data_cfg(encoding="latin-1"), LABELS, need_labels=True)
+    assert examples.texts_a == ["café très bon", "naïve"]
+
+
+def test_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    path = write_csv(tmp_path / "a.csv", ROWS, encoding="utf-8-sig")
+    assert open(path, "rb").read(3) == b"\xef\xbb\xbf"
+    examples = read_examples(path, data_cfg(), LABELS, need_labels=True)
+    assert examples.columns == ["text", "label"]
+    assert examples.texts_a[0] == "good movie"
+
+
+# -- token ids -----------------------------------------------------------------------------------
+
+
+def test_encode_truncates_to_max_seq_len_without_padding(tmp_path):
+    rows = [{"text": "good " * 30, "label": "positive"}, {"text": "bad", "label": "negative"}]
+    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), LABELS, True)
+    encoded = encode(make_tokenizer(), examples, max_seq_len=10, chunk_size=1)
+    assert encoded.lengths.tolist() == [10, 3]
+    assert [len(ids) for ids in encoded.input_ids] == [10, 3]
+    assert encoded.labels.tolist() == [1, 0]
+
+
+# -- training batches ----------------------------------------------------------------------------
+
+
+def random_lengths(n, seed=0):
+    return np.random.default_rng(seed).integers(1, 64, size=n)
+
+
+@pytest.mark.parametrize("n, batch_size, world_size", [
+    (64, 8, 1), (61, 8, 1), (13, 8, 1), (5, 8, 1),
+    (64, 8, 2), (63, 8, 2), (13, 8, 2),
+    (60, 6, 3), (59, 6, 3), (15, 6, 3), (1004, 9, 3)])
+def test_train_batches_cover_every_example_once_over_ranks(n, batch_size, world_size):
+    lengths = random_lengths(n)
+    per_rank = [train_batches(lengths, batch_size, seed=1, epoch=0, rank=r, world_size=world_size,
+                              group_size=4)
+                for r in range(world_size)]
+    # every rank runs the same number of steps, or DDP would hang
+    assert len({len(batches) for batches in per_rank}) == 1
+    seen = np.concatenate([indices for batches in per_rank for indices, _ in batches])
+    assert sorted(seen.tolist()) == list(range(n))
+    # the global size every rank is told is the real size of that step's batch
+    for step in range(len(per_rank[0])):
+        sizes = [len(per_rank[r][step][0]) for r in range(world_size)]
+        assert {per_rank[r][step][1] for r in range(world_size)} == {sum(sizes)}
+        assert sum(sizes) <= batch_size and min(sizes) >= 1
+    # only the last global batch of the epoch can be short (it is shuffled into the order)
+    assert sum(size != batch_size for _, size in per_rank[0]) <= 1
+
+
+def test_final_batch_smaller_than_the_world_is_dropped():
+    # 17 = 2 x 8 + 1: one example cannot be shared by 3 ranks, so that step is left out
+    per_rank = [train_batches(random_lengths(17), 8, seed=0, epoch=0, rank=r, world_size=3)
+                for r in range(3)]
+    assert [len(batches) for batches in per_rank] == [2, 2, 2]
+    assert sum(len(indices) for batches in per_rank for indices, _ in batches) == 16
+
+
+def test_same_seed_and_epoch_give_the_same_order():
+    lengths = random_lengths(200)
+    a = train_batches(lengths, 8, seed=3, epoch=2)
+    b = train_batches(lengths, 8, seed=3, epoch=2)
+    assert [indices.tolist() for indices, _ in a] == [indices.tolist() for indices, _ in b]
+
+
+def test_another_epoch_or_seed_gives_another_order():
+    lengths = random_lengths(200)
+    first = [indices.tolist() for indices, _ in train_batches(lengths, 8, seed=3, epoch=0)]
+    assert first != [indices.tolist() for indices, _ in train_batches(lengths, 8, seed=3, epoch=1)]
+    assert first != [indices.tolist() for indices, _ in train_batches(lengths, 8, seed=4, epoch=0)]
+
+
+def padded_tokens(lengths, batches):
+    return sum(len(indices) * lengths[indices].max() for indices in batches)
+
+
+def test_length_grouping_reduces_padding_against_a_random_order():
+    lengths = random_lengths(2000)
+    grouped = [indices for indices, _ in train_batches(lengths, 16, seed=0, epoch=0)]
+    order = np.random.default_rng(0).permutation(len(lengths))
+    shuffled = np.split(order, range(16, len(order), 16))
+    real = lengths.sum()
+    waste_grouped = padded_tokens(lengths, grouped) - real
+    waste_random = padded_tokens(lengths, shuffled) - real
+    assert waste_grouped < 0.25 * waste_random
+    # ... and the batch order is still shuffled, not longest first
+    maxima = [lengths[indices].max() for indices in grouped]
+    assert maxima != sorted(maxima, reverse=True) and maxima != sorted(maxima)
+
+
+def test_micro_batches_split_a_batch_for_accumulation():
+    indices = np.arange(10, 18)
+    micro = micro_batches(indices, 3)
+    assert [len(m) for m in micro] == [3, 3, 2]
+    assert np.concatenate(micro).tolist() == indices.tolist()
+    assert [len(m) for m in micro_batches(indices, 8)] == [8]
+    assert [len(m) for m in micro_batches(np.arange(5), 8)] == [5]
+
+
+# -- padding -------------------------------------------------------------------------------------
+
+
+def test_collate_pads_only_to_the_batch_longest():
+    input_ids = [[2, 10, 3], [2, 10, 11, 12, 13, 3], [2, 3], [2, 14, 15, 16, 3]]
+    encoded = Encoded(input_ids, [[0] * len(ids) for ids in input_ids], np.array([0, 1, 1, 0]),
+                      np.array([len(ids) for ids in input_ids]))
+    batch = collate(encoded, np.array([0, 2, 3]), pad_token_id=0)
+    assert batch["input_ids"].shape == (3, 5)  # not 6 (example 1 is not in it), not max_seq_len
+    assert batch["input_ids"].tolist() == [[2, 10, 3, 0, 0], [2, 3, 0, 0, 0], [2, 14, 15, 16, 3]]
+    assert batch["attention_mask"].sum(dim=1).tolist() == [3, 2, 5]
+    assert batch["token_type_ids"].shape == (3, 5)
+    assert batch["labels"].tolist() == [0, 1, 0]
+    assert batch["input_ids"].dtype == torch.int64
+
+
+def test_collate_uses_the_tokenizer_pad_id_and_no_labels_for_unlabelled_data():
+    input_ids = [[0, 5, 2], [0, 2]]
+    encoded = Encoded(input_ids, None, None, np.array([3, 2]))
+    batch = collate(encoded, np.array([0, 1]), pad_token_id=1)  # RoBERTa pads with 1
+    assert batch["input_ids"].tolist() == [[0, 5, 2], [0, 2, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert set(batch) == {"input_ids", "attention_mask"}
+
+
+# -- evaluation batches --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, world_size", [(1, 1), (37, 1), (37, 2), (37, 3), (2, 3)])
+def test_eval_batches_cover_every_example_exactly_once_over_ranks(n, world_size):
+    lengths = random_lengths(n)
+    seen = []
+    for rank in range(world_size):
+        batches = eval_batches(lengths, 5, rank, world_size)
+        # no empty batch, even on a rank with no example: collate cannot pad zero sequences
+        assert all(1 <= len(indices) <= 5 for indices in batches)
+        flat = np.concatenate(batches) if batches else np.array([], dtype=np.int64)
+        # longest first, so each batch holds similar lengths
+        assert lengths[flat].tolist() == sorted(lengths[flat].tolist(), reverse=True)
+        seen += flat.tolist()
+    assert sorted(seen) == list(range(n))
