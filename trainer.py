@@ -59,6 +59,13 @@ class YamlLoader(yaml.SafeLoader):
     """SafeLoader that also reads 2e-5 as a float (YAML 1.1 only knows 2.0e-5)."""
 
 
+# only true / false are booleans (as in YAML 1.2): YAML 1.1 also reads yes / no / on / off as
+# booleans, which turned labels_list [no, yes] into [False, True] that no label in a file matches
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
     list("-+.0123456789"))
@@ -79,6 +86,8 @@ TYPES = {
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None),
+    "distill.student_layers": (list, None), "distill.student_model": (str, None),
+    "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
 }
 
 
@@ -470,7 +479,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.skipped_steps = 0
-        self.stop_signal = None
+        self.stop_signal, self.stopping = None, False
         self.run_dir = None
         if dist_ctx.ddp:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -517,13 +526,13 @@ class Trainer:
         # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while self.epoch < tcfg["epochs"] and self.stop_signal is None:
+            while self.epoch < tcfg["epochs"] and not self.stopping:
                 self.train_epoch(progress)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             progress.close()
-        if self.stop_signal is not None:
+        if self.stopping:
             return None
         return self.finish()
 
@@ -543,7 +552,7 @@ class Trainer:
                 self.validate()
             if ckpt["save_steps"] and self.step % ckpt["save_steps"] == 0:
                 self.save_checkpoint()
-            if self.stop_signal is not None:
+            if self.stopping:  # agreed by every rank in train_step, so all of them save together
                 self.save_checkpoint(reason="stop")
                 return
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -586,7 +595,7 @@ class Trainer:
             self.scheduler.step()  # the schedule only advances with real updates
         self.optimizer.zero_grad(set_to_none=True)
         window["loss"] += step_loss
-        window["examples"] += global_size
+        window["examples"] += len(rank_indices)  # summed over ranks at log time
 
     def log_train(self, window, progress):
         """Mean loss over the window's examples (and ranks), learning rate, throughput."""
@@ -596,9 +605,8 @@ class Trainer:
             dist.all_reduce(stats)
         stats = stats.tolist()  # the one host sync of a log interval
         elapsed = time.perf_counter() - window["start"]
-        examples = window["examples"]
         scalars = {"train/loss": stats[0] / stats[1], "train/lr": self.scheduler.get_last_lr()[0],
-                   "train/examples_per_s": examples / elapsed}
+                   "train/examples_per_s": stats[1] / elapsed}
         for name, value in zip(window["terms"], stats[2:]):
             scalars[f"train/{name}"] = value / stats[1]
         if self.skipped_steps:
@@ -656,7 +664,8 @@ class Trainer:
         if self.dist.ddp:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, stop = flags.tolist()
-        if stop and self.stop_signal is None:
+        self.stopping = bool(stop)
+        if self.stopping and self.stop_signal is None:
             self.stop_signal = "a signal to another process"
         if nonfinite:
             last = Path(self.cfg["ckpt"]["model_state_save_dir"]) / "last"
