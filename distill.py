@@ -1,0 +1,445 @@
+"""Knowledge distillation: train a smaller, faster student from a fine-tuned teacher.
+
+The teacher is the model of the `model` section (normally a trainer.py checkpoint, model.model_path);
+the student and the loss come from the `distill` section. Data, optimizer, schedule, DDP / AMP,
+logging and checkpoints are trainer.py's: this file adds a student, a frozen teacher and a loss, and
+hands them to trainer.Trainer.
+
+    python trainer.py --ckpt.model_state_save_dir ckpt/teacher                  # 1. fine-tune the teacher
+    python distill.py --config_path configs/distill.yaml \
+        --model.model_path ckpt/teacher/best --distill.student_layers [0,2,4]  # 2. distill a 3-layer student
+    torchrun --nproc_per_node 2 distill.py --config_path configs/distill.yaml --trainer.backend ddp
+    python trainer.py --data.train_filepath null --data.val_filepath test.csv \
+        --model.model_path ckpt/student/best                                     # 3. evaluate the student
+
+Students: a depth cut of the teacher (distill.student_layers: the teacher's encoder layers to keep,
+0-based, in order, with its embeddings, pooler and classifier), or another architecture or size
+(distill.student_model and / or distill.student_config overrides, pretrained or random init). The
+student must read the teacher's token ids (same vocabulary).
+
+Losses (distill.loss_types, weighted by distill.loss_weights; each summed over examples, as
+Trainer expects, and logged on its own as train/<type>, unweighted):
+  logits         T^2 * KL(p_teacher || p_student), p = softmax(logits / T), batch mean, float32
+  labels         cross-entropy with the gold labels (rows without a label are skipped)
+  hidden_states  MSE over non-padding tokens, per example, averaged over the mapped layers;
+                 a learned linear projection maps the student's width to the teacher's if they differ
+  attentions     MSE between attention probabilities over non-padding (query, key) pairs;
+                 eager attention, the student's attention dropout off; heads averaged if counts differ
+Layer maps: hidden_states has L+1 entries (0 = the embeddings, i = the output of layer i), attentions
+has L (i = layer i, 0-based, no embedding slot). distill.hidden_state_map lists, for each student
+hidden state, the teacher hidden state it learns; distill.attention_map, for each student layer, the
+teacher layer. The default is uniform: hidden state i <- teacher i * Lt / Ls (3 of 12: 0, 4, 8, 12),
+attention layer i <- teacher (i + 1) * Lt / Ls - 1 (3 of 12: 3, 7, 11).
+
+Unlabelled transfer data (distill.unlabeled_filepaths, text column data.text_a_col): their rows get
+label -1 (NaN for regression) and learn from the teacher only; the labels loss skips them, and since
+Trainer averages over all examples of a step, the labels term is diluted by the unlabelled share.
+"""
+import copy
+import json
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from data import DataError, Encoded, encode, read_examples
+from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
+from trainer import (ConfigError, Split, Trainer, TrainingError, cleanup_distributed, clear_checkpoints,
+                     find_resume_checkpoint, load_config, load_splits, log, seed_everything,
+                     setup_distributed)
+
+LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def check_distill_config(cfg):
+    """Distillation values that are well typed but cannot work, caught before anything is built."""
+    d = cfg["distill"]
+    unknown = [t for t in d["loss_types"] if t not in LOSS_TYPES]
+    if not d["loss_types"] or unknown or len(set(d["loss_types"])) != len(d["loss_types"]):
+        raise ConfigError(f"distill.loss_types {d['loss_types']}: list each of {list(LOSS_TYPES)} at most once")
+    if len(d["loss_weights"]) != len(d["loss_types"]):
+        raise ConfigError(f"distill.loss_weights {d['loss_weights']} needs one weight per loss type "
+                          f"{d['loss_types']}")
+    if d["temperature"] <= 0:
+        raise ConfigError(f"distill.temperature is {d['temperature']}; it must be positive")
+    layers = d["student_layers"]
+    if layers is not None:
+        if not layers or any(not isinstance(i, int) or i < 0 for i in layers) or sorted(set(layers)) != layers:
+            raise ConfigError(f"distill.student_layers {layers}: teacher layer indices (from 0), "
+                              f"increasing, without repeats")
+        if d["student_model"] is not None or d["student_config"]:
+            raise ConfigError("distill.student_layers (a depth cut of the teacher) excludes "
+                              "distill.student_model and distill.student_config; set one or the other")
+    elif d["student_model"] is None and not d["student_config"]:
+        raise ConfigError("no student: set distill.student_layers (a depth cut of the teacher, e.g. "
+                          "[0,2,4]), distill.student_model, or distill.student_config overrides")
+    elif d["student_model"] is None and d["student_pretrained"]:
+        raise ConfigError("distill.student_config without distill.student_model builds a resized "
+                          "teacher with random weights: set --distill.student_pretrained false")
+    if cfg["data"]["train_filepath"] is None:
+        raise ConfigError("distill.py trains a student: set data.train_filepath (evaluate students "
+                          "with trainer.py)")
+
+
+# ---------------------------------------------------------------------------------------------
+# teacher and student
+
+
+def build_teacher(cfg, eager, device):
+    """The frozen teacher: eval mode, no gradients, on this process's device, never DDP-wrapped."""
+    if cfg["model"]["model_path"] is None:
+        print("note: model.model_path is null, so the teacher is model.hf_model as it is; "
+              "distil from a fine-tuned checkpoint (python trainer.py first)")
+    kwargs = {"attn_implementation": "eager"} if eager else {}
+    teacher = build_model(cfg["model"], cfg["data"]["labels_list"], **kwargs)
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)
+
+
+def find_layer_list(model, encoder_key):
+    """(attribute path, nn.ModuleList) of the encoder's layers: model.encoder_key, else found."""
+    if encoder_key is not None:
+        try:
+            layers = model.get_submodule(encoder_key)
+        except AttributeError:
+            layers = None
+        if not isinstance(layers, nn.ModuleList):
+            raise ModelError(f"model.encoder_key {encoder_key!r} is not a layer list of "
+                             f"{type(model).__name__}")
+        return encoder_key, layers
+    depth = model.config.num_hidden_layers
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if len(found) != 1:
+        lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        raise ModelError(f"cannot find the encoder layer list of {type(model).__name__} "
+                         f"({depth} layers; layer lists: {lists or 'none'}); name it with "
+                         f"model.encoder_key, e.g. bert.encoder.layer")
+    return found[0]
+
+
+def depth_cut(teacher, keep, encoder_key, student_kwargs):
+    """A new model with the teacher's config at depth len(keep), holding copies of the teacher's
+    embeddings, kept layers (teacher layer keep[j] becomes layer j), pooler and classifier."""
+    key, layers = find_layer_list(teacher, encoder_key)
+    if keep[-1] >= len(layers):
+        raise ConfigError(f"distill.student_layers {keep}: the teacher has {len(layers)} layers (0-{len(layers) - 1})")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep)
+    for name, value in student_kwargs.items():
+        setattr(config, name, value)
+    student = AutoModelForSequenceClassification.from_config(
+        config, attn_implementation=teacher.config._attn_implementation)
+    new_index = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for name, tensor in teacher.state_dict().items():
+        if name.startswith(key + "."):
+            index, rest = name[len(key) + 1:].split(".", 1)
+            if int(index) not in new_index:
+                continue
+            name = f"{key}.{new_index[int(index)]}.{rest}"
+        state[name] = tensor.detach().clone()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def other_student(cfg, teacher, student_kwargs):
+    """distill.student_model (pretrained or a random init from its config) with distill.student_config
+    overrides; without student_model, the teacher's config resized by those overrides, random init."""
+    d, labels = cfg["distill"], cfg["data"]["labels_list"]
+    overrides = {**label_config(labels), **d["student_config"], **student_kwargs}
+    attn = teacher.config._attn_implementation if student_kwargs else None
+    attn_kwargs = {"attn_implementation": attn} if attn else {}
+    if d["student_model"] is not None and d["student_pretrained"]:
+        return from_pretrained(d["student_model"], "distill.student_model", **overrides, **attn_kwargs)
+    if d["student_model"] is None:
+        config = copy.deepcopy(teacher.config)
+        for name, value in overrides.items():
+            setattr(config, name, value)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(d["student_model"], **overrides)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"distill.student_model {d['student_model']!r}: no config there ({e})") from None
+    return AutoModelForSequenceClassification.from_config(config, **attn_kwargs)
+
+
+def build_student(cfg, teacher, tokenizer):
+    """The student: a depth cut of the teacher or another model; attention dropout off for the
+    attentions loss (the saved config keeps the original value, for later fine-tuning)."""
+    d = cfg["distill"]
+    student_kwargs = {}
+    if "attentions" in d["loss_types"]:
+        student_kwargs = {k: 0.0 for k in ATTENTION_DROPOUT_KEYS if hasattr(teacher.config, k)}
+    if d["student_layers"] is not None:
+        student = depth_cut(teacher, d["student_layers"], cfg["model"]["encoder_key"], student_kwargs)
+        original = teacher.config
+    else:
+        student = other_student(cfg, teacher, student_kwargs)
+        original = None
+        check_vocabulary(d["student_model"], student, tokenizer)
+    for name in student_kwargs:  # the modules are built with dropout 0; the saved config keeps its value
+        if original is not None and hasattr(original, name):
+            setattr(student.config, name, getattr(original, name))
+    return student
+
+
+def check_vocabulary(student_model, student, tokenizer):
+    """The student reads the teacher's token ids, so it needs the same vocabulary."""
+    if student.config.vocab_size < len(tokenizer):
+        raise ModelError(f"the student's vocabulary ({student.config.vocab_size}) is smaller than the "
+                         f"teacher tokenizer's ({len(tokenizer)}); the student must share it")
+    if student_model is not None and is_pretrained_dir(student_model):
+        try:
+            own = AutoTokenizer.from_pretrained(student_model)
+        except (OSError, ValueError):
+            return  # a model folder without a tokenizer: nothing to compare
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"distill.student_model {student_model!r} has another tokenizer than the "
+                             f"teacher; the student must read the teacher's token ids")
+
+
+class DistillModule(nn.Module):
+    """What Trainer trains (and DDP wraps): the student, and the projection of its hidden states
+    to the teacher's width when the hidden_states loss needs one. The teacher is not in here."""
+
+    def __init__(self, student, teacher_width, want_hidden, want_attentions):
+        super().__init__()
+        self.student = student
+        self.want_hidden, self.want_attentions = want_hidden, want_attentions
+        width = student.config.hidden_size
+        self.projection = (nn.Linear(width, teacher_width)
+                           if want_hidden and width != teacher_width else nn.Identity())
+
+    def forward(self, **inputs):
+        out = self.student(**inputs, output_hidden_states=self.want_hidden,
+                           output_attentions=self.want_attentions)
+        hidden = [self.projection(h) for h in out.hidden_states] if self.want_hidden else None
+        return {"logits": out.logits, "hidden_states": hidden,
+                "attentions": out.attentions if self.want_attentions else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# losses: each returns the sum over the batch's examples (Trainer divides by the step's count)
+
+
+def logits_loss(student_logits, teacher_logits, temperature):
+    """T^2 * KL(p_teacher || p_student) summed over examples (= batchmean x batch size); the T^2
+    keeps the gradient scale independent of T. Regression (one output): squared error."""
+    s, t = student_logits.float(), teacher_logits.float()
+    if s.shape[-1] == 1:
+        return F.mse_loss(s, t, reduction="sum")
+    log_p_student = F.log_softmax(s / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(t / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True)
+    return temperature ** 2 * kl
+
+
+def labels_loss(student_logits, labels):
+    """Cross-entropy (or squared error for regression) with the gold labels; rows without a label
+    (-1, or NaN for regression) contribute nothing."""
+    logits = student_logits.float()
+    if logits.shape[-1] == 1:
+        known = ~torch.isnan(labels)
+        return F.mse_loss(logits.squeeze(-1)[known], labels[known].float(), reduction="sum")
+    return F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum")
+
+
+def hidden_state_loss(student_hidden, teacher_hidden, attention_mask):
+    """Per example, the MSE over its non-padding tokens and the hidden width; summed over examples."""
+    mask = attention_mask.unsqueeze(-1).float()                       # (batch, tokens, 1)
+    squared = (student_hidden.float() - teacher_hidden.float()) ** 2 * mask
+    per_example = squared.sum(dim=(1, 2)) / (mask.sum(dim=(1, 2)) * student_hidden.shape[-1])
+    return per_example.sum()
+
+
+def attention_loss(student_attn, teacher_attn, attention_mask):
+    """Per example, the MSE of attention probabilities over heads and non-padding (query, key)
+    pairs; summed over examples. Heads are averaged first when the counts differ."""
+    s, t = student_attn.float(), teacher_attn.float()                 # (batch, heads, query, key)
+    if s.shape[1] != t.shape[1]:
+        s, t = s.mean(dim=1, keepdim=True), t.mean(dim=1, keepdim=True)
+    m = attention_mask.float()
+    pairs = (m[:, :, None] * m[:, None, :]).unsqueeze(1)                 # (batch, 1, query, key)
+    squared = (s - t) ** 2 * pairs
+    per_example = squared.sum(dim=(1, 2, 3)) / (pairs.sum(dim=(1, 2, 3)) * s.shape[1])
+    return per_example.sum()
+
+
+def uniform_map(student_depth, teacher_depth, kind):
+    """Default layer map; hidden states have an embedding slot (index 0), attentions do not."""
+    if kind == "hidden_states":
+        return [i * teacher_depth // student_depth for i in range(student_depth + 1)]
+    return [(i + 1) * teacher_depth // student_depth - 1 for i in range(student_depth)]
+
+
+def layer_map(given, student_depth, teacher_depth, kind):
+    """The checked map: entry i = the teacher index that student index i learns."""
+    slots = student_depth + 1 if kind == "hidden_states" else student_depth
+    top = teacher_depth if kind == "hidden_states" else teacher_depth - 1
+    key = "distill.hidden_state_map" if kind == "hidden_states" else "distill.attention_map"
+    if given is None:
+        return uniform_map(student_depth, teacher_depth, kind)
+    if len(given) != slots or any(not isinstance(i, int) or not 0 <= i <= top for i in given):
+        raise ConfigError(f"{key} {given}: one teacher index in 0..{top} for each of the student's "
+                          f"{slots} {'hidden states (embeddings first)' if kind == 'hidden_states' else 'layers'}")
+    return given
+
+
+class DistillLoss:
+    """loss_fn(model, batch) for Trainer: the student's forward through `model` (DDP-wrapped or
+    not), the teacher's under no_grad, and the weighted sum of the chosen losses."""
+
+    def __init__(self, cfg, teacher, student):
+        d = cfg["distill"]
+        self.teacher, self.temperature = teacher, d["temperature"]
+        self.weights = dict(zip(d["loss_types"], d["loss_weights"]))
+        s_depth, t_depth = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        self.hidden_map = layer_map(d["hidden_state_map"], s_depth, t_depth, "hidden_states")
+        self.attention_map = layer_map(d["attention_map"], s_depth, t_depth, "attentions")
+        self.needs_teacher = set(self.weights) != {"labels"}
+        # logits depend only on the tokens, so they can be reused across epochs
+        self.cache = {} if d["cache_teacher_logits"] and set(self.weights) <= {"logits", "labels"} else None
+
+    def __call__(self, model, batch):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        student = model(**inputs)
+        teacher = self.teacher_outputs(inputs) if self.needs_teacher else None
+        terms, mask = {}, inputs["attention_mask"]
+        if "logits" in self.weights:
+            terms["logits"] = logits_loss(student["logits"], teacher["logits"], self.temperature)
+        if "labels" in self.weights:
+            terms["labels"] = labels_loss(student["logits"], batch["labels"])
+        if "hidden_states" in self.weights:
+            terms["hidden_states"] = sum(
+                hidden_state_loss(student["hidden_states"][i], teacher["hidden_states"][j], mask)
+                for i, j in enumerate(self.hidden_map)) / len(self.hidden_map)
+        if "attentions" in self.weights:
+            terms["attentions"] = sum(
+                attention_loss(student["attentions"][i], teacher["attentions"][j], mask)
+                for i, j in enumerate(self.attention_map)) / len(self.attention_map)
+        loss = sum(self.weights[name] * value for name, value in terms.items())
+        if not {"logits", "labels"} & set(self.weights):
+            loss = loss + 0.0 * student["logits"].sum()  # DDP expects a gradient for every parameter
+        return loss, terms
+
+    @torch.no_grad()
+    def teacher_outputs(self, inputs):
+        if self.cache is not None:
+            keys = cache_keys(inputs)
+            if all(k in self.cache for k in keys):
+                return {"logits": torch.stack([self.cache[k] for k in keys])}
+        want_hidden = "hidden_states" in self.weights
+        want_attn = "attentions" in self.weights
+        out = self.teacher(**inputs, output_hidden_states=want_hidden, output_attentions=want_attn)
+        if self.cache is not None:
+            self.cache.update(zip(keys, out.logits.float()))
+        return {"logits": out.logits, "hidden_states": out.hidden_states, "attentions": out.attentions}
+
+
+def cache_keys(inputs):
+    """One key per example: its tokens without padding (the teacher's logits depend on nothing else)."""
+    lengths = inputs["attention_mask"].sum(dim=1).tolist()
+    ids = inputs["input_ids"].tolist()
+    types = inputs["token_type_ids"].tolist() if "token_type_ids" in inputs else None
+    return [(tuple(ids[i][:n]), tuple(types[i][:n]) if types else ()) for i, n in enumerate(lengths)]
+
+
+# ---------------------------------------------------------------------------------------------
+# unlabelled transfer data
+
+
+def add_unlabeled(cfg, tokenizer, train):
+    """The training split plus the rows of distill.unlabeled_filepaths, labelled -1 (NaN)."""
+    paths = cfg["distill"]["unlabeled_filepaths"]
+    if not paths:
+        return train
+    encoded = [train.encoded]
+    regression = len(cfg["data"]["labels_list"]) == 1
+    for path in paths:
+        examples = read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels=False)
+        examples.labels = (np.full(len(examples.texts_a), np.nan, dtype=np.float32) if regression
+                           else np.full(len(examples.texts_a), -1, dtype=np.int64))
+        encoded.append(encode(tokenizer, examples, cfg["module"]["max_seq_len"]))
+    with_types = all(e.token_type_ids is not None for e in encoded)
+    merged = Encoded(input_ids=[ids for e in encoded for ids in e.input_ids],
+                     token_type_ids=[t for e in encoded for t in e.token_type_ids] if with_types else None,
+                     labels=np.concatenate([e.labels for e in encoded]),
+                     lengths=np.concatenate([e.lengths for e in encoded]))
+    return Split(train.examples, merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def run(cfg, dist_ctx):
+    """Build teacher and student, then train the student with trainer.py's loop."""
+    check_distill_config(cfg)
+    seed_everything(cfg["trainer"]["seed"])
+    d = cfg["distill"]
+    tokenizer = load_tokenizer(cfg["model"])
+    train, val, _ = load_splits(cfg, tokenizer)
+    train = add_unlabeled(cfg, tokenizer, train)
+    resume = find_resume_checkpoint(cfg["ckpt"])
+    want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
+    teacher = build_teacher(cfg, eager=want_attn, device=dist_ctx.device)
+    student = build_student(cfg, teacher, tokenizer)
+    module = DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
+    loss_fn = DistillLoss(cfg, teacher, student)
+    log(dist_ctx, f"distillation: teacher {teacher.config.num_hidden_layers} layers x "
+                  f"{teacher.config.hidden_size} ({count(teacher) / 1e6:.1f}M parameters), student "
+                  f"{student.config.num_hidden_layers} x {student.config.hidden_size} "
+                  f"({count(student) / 1e6:.1f}M), losses {loss_fn.weights}, T {d['temperature']}"
+                  + (f", hidden map {loss_fn.hidden_map}" if want_hidden else "")
+                  + (f", attention map {loss_fn.attention_map}" if want_attn else "")
+                  + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
+    seed_everything(cfg["trainer"]["seed"] + dist_ctx.rank)  # dropout differs by rank, weights do not
+    if cfg["ckpt"]["overwrite"] and resume is None and dist_ctx.is_main:
+        clear_checkpoints(cfg["ckpt"])
+    trainer = Trainer(cfg, dist_ctx, module, tokenizer, train, val, loss_fn=loss_fn)
+    if resume is not None:
+        trainer.resume_from(resume)
+    result = trainer.train()
+    if result is None:
+        log(dist_ctx, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with "
+                      f"--ckpt.resume auto")
+    return result
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(argv=None):
+    """Command-line entry point: one clear line and exit status 2 on any user error."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\nEvery key, with its default and meaning: config.yaml (section distill)")
+        return 0
+    cfg = None
+    try:
+        cfg = load_config(argv)
+        dist_ctx = setup_distributed(cfg["trainer"])
+        try:
+            result = run(cfg, dist_ctx)
+        finally:
+            cleanup_distributed()
+    except (ConfigError, DataError, ModelError, TrainingError) as e:
+        if cfg is not None and cfg["trainer"]["debug"]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result is None:
+        return 1
+    if dist_ctx.is_main:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
