@@ -1,0 +1,347 @@
+"""Training end to end on tiny models: schedule, optimizer groups, accumulation equivalence,
+reproducibility, and a full train -> checkpoint -> evaluate -> predict run."""
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import trainer
+from data import collate, train_batches
+from model import build_model, load_tokenizer
+from trainer import build_optimizer, load_config, load_split, lr_multiplier, seed_everything
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(argv):
+    """trainer.main in this process, on one thread: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = trainer.main(argv + ["--trainer.num_threads", "1"])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def weights(checkpoint_dir):
+    return load_file(str(Path(checkpoint_dir) / "model.safetensors"))
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# -- the learning-rate schedule and the optimizer --------------------------------------------------
+
+
+def test_lr_multiplier_warms_up_from_a_non_zero_first_update_then_decays():
+    values = [lr_multiplier(step, warmup_steps=4, total_steps=12) for step in range(12)]
+    assert values[0] == pytest.approx(1 / 4)      # the first update already learns
+    assert values[:4] == pytest.approx([1 / 4, 2 / 4, 3 / 4, 1])
+    assert max(values) == 1 and values[3] == 1     # the peak at the end of the warmup
+    assert values[4:] == pytest.approx([8 / 8, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert values[-1] > 0                          # the last update still learns
+    assert lr_multiplier(12, 4, 12) == 0           # ... and the schedule ends at zero
+
+
+def test_lr_multiplier_without_warmup_starts_at_the_peak():
+    assert [lr_multiplier(s, 0, 4) for s in range(4)] == pytest.approx([1, 3 / 4, 2 / 4, 1 / 4])
+    assert lr_multiplier(0, 0, 1) == 1
+    assert lr_multiplier(0, 1, 1) == 1  # all warmup: one step at the peak
+
+
+def test_adamw_decays_weight_matrices_only(tiny_bert):
+    model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None},
+                        ["negative", "positive"])
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    decayed = {name_of[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    exempt = {name_of[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decayed | exempt == set(name_of.values()) and not decayed & exempt
+    assert "classifier.weight" in decayed and "bert.embeddings.word_embeddings.weight" in decayed
+    assert "bert.encoder.layer.0.attention.self.query.weight" in decayed
+    assert "classifier.bias" in exempt
+    assert "bert.embeddings.LayerNorm.weight" in exempt
+    assert "bert.encoder.layer.1.output.LayerNorm.bias" in exempt
+    assert not any("bias" in name or "LayerNorm" in name for name in decayed)
+
+
+# -- gradient accumulation ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bert_no_dropout(tmp_path_factory):
+    """Without dropout a forward pass is deterministic, so micro-batching can be compared exactly."""
+    return save_tiny_encoder(tmp_path_factory.mktemp("bert-no-dropout"), "bert",
+                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def thirteen_rows(tmp_path_factory):
+    # 13 examples with batch 8: each epoch is a step of 8 and a short step of 5
+    return write_csv(tmp_path_factory.mktemp("thirteen") / "train.csv", sentiment_rows(13, seed=5))
+
+
+def accumulation_args(tmp_path, model_dir, train, limit):
+    return base_args(tmp_path, model_dir, train, "null", **{
+        "trainer.train_batch_size": 8, "trainer.gpu_batch_size_limit": limit, "trainer.epochs": 2,
+        "module.warmup_prop": 0.25})
+
+
+def reference_weights(model_dir, train, epochs=2, batch_size=8, lr=3e-3, warmup_prop=0.25, seed=42):
+    """The same training written as the plainest loop: one full batch per step, mean loss."""
+    cfg = load_config(accumulation_args(Path("unused"), model_dir, train, 8))
+    seed_everything(seed)
+    tokenizer = load_tokenizer(cfg["model"])
+    encoded = load_split(cfg, tokenizer, train, True).encoded
+    model = build_model(cfg["model"], cfg["data"]["labels_list"])
+    optimizer = build_optimizer(model, lr, cfg["module"]["weight_decay"])
+    steps = [train_batches(encoded.lengths, batch_size, seed, epoch) for epoch in range(epochs)]
+    total = sum(len(s) for s in steps)
+    warmup = round(warmup_prop * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, warmup, total))
+    model.train()
+    for epoch_steps in steps:
+        for indices, _ in epoch_steps:
+            loss = model(**collate(encoded, indices, tokenizer.pad_token_id)).loss  # mean over the batch
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("limit", [3, 1])
+def test_accumulated_micro_batches_give_the_same_weights_as_one_batch(
+        tmp_path, bert_no_dropout, thirteen_rows, limit):
+    whole = tmp_path / "whole"
+    rc, out, _ = run_main(accumulation_args(whole, bert_no_dropout, thirteen_rows, 8))
+    assert rc == 0 and last_json_line(out)["step"] == 4  # (8 + 5) x 2 epochs: short steps are applied
+    # limit 3: steps of 8 -> micro-batches 3, 3, 2 and steps of 5 -> 3, 2; limit 1: one example each
+    split = tmp_path / "split"
+    rc, out, _ = run_main(accumulation_args(split, bert_no_dropout, thirteen_rows, limit))
+    assert rc == 0 and last_json_line(out)["step"] == 4
+    assert f"{-(-8 // limit)} micro-batches of <= {limit}" in out
+    a, b = weights(whole / "ckpt" / "last"), weights(split / "ckpt" / "last")
+    initial = build_model({"hf_model": bert_no_dropout, "model_path": None, "model_file": None},
+                          ["negative", "positive"]).state_dict()
+    moved = max_difference({k: v for k, v in initial.items() if k in a},
+                           {k: a[k] for k in initial if k in a})
+    assert moved > 1e-3                   # training changed the weights by far more than ...
+    assert max_difference(a, b) < 2e-5   # ... the float rounding that micro-batching changes
+
+
+def test_trainer_matches_a_plain_full_batch_loop(tmp_path, bert_no_dropout, thirteen_rows):
+    # the short step of 5 must weigh each of its examples like the step of 8 does: a loss
+    # divided by the nominal batch size, or a dropped short step, would move the weights elsewhere
+    rc, _, _ = run_main(accumulation_args(tmp_path, bert_no_dropout, thirteen_rows, 3))
+    assert rc == 0
+    trained = weights(tmp_path / "ckpt" / "last")
+    reference = reference_weights(bert_no_dropout, thirteen_rows)
+    assert max_difference(trained, {k: reference[k] for k in trained}) < 2e-5
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path, tiny_bert):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(48, seed=3))
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        # dropout is on in tiny_bert: the dropout masks are seeded too
+        argv = base_args(tmp_path / name, tiny_bert, train, "null",
+                         **{"trainer.seed": seed, "trainer.epochs": 2})
+        assert run_main(argv)[0] == 0
+        runs[name] = weights(tmp_path / name / "ckpt" / "last")
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert max_difference(runs["a"], runs["c"]) > 1e-3
+
+
+# -- a full run: train, checkpoint, evaluate, predict ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_bert):
+    """One training run shared by the tests below: 256 examples, 3 epochs, about a second."""
+    root = tmp_path_factory.mktemp("trained")
+    train = write_csv(root / "train.csv", sentiment_rows(256, seed=1))
+    val = write_csv(root / "val.csv", sentiment_rows(64, seed=2))
+    argv = base_args(root, tiny_bert, train, val)
+    rc, out, err = run_main(argv)
+    assert rc == 0, err
+    return SimpleNamespace(root=root, train=train, val=val, argv=argv, out=out, err=err,
+                           result=last_json_line(out), ckpt=root / "ckpt", runs=root / "runs",
+                           model_dir=tiny_bert)
+
+
+def test_training_learns_the_task(trained):
+    result = trained.result
+    assert result["acc"] > 0.9                 # chance is about 0.5
+    assert result["f1_macro"] > 0.9
+    for key in ("acc", "f1_macro", "f1_weighted", "acc_and_f1", "mcc", "best_step", "best_checkpoint"):
+        assert key in result
+    assert result["best_step"] in (16, 32, 48)  # 256 / 16 = 16 steps per epoch, validated each epoch
+
+
+def test_checkpoints_and_their_links(trained):
+    best, last = trained.ckpt / "best", trained.ckpt / "last"
+    assert best.is_dir() and last.is_dir()
+    assert best.resolve() == Path(trained.result["best_checkpoint"]).resolve()
+    assert last.resolve().name == "checkpoint-epoch3-step48"
+    for name in ("model.safetensors", "config.json", "training_state.pt"):
+        assert (last / name).is_file()
+    assert (last / "tokenizer.json").is_file() or (last / "vocab.txt").is_file()
+    # writes are atomic: no temporary folder is left behind
+    assert not [p for p in trained.ckpt.iterdir() if p.name.startswith(".")]
+    state = torch.load(last / "training_state.pt", weights_only=False)
+    assert state["step"] == 48 and state["epoch"] == 3 and "optimizer" in state and "rng" in state
+
+
+def test_checkpoint_loads_in_plain_transformers_and_predicts_the_same(trained):
+    best = trained.ckpt / "best"
+    model = AutoModelForSequenceClassification.from_pretrained(best).eval()
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert model.config.label2id == {"negative": 0, "positive": 1}
+    texts = [row["text"] for row in sentiment_rows(20, seed=9)]
+    with torch.no_grad():
+        plain = model(**tokenizer(texts, padding=True, truncation=True, max_length=16,
+                                  return_tensors="pt")).logits.numpy()
+    # our evaluation path: its own tokenizer load, length-sorted dynamic batches, original order
+    cfg = load_config(trained.argv + ["--data.train_filepath", "null", "--model.model_path", str(best)])
+    ours_model = build_model(cfg["model"], cfg["data"]["labels_list"])
+    path = write_csv(trained.root / "nine.csv", [{"text": t, "label": "positive"} for t in texts])
+    split = load_split(cfg, load_tokenizer(cfg["model"]), path, True)
+    ctx = trainer.Dist(0, 0, 1, torch.device("cpu"), True, False)
+    ours = trainer.predict_logits(ours_model, split.encoded, 3, tokenizer.pad_token_id, ctx, None)
+    np.testing.assert_allclose(ours, plain, atol=1e-5)
+
+
+def test_logs_are_written_for_tensorboard_and_as_json_lines(trained):
+    train_runs = [p for p in trained.runs.iterdir() if p.name.endswith("-train")]
+    assert len(train_runs) == 1
+    run_dir = train_runs[0]
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [line for line in lines if "train/loss" in line]
+    val_lines = [line for line in lines if "val/acc" in line]
+    assert [line["step"] for line in train_lines] == list(range(5, 49, 5))  # trainer.log_steps 5
+    assert [line["step"] for line in val_lines] == [16, 32, 48]              # once per epoch
+    # the final metrics are those of the best validation (module.metric acc here)
+    assert max(line["val/acc"] for line in val_lines) == pytest.approx(trained.result["acc"])
+    assert train_lines[-1]["train/loss"] < train_lines[0]["train/loss"]
+    # the logged learning rate follows the schedule: 48 steps, 5 of warmup, peak 3e-3
+    for line in train_lines:
+        assert line["train/lr"] == pytest.approx(3e-3 * lr_multiplier(line["step"], 5, 48))
+    assert json.loads((run_dir / "final_metrics.json").read_text())["acc"] == trained.result["acc"]
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(run_dir))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/acc", "val/f1_macro"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val/acc")] == [16, 32, 48]
+
+
+def test_evaluate_only_reports_the_checkpoint_metrics_in_a_new_run_folder(trained):
+    runs_before = {p.name: sorted(q.name for q in p.iterdir()) for p in trained.runs.iterdir()}
+    checkpoints_before = sorted(p.name for p in trained.ckpt.iterdir())
+    rc, out, err = run_main(trained.argv + ["--data.train_filepath", "null",
+                                            "--model.model_path", str(trained.ckpt / "best")])
+    assert rc == 0, err
+    result = last_json_line(out)
+    assert result["acc"] == pytest.approx(trained.result["acc"])      # the same model, the same data
+    assert result["f1_macro"] == pytest.approx(trained.result["f1_macro"])
+    assert "precision" in out and "negative" in out and "positive" in out  # the per-class table
+    # earlier run folders are kept, untouched; the evaluation has its own
+    runs_after = {p.name: sorted(q.name for q in p.iterdir()) for p in trained.runs.iterdir()}
+    assert all(runs_after[name] == files for name, files in runs_before.items())
+    new = [name for name in runs_after if name not in runs_before]
+    assert len(new) == 1 and new[0].endswith("-eval")
+    saved = json.loads((trained.runs / new[0] / "eval_metrics.json").read_text())
+    assert saved["acc"] == pytest.approx(result["acc"]) and set(saved["per_class"]) == {"negative", "positive"}
+    assert sorted(p.name for p in trained.ckpt.iterdir()) == checkpoints_before
+
+
+def test_predict_writes_input_columns_labels_and_probabilities_in_input_order(trained):
+    rows = sentiment_rows(40, seed=11)
+    path = write_csv(trained.root / "new.csv", [{"id": f"r{i}", "text": row["text"]}
+                                               for i, row in enumerate(rows)])
+    output = trained.root / "predictions.csv"
+    rc, out, err = run_main(trained.argv + [
+        "--data.train_filepath", "null", "--data.val_filepath", "null",
+        "--data.predict_filepath", path, "--data.predict_output", str(output),
+        "--model.model_path", str(trained.ckpt / "best")])
+    assert rc == 0, err
+    with open(output, newline="", encoding="utf-8") as f:
+        predicted = list(csv.DictReader(f))
+    assert list(predicted[0]) == ["id", "text", "predicted_label", "prob_negative", "prob_positive"]
+    assert [p["id"] for p in predicted] == [f"r{i}" for i in range(40)]
+    assert [p["text"] for p in predicted] == [row["text"] for row in rows]
+    probs = np.array([[float(p["prob_negative"]), float(p["prob_positive"])] for p in predicted])
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert [p["predicted_label"] for p in predicted] == \
+        [["negative", "positive"][i] for i in probs.argmax(axis=1)]
+    accuracy = np.mean([p["predicted_label"] == row["label"] for p, row in zip(predicted, rows)])
+    assert accuracy > 0.9
+    # the same probabilities as the checkpoint gives in plain transformers
+    best = trained.ckpt / "best"
+    model = AutoModelForSequenceClassification.from_pretrained(best).eval()
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    with torch.no_grad():
+        logits = model(**tokenizer([row["text"] for row in rows], padding=True, truncation=True,
+                                   max_length=16, return_tensors="pt")).logits
+    np.testing.assert_allclose(probs, torch.softmax(logits, dim=1).numpy(), atol=2e-6)
+
+
+@pytest.mark.parametrize("prefix, nest", [("module.", None), ("model.", "state_dict"),
+                                          ("_orig_mod.", "model_state_dict")])
+def test_evaluate_a_plain_state_dict_file_with_wrapper_prefixes(trained, prefix, nest):
+    state = {prefix + k: v for k, v in weights(trained.ckpt / "best").items()}
+    path = trained.root / f"weights-{prefix.strip('._')}.pt"
+    torch.save(state if nest is None else {nest: state, "epoch": 3}, path)
+    rc, out, err = run_main(trained.argv + ["--data.train_filepath", "null",
+                                            "--model.model_path", str(path)])
+    assert rc == 0, err
+    assert last_json_line(out)["acc"] == pytest.approx(trained.result["acc"])
+
+
+# -- other models and tasks ------------------------------------------------------------------------
+
+
+def test_roberta_trains_and_its_checkpoint_loads(tmp_path, tiny_roberta):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(256, seed=1))
+    val = write_csv(tmp_path / "val.csv", sentiment_rows(64, seed=2))
+    rc, out, err = run_main(base_args(tmp_path, tiny_roberta, train, val))
+    assert rc == 0, err
+    assert last_json_line(out)["acc"] > 0.8
+    best = tmp_path / "ckpt" / "best"
+    model = AutoModelForSequenceClassification.from_pretrained(best)
+    assert model.config.model_type == "roberta"
+    assert AutoTokenizer.from_pretrained(best).pad_token_id == 1
+
+
+def test_regression_with_one_label_trains(tmp_path, tiny_bert):
+    def scored(rows):
+        return [{"text": row["text"], "label": 1.0 if row["label"] == "positive" else -1.0} for row in rows]
+    train = write_csv(tmp_path / "train.csv", scored(sentiment_rows(256, seed=1)))
+    val = write_csv(tmp_path / "val.csv", scored(sentiment_rows(64, seed=2)))
+    rc, out, err = run_main(base_args(tmp_path, tiny_bert, train, val, **{
+        "data.labels_list": "[score]", "module.metric": "pcc_and_scc"}))
+    assert rc == 0, err
+    result = last_json_line(out)
+    assert result["pearson"] > 0.8 and result["spearman"] > 0.8
+    assert result["pcc_and_scc"] == pytest.approx((result["pearson"] + result["spearman"]) / 2)
+    config = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt" / "best").config
+    assert config.num_labels == 1 and config.problem_type == "regression"
