@@ -16,6 +16,10 @@ import os
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+# transformers' own per-file progress bars (loading / writing weights) would interleave with ours
+hf_logging.disable_progress_bar()
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 

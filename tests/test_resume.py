@@ -1,0 +1,186 @@
+"""Reliability: exact resume after SIGKILL, SIGTERM and a crash inside a checkpoint write,
+refusal to overwrite earlier checkpoints, extending a finished run, a non-finite loss.
+
+"Exact" means bitwise: on a CPU a resumed run ends with the same weights as a run that was never
+interrupted, because the checkpoint carries the optimizer, schedule, scaler, data position and
+every RNG state, and the data order is a function of (seed, epoch).
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+import trainer
+from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
+
+TRAINER = str(ROOT / "trainer.py")
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A tiny job with dropout on (so RNG state matters), 4 x 13 steps, and its uninterrupted result."""
+    tmp = tmp_path_factory.mktemp("resume")
+    model = save_tiny_encoder(tmp / "bert")
+    train = write_csv(tmp / "train.csv", sentiment_rows(200, seed=3))
+    val = write_csv(tmp / "val.csv", sentiment_rows(40, seed=4))
+
+    def args(name, **more):
+        return base_args(tmp / name, model, train, val,
+                         **{"trainer.epochs": 4, "ckpt.save_steps": 3, "trainer.log_steps": 1,
+                            "ckpt.keep_last": 3, **more})
+    reference = subprocess.run([sys.executable, TRAINER, *args("reference")], capture_output=True,
+                               text=True, cwd=tmp, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    return {"tmp": tmp, "args": args, "reference": reference}
+
+
+def final_weights(run_dir):
+    return load_file(run_dir / "ckpt" / "last" / "model.safetensors")
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def logged(run_dir, key="train/loss"):
+    (path,) = list((run_dir / "runs").glob("*/metrics.jsonl"))  # one run folder: continued, not new
+    return [(row["step"], row[key]) for row in map(json.loads, path.read_text().splitlines())
+            if key in row]
+
+
+def wait_for(predicate, process, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end and process.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def checkpoint_steps(ckpt_dir):
+    return [int(p.name.rsplit("step", 1)[1]) for p in ckpt_dir.glob("checkpoint-epoch*-step*")]
+
+
+def resume(job, name, **more):
+    out = subprocess.run([sys.executable, TRAINER, *job["args"](name, **{"ckpt.resume": "auto", **more})],
+                         capture_output=True, text=True, cwd=job["tmp"], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def test_sigkill_at_a_random_step_then_resume_gives_identical_weights_and_curve(job):
+    tmp, name = job["tmp"], "killed"
+    kill_after = random.Random().randint(6, 40)  # any moment after a checkpoint at or past this step
+    process = subprocess.Popen([sys.executable, TRAINER, *job["args"](name)], cwd=tmp,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reached = wait_for(lambda: any(s >= kill_after for s in checkpoint_steps(tmp / name / "ckpt")), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert reached and process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+    out = resume(job, name)
+    assert "resumed from" in out.stdout
+    assert_bitwise_equal(final_weights(tmp / name), final_weights(tmp / "reference"))
+    assert logged(tmp / name) == logged(tmp / "reference")  # same curve, logged once per step
+    assert logged(tmp / name, "val/acc") == logged(tmp / "reference", "val/acc")
+    assert last_json_line(out.stdout)["acc"] == last_json_line(job["reference"].stdout)["acc"]
+
+
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(job):
+    tmp, name = job["tmp"], "terminated"
+    process = subprocess.Popen([sys.executable, TRAINER, *job["args"](name, **{"ckpt.save_steps": 0})],
+                               cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    runs = tmp / name / "runs"
+    assert wait_for(lambda: any(p.stat().st_size > 0 for p in runs.glob("*/metrics.jsonl")), process)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert "stopped by SIGTERM" in stdout and "--ckpt.resume auto" in stdout
+    assert 0 < max(checkpoint_steps(tmp / name / "ckpt")) < 52
+
+    resume(job, name, **{"ckpt.save_steps": 0})
+    assert_bitwise_equal(final_weights(tmp / name), final_weights(tmp / "reference"))
+
+
+def test_crash_inside_a_checkpoint_write_leaves_the_previous_one_intact(job, monkeypatch, capsys):
+    tmp, name = job["tmp"], "crashed"
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 3:  # the third checkpoint dies half-written: weights there, state not
+            raise OSError("disk full")
+        return real_save(obj, path, *a, **k)
+    monkeypatch.setattr(trainer.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.main(job["args"](name))
+    monkeypatch.undo()
+
+    ckpt = tmp / name / "ckpt"
+    assert sorted(checkpoint_steps(ckpt)) == [3, 6]
+    assert os.readlink(ckpt / "last") == "checkpoint-epoch1-step6"
+    assert (ckpt / ".tmp-checkpoint-epoch1-step9" / "model.safetensors").exists()  # the torn write
+    AutoModelForSequenceClassification.from_pretrained(ckpt / "last")  # still loads
+
+    capsys.readouterr()
+    assert trainer.main(job["args"](name, **{"ckpt.resume": "auto"})) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert_bitwise_equal(final_weights(tmp / name), final_weights(tmp / "reference"))
+    assert not (ckpt / ".tmp-checkpoint-epoch1-step9").exists()
+
+
+def test_a_new_run_refuses_a_folder_with_checkpoints_and_changes_nothing(job, capsys):
+    tmp = job["tmp"]
+    ckpt = tmp / "reference" / "ckpt"
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    runs_before = set((tmp / "reference" / "runs").iterdir())
+    assert trainer.main(job["args"]("reference")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds checkpoints" in err and "--ckpt.resume auto" in err
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
+    assert set((tmp / "reference" / "runs").iterdir()) == runs_before
+
+
+def test_overwrite_replaces_the_old_checkpoints(job, capsys):
+    tmp = job["tmp"]
+    first = job["args"]("overwrite", **{"trainer.epochs": 1})
+    assert trainer.main(first) == 0
+    assert trainer.main(first + ["--ckpt.overwrite", "true", "--trainer.seed", "7"]) == 0
+    state = torch.load(tmp / "overwrite" / "ckpt" / "last" / "training_state.pt", weights_only=False)
+    assert state["config"]["trainer"]["seed"] == 7
+
+
+def test_resuming_a_finished_run_with_more_epochs_extends_it(job, capsys):
+    tmp = job["tmp"]
+    args = job["args"]("extended", **{"trainer.epochs": 2, "ckpt.save_steps": 0})
+    assert trainer.main(args) == 0
+    assert trainer.main(args + ["--ckpt.resume", "auto", "--trainer.epochs", "3"]) == 0
+    steps = [step for step, _ in logged(tmp / "extended", "train/lr")]
+    assert steps == list(range(1, 40))  # 3 epochs x 13 steps, each logged once
+    lrs = [lr for _, lr in logged(tmp / "extended", "train/lr")]
+    # the first run decayed to 0; the schedule recomputed for 39 steps continues on its line to 0
+    assert lrs[25] == 0 and lrs[-1] == 0
+    assert lrs[26] == pytest.approx(3e-3 * trainer.lr_multiplier(27, 4, 39))
+    assert all(a > b for a, b in zip(lrs[26:], lrs[27:]))
+    assert max(checkpoint_steps(tmp / "extended" / "ckpt")) == 39
+
+
+def test_non_finite_loss_stops_before_the_update_and_names_the_last_checkpoint(tmp_path, capsys):
+    model = save_tiny_encoder(tmp_path / "bert")
+    rows = [{"text": r["text"], "label": 1e20} for r in sentiment_rows(32)]  # (1e20)^2 overflows float32
+    data = write_csv(tmp_path / "reg.csv", rows)
+    args = base_args(tmp_path, model, data, data, **{"data.labels_list": "[score]",
+                                                      "module.metric": "pcc_and_scc"})
+    assert trainer.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: step 1: the loss is not finite") and "Last good checkpoint: none" in err
