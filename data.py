@@ -118,6 +118,8 @@ def read_jsonl(path, text):
 def read_table(path, file_format, header, encoding):
     """(columns, [(line, row dict), ...]) of a csv, tsv or jsonl file."""
     text = decode_file(path, encoding)
+    if not text.strip():  # said plainly, not as a header row that is missing
+        raise DataError(f"{path}: the file is empty; expected examples")
     if file_format == "jsonl":
         columns, rows = read_jsonl(path, text)
     else:
