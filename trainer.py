@@ -829,6 +829,10 @@ def clear_checkpoints(ckpt):
 def load_splits(cfg, tokenizer):
     """Read and check every file of the run up front, so a bad row fails before training."""
     data = cfg["data"]
+    # longer sequences than the model has positions would crash the first forward pass, mid-run
+    if cfg["module"]["max_seq_len"] > tokenizer.model_max_length:
+        raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the model takes "
+                          f"at most {tokenizer.model_max_length} tokens; lower it")
     train = load_split(cfg, tokenizer, data["train_filepath"], True) if data["train_filepath"] else None
     val = load_split(cfg, tokenizer, data["val_filepath"], True) if data["val_filepath"] else None
     predict = (load_split(cfg, tokenizer, data["predict_filepath"], False)

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import base_args, sentiment_rows, write_csv, write_jsonl
+from conftest import base_args, make_tokenizer, sentiment_rows, write_csv, write_jsonl
 
 import trainer
+from model import build_model, save_pretrained
 
 GOOD = [{"text": "good movie", "label": "positive"}, {"text": "bad plot", "label": "negative"},
         {"text": "great film", "label": "positive"}, {"text": "awful", "label": "negative"}]
@@ -16,6 +17,13 @@ def write_bytes(tmp_path, name, data):
     path = tmp_path / name
     path.write_bytes(data)
     return str(path)
+
+
+def save_tokenizer(tmp_path, max_length):
+    tokenizer = make_tokenizer()
+    tokenizer.model_max_length = max_length
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    return str(tmp_path / "tokenizer")
 
 
 def save_state_dict(tmp_path, name, state):
@@ -36,6 +44,8 @@ CASES = [
                  ["latin1.csv:3:", "not valid utf-8", "data.encoding"], id="undecodable bytes"),
     pytest.param(lambda t: {"data.encoding": "klingon-8"},
                  ["data.encoding", "klingon-8"], id="unknown encoding"),
+    pytest.param(lambda t: {"data.header": "null", "data.text_a_col": "text", "data.label_col": 1},
+                 ["'text' not found", "columns are [0, 1]", "positions"], id="column name without a header"),
     pytest.param(lambda t: {"data.text_a_col": "sentence"},
                  ["train.csv", "'sentence' not found", "['text', 'label']"], id="missing text column"),
     pytest.param(lambda t: {"data.label_col": "sentiment"},
@@ -93,6 +103,8 @@ CASES = [
                  ["text_b_col", "text_a_col"], id="text_b_col equals text_a_col"),
     pytest.param(lambda t: {"data.labels_list": "[score]"}, ["pcc_and_scc"], id="metric does not fit regression"),
     pytest.param(lambda t: {"data.train_filepath": "null"}, ["model.model_path"], id="evaluate without a model"),
+    pytest.param(lambda t: {"module.max_seq_len": 32, "model.tokenizer_path": save_tokenizer(t, max_length=16)},
+                 ["module.max_seq_len is 32", "at most 16"], id="max_seq_len beyond the model"),
     pytest.param(lambda t: {"trainer.train_batch_size": 15}, ["does not divide"],
                  id="train_batch_size does not divide among processes",
                  marks=pytest.mark.skip(reason="needs several processes under torchrun (the DDP tests)")),
@@ -134,6 +146,20 @@ def test_bad_input_fails_with_one_clear_line_and_writes_nothing(tmp_path, tiny_b
     # nothing written: no log folder, no checkpoint folder, no other file
     assert not (tmp_path / "runs").exists() and not (tmp_path / "ckpt").exists()
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_checkpoint_trained_on_other_labels_is_refused(tmp_path, tiny_bert, capfd):
+    other = tmp_path / "other-checkpoint"
+    model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None}, ["a", "b", "c"])
+    save_pretrained(model, make_tokenizer(), other)
+    val = write_csv(tmp_path / "val.csv", GOOD)
+    before = sorted(tmp_path.rglob("*"))
+    capfd.readouterr()
+    rc = trainer.main(base_args(tmp_path, tiny_bert, "null", val, **{"model.model_path": str(other)}))
+    err = capfd.readouterr().err.strip()
+    assert rc != 0 and err.startswith("error: ") and len(err.splitlines()) == 1
+    assert "['a', 'b', 'c']" in err and "data.labels_list" in err
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_bert):
