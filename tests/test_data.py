@@ -54,6 +54,14 @@ def test_quoted_newline_inside_a_csv_field(tmp_path):
     assert examples.texts_a == ["good\nmovie", "bad"]
 
 
+def test_windows_line_endings(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b"text,label\r\ngood,positive\r\nbad,negative\r\n")
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "good", "label": "positive"}\r\n{"text": "bad", "label": "negative"}\r\n')
+    for name, fmt in (("a.csv", "csv"), ("a.jsonl", "jsonl")):
+        examples = read_examples(str(tmp_path / name), data_cfg(file_format=fmt), LABELS, True)
+        assert examples.texts_a == ["good", "bad"] and examples.labels.tolist() == [1, 0]
+
+
 def test_header_row_index_skips_the_rows_above(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("exported by some tool,\ntext,label\ngood,positive\nbad,negative\n")

@@ -257,8 +257,10 @@ def test_logs_are_written_for_tensorboard_and_as_json_lines(trained):
 def test_evaluate_only_reports_the_checkpoint_metrics_in_a_new_run_folder(trained):
     runs_before = {p.name: sorted(q.name for q in p.iterdir()) for p in trained.runs.iterdir()}
     checkpoints_before = sorted(p.name for p in trained.ckpt.iterdir())
+    # the checkpoint is all it needs: model.hf_model (the pretrained encoder) is not read
     rc, out, err = run_main(trained.argv + ["--data.train_filepath", "null",
-                                            "--model.model_path", str(trained.ckpt / "best")])
+                                            "--model.model_path", str(trained.ckpt / "best"),
+                                            "--model.hf_model", str(trained.root / "gone")])
     assert rc == 0, err
     result = last_json_line(out)
     assert result["acc"] == pytest.approx(trained.result["acc"])      # the same model, the same data
@@ -305,6 +307,20 @@ def test_predict_writes_input_columns_labels_and_probabilities_in_input_order(tr
     np.testing.assert_allclose(probs, torch.softmax(logits, dim=1).numpy(), atol=2e-6)
 
 
+def test_evaluate_and_predict_in_one_run_write_predictions_to_the_run_folder(trained):
+    path = write_csv(trained.root / "unlabelled.csv", [{"text": "good film"}, {"text": "awful plot"}])
+    rc, out, err = run_main(trained.argv + ["--data.train_filepath", "null", "--data.predict_filepath", path,
+                                            "--model.model_path", str(trained.ckpt / "best")])
+    assert rc == 0, err
+    result = last_json_line(out)
+    assert result["acc"] == pytest.approx(trained.result["acc"])
+    predictions = Path(result["predictions"])
+    assert predictions.parent.parent == trained.runs and predictions.parent.name.endswith("-eval")
+    assert (predictions.parent / "eval_metrics.json").is_file()
+    with open(predictions, newline="", encoding="utf-8") as f:
+        assert [row["predicted_label"] for row in csv.DictReader(f)] == ["positive", "negative"]
+
+
 @pytest.mark.parametrize("prefix, nest", [("module.", None), ("model.", "state_dict"),
                                           ("_orig_mod.", "model_state_dict")])
 def test_evaluate_a_plain_state_dict_file_with_wrapper_prefixes(trained, prefix, nest):
@@ -345,3 +361,14 @@ def test_regression_with_one_label_trains(tmp_path, tiny_bert):
     assert result["pcc_and_scc"] == pytest.approx((result["pearson"] + result["spearman"]) / 2)
     config = AutoModelForSequenceClassification.from_pretrained(tmp_path / "ckpt" / "best").config
     assert config.num_labels == 1 and config.problem_type == "regression"
+    # predictions of a regression model are its scores
+    path = write_csv(tmp_path / "new.csv", [{"text": "good great film"}, {"text": "bad awful plot"}])
+    output = tmp_path / "scores.csv"
+    rc, _, err = run_main(base_args(tmp_path, tiny_bert, "null", "null", **{
+        "data.labels_list": "[score]", "module.metric": "pcc_and_scc", "data.predict_filepath": path,
+        "data.predict_output": str(output), "model.model_path": str(tmp_path / "ckpt" / "best")}))
+    assert rc == 0, err
+    with open(output, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["text", "prediction"]
+    assert float(rows[0]["prediction"]) > 0.5 > -0.5 > float(rows[1]["prediction"])
