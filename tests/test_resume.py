@@ -184,3 +184,31 @@ def test_non_finite_loss_stops_before_the_update_and_names_the_last_checkpoint(t
     assert trainer.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: step 1: the loss is not finite") and "Last good checkpoint: none" in err
+
+
+def test_sigterm_under_torchrun_stops_every_rank_and_resumes_exactly(job):
+    """torchrun forwards SIGTERM to its workers: both ranks agree on a step, save, and exit."""
+    tmp = job["tmp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(name, **more):
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAINER,
+             *job["args"](name, **{"trainer.backend": "ddp", "ckpt.save_steps": 0, **more})],
+            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    reference = launch("ddp-reference")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+
+    process = launch("ddp-terminated")
+    runs = tmp / "ddp-terminated" / "runs"
+    assert wait_for(lambda: any(p.stat().st_size > 0 for p in runs.glob("*/metrics.jsonl")), process)
+    process.send_signal(signal.SIGTERM)
+    stdout, _ = process.communicate(timeout=120)
+    assert "stopped by SIGTERM" in stdout
+    stop_step = max(checkpoint_steps(tmp / "ddp-terminated" / "ckpt"))
+    state = torch.load(tmp / "ddp-terminated" / "ckpt" / "last" / "training_state.pt", weights_only=False)
+    assert state["step"] == stop_step and len(state["rng"]) == 2  # every rank's RNG state
+
+    resumed = launch("ddp-terminated", **{"ckpt.resume": "auto"})
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    assert_bitwise_equal(final_weights(tmp / "ddp-terminated"), final_weights(tmp / "ddp-reference"))
