@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -231,7 +232,7 @@ def test_checkpoint_loads_in_plain_transformers_and_predicts_the_same(trained):
 
 
 def test_logs_are_written_for_tensorboard_and_as_json_lines(trained):
-    train_runs = [p for p in trained.runs.iterdir() if p.name.endswith("-train")]
+    train_runs = [p for p in trained.runs.iterdir() if re.search(r"-train(-\d+)?$", p.name)]
     assert len(train_runs) == 1
     run_dir = train_runs[0]
     assert list(run_dir.glob("events.out.tfevents.*"))
@@ -270,7 +271,7 @@ def test_evaluate_only_reports_the_checkpoint_metrics_in_a_new_run_folder(traine
     runs_after = {p.name: sorted(q.name for q in p.iterdir()) for p in trained.runs.iterdir()}
     assert all(runs_after[name] == files for name, files in runs_before.items())
     new = [name for name in runs_after if name not in runs_before]
-    assert len(new) == 1 and new[0].endswith("-eval")
+    assert len(new) == 1 and re.search(r"-eval(-\d+)?$", new[0])  # -2 for a second run that second
     saved = json.loads((trained.runs / new[0] / "eval_metrics.json").read_text())
     assert saved["acc"] == pytest.approx(result["acc"]) and set(saved["per_class"]) == {"negative", "positive"}
     assert sorted(p.name for p in trained.ckpt.iterdir()) == checkpoints_before
@@ -315,7 +316,7 @@ def test_evaluate_and_predict_in_one_run_write_predictions_to_the_run_folder(tra
     result = last_json_line(out)
     assert result["acc"] == pytest.approx(trained.result["acc"])
     predictions = Path(result["predictions"])
-    assert predictions.parent.parent == trained.runs and predictions.parent.name.endswith("-eval")
+    assert predictions.parent.parent == trained.runs and re.search(r"-eval(-\d+)?$", predictions.parent.name)
     assert (predictions.parent / "eval_metrics.json").is_file()
     with open(predictions, newline="", encoding="utf-8") as f:
         assert [row["predicted_label"] for row in csv.DictReader(f)] == ["positive", "negative"]
