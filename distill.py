@@ -152,8 +152,7 @@ def other_student(cfg, teacher, student_kwargs):
     overrides; without student_model, the teacher's config resized by those overrides, random init."""
     d, labels = cfg["distill"], cfg["data"]["labels_list"]
     overrides = {**label_config(labels), **d["student_config"], **student_kwargs}
-    attn = teacher.config._attn_implementation if student_kwargs else None
-    attn_kwargs = {"attn_implementation": attn} if attn else {}
+    attn_kwargs = {"attn_implementation": "eager"} if "attentions" in d["loss_types"] else {}
     if d["student_model"] is not None and d["student_pretrained"]:
         return from_pretrained(d["student_model"], "distill.student_model", **overrides, **attn_kwargs)
     if d["student_model"] is None:
