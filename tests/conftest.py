@@ -109,6 +109,8 @@ def base_args(tmp_path, model_dir, train, val, **overrides):
         "module.metric": "acc", "trainer.epochs": 3, "trainer.train_batch_size": 16,
         "trainer.gpu_batch_size_limit": 16, "trainer.val_batch_size": 32,
         "trainer.log_steps": 5, "trainer.log_dir": str(tmp_path / "runs"),
+        # one thread: tiny models gain nothing from two, and a busy machine makes two far slower
+        "trainer.num_threads": 1,
         "ckpt.model_state_save_dir": str(tmp_path / "ckpt"),
     }
     args.update(overrides)
