@@ -139,9 +139,6 @@ def parse_args(argv):
     config_path, overrides, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(__doc__ + f"\nEvery key, with its default and meaning: {GOLDEN_CONFIG}")
-            sys.exit(0)
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; options are --section.key value")
         key, has_value, value = arg[2:].partition("=")
@@ -904,15 +901,21 @@ def predict_file(cfg, dist_ctx, model, tokenizer, predict, run_dir):
     return path
 
 
-def main(argv=None):
-    """Command-line entry point: one clear line and exit status 2 on any user error."""
+def main(argv=None, run_fn=None, doc=__doc__):
+    """Command-line entry point: one clear line and exit status 2 on any user error.
+
+    distill.py runs through here too, with its own run_fn and docstring.
+    """
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(doc + f"\nEvery key, with its default and meaning: {GOLDEN_CONFIG}")
+        return 0
     cfg = None
     try:
         cfg = load_config(argv)
         dist_ctx = setup_distributed(cfg["trainer"])
         try:
-            result = run(cfg, dist_ctx)
+            result = (run_fn or run)(cfg, dist_ctx)
         finally:
             cleanup_distributed()
     except (ConfigError, DataError, ModelError, TrainingError) as e:
