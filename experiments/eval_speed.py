@@ -58,6 +58,9 @@ def main():
               "examples_per_s": rate,
               "layers": {name: models[name].config.num_hidden_layers for name in names},
               "speedup_over_first": {name: rate[name] / rate[names[0]] for name in names},
+              # the same ratio per round (both timed within it), then the median over rounds
+              "speedup_median_of_rounds": {name: statistics.median(
+                  a / b for a, b in zip(seconds[names[0]], seconds[name])) for name in names},
               "seconds": seconds}
     print(json.dumps(result))
 
