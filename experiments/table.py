@@ -12,7 +12,7 @@ ROWS = [("teacher", "teacher: MiniLM, 6 layers, fine-tuned"),
         ("kd3", "3 layers [0,2,5], distilled (logits + labels)"),
         ("ft3", "3 layers [0,2,5], labels only (same init, data, steps)"),
         ("kd2", "2 layers [0,5], distilled"),
-        ("kd3u", "3 layers, distilled, + 20,000 unlabelled tweets")]
+        ("kd3u", "3 layers, distilled, + unlabelled tweets (transfer)")]
 
 
 def main(out):
@@ -21,7 +21,8 @@ def main(out):
     for path in sorted(out.glob("*.test.json")):
         name = path.name[:-len(".test.json")]
         scores.setdefault(re.sub(r"-s\d+$", "", name), []).append(json.loads(path.read_text()))
-    speed = json.loads((out / "speed.json").read_text()) if (out / "speed.json").exists() else None
+    speed_file = out / "speed.json"
+    speed = json.loads(speed_file.read_text()) if speed_file.exists() and speed_file.stat().st_size else None
     teacher_f1 = scores["teacher"][0]["f1_macro"] if "teacher" in scores else None
     print("| model | seeds | test acc | test macro F1 | % of teacher F1 | eval speed-up |")
     print("|---|---|---|---|---|---|")
@@ -35,7 +36,8 @@ def main(out):
         kept = f"{100 * statistics.mean(f1) / teacher_f1:.1f}%" if teacher_f1 else ""
         fast = ""
         if speed:
-            for path, ratio in speed["speedup_over_first"].items():
+            ratios = speed.get("speedup_median_of_rounds", speed["speedup_over_first"])
+            for path, ratio in ratios.items():
                 if Path(path).parent.name.startswith(key + "-") or Path(path).parent.name == key:
                     fast = f"{ratio:.2f}x"
         print(f"| {label} | {len(runs)} | {statistics.mean(acc):.4f}{spread(acc)} | "
