@@ -36,7 +36,6 @@ label -1 (NaN for regression) and learn from the teacher only; the labels loss s
 Trainer averages over all examples of a step, the labels term is diluted by the unlabelled share.
 """
 import copy
-import json
 import sys
 
 import numpy as np
@@ -45,11 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from data import DataError, Encoded, encode, read_examples
+from data import Encoded, encode, read_examples
 from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
-from trainer import (ConfigError, Split, Trainer, TrainingError, cleanup_distributed, clear_checkpoints,
-                     find_resume_checkpoint, load_config, load_splits, log, seed_everything,
-                     setup_distributed)
+from trainer import (ConfigError, Split, Trainer, clear_checkpoints, find_resume_checkpoint,
+                     load_splits, log, seed_everything)
+from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
@@ -415,29 +414,8 @@ def count(model):
 
 
 def main(argv=None):
-    """Command-line entry point: one clear line and exit status 2 on any user error."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(__doc__ + "\nEvery key, with its default and meaning: config.yaml (section distill)")
-        return 0
-    cfg = None
-    try:
-        cfg = load_config(argv)
-        dist_ctx = setup_distributed(cfg["trainer"])
-        try:
-            result = run(cfg, dist_ctx)
-        finally:
-            cleanup_distributed()
-    except (ConfigError, DataError, ModelError, TrainingError) as e:
-        if cfg is not None and cfg["trainer"]["debug"]:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if result is None:
-        return 1
-    if dist_ctx.is_main:
-        print(json.dumps(result))
-    return 0
+    """The command line: trainer.py's entry point (errors as one line, exit 2) with this run."""
+    return trainer_main(argv, run_fn=run, doc=__doc__)
 
 
 if __name__ == "__main__":
