@@ -46,8 +46,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from data import Encoded, encode, read_examples
 from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
-from trainer import (ConfigError, Split, Trainer, clear_checkpoints, find_resume_checkpoint,
-                     load_splits, log, seed_everything)
+from trainer import ConfigError, Split, find_resume_checkpoint, fit, load_splits, log, seed_everything
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -397,15 +396,7 @@ def run(cfg, dist_ctx):
                   + (f", attention map {loss_fn.attention_map}" if want_attn else "")
                   + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
     seed_everything(cfg["trainer"]["seed"] + dist_ctx.rank)  # dropout differs by rank, weights do not
-    if cfg["ckpt"]["overwrite"] and resume is None and dist_ctx.is_main:
-        clear_checkpoints(cfg["ckpt"])
-    trainer = Trainer(cfg, dist_ctx, module, tokenizer, train, val, loss_fn=loss_fn)
-    if resume is not None:
-        trainer.resume_from(resume)
-    result = trainer.train()
-    if result is None:
-        log(dist_ctx, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with "
-                      f"--ckpt.resume auto")
+    _, result = fit(cfg, dist_ctx, module, tokenizer, train, val, resume, loss_fn=loss_fn)
     return result
 
 

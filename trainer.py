@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
 from metrics import compute_metrics, format_report
-from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained, unwrap_model
+from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained
 
 GOLDEN_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 TRAINING_STATE = "training_state"
@@ -173,7 +173,7 @@ def load_config(argv, golden_path=GOLDEN_CONFIG):
 
 def check_config(cfg):
     """Values that are well typed but cannot work, caught before anything runs."""
-    data, module, trainer = cfg["data"], cfg["module"], cfg["trainer"]
+    data, module = cfg["data"], cfg["module"]
     positive = ["module.max_lr", "module.max_seq_len", "trainer.train_batch_size",
                 "trainer.val_batch_size", "trainer.gpu_batch_size_limit", "trainer.log_steps"]
     for key in positive:
@@ -852,6 +852,20 @@ def evaluate_only(cfg, dist_ctx, model, tokenizer, val):
     return metrics
 
 
+def fit(cfg, dist_ctx, model, tokenizer, train, val, resume, loss_fn=supervised_loss):
+    """Train fresh or from the `resume` checkpoint: (trainer, final metrics, None if stopped)."""
+    if cfg["ckpt"]["overwrite"] and resume is None and dist_ctx.is_main:
+        clear_checkpoints(cfg["ckpt"])
+    trainer = Trainer(cfg, dist_ctx, model, tokenizer, train, val, loss_fn=loss_fn)
+    if resume is not None:
+        trainer.resume_from(resume)
+    result = trainer.train()
+    if result is None:
+        log(dist_ctx, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with "
+                      f"--ckpt.resume auto")
+    return trainer, result
+
+
 def run(cfg, dist_ctx):
     """Everything a config asks for; returns the final metrics (main process)."""
     seed_everything(cfg["trainer"]["seed"])
@@ -863,15 +877,8 @@ def run(cfg, dist_ctx):
     seed_everything(cfg["trainer"]["seed"] + dist_ctx.rank)
     result, run_dir = {}, None
     if train:
-        if cfg["ckpt"]["overwrite"] and resume is None and dist_ctx.is_main:
-            clear_checkpoints(cfg["ckpt"])
-        trainer = Trainer(cfg, dist_ctx, model, tokenizer, train, val)
-        if resume is not None:
-            trainer.resume_from(resume)
-        result = trainer.train()
+        trainer, result = fit(cfg, dist_ctx, model, tokenizer, train, val, resume)
         if result is None:
-            log(dist_ctx, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with "
-                          f"--ckpt.resume auto")
             return None
         model, run_dir = trainer.hf_model, trainer.run_dir
     elif val:

@@ -6,10 +6,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import (AutoModelForSequenceClassification, DistilBertConfig,
                           DistilBertForSequenceClassification)
 
