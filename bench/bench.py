@@ -115,15 +115,10 @@ def run_ours(job):
     train, val, _ = trainer.load_splits(cfg, tokenizer)
     model = build_random_roberta(job) if job["random_roberta"] else trainer.build_model(cfg["model"], LABELS)
     run = TimedTrainer(cfg, dist_ctx, model, tokenizer, train, None)  # no validation inside train()
-    sync(torch)
-    start = time.perf_counter()
-    run.train()
-    sync(torch)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    logits = trainer.predict_logits(run.hf_model, val.encoded, cfg["trainer"]["val_batch_size"],
-                                    tokenizer.pad_token_id, dist_ctx, run.amp_dtype)
-    eval_s = time.perf_counter() - start
+    _, train_s = timed(torch, run.train)
+    logits, eval_s = timed(torch, lambda: trainer.predict_logits(
+        run.hf_model, val.encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
+        dist_ctx, run.amp_dtype))
     metrics = compute_metrics(logits.argmax(axis=1), val.encoded.labels, LABELS)
     return {"train_s": train_s, "eval_s": eval_s, "first_step_s": first_step["s"],
             "acc": metrics["acc"], "f1_macro": metrics["f1_macro"],
@@ -170,14 +165,8 @@ def run_hf(job):
     peer = transformers.Trainer(model=model, args=args, train_dataset=train,
                                 data_collator=transformers.DataCollatorWithPadding(tokenizer),
                                 callbacks=[FirstStep()])
-    sync(torch)
-    start = time.perf_counter()
-    peer.train()
-    sync(torch)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out = peer.predict(val)
-    eval_s = time.perf_counter() - start
+    _, train_s = timed(torch, peer.train)
+    out, eval_s = timed(torch, lambda: peer.predict(val))
     metrics = compute_metrics(out.predictions.argmax(axis=1), out.label_ids, LABELS)
     return {"train_s": train_s, "eval_s": eval_s, "first_step_s": first_step["s"],
             "acc": metrics["acc"], "f1_macro": metrics["f1_macro"], "threads": torch.get_num_threads()}
@@ -196,9 +185,15 @@ def build_random_roberta(job):
     return RobertaForSequenceClassification(config)
 
 
-def sync(torch):
+def timed(torch, fn):
+    """(fn(), seconds), with queued GPU work finished at both ends so the time is the real one."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
 
 
 def worker(system, job_path, out_path):
