@@ -853,7 +853,7 @@ def evaluate_only(cfg, dist_ctx, model, tokenizer, val):
 
 
 def fit(cfg, dist_ctx, model, tokenizer, train, val, resume, loss_fn=supervised_loss):
-    """Train fresh or from the `resume` checkpoint: (trainer, final metrics, None if stopped)."""
+    """Train fresh or from the `resume` checkpoint: (trainer, final metrics or None if stopped)."""
     if cfg["ckpt"]["overwrite"] and resume is None and dist_ctx.is_main:
         clear_checkpoints(cfg["ckpt"])
     trainer = Trainer(cfg, dist_ctx, model, tokenizer, train, val, loss_fn=loss_fn)
@@ -908,7 +908,7 @@ def predict_file(cfg, dist_ctx, model, tokenizer, predict, run_dir):
     return path
 
 
-def main(argv=None, run_fn=None, doc=__doc__):
+def main(argv=None, run_fn=run, doc=__doc__):
     """Command-line entry point: one clear line and exit status 2 on any user error.
 
     distill.py runs through here too, with its own run_fn and docstring.
@@ -922,7 +922,7 @@ def main(argv=None, run_fn=None, doc=__doc__):
         cfg = load_config(argv)
         dist_ctx = setup_distributed(cfg["trainer"])
         try:
-            result = (run_fn or run)(cfg, dist_ctx)
+            result = run_fn(cfg, dist_ctx)
         finally:
             cleanup_distributed()
     except (ConfigError, DataError, ModelError, TrainingError) as e:
