@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
 from metrics import compute_metrics, format_report
-from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained
+from model import (ModelError, build_model, load_tokenizer, load_weights, save_pretrained,
+                   use_cpu_dropout)
 
 GOLDEN_CONFIG = Path(__file__).resolve().with_name("config.yaml")
 TRAINING_STATE = "training_state"
@@ -469,6 +470,8 @@ class Trainer:
         tcfg = cfg["trainer"]
         self.amp_dtype = autocast_dtype(tcfg, dist_ctx)
         self.model = model.to(dist_ctx.device)
+        if dist_ctx.device.type == "cpu":
+            use_cpu_dropout(self.model)  # same dropout, cheaper masks (model.CPUDropout)
         self.optimizer = build_optimizer(self.model, cfg["module"]["max_lr"],
                                          cfg["module"]["weight_decay"])
         self.setup_batches()

@@ -15,7 +15,7 @@ import distill
 import trainer
 from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
 from data import DataError
-from model import ModelError, build_model
+from model import CPUDropout, ModelError, build_model
 
 LABELS = ["negative", "positive"]
 
@@ -224,6 +224,9 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     train_split, val_split, _ = trainer.load_splits(cfg, tokenizer)
     ctx = trainer.Dist(0, 0, 1, torch.device("cpu"), True, False)
     run = trainer.Trainer(cfg, ctx, module, tokenizer, train_split, val_split, loss_fn=loss_fn)
+    # on a CPU the trainer draws the student's dropout masks with model.CPUDropout
+    assert not [m for m in module.modules() if type(m) is torch.nn.Dropout]
+    assert any(isinstance(m, CPUDropout) for m in module.student.modules())
     assert run.train() is not None
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before_teacher.items())
     assert not torch.equal(before_projection, module.projection.weight)

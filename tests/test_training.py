@@ -17,7 +17,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import trainer
 from data import collate, train_batches
-from model import build_model, load_tokenizer
+from model import CPUDropout, build_model, load_tokenizer, use_cpu_dropout
 from trainer import build_optimizer, load_config, load_split, lr_multiplier, seed_everything
 
 
@@ -80,6 +80,46 @@ def test_adamw_decays_weight_matrices_only(tiny_bert):
     assert "bert.embeddings.LayerNorm.weight" in exempt
     assert "bert.encoder.layer.1.output.LayerNorm.bias" in exempt
     assert not any("bias" in name or "LayerNorm" in name for name in decayed)
+
+
+# -- dropout on a CPU ------------------------------------------------------------------------------
+
+
+def test_cpu_dropout_keeps_1_minus_p_scales_survivors_and_backpropagates_its_mask():
+    torch.manual_seed(0)
+    p, n = 0.1, 200_000
+    dropout = CPUDropout(p).train()
+    x = torch.full((n,), 2.0, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    # a binomial count: 5 standard deviations of n * p is about 670 examples
+    assert abs((~kept).sum().item() - n * p) < 5 * (n * p * (1 - p)) ** 0.5
+    assert torch.allclose(y[kept], torch.tensor(2.0 / (1 - p)))
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / (1 - p))
+    assert torch.equal(dropout.eval()(x), x)  # evaluation: the identity
+    assert torch.equal(CPUDropout(1.0).train()(x), torch.zeros(n))
+
+
+def test_cpu_dropout_masks_follow_the_seed():
+    x = torch.ones(1000)
+    torch.manual_seed(7)
+    first = CPUDropout(0.5).train()(x)
+    torch.manual_seed(7)
+    assert torch.equal(CPUDropout(0.5).train()(x), first)
+    assert not torch.equal(CPUDropout(0.5).train()(x), first)
+
+
+def test_use_cpu_dropout_replaces_every_dropout_and_keeps_the_weights(tmp_path, tiny_bert):
+    model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None},
+                        ["negative", "positive"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rates = sorted(m.p for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    use_cpu_dropout(model)
+    assert not [m for m in model.modules() if type(m) is torch.nn.Dropout]
+    assert sorted(m.p for m in model.modules() if isinstance(m, CPUDropout)) == rates
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
 # -- gradient accumulation ------------------------------------------------------------------------
