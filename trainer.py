@@ -457,6 +457,11 @@ def point_link(save_dir, name, target):
     os.replace(tmp, Path(save_dir) / name)
 
 
+def new_window(device):
+    """Running sums of one logging interval: summed loss, examples, loss terms, its start time."""
+    return {"loss": torch.zeros((), device=device), "examples": 0, "terms": {}, "start": time.perf_counter()}
+
+
 class Trainer:
     """The state of one training run and the steps of its loop.
 
@@ -543,8 +548,7 @@ class Trainer:
     def train_epoch(self, progress):
         tcfg, ckpt = self.cfg["trainer"], self.cfg["ckpt"]
         batches = self.epoch_batches(self.epoch)
-        window = {"loss": torch.zeros((), device=self.dist.device), "examples": 0, "terms": {},
-                  "start": time.perf_counter()}
+        window = new_window(self.dist.device)
         for rank_indices, global_size in batches[self.batch_in_epoch:]:
             self.train_step(rank_indices, global_size, window)
             self.step += 1
@@ -618,8 +622,7 @@ class Trainer:
         self.write_scalars(scalars)
         progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
                              ex_s=f"{scalars['train/examples_per_s']:.1f}")
-        window.update(loss=torch.zeros((), device=self.dist.device), examples=0, terms={},
-                      start=time.perf_counter())
+        window.update(new_window(self.dist.device))
 
     def validate(self):
         """Metrics on the validation file; saves and marks the best checkpoint. None without one."""

@@ -84,18 +84,8 @@ def since_process_start():
     return time.time() - psutil.Process().create_time()
 
 
-def run_ours(job):
-    """trainer.py's own functions: load, tokenize, train (no validation inside), then predict."""
-    import torch
-    import trainer
-    from metrics import compute_metrics
-    first_step = {}
-
-    class TimedTrainer(trainer.Trainer):
-        def train_step(self, *args):
-            super().train_step(*args)
-            first_step.setdefault("s", since_process_start())
-
+def ours_argv(job):
+    """trainer.py's command line for the job (also used by step_profile.py)."""
     argv = ["--data.train_filepath", job["train_file"], "--data.val_filepath", job["eval_file"],
             "--model.hf_model", job["model"], "--trainer.epochs", str(job["epochs"]),
             "--trainer.train_batch_size", str(job["batch_size"]),
@@ -108,7 +98,22 @@ def run_ours(job):
             "--trainer.compile", str(job["compile"]).lower(), "--data.labels_list", json.dumps(LABELS)]
     if job["bf16"]:
         argv += ["--trainer.backend", "sp-amp", "--trainer.amp_dtype", "bf16"]
-    cfg = trainer.load_config(argv)
+    return argv
+
+
+def run_ours(job):
+    """trainer.py's own functions: load, tokenize, train (no validation inside), then predict."""
+    import torch
+    import trainer
+    from metrics import compute_metrics
+    first_step = {}
+
+    class TimedTrainer(trainer.Trainer):
+        def train_step(self, *args):
+            super().train_step(*args)
+            first_step.setdefault("s", since_process_start())
+
+    cfg = trainer.load_config(ours_argv(job))
     dist_ctx = trainer.setup_distributed(cfg["trainer"])
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
@@ -274,7 +279,17 @@ def print_report(rows, flops, args, rates):
     print(f"{'accuracy (ours - peer)':<26}{-gap:>8.2f}pt{'>= -1.00':>10}pt  {verdict}")
 
 
-def main():
+def make_job(args, scratch, device):
+    """The job both systems run: the data subsets written to scratch, the hyperparameters."""
+    return {"train_file": write_subset(args.train_file, scratch / "train.csv", args.train_examples),
+            "eval_file": write_subset(args.eval_file, scratch / "eval.csv", args.eval_examples),
+            "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
+            "eval_batch_size": args.eval_batch_size, "lr": args.lr, "warmup": args.warmup,
+            "weight_decay": args.weight_decay, "max_seq_len": args.max_seq_len, "seed": args.seed,
+            "compile": False, "bf16": args.roberta_bf16, "random_roberta": args.roberta_bf16, "device": device}
+
+
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-examples", type=int, default=4000)
     parser.add_argument("--eval-examples", type=int, default=1000)
@@ -298,6 +313,11 @@ def main():
     parser.add_argument("--worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    return parser
+
+
+def main():
+    parser = build_parser()
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.job, args.out)
@@ -309,12 +329,7 @@ def main():
         sys.exit("--roberta-bf16 needs a CUDA GPU (bf16 on a CPU without native bf16 is ~100x slower)")
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    job = {"train_file": write_subset(args.train_file, scratch / "train.csv", args.train_examples),
-           "eval_file": write_subset(args.eval_file, scratch / "eval.csv", args.eval_examples),
-           "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
-           "eval_batch_size": args.eval_batch_size, "lr": args.lr, "warmup": args.warmup,
-           "weight_decay": args.weight_decay, "max_seq_len": args.max_seq_len, "seed": args.seed,
-           "compile": False, "bf16": args.roberta_bf16, "random_roberta": args.roberta_bf16, "device": device}
+    job = make_job(args, scratch, device)
     systems = [("trainer.py", "ours", job)]
     if args.compile:
         systems.append(("trainer.py + compile", "ours", {**job, "compile": True}))

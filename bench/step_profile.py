@@ -10,42 +10,43 @@ Both build the job of bench.py (the MiniLM of `python prepare.py`, the tweets, b
 machine's noise falls on both alike.
 """
 import argparse
-import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
+import bench  # noqa: E402
 import trainer  # noqa: E402
 from model import CPUDropout  # noqa: E402
-
-LABELS = ["negative", "neutral", "positive"]
 
 
 def bench_trainer():
     """trainer.Trainer on the benchmark's job, in training mode, and its first epoch's batches."""
-    cfg = trainer.load_config([
-        "--data.train_filepath", str(ROOT / "data/tweets/train.csv"), "--data.val_filepath", "null",
-        "--model.hf_model", str(ROOT / "models/all-MiniLM-L6-v2"), "--trainer.train_batch_size", "32",
-        "--trainer.gpu_batch_size_limit", "32", "--module.max_lr", "5e-5", "--module.max_seq_len", "64",
-        "--ckpt.checkpoint", "false", "--data.labels_list", json.dumps(LABELS)])
+    args = bench.build_parser().parse_args([])  # bench.py's defaults: its whole job
+    scratch = Path(tempfile.mkdtemp(prefix="step-profile-"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    job = {**bench.make_job(args, scratch, device), "log_dir": str(scratch)}
+    cfg = trainer.load_config(bench.ours_argv(job) + ["--data.val_filepath", "null"])  # steps only
     dist_ctx = trainer.setup_distributed(cfg["trainer"])
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
     train, _, _ = trainer.load_splits(cfg, tokenizer)
-    run = trainer.Trainer(cfg, dist_ctx, trainer.build_model(cfg["model"], LABELS), tokenizer, train, None)
+    run = trainer.Trainer(cfg, dist_ctx, trainer.build_model(cfg["model"], bench.LABELS), tokenizer, train,
+                          None)
     run.model.train()
     return run, run.epoch_batches(0)
 
 
 def steps(run, batches):
     """Train on the batches; examples per second."""
-    window = {"loss": torch.zeros(()), "examples": 0, "terms": {}, "start": time.perf_counter()}
+    window = trainer.new_window(run.dist.device)
     start = time.perf_counter()
     for rank_indices, global_size in batches:
         run.train_step(rank_indices, global_size, window)
