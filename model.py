@@ -15,7 +15,10 @@ import os
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AttentionInterface, AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging as hf_logging
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
@@ -163,6 +166,15 @@ def unwrap_model(model):
             return model
 
 
+def cpu_dropout(x, p):
+    """Training-time dropout of x with masks drawn from 31-bit random integers (see CPUDropout)."""
+    if p == 1:
+        return torch.zeros_like(x)
+    # random_() on int32 is uniform on [0, 2^31): below p * 2^31 with probability p
+    keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= round(p * 2 ** 31)
+    return x * keep.to(x.dtype).mul_(1 / (1 - p))  # autograd keeps this scaled mask for the backward
+
+
 class CPUDropout(torch.nn.Dropout):
     """nn.Dropout with the same masks in distribution, drawn faster on a CPU.
 
@@ -174,21 +186,54 @@ class CPUDropout(torch.nn.Dropout):
     """
 
     def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if self.p == 1:
-            return torch.zeros_like(x)
-        # random_() on int32 is uniform on [0, 2^31): below p * 2^31 with probability p
-        keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= round(self.p * 2 ** 31)
-        return x * (keep.to(x.dtype) / (1 - self.p))  # autograd keeps this mask for the backward
+        return cpu_dropout(x, self.p) if self.training and self.p > 0 else x
+
+
+CPU_DROPOUT_ATTENTION = "sdpa_cpu_dropout"
+
+
+def sdpa_cpu_dropout_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                               **kwargs):
+    """transformers' "sdpa" attention, but dropout on the attention probabilities uses cpu_dropout.
+
+    Models call their attention function with dropout = attention_probs_dropout_prob in training
+    only. SDPA's CPU kernels have no dropout, so in training torch falls back to its math path and
+    draws the mask with bernoulli_; this is that math path with cpu_dropout's mask instead (about
+    2% of a MiniLM training step, bench/README.md). Evaluation, CUDA, causal and grouped-query
+    attention, or extra arguments such as a position bias: plain sdpa.
+    """
+    plain = (dropout == 0 or query.device.type != "cpu" or getattr(module, "is_causal", False)
+             or query.shape[1] != key.shape[1] or any(v is not None for v in kwargs.values()))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # True: may attend
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:  # an additive float mask
+        scores = scores + attention_mask
+    probs = cpu_dropout(scores.softmax(dim=-1), dropout)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+# registered under a name of its own with sdpa's masks (a name without a mask function would get none)
+AttentionInterface.register(CPU_DROPOUT_ATTENTION, sdpa_cpu_dropout_attention)
+AttentionMaskInterface.register(CPU_DROPOUT_ATTENTION, sdpa_mask)
 
 
 def use_cpu_dropout(model):
-    """Replace every nn.Dropout inside model by CPUDropout with the same p (weights untouched)."""
+    """Draw model's dropout masks with cpu_dropout (same p, weights untouched).
+
+    Every nn.Dropout becomes a CPUDropout, and every transformers model inside on sdpa attention
+    (a distillation student and teacher, say) moves to sdpa_cpu_dropout_attention, which is sdpa
+    except for the attention dropout in training.
+    """
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Dropout:
                 setattr(module, name, CPUDropout(child.p, child.inplace))
+        if isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa":
+            module.set_attn_implementation(CPU_DROPOUT_ATTENTION)
     return model
 
 

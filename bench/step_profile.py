@@ -1,13 +1,14 @@
 """Where a training step of trainer.py spends its time, on the benchmark's job.
 
     python bench/step_profile.py                 # torch.profiler table over 15 steps, by self CPU time
-    python bench/step_profile.py --ab-dropout    # torch's nn.Dropout against model.CPUDropout
+    python bench/step_profile.py --ab-dropout    # torch's dropout against model.use_cpu_dropout's
 
 Both build the job of bench.py (the MiniLM of `python prepare.py`, the tweets, batch 32, max length
 64) with trainer.py's own functions and run its Trainer.train_step after a few warm-up steps.
---ab-dropout alternates blocks of steps between the two dropout implementations in one process
-(A B, then B A, ...) and reports the median examples/s of each: in one process, interleaved, the
-machine's noise falls on both alike.
+--ab-dropout times each batch twice in one process, once with torch's nn.Dropout and sdpa
+attention, once with model.CPUDropout and its attention function, in alternating order, and reports
+the median of the per-batch speed-ups: the same batch on both sides, and the machine's noise of
+that moment on both alike.
 """
 import argparse
 import statistics
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import trainer  # noqa: E402
-from model import CPUDropout  # noqa: E402
+from model import CPU_DROPOUT_ATTENTION, CPUDropout  # noqa: E402
 
 
 def bench_trainer():
@@ -59,36 +60,45 @@ def profile_table(run, batches, count):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
-def ab_dropout(run, batches, block, rounds):
-    """Median examples/s of each dropout over alternating blocks of `block` steps."""
-    dropouts = [m for m in run.model.modules() if isinstance(m, torch.nn.Dropout)]
-    rates = {"torch nn.Dropout": [], "model.CPUDropout": []}
-    kinds = {"torch nn.Dropout": torch.nn.Dropout, "model.CPUDropout": CPUDropout}
-    names = list(rates)
-    for i in range(rounds):
-        for name in names if i % 2 == 0 else names[::-1]:
-            for m in dropouts:
-                m.__class__ = kinds[name]  # same module, same p: only the forward differs
-            rates[name].append(steps(run, batches[:block]))
-            batches = batches[block:]
-    for name, values in rates.items():
-        print(f"{name:<18} median {statistics.median(values):6.1f} ex/s   {[round(v, 1) for v in values]}")
-    print(f"ratio of medians: {statistics.median(rates[names[1]]) / statistics.median(rates[names[0]]):.2f}x")
+def use_dropout(model, kind):
+    """Switch model between torch's dropout ("torch") and use_cpu_dropout's ("cpu") in place."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.__class__ = CPUDropout if kind == "cpu" else torch.nn.Dropout  # same p: only forward differs
+    model.config._attn_implementation = CPU_DROPOUT_ATTENTION if kind == "cpu" else "sdpa"
+
+
+def ab_dropout(run, batches):
+    """Median per-batch speed-up of use_cpu_dropout's dropout over torch's, each batch run by both."""
+    window = trainer.new_window(run.dist.device)
+    speedups, totals = [], {"torch": 0.0, "cpu": 0.0}
+    for i, (rank_indices, global_size) in enumerate(batches):
+        seconds = {}
+        for kind in ("torch", "cpu") if i % 2 == 0 else ("cpu", "torch"):
+            use_dropout(run.hf_model, kind)
+            start = time.perf_counter()
+            run.train_step(rank_indices, global_size, window)
+            seconds[kind] = time.perf_counter() - start
+            totals[kind] += seconds[kind]
+        speedups.append(seconds["torch"] / seconds["cpu"])
+    quartiles = statistics.quantiles(speedups, n=4)
+    print(f"{len(batches)} batches, each trained once with each dropout")
+    print(f"speed-up of model.use_cpu_dropout: median {statistics.median(speedups):.3f}x "
+          f"(quartiles {quartiles[0]:.3f}x-{quartiles[2]:.3f}x), total time {totals['torch'] / totals['cpu']:.3f}x")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15, help="profiled steps")
     parser.add_argument("--ab-dropout", action="store_true")
-    parser.add_argument("--block", type=int, default=8, help="steps per block with --ab-dropout")
-    parser.add_argument("--rounds", type=int, default=6, help="blocks of each kind with --ab-dropout")
+    parser.add_argument("--batches", type=int, default=100, help="batches timed with --ab-dropout")
     args = parser.parse_args()
     run, batches = bench_trainer()
-    if len(batches) < 3 + (2 * args.block * args.rounds if args.ab_dropout else args.steps):
-        parser.error(f"the epoch has {len(batches)} batches: fewer blocks or steps, please")
+    if len(batches) < 3 + (args.batches if args.ab_dropout else args.steps):
+        parser.error(f"the epoch has {len(batches)} batches: fewer batches or steps, please")
     steps(run, batches[:3])  # warm-up: allocations, thread pools
     if args.ab_dropout:
-        ab_dropout(run, batches[3:], args.block, args.rounds)
+        ab_dropout(run, batches[3:3 + args.batches])
     else:
         profile_table(run, batches[3:], args.steps)
 

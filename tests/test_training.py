@@ -17,7 +17,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import trainer
 from data import collate, train_batches
-from model import CPUDropout, build_model, load_tokenizer, use_cpu_dropout
+import model as model_module
+from model import (CPU_DROPOUT_ATTENTION, CPUDropout, build_model, load_tokenizer,
+                   sdpa_cpu_dropout_attention, use_cpu_dropout)
 from trainer import build_optimizer, load_config, load_split, lr_multiplier, seed_everything
 
 
@@ -120,6 +122,72 @@ def test_use_cpu_dropout_replaces_every_dropout_and_keeps_the_weights(tmp_path, 
     assert sorted(m.p for m in model.modules() if isinstance(m, CPUDropout)) == rates
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def attention_probabilities(q, k, allowed):
+    """sdpa's own attention weights: attending over identity-matrix values returns them."""
+    eye = torch.eye(k.shape[2]).expand(*k.shape[:2], -1, -1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, eye, attn_mask=allowed)
+
+
+def test_attention_dropout_is_sdpa_attention_with_a_cpu_dropout_mask_on_its_probabilities():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))  # batch, heads, positions, head size
+    allowed = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    allowed[1, ..., 3:] = False  # the second example's last two tokens are padding
+    p = 0.3
+    torch.manual_seed(1)
+    out, _ = sdpa_cpu_dropout_attention(SimpleNamespace(is_causal=False), q, k, v, allowed, dropout=p)
+    torch.manual_seed(1)  # the same integers again, as cpu_dropout draws them
+    keep = torch.empty(2, 3, 5, 5, dtype=torch.int32).random_() >= round(p * 2 ** 31)
+    reference = (attention_probabilities(q, k, allowed) * keep / (1 - p)) @ v
+    assert torch.allclose(out, reference.transpose(1, 2), atol=1e-6)
+    assert 0 < (~keep).sum() < keep.sum()  # some weights were dropped, most were kept
+
+
+def test_causal_attention_with_dropout_is_left_to_sdpa_and_stays_causal():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    changed_v = v.clone()
+    changed_v[:, :, -1] += 10  # only the last position's value changes
+    outputs = []
+    for values in (v, changed_v):
+        torch.manual_seed(1)
+        outputs.append(sdpa_cpu_dropout_attention(SimpleNamespace(is_causal=True), q, k, values, None,
+                                                  dropout=0.5)[0])
+    assert torch.equal(outputs[0][:, :-1], outputs[1][:, :-1])  # earlier positions never see it
+    assert not torch.equal(outputs[0][:, -1], outputs[1][:, -1])
+
+
+def test_use_cpu_dropout_moves_sdpa_attention_that_still_masks_padding_and_saves_as_sdpa(
+        tmp_path, monkeypatch):
+    # attention dropout of 1e-12 keeps every weight (its threshold rounds to 0), so in training
+    # the model must compute what plain sdpa computes in evaluation: padding masked, same numbers
+    path = save_tiny_encoder(tmp_path / "enc", "bert", hidden_dropout_prob=0.0,
+                             attention_probs_dropout_prob=1e-12)
+    model = build_model({"hf_model": path, "model_path": None, "model_file": None}, ["a", "b"])
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(5, 20, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    with torch.no_grad():
+        plain_sdpa = model.eval()(input_ids=ids, attention_mask=mask).logits
+    use_cpu_dropout(model)
+    assert model.config._attn_implementation == CPU_DROPOUT_ATTENTION
+    plain_calls = []
+    sdpa = model_module.sdpa_attention_forward
+    monkeypatch.setattr(model_module, "sdpa_attention_forward",
+                        lambda *a, **kw: plain_calls.append(1) or sdpa(*a, **kw))
+    trained = model.train()(input_ids=ids, attention_mask=mask).logits
+    assert not plain_calls  # training went through the cpu_dropout path
+    assert torch.allclose(trained, plain_sdpa, atol=1e-5)
+    evaluated = model.eval()(input_ids=ids, attention_mask=mask).logits
+    assert plain_calls  # evaluation is plain sdpa
+    assert torch.allclose(evaluated, plain_sdpa, atol=1e-5)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert reloaded.config._attn_implementation == "sdpa"  # loads where our function is unknown
 
 
 # -- gradient accumulation ------------------------------------------------------------------------
