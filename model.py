@@ -180,8 +180,9 @@ class CPUDropout(torch.nn.Dropout):
 
     Each element is kept with probability 1 - p and scaled by 1 / (1 - p), as in nn.Dropout. torch
     draws CPU dropout masks with bernoulli_, one random float at a time; 31-bit random integers
-    compared with a threshold cost a fraction of that, and made a whole MiniLM training step about
-    15% faster (bench/README.md). On CUDA torch's fused dropout kernel is already fast: CPU only.
+    compared with a threshold cost a fraction of that. With the attention's dropout (below) a whole
+    MiniLM training step is about 6% faster (bench/README.md). On CUDA torch's fused dropout kernel
+    is already fast: CPU only.
     The generator is torch's default one, so seeding and checkpointed RNG state cover it.
     """
 
@@ -198,9 +199,9 @@ def sdpa_cpu_dropout_attention(module, query, key, value, attention_mask, dropou
 
     Models call their attention function with dropout = attention_probs_dropout_prob in training
     only. SDPA's CPU kernels have no dropout, so in training torch falls back to its math path and
-    draws the mask with bernoulli_; this is that math path with cpu_dropout's mask instead (about
-    2% of a MiniLM training step, bench/README.md). Evaluation, CUDA, causal and grouped-query
-    attention, or extra arguments such as a position bias: plain sdpa.
+    draws the mask with bernoulli_; this is that math path with cpu_dropout's mask instead (a
+    MiniLM training step about 2.5% faster, bench/README.md). Evaluation, CUDA, causal and
+    grouped-query attention, or extra arguments such as a position bias: plain sdpa.
     """
     plain = (dropout == 0 or query.device.type != "cpu" or getattr(module, "is_causal", False)
              or query.shape[1] != key.shape[1] or any(v is not None for v in kwargs.values()))

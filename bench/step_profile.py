@@ -83,8 +83,9 @@ def ab_dropout(run, batches):
         speedups.append(seconds["torch"] / seconds["cpu"])
     quartiles = statistics.quantiles(speedups, n=4)
     print(f"{len(batches)} batches, each trained once with each dropout")
+    total = totals["torch"] / totals["cpu"]
     print(f"speed-up of model.use_cpu_dropout: median {statistics.median(speedups):.3f}x "
-          f"(quartiles {quartiles[0]:.3f}x-{quartiles[2]:.3f}x), total time {totals['torch'] / totals['cpu']:.3f}x")
+          f"(quartiles {quartiles[0]:.3f}x-{quartiles[2]:.3f}x), total time {total:.3f}x")
 
 
 def main():
