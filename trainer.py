@@ -476,7 +476,7 @@ class Trainer:
         self.amp_dtype = autocast_dtype(tcfg, dist_ctx)
         self.model = model.to(dist_ctx.device)
         if dist_ctx.device.type == "cpu":
-            use_cpu_dropout(self.model)  # same dropout, cheaper masks (model.CPUDropout)
+            use_cpu_dropout(self.model)  # same dropout, cheaper masks, in attention too (model.py)
         self.optimizer = build_optimizer(self.model, cfg["module"]["max_lr"],
                                          cfg["module"]["weight_decay"])
         self.setup_batches()
