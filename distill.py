@@ -45,7 +45,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from data import Encoded, encode, read_examples
-from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
+from model import (ModelError, build_model, cls_only_last_layer, from_pretrained, is_pretrained_dir, label_config,
+                   load_tokenizer)
 from trainer import ConfigError, Split, find_resume_checkpoint, fit, load_splits, log, seed_everything
 from trainer import main as trainer_main
 
@@ -182,7 +183,7 @@ def build_student(cfg, teacher, tokenizer):
     for name in student_kwargs:  # the modules are built with dropout 0; the saved config keeps its value
         if original is not None and hasattr(original, name):
             setattr(student.config, name, getattr(original, name))
-    return student
+    return cls_only_last_layer(student)  # as build_model does for the teacher
 
 
 def check_vocabulary(student_model, student, tokenizer):

@@ -41,20 +41,26 @@ LABELS = ["negative", "neutral", "positive"]
 # FLOPs of an encoder classifier, counted on real tokens
 
 
-def encoder_flops(config, lengths, training=True):
+def encoder_flops(config, lengths, training=True, cls_only_last_layer=False):
     """Matmul FLOPs of a BERT-style classifier over sequences of the given (unpadded) lengths.
 
     Per token and layer: Q, K, V, output projections (4 d^2 multiply-adds) and the feed-forward
     (2 d f); per sequence and layer: scores and weighted values (2 n^2 d); per sequence: the
-    pooler / classifier head on the first token (d^2 + d c). Training costs 3x the forward
-    (the backward computes gradients of inputs and of weights). Embedding lookups, norms and
-    activations are not matmuls and are left out, as is usual for model FLOP utilisation.
+    pooler / classifier head on the first token (d^2 + d c). With cls_only_last_layer (what
+    trainer.py runs, model.cls_only_last_layer) the last layer computes K and V at every token
+    (2 d^2) but the rest for the first token only (2 d^2 + 2 d f, and 2 n d of attention): only
+    the work done is counted. Training costs 3x the forward (the backward computes gradients of
+    inputs and of weights). Embedding lookups, norms and activations are not matmuls and are left
+    out, as is usual for model FLOP utilisation.
     """
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     c = config.num_labels
     tokens = sum(int(n) for n in lengths)
     squares = sum(int(n) ** 2 for n in lengths)
-    macs = layers * (tokens * (4 * d * d + 2 * d * f) + squares * 2 * d) + len(lengths) * (d * d + d * c)
+    full_layers = layers - 1 if cls_only_last_layer else layers
+    macs = full_layers * (tokens * (4 * d * d + 2 * d * f) + squares * 2 * d) + len(lengths) * (d * d + d * c)
+    if cls_only_last_layer:
+        macs += tokens * 2 * d * d + len(lengths) * (2 * d * d + 2 * d * f) + tokens * 2 * d
     return 2 * macs * (3 if training else 1)
 
 
@@ -106,6 +112,7 @@ def run_ours(job):
     import torch
     import trainer
     from metrics import compute_metrics
+    from model import cls_only_last_layer
     first_step = {}
 
     class TimedTrainer(trainer.Trainer):
@@ -118,7 +125,10 @@ def run_ours(job):
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
     train, val, _ = trainer.load_splits(cfg, tokenizer)
-    model = build_random_roberta(job) if job["random_roberta"] else trainer.build_model(cfg["model"], LABELS)
+    if job["random_roberta"]:  # trainer.build_model's last-layer shortcut, on the random model too
+        model = cls_only_last_layer(build_random_roberta(job))
+    else:
+        model = trainer.build_model(cfg["model"], LABELS)
     run = TimedTrainer(cfg, dist_ctx, model, tokenizer, train, None)  # no validation inside train()
     _, train_s = timed(torch, run.train)
     logits, eval_s = timed(torch, lambda: trainer.predict_logits(
@@ -354,8 +364,8 @@ def main():
     rows = [summarise(name, runs[name], n_train, n_eval) for name, _, _ in systems]
     first = runs["trainer.py"][0]
     config = transformers.PretrainedConfig.from_dict(first["config"])
-    train_flops = encoder_flops(config, first["train_lengths"]) * args.epochs
-    eval_flops = encoder_flops(config, first["eval_lengths"], training=False)
+    train_flops = encoder_flops(config, first["train_lengths"], cls_only_last_layer=True) * args.epochs
+    eval_flops = encoder_flops(config, first["eval_lengths"], training=False, cls_only_last_layer=True)
     flops = {"train_flops": train_flops, "train_tokens": sum(first["train_lengths"]) * args.epochs,
              "train_rate": statistics.median(train_flops / r["train_s"] for r in runs["trainer.py"]),
              "eval_rate": statistics.median(eval_flops / r["eval_s"] for r in runs["trainer.py"]),

@@ -1,14 +1,16 @@
 """Where a training step of trainer.py spends its time, on the benchmark's job.
 
     python bench/step_profile.py                 # torch.profiler table over 15 steps, by self CPU time
-    python bench/step_profile.py --ab-dropout    # torch's dropout against model.use_cpu_dropout's
+    python bench/step_profile.py --ab dropout    # torch's dropout against model.use_cpu_dropout's
+    python bench/step_profile.py --ab cls-only   # every position of the last layer against the first only
 
 Both build the job of bench.py (the MiniLM of `python prepare.py`, the tweets, batch 32, max length
 64) with trainer.py's own functions and run its Trainer.train_step after a few warm-up steps.
---ab-dropout times each batch twice in one process, once with torch's nn.Dropout and sdpa
-attention, once with model.CPUDropout and its attention function, in alternating order, and reports
-the median of the per-batch speed-ups: the same batch on both sides, and the machine's noise of
-that moment on both alike.
+--ab times each batch twice in one process, with and without one of the loop's speed-ups (for
+dropout: torch's nn.Dropout and sdpa attention against model.CPUDropout and its attention
+function; for cls-only: model.cls_only_last_layer), in alternating order, and reports the median of
+the per-batch speed-ups: the same batch on both sides, and the machine's noise of that moment on
+both alike.
 """
 import argparse
 import statistics
@@ -25,7 +27,7 @@ import torch  # noqa: E402
 
 import bench  # noqa: E402
 import trainer  # noqa: E402
-from model import CPU_DROPOUT_ATTENTION, CPUDropout  # noqa: E402
+from model import CPU_DROPOUT_ATTENTION, CPUDropout, cls_only_last_layer  # noqa: E402
 
 
 def bench_trainer():
@@ -60,46 +62,58 @@ def profile_table(run, batches, count):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
-def use_dropout(model, kind):
-    """Switch model between torch's dropout ("torch") and use_cpu_dropout's ("cpu") in place."""
+def use_dropout(model, new):
+    """Switch model between torch's dropout (new=False) and use_cpu_dropout's (new=True) in place."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
-            m.__class__ = CPUDropout if kind == "cpu" else torch.nn.Dropout  # same p: only forward differs
-    model.config._attn_implementation = CPU_DROPOUT_ATTENTION if kind == "cpu" else "sdpa"
+            m.__class__ = CPUDropout if new else torch.nn.Dropout  # same p: only forward differs
+    model.config._attn_implementation = CPU_DROPOUT_ATTENTION if new else "sdpa"
 
 
-def ab_dropout(run, batches):
-    """Median per-batch speed-up of use_cpu_dropout's dropout over torch's, each batch run by both."""
+def use_cls_only(model, new):
+    """Switch the last layer between every position (new=False) and the first only (new=True)."""
+    if new:
+        cls_only_last_layer(model)
+    else:
+        vars(model.base_model.encoder.layer[-1]).pop("forward", None)  # back to the class's forward
+
+
+# --ab choice: (switch, what the new side is)
+AB = {"dropout": (use_dropout, "model.use_cpu_dropout"), "cls-only": (use_cls_only, "model.cls_only_last_layer")}
+
+
+def ab(run, batches, choice):
+    """Median per-batch speed-up of the new side over the old, each batch trained by both."""
+    switch, name = AB[choice]
     window = trainer.new_window(run.dist.device)
-    speedups, totals = [], {"torch": 0.0, "cpu": 0.0}
+    speedups, totals = [], {False: 0.0, True: 0.0}
     for i, (rank_indices, global_size) in enumerate(batches):
         seconds = {}
-        for kind in ("torch", "cpu") if i % 2 == 0 else ("cpu", "torch"):
-            use_dropout(run.hf_model, kind)
+        for new in (False, True) if i % 2 == 0 else (True, False):
+            switch(run.hf_model, new)
             start = time.perf_counter()
             run.train_step(rank_indices, global_size, window)
-            seconds[kind] = time.perf_counter() - start
-            totals[kind] += seconds[kind]
-        speedups.append(seconds["torch"] / seconds["cpu"])
+            seconds[new] = time.perf_counter() - start
+            totals[new] += seconds[new]
+        speedups.append(seconds[False] / seconds[True])
     quartiles = statistics.quantiles(speedups, n=4)
-    print(f"{len(batches)} batches, each trained once with each dropout")
-    total = totals["torch"] / totals["cpu"]
-    print(f"speed-up of model.use_cpu_dropout: median {statistics.median(speedups):.3f}x "
-          f"(quartiles {quartiles[0]:.3f}x-{quartiles[2]:.3f}x), total time {total:.3f}x")
+    print(f"{len(batches)} batches, each trained once with and once without {name}")
+    print(f"speed-up of {name}: median {statistics.median(speedups):.3f}x "
+          f"(quartiles {quartiles[0]:.3f}x-{quartiles[2]:.3f}x), total time {totals[False] / totals[True]:.3f}x")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=15, help="profiled steps")
-    parser.add_argument("--ab-dropout", action="store_true")
-    parser.add_argument("--batches", type=int, default=100, help="batches timed with --ab-dropout")
+    parser.add_argument("--ab", choices=sorted(AB), help="time each batch with and without this")
+    parser.add_argument("--batches", type=int, default=100, help="batches timed with --ab")
     args = parser.parse_args()
     run, batches = bench_trainer()
-    if len(batches) < 3 + (args.batches if args.ab_dropout else args.steps):
+    if len(batches) < 3 + (args.batches if args.ab else args.steps):
         parser.error(f"the epoch has {len(batches)} batches: fewer batches or steps, please")
     steps(run, batches[:3])  # warm-up: allocations, thread pools
-    if args.ab_dropout:
-        ab_dropout(run, batches[3:3 + args.batches])
+    if args.ab:
+        ab(run, batches[3:3 + args.batches], args.ab)
     else:
         profile_table(run, batches[3:], args.steps)
 

@@ -8,16 +8,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertForSequenceClassification
 
 from conftest import ROOT, save_tiny_encoder, sentiment_rows, tiny_config, write_csv
+from model import cls_only_last_layer
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench  # noqa: E402
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_encoder_flops_match_torch_flop_counter_on_unpadded_sequences(training):
+@pytest.mark.parametrize("cls_only", [False, True])
+def test_encoder_flops_match_torch_flop_counter_on_unpadded_sequences(training, cls_only):
     config = tiny_config("bert", num_labels=3)
     torch.manual_seed(0)
     model = BertForSequenceClassification(config)
+    if cls_only:
+        cls_only_last_layer(model)
     counted = 0
     for length in (3, 11):  # one sequence at a time: no padding, as the benchmark counts
         ids = torch.randint(5, config.vocab_size, (1, length))
@@ -26,7 +30,7 @@ def test_encoder_flops_match_torch_flop_counter_on_unpadded_sequences(training):
             if training:
                 logits.sum().backward()
         counted += counter.get_total_flops()
-    assert bench.encoder_flops(config, [3, 11], training=training) == counted
+    assert bench.encoder_flops(config, [3, 11], training=training, cls_only_last_layer=cls_only) == counted
 
 
 def test_ours_worker_trains_and_reports_on_a_tiny_model(tmp_path):

@@ -1,6 +1,7 @@
 """Training end to end on tiny models: schedule, optimizer groups, accumulation equivalence,
 reproducibility, and a full train -> checkpoint -> evaluate -> predict run."""
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -11,14 +12,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
+from conftest import base_args, last_json_line, save_tiny_encoder, sentiment_rows, tiny_config, write_csv
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import trainer
 from data import collate, train_batches
 import model as model_module
-from model import (CPU_DROPOUT_ATTENTION, CPUDropout, build_model, load_tokenizer,
+from model import (CPU_DROPOUT_ATTENTION, CPUDropout, build_model, cls_only_last_layer, load_tokenizer,
                    sdpa_cpu_dropout_attention, use_cpu_dropout)
 from trainer import build_optimizer, load_config, load_split, lr_multiplier, seed_everything
 
@@ -188,6 +189,72 @@ def test_use_cpu_dropout_moves_sdpa_attention_that_still_masks_padding_and_saves
     model.save_pretrained(tmp_path / "saved")
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
     assert reloaded.config._attn_implementation == "sdpa"  # loads where our function is unknown
+
+
+def padded_batch(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    ids = torch.randint(5, vocab_size, (3, 7))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa", CPU_DROPOUT_ATTENTION])
+def test_cls_only_last_layer_gives_the_same_logits_and_gradients_from_one_position(kind, attention, monkeypatch):
+    # attention dropout of 1e-12 keeps every weight but sends training through the dropout paths
+    config = tiny_config(kind, layers=3, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=1e-12)
+    torch.manual_seed(0)
+    reference = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").train()
+    fast = copy.deepcopy(reference)
+    cls_only_last_layer(fast)
+    for m in (reference, fast):
+        m.set_attn_implementation("eager" if attention == "eager" else "sdpa")
+    if attention == CPU_DROPOUT_ATTENTION:
+        use_cpu_dropout(fast)
+        monkeypatch.setattr(model_module, "sdpa_attention_forward", None)  # its cpu_dropout path only
+    positions = []
+    fast.base_model.encoder.layer[-1].intermediate.register_forward_hook(
+        lambda module, args, out: positions.append(args[0].shape[1]))
+    inputs = {**padded_batch(config.vocab_size), "labels": torch.tensor([0, 2, 1])}
+    out_ref, out_fast = reference(**inputs), fast(**inputs)
+    assert positions == [1]  # the feed-forward of the last layer saw the first position only
+    assert torch.allclose(out_fast.logits, out_ref.logits, atol=1e-6)
+    out_ref.loss.backward()
+    out_fast.loss.backward()
+    for (name, a), b in zip(reference.named_parameters(), fast.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_cls_only_last_layer_computes_every_position_when_hidden_states_or_attentions_are_asked_for():
+    config = tiny_config("bert", num_labels=2)
+    torch.manual_seed(0)
+    reference = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager").eval()
+    fast = cls_only_last_layer(copy.deepcopy(reference))
+    inputs = padded_batch(config.vocab_size)
+    with torch.no_grad():
+        want = reference(**inputs, output_hidden_states=True, output_attentions=True)
+        hidden = fast(**inputs, output_hidden_states=True)
+        attentions = fast(**inputs, output_attentions=True)
+    assert hidden.hidden_states[-1].shape == (3, 7, config.hidden_size)
+    assert torch.allclose(hidden.hidden_states[-1], want.hidden_states[-1], atol=1e-6)
+    assert torch.allclose(attentions.attentions[-1], want.attentions[-1], atol=1e-6)
+
+
+def test_build_model_computes_the_last_layer_at_the_first_position_and_saves_a_plain_model(tmp_path, tiny_bert):
+    model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None}, ["a", "b"]).eval()
+    positions = []
+    model.bert.encoder.layer[-1].output.register_forward_hook(lambda m, args, out: positions.append(out.shape[1]))
+    inputs = padded_batch(model.config.vocab_size)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert positions == [1]
+    model.save_pretrained(tmp_path / "saved")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    assert "forward" not in vars(plain.bert.encoder.layer[-1])  # plain transformers: every position
+    with torch.no_grad():
+        assert torch.allclose(plain(**inputs).logits, logits, atol=1e-6)
 
 
 # -- gradient accumulation ------------------------------------------------------------------------
