@@ -273,7 +273,7 @@ def cls_only_layer_forward(layer, hidden_states, attention_mask=None, *args, **k
     if (wants_all or config._attn_implementation not in ("eager", "sdpa", CPU_DROPOUT_ATTENTION)
             or (attention_mask is not None and attention_mask.dim() != 4)):  # flash's 2-d masks: not here
         return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)
-    for unused in ("cache", "encoder_attention_mask"):  # encoder-only: None here, not the attention's
+    for unused in ("cache", "encoder_attention_mask"):  # the layer's arguments (None in an encoder)
         kwargs.pop(unused, None)
     batch = hidden_states.shape[0]
     first = hidden_states[:, :1]
@@ -281,8 +281,8 @@ def cls_only_layer_forward(layer, hidden_states, attention_mask=None, *args, **k
     def heads(x):  # (batch, positions, hidden) -> (batch, heads, positions, head size)
         return x.view(batch, x.shape[1], -1, attention.attention_head_size).transpose(1, 2)
 
-    query, key, value = heads(attention.query(first)), heads(attention.key(hidden_states)), heads(
-        attention.value(hidden_states))
+    query = heads(attention.query(first))  # one query a sequence: the first token's
+    key, value = heads(attention.key(hidden_states)), heads(attention.value(hidden_states))
     if attention_mask is not None:
         attention_mask = attention_mask[:, :, :1]  # the first query's row: which keys it may see
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
