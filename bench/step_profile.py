@@ -3,12 +3,14 @@
     python bench/step_profile.py                 # torch.profiler table over 15 steps, by self CPU time
     python bench/step_profile.py --ab dropout    # torch's dropout against model.use_cpu_dropout's
     python bench/step_profile.py --ab cls-only   # every position of the last layer against the first only
+    python bench/step_profile.py --ab compile    # the eager loop against torch.compile's
 
 Both build the job of bench.py (the MiniLM of `python prepare.py`, the tweets, batch 32, max length
 64) with trainer.py's own functions and run its Trainer.train_step after a few warm-up steps.
 --ab times each batch twice in one process, with and without one of the loop's speed-ups (for
 dropout: torch's nn.Dropout and sdpa attention against model.CPUDropout and its attention
-function; for cls-only: model.cls_only_last_layer), in alternating order, and reports the median of
+function; for cls-only: model.cls_only_last_layer; for compile: torch.compile, after its
+compilation on 3 warm-up batches), in alternating order, and reports the median of
 the per-batch speed-ups: the same batch on both sides, and the machine's noise of that moment on
 both alike.
 """
@@ -62,35 +64,49 @@ def profile_table(run, batches, count):
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
-def use_dropout(model, new):
-    """Switch model between torch's dropout (new=False) and use_cpu_dropout's (new=True) in place."""
+def use_dropout(run, new):
+    """Switch the model between torch's dropout (new=False) and use_cpu_dropout's (new=True) in place."""
+    model = run.hf_model
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.__class__ = CPUDropout if new else torch.nn.Dropout  # same p: only forward differs
     model.config._attn_implementation = CPU_DROPOUT_ATTENTION if new else "sdpa"
 
 
-def use_cls_only(model, new):
+def use_cls_only(run, new):
     """Switch the last layer between every position (new=False) and the first only (new=True)."""
     if new:
-        cls_only_last_layer(model)
+        cls_only_last_layer(run.hf_model)
     else:
-        vars(model.base_model.encoder.layer[-1]).pop("forward", None)  # back to the class's forward
+        vars(run.hf_model.base_model.encoder.layer[-1]).pop("forward", None)  # back to the class's forward
+
+
+def use_compile(run, new):
+    """Train through torch.compile(model, dynamic=True), as --trainer.compile does (new=True), or not."""
+    if not hasattr(run, "compiled"):
+        run.compiled = torch.compile(run.model, dynamic=True)
+    run.ddp_model = run.compiled if new else run.model
 
 
 # --ab choice: (switch, what the new side is)
-AB = {"dropout": (use_dropout, "model.use_cpu_dropout"), "cls-only": (use_cls_only, "model.cls_only_last_layer")}
+AB = {"dropout": (use_dropout, "model.use_cpu_dropout"), "cls-only": (use_cls_only, "model.cls_only_last_layer"),
+      "compile": (use_compile, "torch.compile")}
 
 
 def ab(run, batches, choice):
     """Median per-batch speed-up of the new side over the old, each batch trained by both."""
     switch, name = AB[choice]
+    switch(run, True)
+    start = time.perf_counter()
+    steps(run, batches[:3])  # the new side's warm-up too (for compile: the compilation)
+    print(f"first 3 steps with {name}: {time.perf_counter() - start:.1f} s")
+    batches = batches[3:]
     window = trainer.new_window(run.dist.device)
     speedups, totals = [], {False: 0.0, True: 0.0}
     for i, (rank_indices, global_size) in enumerate(batches):
         seconds = {}
         for new in (False, True) if i % 2 == 0 else (True, False):
-            switch(run.hf_model, new)
+            switch(run, new)
             start = time.perf_counter()
             run.train_step(rank_indices, global_size, window)
             seconds[new] = time.perf_counter() - start
@@ -109,11 +125,11 @@ def main():
     parser.add_argument("--batches", type=int, default=100, help="batches timed with --ab")
     args = parser.parse_args()
     run, batches = bench_trainer()
-    if len(batches) < 3 + (args.batches if args.ab else args.steps):
+    if len(batches) < 3 + (3 + args.batches if args.ab else args.steps):
         parser.error(f"the epoch has {len(batches)} batches: fewer batches or steps, please")
     steps(run, batches[:3])  # warm-up: allocations, thread pools
     if args.ab:
-        ab(run, batches[3:3 + args.batches], args.ab)
+        ab(run, batches[3:6 + args.batches], args.ab)
     else:
         profile_table(run, batches[3:], args.steps)
 
