@@ -255,7 +255,8 @@ def cls_only_last_layer(model):
     position 0 alone. For the 6-layer MiniLM that skips 14% of the encoder's matmul work in
     training and evaluation, with the same logits and gradients. A call that asks for
     output_hidden_states or output_attentions (distillation's hidden-state losses) gets the whole
-    layer. Weights and saved checkpoints are untouched.
+    layer. Calling the encoder on its own (model.bert(...)) also gets the first position only.
+    Weights and saved checkpoints are untouched.
     """
     for module in list(model.modules()):
         if type(module).__name__ in CLS_POOLED and not module.config.is_decoder:
