@@ -250,6 +250,8 @@ def test_build_model_computes_the_last_layer_at_the_first_position_and_saves_a_p
     with torch.no_grad():
         logits = model(**inputs).logits
     assert positions == [1]
+    copied = copy.deepcopy(model)  # its last layer's forward is bound to the copy's own layer
+    assert copied.bert.encoder.layer[-1].forward.__self__ is copied.bert.encoder.layer[-1]
     model.save_pretrained(tmp_path / "saved")
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
     assert "forward" not in vars(plain.bert.encoder.layer[-1])  # plain transformers: every position
