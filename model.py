@@ -96,12 +96,13 @@ def build_model(model_cfg, labels_list, **kwargs):
     checkpoint_dir = model_cfg["model_path"] if weights_file(model_cfg) is None else None
     if is_pretrained_dir(checkpoint_dir):
         check_labels(checkpoint_dir, labels_list)
-        return cls_only_last_layer(from_pretrained(checkpoint_dir, "model.model_path", **kwargs))
-    model = from_pretrained(model_cfg["hf_model"], "model.hf_model", **label_config(labels_list),
-                            **kwargs)
-    path = weights_file(model_cfg)
-    if path is not None:
-        load_weights(model, path)
+        model = from_pretrained(checkpoint_dir, "model.model_path", **kwargs)
+    else:
+        model = from_pretrained(model_cfg["hf_model"], "model.hf_model", **label_config(labels_list),
+                                **kwargs)
+        path = weights_file(model_cfg)
+        if path is not None:
+            load_weights(model, path)
     return cls_only_last_layer(model)
 
 
