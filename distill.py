@@ -47,7 +47,8 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from data import Encoded, encode, read_examples
 from model import (ModelError, build_model, cls_only_last_layer, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
-from trainer import ConfigError, Split, find_resume_checkpoint, fit, load_splits, log, seed_everything
+from config import ConfigError
+from trainer import Split, find_resume_checkpoint, fit, load_splits, log, seed_everything
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")

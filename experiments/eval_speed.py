@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import build_model, load_tokenizer  # noqa: E402
-from trainer import Dist, load_config, load_split, predict_logits  # noqa: E402
+from config import load_config  # noqa: E402
+from trainer import Dist, load_split, predict_logits  # noqa: E402
 
 
 def main():

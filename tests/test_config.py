@@ -2,7 +2,7 @@
 checks that stop a run with one line before anything starts."""
 import pytest
 
-from trainer import GOLDEN_CONFIG, ConfigError, check_config, load_config, read_yaml
+from config import GOLDEN_CONFIG, ConfigError, check_config, load_config, read_yaml
 
 
 def config_error(argv):

@@ -11,6 +11,7 @@ import torch
 from transformers import (AutoModelForSequenceClassification, DistilBertConfig,
                           DistilBertForSequenceClassification)
 
+import config
 import distill
 import trainer
 from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
@@ -25,7 +26,7 @@ def distill_cfg(**overrides):
     argv = []
     for key, value in overrides.items():
         argv += [f"--{key}", str(value)]
-    return trainer.load_config(argv)
+    return config.load_config(argv)
 
 
 def tiny_classifier(path, layers=4, hidden=32, kind="bert", seed=0):
@@ -80,7 +81,7 @@ def test_layer_list_by_encoder_key_and_clear_errors(tmp_path):
     teacher.bert.encoder.layer = torch.nn.ModuleList(list(teacher.bert.encoder.layer)[:1])
     with pytest.raises(ModelError, match="cannot find the encoder layer list.*model.encoder_key"):
         distill.find_layer_list(teacher, None)
-    with pytest.raises(trainer.ConfigError, match="the teacher has 2 layers"):
+    with pytest.raises(config.ConfigError, match="the teacher has 2 layers"):
         distill.depth_cut(tiny_classifier(tmp_path / "t2", layers=2), [0, 2], None, {})
 
 
@@ -94,15 +95,15 @@ def test_attention_dropout_is_off_in_the_student_but_kept_in_its_config(tmp_path
 
 
 def test_config_errors_are_one_clear_line():
-    with pytest.raises(trainer.ConfigError, match="one weight per loss type"):
+    with pytest.raises(config.ConfigError, match="one weight per loss type"):
         distill.check_distill_config(distill_cfg(**{"distill.student_layers": "[0]",
                                                     "distill.loss_weights": "[1.0]"}))
-    with pytest.raises(trainer.ConfigError, match="no student"):
+    with pytest.raises(config.ConfigError, match="no student"):
         distill.check_distill_config(distill_cfg())
-    with pytest.raises(trainer.ConfigError, match="at most once"):
+    with pytest.raises(config.ConfigError, match="at most once"):
         distill.check_distill_config(distill_cfg(**{"distill.student_layers": "[0]",
                                                     "distill.loss_types": "[logits, soft]"}))
-    with pytest.raises(trainer.ConfigError, match="increasing"):
+    with pytest.raises(config.ConfigError, match="increasing"):
         distill.check_distill_config(distill_cfg(**{"distill.student_layers": "[2, 1]"}))
 
 
@@ -167,9 +168,9 @@ def test_layer_maps_uniform_by_default_and_checked_when_given():
     assert distill.layer_map(None, 3, 6, "hidden_states") == [0, 2, 4, 6]
     assert distill.layer_map(None, 2, 6, "attentions") == [2, 5]
     assert distill.layer_map([0, 1, 3, 5], 3, 6, "hidden_states") == [0, 1, 3, 5]
-    with pytest.raises(trainer.ConfigError, match="distill.attention_map"):
+    with pytest.raises(config.ConfigError, match="distill.attention_map"):
         distill.layer_map([0, 1, 6], 3, 6, "attentions")  # attentions have no embedding slot
-    with pytest.raises(trainer.ConfigError, match="distill.hidden_state_map"):
+    with pytest.raises(config.ConfigError, match="distill.hidden_state_map"):
         distill.layer_map([0, 2, 4], 3, 6, "hidden_states")
 
 
@@ -319,7 +320,7 @@ def evaluate(tmp_path, model_dir, val, capsys):
 
 def untrained_accuracy(argv):
     """Validation accuracy of the student as distill.py builds it, before any training."""
-    cfg = trainer.load_config(argv)
+    cfg = config.load_config(argv)
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
     teacher = distill.build_teacher(cfg, eager=False, device=torch.device("cpu"))

@@ -21,7 +21,8 @@ from data import collate, train_batches
 import model as model_module
 from model import (CPU_DROPOUT_ATTENTION, CPUDropout, build_model, cls_only_last_layer, load_tokenizer,
                    sdpa_cpu_dropout_attention, use_cpu_dropout)
-from trainer import build_optimizer, load_config, load_split, lr_multiplier, seed_everything
+from config import load_config
+from trainer import build_optimizer, load_split, lr_multiplier, seed_everything
 
 
 @pytest.fixture(autouse=True, scope="module")

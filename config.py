@@ -1,0 +1,174 @@
+"""Configuration: the golden config.yaml, then the user's file, then --section.key value overrides.
+
+Usage:
+    cfg = load_config(sys.argv[1:])      # a dict of sections: cfg["trainer"]["epochs"], ...
+
+config.yaml beside this file is the one source of defaults and of the keys that exist: a key it does
+not have is an error, and every value must have the type of its default (TYPES lists the keys that
+also take null or another type). check_config then refuses values that are well typed but cannot
+work, so that a bad value stops the run before anything is loaded or written.
+"""
+import re
+from pathlib import Path
+
+import yaml
+
+GOLDEN_CONFIG = Path(__file__).resolve().with_name("config.yaml")
+
+
+class ConfigError(Exception):
+    """A bad config key or value, reported to the user as one line."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads 2e-5 as a float (YAML 1.1 only knows 2.0e-5)."""
+
+
+# only true / false are booleans (as in YAML 1.2): YAML 1.1 also reads yes / no / on / off as
+# booleans, which turned labels_list [no, yes] into [False, True] that no label in a file matches
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+.0123456789"))
+
+CHOICES = {
+    "data.file_format": ["csv", "tsv", "jsonl"],
+    "module.metric": ["acc", "acc_and_f1", "mcc", "pcc_and_scc"],
+    "trainer.backend": ["sp", "sp-amp", "ddp", "ddp-amp"],
+    "trainer.amp_dtype": ["auto", "bf16", "fp16"],
+    "trainer.device": ["auto", "cpu", "cuda"],
+}
+# keys that take null or several types; every other key takes the type of its golden value
+TYPES = {
+    "data.train_filepath": (str, None), "data.val_filepath": (str, None),
+    "data.predict_filepath": (str, None), "data.predict_output": (str, None),
+    "data.header": (int, None), "data.text_a_col": (str, int), "data.text_b_col": (str, int, None),
+    "data.label_col": (str, int),
+    "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
+    "model.model_path": (str, None), "model.model_file": (str, None),
+    "ckpt.keep_last": (int, None), "ckpt.resume": (str, None),
+    "distill.student_layers": (list, None), "distill.student_model": (str, None),
+    "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
+}
+
+
+def read_yaml(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = yaml.load(f, Loader=YamlLoader)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
+        raise ConfigError(f"{path}: expected sections (data:, model:, ...) holding key: value pairs")
+    return content
+
+
+def type_ok(value, types):
+    for t in types:
+        if t is None and value is None:
+            return True
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t not in (None, float, int) and isinstance(value, t):
+            return True
+    return False
+
+
+def set_key(cfg, key, value, source):
+    """Set section.key after checking the key exists and the value has the right type."""
+    section, _, name = key.partition(".")
+    if section not in cfg:
+        raise ConfigError(f"{source}: unknown section {section!r}; sections are {list(cfg)}")
+    if name not in cfg[section]:
+        raise ConfigError(f"{source}: unknown key {key!r}; keys of {section} are {list(cfg[section])}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{source}: {key} is {value!r}; choose one of {CHOICES[key]}")
+    golden = cfg[section][name]
+    types = TYPES.get(key, (type(golden),))
+    if not type_ok(value, types):
+        names = ", ".join("null" if t is None else t.__name__ for t in types)
+        raise ConfigError(f"{source}: {key} is {value!r}; expected {names}")
+    cfg[section][name] = value
+
+
+def parse_args(argv):
+    """(config path, [(key, value), ...]) from --config_path and --section.key value pairs."""
+    config_path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; options are --section.key value")
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if key == "config_path":
+            config_path = value
+            continue
+        try:
+            overrides.append((key, yaml.load(value, Loader=YamlLoader)))
+        except yaml.YAMLError:
+            raise ConfigError(f"--{key}: cannot read {value!r} as a YAML value") from None
+    return config_path, overrides
+
+
+def load_config(argv, golden_path=GOLDEN_CONFIG):
+    """The config of this run: golden defaults < the --config_path file < command-line overrides."""
+    config_path, overrides = parse_args(argv)
+    cfg = read_yaml(golden_path)
+    if config_path is not None and Path(config_path).resolve() != Path(golden_path).resolve():
+        for section, values in read_yaml(config_path).items():
+            for name, value in values.items():
+                set_key(cfg, f"{section}.{name}", value, config_path)
+    for key, value in overrides:
+        set_key(cfg, key, value, f"--{key}")
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Values that are well typed but cannot work, caught before anything runs."""
+    data, module = cfg["data"], cfg["module"]
+    positive = ["module.max_lr", "module.max_seq_len", "trainer.train_batch_size",
+                "trainer.val_batch_size", "trainer.gpu_batch_size_limit", "trainer.log_steps"]
+    for key in positive:
+        section, name = key.split(".")
+        if cfg[section][name] <= 0:
+            raise ConfigError(f"{key} is {cfg[section][name]}; it must be positive")
+    for key in ["trainer.epochs", "trainer.eval_steps", "trainer.num_threads", "module.weight_decay",
+                "trainer.max_grad_norm", "ckpt.period", "ckpt.save_steps"]:
+        section, name = key.split(".")
+        if cfg[section][name] < 0:
+            raise ConfigError(f"{key} is {cfg[section][name]}; it must not be negative")
+    if not 0 <= module["warmup_prop"] <= 1:
+        raise ConfigError(f"module.warmup_prop is {module['warmup_prop']}; it must be in [0, 1]")
+    labels = [str(label).strip() for label in data["labels_list"]]
+    if not labels or len(set(labels)) != len(labels):
+        raise ConfigError(f"data.labels_list {data['labels_list']} must be non-empty without duplicates")
+    if data["text_b_col"] is not None and data["text_b_col"] == data["text_a_col"]:
+        raise ConfigError("data.text_b_col equals data.text_a_col; set it to the second text column or null")
+    regression = len(labels) == 1
+    if regression != (module["metric"] == "pcc_and_scc"):
+        raise ConfigError(f"module.metric {module['metric']} does not fit "
+                          f"{'regression (one label)' if regression else 'classification'}; use "
+                          f"{'pcc_and_scc' if regression else 'acc, acc_and_f1 or mcc'}")
+    if data["train_filepath"] is None:
+        if cfg["model"]["model_path"] is None:
+            raise ConfigError("data.train_filepath is null (evaluate / predict only), so "
+                              "model.model_path must name the fine-tuned model")
+        if data["val_filepath"] is None and data["predict_filepath"] is None:
+            raise ConfigError("nothing to do: set data.train_filepath, data.val_filepath or "
+                              "data.predict_filepath")
+    keep = cfg["ckpt"]["keep_last"]
+    if keep is not None and keep < 1:
+        raise ConfigError(f"ckpt.keep_last is {keep}; it must be at least 1, or null to keep all")
