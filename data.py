@@ -7,9 +7,10 @@ Usage:
         batch = collate(encoded, rank_indices, tokenizer.pad_token_id)
 
 Files are csv, tsv or jsonl. `data.header` is the index of the header row (rows above it are
-skipped) or null, in which case columns are named by position (0, 1, ...). Every problem a file can
-have (undecodable bytes, missing column, unknown label, empty text, ragged row, empty file) raises
-DataError with one line naming the file and line, before any training starts.
+skipped) or null, in which case columns are named by position (0, 1, ...). A quoted field may hold
+newlines and any length of text. Every problem a file can have (undecodable bytes, missing column,
+unknown label, empty text, ragged row, empty file) raises DataError with one line naming the file
+and line, before any training starts.
 
 Batching is a pure function of (seed, epoch, rank, world_size), so every DDP rank computes the same
 global order and takes its own share of each global batch, and a resumed run finds its place again.
@@ -22,6 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+# long texts are legitimate: lift the csv module's 131,072-character field limit to the largest
+# value every platform takes (sys.maxsize overflows a 32-bit C long, as on Windows)
+csv.field_size_limit(2**31 - 1)
 
 
 class DataError(Exception):

@@ -135,6 +135,16 @@ def test_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
     assert examples.texts_a[0] == "good movie"
 
 
+# -- files that used to lose rows or crash (issue 12) -------------------------------------------
+
+
+def test_a_text_longer_than_the_csv_field_limit_reads_whole(tmp_path):
+    long_text = "good " * 40_000  # 200,000 characters; the csv module stops at 131,072 by default
+    rows = [{"text": long_text, "label": "positive"}, {"text": "bad", "label": "negative"}]
+    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), LABELS, True)
+    assert examples.texts_a == [long_text, "bad"]
+
+
 # -- token ids -----------------------------------------------------------------------------------
 
 
