@@ -8,9 +8,10 @@ Usage:
 
 Files are csv, tsv or jsonl. `data.header` is the index of the header row (rows above it are
 skipped) or null, in which case columns are named by position (0, 1, ...). A quoted field may hold
-newlines and any length of text. Every problem a file can have (undecodable bytes, missing column,
-unknown label, empty text, ragged row, empty file) raises DataError with one line naming the file
-and line, before any training starts.
+newlines and any length of text. Every problem a file can have (undecodable bytes, a quote never
+closed or one that swallows the rows below it, missing column, unknown label, empty text, ragged
+row, empty file) raises DataError with one line naming the file and line, before any training
+starts.
 
 Batching is a pure function of (seed, epoch, rank, world_size), so every DDP rank computes the same
 global order and takes its own share of each global batch, and a resumed run finds its place again.
@@ -28,6 +29,11 @@ import torch
 # long texts are legitimate: lift the csv module's 131,072-character field limit to the largest
 # value every platform takes (sys.maxsize overflows a 32-bit C long, as on Windows)
 csv.field_size_limit(2**31 - 1)
+
+# a quoted field may hold newlines, a long document thousands of them (200,000 characters at 50
+# a line is 4,000 lines); a field over this many lines is a quote left open that swallowed the rows
+# below it
+MAX_FIELD_LINES = 10_000
 
 
 class DataError(Exception):
@@ -83,11 +89,22 @@ def decode_file(path, encoding):
 
 def read_delimited(path, text, delimiter, header):
     """Rows of a csv/tsv file as (line number, dict) pairs, plus the column names."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records = []
-    for fields in reader:
-        if fields:  # blank lines carry no example
-            records.append((reader.line_num, fields))
+    # strict: a quote left open to the end, or text after a closing quote, is an error, not text
+    # read wrongly; a row is named by its first line, where such a quote opened
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    records, start = [], 1
+    try:
+        for fields in reader:
+            if reader.line_num - start >= MAX_FIELD_LINES:
+                raise DataError(f"{path}:{start}: a quoted field runs over more than "
+                                f"{MAX_FIELD_LINES} lines; close the quote it opens and write "
+                                f"quotes inside it twice (\"\")")
+            if fields:  # blank lines carry no example
+                records.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path}:{start}: a quoted field is not closed properly ({e}); close the "
+                        f"quote it opens and write quotes inside it twice (\"\")") from None
     if header is not None:
         if len(records) <= header:
             raise DataError(f"{path}: data.header is {header} but the file has only "

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import make_tokenizer, write_csv, write_jsonl
 
-from data import Encoded, collate, encode, eval_batches, micro_batches, read_examples, train_batches
+from data import (DataError, Encoded, collate, encode, eval_batches, micro_batches, read_examples,
+                  train_batches)
 
 LABELS = ["negative", "positive"]
 ROWS = [{"text": "good movie", "label": "positive"},
@@ -143,6 +144,54 @@ def test_a_text_longer_than_the_csv_field_limit_reads_whole(tmp_path):
     rows = [{"text": long_text, "label": "positive"}, {"text": "bad", "label": "negative"}]
     examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), LABELS, True)
     assert examples.texts_a == [long_text, "bad"]
+
+
+def swallowing_file(path, delimiter, quote_closed_at=None):
+    """label, text rows; row 11 opens a quote, closed on row quote_closed_at or never."""
+    lines = [f"label{delimiter}text"]
+    for i in range(1, 101 if quote_closed_at is None else quote_closed_at + 1):
+        text = f"row {i} was good"
+        if i == 11:
+            text = '"' + text
+        if i == quote_closed_at:
+            text += '"'
+        lines.append(f"positive{delimiter}{text}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("name, fmt, delimiter", [("a.tsv", "tsv", "\t"), ("a.csv", "csv", ",")])
+def test_a_quote_never_closed_is_an_error_naming_its_line(tmp_path, name, fmt, delimiter):
+    # before, 11 examples were read and the 11th held the text of the 89 rows below it
+    path = swallowing_file(tmp_path / name, delimiter)
+    with pytest.raises(DataError, match=rf"{name}:12: a quoted field is not closed properly"):
+        read_examples(path, data_cfg(file_format=fmt), LABELS, need_labels=True)
+
+
+def test_a_quote_that_swallows_ten_thousand_lines_is_an_error_naming_its_line(tmp_path):
+    # closed at last by a stray quote, the field reads as one text of 10,010 rows
+    path = swallowing_file(tmp_path / "a.tsv", "\t", quote_closed_at=10_020)
+    with pytest.raises(DataError, match=r"a\.tsv:12: a quoted field runs over more than 10000"):
+        read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+
+
+def test_a_quoted_field_over_lines_reads_whole_and_its_row_is_named_by_its_first_line(tmp_path):
+    rows = [{"text": "good\nvery\ngood", "label": "positive"},
+            {"text": 'he said "bad" twice', "label": "negative"}]  # mid-field quotes are text
+    path = write_csv(tmp_path / "a.tsv", rows, delimiter="\t")
+    examples = read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+    assert examples.texts_a == ["good\nvery\ngood", 'he said "bad" twice']
+    rows[0]["label"] = "neutral"
+    path = write_csv(tmp_path / "b.tsv", rows, delimiter="\t")
+    with pytest.raises(DataError, match=r"b\.tsv:2: label 'neutral'"):
+        read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+
+
+def test_text_after_a_closing_quote_is_an_error(tmp_path):
+    # the csv module would read '"bad" plot' as 'bad plot', dropping the quotes
+    (tmp_path / "a.tsv").write_text('text\tlabel\ngood\tpositive\n"bad" plot\tnegative\n')
+    with pytest.raises(DataError, match=r"a\.tsv:3: a quoted field is not closed properly"):
+        read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv"), LABELS, True)
 
 
 # -- token ids -----------------------------------------------------------------------------------
