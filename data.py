@@ -9,9 +9,9 @@ Usage:
 Files are csv, tsv or jsonl. `data.header` is the index of the header row (rows above it are
 skipped) or null, in which case columns are named by position (0, 1, ...). A quoted field may hold
 newlines and any length of text. Every problem a file can have (undecodable bytes, a quote never
-closed or one that swallows the rows below it, missing column, unknown label, empty text, ragged
-row, empty file) raises DataError with one line naming the file and line, before any training
-starts.
+closed or one that swallows the rows below it, missing column, unknown label, regression label not
+a finite number, empty text, ragged row, empty file) raises DataError with one line naming the file
+and line, before any training starts.
 
 Batching is a pure function of (seed, epoch, rank, world_size), so every DDP rank computes the same
 global order and takes its own share of each global batch, and a resumed run finds its place again.
@@ -168,9 +168,14 @@ def parse_label(path, line, value, label_ids):
     """Class id (classification) or float target (regression: label_ids is None)."""
     if label_ids is None:
         try:
-            return float(value)
+            target = float(value)
         except (TypeError, ValueError):
             raise DataError(f"{path}:{line}: regression label {value!r} is not a number") from None
+        # float() takes 'nan' and 'inf', and float32 overflows past 3.4e38: no loss can use either
+        if not abs(target) <= float(np.finfo(np.float32).max):
+            raise DataError(f"{path}:{line}: regression label {value!r} is not a finite number; "
+                            f"give the row a real target or drop it")
+        return target
     key = str(value).strip()
     if key not in label_ids:
         raise DataError(f"{path}:{line}: label {key!r} is not in data.labels_list "

@@ -194,6 +194,20 @@ def test_text_after_a_closing_quote_is_an_error(tmp_path):
         read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv"), LABELS, True)
 
 
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e39"])  # 1e39 is inf in float32
+def test_regression_label_not_finite_is_an_error_naming_its_line(tmp_path, value):
+    rows = [{"text": "good", "label": "4.5"}, {"text": "bad", "label": value}]
+    path = write_csv(tmp_path / "a.csv", rows)
+    with pytest.raises(DataError, match=rf"a\.csv:3: regression label '{value}' is not a finite"):
+        read_examples(path, data_cfg(), ["score"], need_labels=True)
+
+
+def test_regression_label_nan_in_jsonl_is_an_error(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "good", "label": NaN}\n')  # json.loads takes NaN
+    with pytest.raises(DataError, match=r"a\.jsonl:1: regression label nan is not a finite"):
+        read_examples(str(tmp_path / "a.jsonl"), data_cfg(file_format="jsonl"), ["score"], True)
+
+
 # -- token ids -----------------------------------------------------------------------------------
 
 
