@@ -8,10 +8,10 @@ Usage:
 
 Files are csv, tsv or jsonl. `data.header` is the index of the header row (rows above it are
 skipped) or null, in which case columns are named by position (0, 1, ...). A quoted field may hold
-newlines and any length of text. Every problem a file can have (undecodable bytes, a quote never
-closed or one that swallows the rows below it, missing column, unknown label, regression label not
-a finite number, empty text, ragged row, empty file) raises DataError with one line naming the file
-and line, before any training starts.
+newlines and any length of text. Every problem a file can have (undecodable bytes, a NUL byte, a
+quote never closed or one that swallows the rows below it, missing column, unknown label, regression
+label not a finite number, empty text, ragged row, empty file) raises DataError with one line naming
+the file and line, before any training starts.
 
 Batching is a pure function of (seed, epoch, rank, world_size), so every DDP rank computes the same
 global order and takes its own share of each global batch, and a resumed run finds its place again.
@@ -84,6 +84,10 @@ def decode_file(path, encoding):
                         f"to the file's encoding (for example --data.encoding latin-1)") from None
     except LookupError:
         raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
+    if "\0" in text:  # no text holds one: the file is binary, or UTF-16 read as another encoding
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise DataError(f"{path}:{line}: a NUL byte, which no text holds; set data.encoding to "
+                        f"the file's encoding (for example --data.encoding utf-16)")
     return text.removeprefix("\ufeff")  # a byte-order mark is not part of the first column name
 
 
@@ -124,7 +128,8 @@ def read_delimited(path, text, delimiter, header):
 
 def read_jsonl(path, text):
     rows, columns = [], {}
-    for line, raw in enumerate(text.splitlines(), start=1):
+    # lines end at \n, \r\n or \r only: splitlines() also cuts at U+2028, which JSON text may hold
+    for line, raw in enumerate(io.StringIO(text, newline=None), start=1):
         if not raw.strip():
             continue
         try:

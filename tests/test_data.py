@@ -208,6 +208,20 @@ def test_regression_label_nan_in_jsonl_is_an_error(tmp_path):
         read_examples(str(tmp_path / "a.jsonl"), data_cfg(file_format="jsonl"), ["score"], True)
 
 
+def test_a_nul_byte_is_an_error_naming_its_line(tmp_path):
+    (tmp_path / "a.csv").write_bytes(b"text,label\ngood,positive\nba\x00d,negative\n")
+    with pytest.raises(DataError, match=r"a\.csv:3: a NUL byte"):
+        read_examples(str(tmp_path / "a.csv"), data_cfg(), LABELS, need_labels=True)
+
+
+def test_jsonl_text_may_hold_a_line_separator(tmp_path):
+    # valid JSON may hold U+2028 unescaped (json.dumps with ensure_ascii=False writes it so)
+    (tmp_path / "a.jsonl").write_text('{"text": "good\u2028movie", "label": "positive"}\n'
+                                      '{"text": "bad", "label": "negative"}\n', encoding="utf-8")
+    examples = read_examples(str(tmp_path / "a.jsonl"), data_cfg(file_format="jsonl"), LABELS, True)
+    assert examples.texts_a == ["good\u2028movie", "bad"]
+
+
 # -- token ids -----------------------------------------------------------------------------------
 
 
