@@ -58,10 +58,20 @@ TYPES = {
 
 def read_yaml(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            content = yaml.load(f, Loader=YamlLoader)
+        raw = Path(path).read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; --config_path takes a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8; save the config file as UTF-8") from None
+    try:
+        content = yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
@@ -108,7 +118,9 @@ def parse_args(argv):
             raise ConfigError(f"unexpected argument {arg!r}; options are --section.key value")
         key, has_value, value = arg[2:].partition("=")
         if not has_value:
-            if i + 1 >= len(argv):
+            # "--a --b=1" left out a's value rather than setting a to "--b=1" (which would write a
+            # file of that name); -1 and -1e-3 are values. "--a=--b" still sets a to "--b"
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ConfigError(f"--{key} needs a value")
             value, i = argv[i + 1], i + 1
         i += 1

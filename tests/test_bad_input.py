@@ -19,6 +19,11 @@ def write_bytes(tmp_path, name, data):
     return str(path)
 
 
+def make_dir(tmp_path, name):
+    (tmp_path / name).mkdir()
+    return str(tmp_path / name)
+
+
 def save_tokenizer(tmp_path, max_length):
     tokenizer = make_tokenizer()
     tokenizer.model_max_length = max_length
@@ -103,6 +108,12 @@ CASES = [
                  ["text_b_col", "text_a_col"], id="text_b_col equals text_a_col"),
     pytest.param(lambda t: {"data.labels_list": "[score]"}, ["pcc_and_scc"], id="metric does not fit regression"),
     pytest.param(lambda t: {"data.train_filepath": "null"}, ["model.model_path"], id="evaluate without a model"),
+    pytest.param(lambda t: {"config_path": make_dir(t, "configs")}, ["configs", "is a directory"],
+                 id="config_path a directory"),
+    pytest.param(lambda t: {"config_path": write_bytes(t, "latin1.yaml", "seed: 3  # café\n".encode("latin-1"))},
+                 ["latin1.yaml:1:", "not valid UTF-8"], id="config file not utf-8"),
+    pytest.param(lambda t: {"data.predict_output": "--trainer.debug=true"},
+                 ["--data.predict_output needs a value"], id="option in place of a value"),
     pytest.param(lambda t: {"module.max_seq_len": 32, "model.tokenizer_path": save_tokenizer(t, max_length=16)},
                  ["module.max_seq_len is 32", "at most 16"], id="max_seq_len beyond the model"),
     pytest.param(lambda t: {"trainer.train_batch_size": 15}, ["does not divide"],

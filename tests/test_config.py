@@ -2,7 +2,7 @@
 checks that stop a run with one line before anything starts."""
 import pytest
 
-from config import GOLDEN_CONFIG, ConfigError, check_config, load_config, read_yaml
+from config import GOLDEN_CONFIG, ConfigError, check_config, load_config, parse_args, read_yaml
 
 
 def config_error(argv):
@@ -98,6 +98,18 @@ def test_missing_config_file_is_named(tmp_path):
     assert "nope.yaml" in message and "not found" in message
 
 
+def test_config_path_that_is_a_directory_is_named(tmp_path):
+    message = config_error(["--config_path", str(tmp_path)])
+    assert str(tmp_path) in message and "is a directory" in message
+
+
+def test_config_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("trainer:\n  seed: 3  # café\n".encode("latin-1"))
+    message = config_error(["--config_path", str(path)])
+    assert "latin1.yaml:2:" in message and "UTF-8" in message
+
+
 def test_config_file_without_sections_is_refused(tmp_path):
     path = write_config(tmp_path, "max_lr: 2e-5\n")
     assert "sections" in config_error(["--config_path", path])
@@ -153,6 +165,23 @@ def test_bad_choice_lists_the_choices(key, value, choices):
 def test_argument_without_dashes_or_value_is_an_error():
     assert "unexpected argument" in config_error(["trainer.epochs", "3"])
     assert "needs a value" in config_error(["--trainer.epochs"])
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["--data.predict_output", "--trainer.debug=true"], "--data.predict_output"),
+    (["--trainer.epochs", "--trainer.seed", "3"], "--trainer.epochs"),
+    (["--config_path", "--trainer.epochs=2"], "--config_path"),
+])
+def test_option_in_place_of_a_value_is_a_missing_value(argv, key):
+    # the value was left out: taking the next option as the value wrote a file named "--trainer.debug=true"
+    assert config_error(argv) == f"{key} needs a value"
+
+
+def test_negative_numbers_and_equals_form_are_values():
+    _, overrides = parse_args(["--module.weight_decay", "-1e-3", "--trainer.seed", "-1",
+                               "--data.predict_output=--odd-name.csv"])
+    assert overrides == [("module.weight_decay", -1e-3), ("trainer.seed", -1),
+                         ("data.predict_output", "--odd-name.csv")]
 
 
 # -- check_config: well-typed values that cannot work ------------------------------------------
