@@ -8,6 +8,7 @@ not have is an error, and every value must have the type of its default (TYPES l
 also take null or another type). check_config then refuses values that are well typed but cannot
 work, so that a bad value stops the run before anything is loaded or written.
 """
+import math
 import re
 from pathlib import Path
 
@@ -150,18 +151,28 @@ def load_config(argv, golden_path=GOLDEN_CONFIG):
 
 def check_config(cfg):
     """Values that are well typed but cannot work, caught before anything runs."""
-    data, module = cfg["data"], cfg["module"]
-    positive = ["module.max_lr", "module.max_seq_len", "trainer.train_batch_size",
+    for section, values in cfg.items():
+        for name, value in values.items():
+            check_finite(f"{section}.{name}", value)
+    data, module, tcfg = cfg["data"], cfg["module"], cfg["trainer"]
+    positive = ["module.max_lr", "module.max_seq_len", "trainer.epochs", "trainer.train_batch_size",
                 "trainer.val_batch_size", "trainer.gpu_batch_size_limit", "trainer.log_steps"]
     for key in positive:
         section, name = key.split(".")
         if cfg[section][name] <= 0:
             raise ConfigError(f"{key} is {cfg[section][name]}; it must be positive")
-    for key in ["trainer.epochs", "trainer.eval_steps", "trainer.num_threads", "module.weight_decay",
+    for key in ["trainer.eval_steps", "trainer.num_threads", "module.weight_decay",
                 "trainer.max_grad_norm", "ckpt.period", "ckpt.save_steps"]:
         section, name = key.split(".")
         if cfg[section][name] < 0:
             raise ConfigError(f"{key} is {cfg[section][name]}; it must not be negative")
+    if tcfg["clip_grads"] and tcfg["max_grad_norm"] <= 0:
+        # clipping to norm 0 scales every gradient to zero: the model would never change
+        raise ConfigError(f"trainer.max_grad_norm is {tcfg['max_grad_norm']} with trainer.clip_grads "
+                          f"true; set a positive norm, or clip_grads false")
+    # numpy seeds are unsigned 32-bit integers
+    if not 0 <= tcfg["seed"] <= 2**32 - 1:
+        raise ConfigError(f"trainer.seed is {tcfg['seed']}; it must be in [0, 2**32 - 1]")
     if not 0 <= module["warmup_prop"] <= 1:
         raise ConfigError(f"module.warmup_prop is {module['warmup_prop']}; it must be in [0, 1]")
     labels = [str(label).strip() for label in data["labels_list"]]
@@ -184,3 +195,16 @@ def check_config(cfg):
     keep = cfg["ckpt"]["keep_last"]
     if keep is not None and keep < 1:
         raise ConfigError(f"ckpt.keep_last is {keep}; it must be at least 1, or null to keep all")
+
+
+def check_finite(key, value):
+    """NaN compares false with everything, so it would pass every range check; inf is no better."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} is {value}; it must be a finite number")
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_finite(f"{key}[{i}]", item)
+    if isinstance(value, dict):
+        for name, item in value.items():
+            check_finite(f"{key}.{name}", item)
+

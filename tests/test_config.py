@@ -206,6 +206,22 @@ def test_negative_numbers_and_equals_form_are_values():
     (["--data.train_filepath", "null", "--data.val_filepath", "null", "--model.model_path", "m"],
      "nothing to do"),
     (["--ckpt.keep_last", "0"], "ckpt.keep_last"),
+    # NaN passes every comparison, so no range check stops it; every float key is checked
+    (["--module.max_lr", ".nan"], "module.max_lr is nan; it must be a finite number"),
+    (["--module.max_lr", ".inf"], "module.max_lr is inf"),
+    (["--module.weight_decay", "-.inf"], "module.weight_decay is -inf; it must be a finite number"),
+    (["--module.warmup_prop", ".NaN"], "module.warmup_prop is nan; it must be a finite number"),
+    (["--trainer.max_grad_norm", ".inf"], "trainer.max_grad_norm is inf"),
+    (["--distill.temperature", ".nan"], "distill.temperature is nan"),
+    (["--distill.loss_weights", "[0.5, .nan]"], "distill.loss_weights[1] is nan"),
+    (["--distill.student_config", "{hidden_dropout_prob: .inf}"],
+     "distill.student_config.hidden_dropout_prob is inf"),
+    # numpy refuses seeds outside unsigned 32 bits, long after the run started
+    (["--trainer.seed", "-1"], "trainer.seed is -1; it must be in [0, 2**32 - 1]"),
+    (["--trainer.seed", str(2**32)], "trainer.seed is 4294967296"),
+    (["--trainer.epochs", "0"], "trainer.epochs is 0; it must be positive"),
+    (["--trainer.max_grad_norm", "0"], "trainer.max_grad_norm is 0 with trainer.clip_grads true"),
+    (["--trainer.max_grad_norm", "0.0"], "trainer.max_grad_norm is 0.0 with trainer.clip_grads true"),
 ])
 def test_check_config_refuses_values_that_cannot_work(argv, fragment):
     assert fragment in config_error(argv)
@@ -214,6 +230,10 @@ def test_check_config_refuses_values_that_cannot_work(argv, fragment):
 def test_check_config_accepts_the_edges_of_valid_ranges():
     for warmup in ("0", "1", "0.0", "1.0"):
         load_config(["--module.warmup_prop", warmup])
+    for seed in ("0", str(2**32 - 1)):
+        load_config(["--trainer.seed", seed])
+    load_config(["--trainer.epochs", "1"])
+    load_config(["--trainer.clip_grads", "false", "--trainer.max_grad_norm", "0"])
     cfg = load_config(["--data.labels_list", "[score]", "--module.metric", "pcc_and_scc"])
     check_config(cfg)
     load_config(["--data.train_filepath", "null", "--model.model_path", "some/checkpoint"])
