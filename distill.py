@@ -48,7 +48,7 @@ from data import Encoded, encode, read_examples
 from model import (ModelError, build_model, cls_only_last_layer, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
 from config import ConfigError
-from trainer import Split, find_resume_checkpoint, fit, load_splits, log, seed_everything
+from trainer import Split, fit, load_splits, log, seed_everything
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -384,7 +384,6 @@ def run(cfg, dist_ctx):
     tokenizer = load_tokenizer(cfg["model"])
     train, val, _ = load_splits(cfg, tokenizer)
     train = add_unlabeled(cfg, tokenizer, train)
-    resume = find_resume_checkpoint(cfg["ckpt"])
     want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
     teacher = build_teacher(cfg, eager=want_attn, device=dist_ctx.device)
     student = build_student(cfg, teacher, tokenizer)
@@ -398,7 +397,7 @@ def run(cfg, dist_ctx):
                   + (f", attention map {loss_fn.attention_map}" if want_attn else "")
                   + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
     seed_everything(cfg["trainer"]["seed"] + dist_ctx.rank)  # dropout differs by rank, weights do not
-    _, result = fit(cfg, dist_ctx, module, tokenizer, train, val, resume, loss_fn=loss_fn)
+    _, result = fit(cfg, dist_ctx, module, tokenizer, train, val, loss_fn=loss_fn)
     return result
 
 

@@ -23,12 +23,12 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import shutil
 import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from checkpoint import (LINKS, CheckpointError, SaveDirLock, check_writable_dir, checkpoint_name, file_digest,
+                        foreign_lookalikes, load_checkpoint, move_aside, new_session, our_checkpoints, our_link,
+                        point_link, prune, read_manifest, recover, restore_aside, write_checkpoint)
 from config import GOLDEN_CONFIG, ConfigError, load_config
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
 from metrics import compute_metrics, format_report
@@ -134,20 +137,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # seeds every CUDA device too
 
 
-def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+def rng_state(device):
+    """This process's random generators as tensors and numbers, so a checkpoint stays plain data."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss": gauss},
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":  # this rank's own GPU only: the machine that resumes may have fewer
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def set_rng_state(state, device):
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+    np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
+                         nps["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +257,7 @@ def write_predictions(path, examples, logits, names):
     """The input columns, the predicted label and every class probability, in input order."""
     extra = ["prediction"] if names is None else ["predicted_label"] + [f"prob_{n}" for n in names]
     probs = None if names is None else softmax(logits)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow([str(c) for c in examples.columns] + extra)
         for i, row in enumerate(examples.rows):
@@ -257,7 +267,21 @@ def write_predictions(path, examples, logits, names):
             else:
                 values += [names[int(probs[i].argmax())]] + [f"{p:.6f}" for p in probs[i]]
             writer.writerow(values)
-    os.replace(tmp, path)  # never leave a half-written predictions file
+
+
+@contextmanager
+def atomic_write(path, newline=None):
+    """A text file open for writing under a temporary name of its own beside path, renamed onto
+    path only once complete: a kill or a full disk never leaves half a file there."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def autocast(dist_ctx, amp_dtype):
@@ -271,32 +295,77 @@ def scalar_metrics(metrics):
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
+# the main process's work, shared
 
 
-def checkpoint_dirs(save_dir, prefix):
-    """Complete checkpoints in save_dir, oldest first (by step)."""
-    pattern = re.compile(rf"^{re.escape(prefix)}-epoch(\d+)-step(\d+)$")
-    found = []
-    for path in Path(save_dir).glob(f"{prefix}-epoch*-step*"):
-        match = pattern.match(path.name)
-        if match and path.is_dir() and any(path.glob(f"{TRAINING_STATE}*")):
-            found.append((int(match.group(2)), path))
-    return [path for _, path in sorted(found)]
+class TrainingError(Exception):
+    """The run cannot go on (for example a non-finite loss); reported as one line."""
 
 
-def point_link(save_dir, name, target):
-    """Atomically make save_dir/name a relative link to the checkpoint folder target."""
-    tmp = Path(save_dir) / f".{name}.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(Path(target).name, target_is_directory=True)
-    os.replace(tmp, Path(save_dir) / name)
+def on_main(dist_ctx, fn, *args):
+    """fn(*args) on the main process only, its result handed to every rank.
+
+    If it fails, every rank raises too: no rank is left waiting in a collective for a process that
+    has given up (on NCCL such a wait only ends at the watchdog timeout).
+    """
+    result, error = None, None
+    if dist_ctx.is_main:
+        try:
+            result = fn(*args)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
+            error = e
+    if dist_ctx.ddp:
+        shared = [("error", str(error)) if error is not None else ("ok", result)]
+        dist.broadcast_object_list(shared, src=0)
+        kind, result = shared[0]
+        if kind == "error" and error is None:
+            raise TrainingError(f"the main process (rank 0) failed: {result}")
+    if error is not None:
+        raise error
+    return result
 
 
 def new_window(device):
     """Running sums of one logging interval: summed loss, examples, loss terms, its start time."""
     return {"loss": torch.zeros((), device=device), "examples": 0, "terms": {}, "start": time.perf_counter()}
+
+
+# keys a resumed run may change: they steer logging, checkpoint cadence, threads, debugging or the
+# predictions written at the end, never the arithmetic of training
+RESUME_MAY_CHANGE = {"trainer.log_steps", "trainer.log_dir", "trainer.num_threads", "trainer.debug",
+                     "ckpt.checkpoint", "ckpt.period", "ckpt.save_steps", "ckpt.keep_last",
+                     "ckpt.resume", "ckpt.overwrite", "data.predict_filepath", "data.predict_output"}
+# data files are compared by content (a moved file is the same data; an edited one is not)
+DATA_FILE_KEYS = ("data.train_filepath", "data.val_filepath", "distill.unlabeled_filepaths")
+
+
+def data_digests(cfg):
+    """{key: content hash} of every data file that training reads."""
+    digests = {}
+    for key in DATA_FILE_KEYS:
+        section, name = key.split(".")
+        paths = cfg[section][name]
+        paths = paths if isinstance(paths, list) else [paths]
+        digests[key] = [file_digest(p) if p is not None else None for p in paths]
+    return digests
+
+
+def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
+    """'key old -> new' for every difference between a checkpoint's run and this one that would
+    make the resumed run silently different from continuing the original."""
+    conflicts = []
+    for section, values in cfg.items():
+        for name, value in values.items():
+            key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name)
+            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or old == value:
+                continue
+            if key == "trainer.epochs" and value > old:
+                continue  # documented: a finished run can be extended
+            conflicts.append(f"{key} {old!r} -> {value!r}" + (" (may only grow)" if key == "trainer.epochs" else ""))
+    for key in DATA_FILE_KEYS:
+        if saved_digests.get(key) != digests[key]:
+            conflicts.append(f"{key}: the file's content differs from the one the checkpoint trained on")
+    return conflicts
 
 
 class Trainer:
@@ -325,8 +394,11 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.skipped_steps = 0
-        self.stop_signal, self.stopping = None, False
+        self.window = new_window(dist_ctx.device)
+        self.signals, self.stop_signal, self.stopping = 0, None, False
         self.run_dir = None
+        # the save folder: its lock, this launch's id, checkpoints moved aside by this launch
+        self.lock, self.session, self.aside, self.digests = None, new_session(), None, None
         if dist_ctx.ddp:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[dist_ctx.device] if dist_ctx.device.type == "cuda" else None)
@@ -356,11 +428,16 @@ class Trainer:
         """The Hugging Face model inside (what checkpoints and evaluation use)."""
         return getattr(self.model, "student", self.model)
 
+    @property
+    def epoch_number(self):
+        """The epoch (from 1) that the last step belongs to: what logs and checkpoint names say."""
+        return self.epoch + (self.batch_in_epoch > 0)
+
     # -- the loop ------------------------------------------------------------------------------
 
     def train(self):
         tcfg = self.cfg["trainer"]
-        self.open_logs()
+        self.run_dir = on_main(self.dist, self.open_logs)
         log(self.dist, f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
                        f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
                        f"{self.dist.world_size} processes x {self.grad_accum_steps} micro-batches "
@@ -385,14 +462,13 @@ class Trainer:
     def train_epoch(self, progress):
         tcfg, ckpt = self.cfg["trainer"], self.cfg["ckpt"]
         batches = self.epoch_batches(self.epoch)
-        window = new_window(self.dist.device)
         for rank_indices, global_size in batches[self.batch_in_epoch:]:
-            self.train_step(rank_indices, global_size, window)
+            self.train_step(rank_indices, global_size)
             self.step += 1
             self.batch_in_epoch += 1
             progress.update(1)
             if self.step % tcfg["log_steps"] == 0:
-                self.log_train(window, progress)
+                self.log_train(progress)
             if tcfg["eval_steps"] and self.step % tcfg["eval_steps"] == 0 and self.batch_in_epoch < len(batches):
                 self.validate()
             if ckpt["save_steps"] and self.step % ckpt["save_steps"] == 0:
@@ -405,9 +481,9 @@ class Trainer:
         if ckpt["checkpoint"] and ckpt["period"] and self.epoch % ckpt["period"] == 0:
             self.save_checkpoint()  # nothing new is written if validation just saved this step
 
-    def train_step(self, rank_indices, global_size, window):
+    def train_step(self, rank_indices, global_size):
         """One optimizer step over a global batch: accumulate micro-batches, clip, step."""
-        tcfg = self.cfg["trainer"]
+        tcfg, window = self.cfg["trainer"], self.window
         micro = micro_batches(rank_indices, tcfg["gpu_batch_size_limit"])
         # each rank's summed loss is scaled so that DDP's mean over ranks is the mean over the
         # global batch: this weighs every example equally, also in a short last step
@@ -442,8 +518,9 @@ class Trainer:
         window["loss"] += step_loss
         window["examples"] += len(rank_indices)  # summed over ranks at log time
 
-    def log_train(self, window, progress):
+    def log_train(self, progress):
         """Mean loss over the window's examples (and ranks), learning rate, throughput."""
+        window = self.window
         stats = torch.stack([window["loss"], torch.tensor(float(window["examples"]), device=self.dist.device)]
                             + [v.float() for v in window["terms"].values()])
         if self.dist.ddp:
@@ -459,7 +536,7 @@ class Trainer:
         self.write_scalars(scalars)
         progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
                              ex_s=f"{scalars['train/examples_per_s']:.1f}")
-        window.update(new_window(self.dist.device))
+        self.window = new_window(self.dist.device)
 
     def validate(self):
         """Metrics on the validation file; saves and marks the best checkpoint. None without one."""
@@ -471,13 +548,16 @@ class Trainer:
         metrics = compute_metrics(logits_to_predictions(logits, names), self.val_split.encoded.labels, names)
         metric = self.cfg["module"]["metric"]
         self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
-        log(self.dist, f"validation at step {self.step} (epoch {self.epoch}): "
+        log(self.dist, f"validation at step {self.step} (epoch {self.epoch_number}): "
                        + "  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
         if self.best is None or metrics[metric] > self.best["value"]:
-            path = self.save_checkpoint(reason="best") if self.cfg["ckpt"]["checkpoint"] else None
-            self.best = {"value": metrics[metric], "metrics": metrics, "path": path, "step": self.step}
-            if path is not None and self.dist.is_main:
-                point_link(self.cfg["ckpt"]["model_state_save_dir"], "best", path)
+            # the new best is recorded before the save, so the checkpoint's state holds it
+            ckpt = self.cfg["ckpt"]
+            path = (Path(ckpt["model_state_save_dir"]) / self.checkpoint_name()) if ckpt["checkpoint"] else None
+            self.best = {"value": metrics[metric], "metrics": metrics, "step": self.step,
+                         "path": None if path is None else str(path)}
+            if path is not None:
+                self.save_checkpoint(reason="best")
         return metrics
 
     def finish(self):
@@ -487,14 +567,16 @@ class Trainer:
         if self.best["path"] is not None and self.best["step"] != self.step:
             load_weights(self.hf_model, str(Path(self.best["path"]) / "model.safetensors"))
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
-                  "best_checkpoint": str(self.best["path"]) if self.best["path"] else None}
-        if self.dist.is_main:
-            write_json(Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
+                  "best_checkpoint": self.best["path"]}
+        on_main(self.dist, write_json, Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
         return result
 
     # -- stopping ------------------------------------------------------------------------------
 
     def request_stop(self, signum, frame):
+        self.signals += 1
+        if self.signals > 1:  # a second Ctrl-C: the user does not want to wait for the checkpoint
+            raise KeyboardInterrupt
         self.stop_signal = signal.Signals(signum).name
 
     def agree_to_stop(self, step_loss):
@@ -517,83 +599,157 @@ class Trainer:
                                 f"or check the data. Last good checkpoint: "
                                 f"{last.resolve() if last.exists() else 'none'}")
 
-    # -- logs and checkpoints ------------------------------------------------------------------
+    # -- logs ----------------------------------------------------------------------------------
 
     def open_logs(self):
         """A new log folder per run (a resumed run continues its own), never deleting others."""
-        if not self.dist.is_main:
-            return
         from torch.utils.tensorboard import SummaryWriter
         if self.run_dir is None:
             self.run_dir = new_run_dir(self.cfg["trainer"]["log_dir"], "train")
-        # purge_step drops events a killed run logged after the checkpoint it is resumed from
-        self.writer = SummaryWriter(self.run_dir, purge_step=self.step or None)
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        # a resumed run redoes the steps after its checkpoint: drop what the killed run logged there
+        self.writer = SummaryWriter(self.run_dir, purge_step=self.step + 1 if self.step else None)
         self.jsonl = Path(self.run_dir) / "metrics.jsonl"
         truncate_jsonl(self.jsonl, self.step)
         write_json(Path(self.run_dir) / "config.json", self.cfg)
         log(self.dist, f"logs: {self.run_dir}")
+        return self.run_dir
 
     def write_scalars(self, scalars):
-        if not self.dist.is_main:
-            return
+        on_main(self.dist, self.append_scalars, scalars)
+
+    def append_scalars(self, scalars):
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, self.step)
         self.writer.flush()
         with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": self.step, "epoch": self.epoch, **scalars}) + "\n")
+            f.write(json.dumps({"step": self.step, "epoch": self.epoch_number, **scalars}) + "\n")
 
-    def training_state(self):
-        """Everything besides the weights that an exact resume needs, RNG of every rank included."""
-        rng = [rng_state()]
-        if self.dist.ddp:
-            rng = [None] * self.dist.world_size
-            dist.all_gather_object(rng, rng_state())
-        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": rng, "best": self.best,
-                 "skipped_steps": self.skipped_steps, "run_dir": self.run_dir,
-                 "world_size": self.dist.world_size, "config": self.cfg}
-        if self.model is not self.hf_model:  # e.g. distillation projections beside the student
-            state["module"] = self.model.state_dict()
-        return state
+    # -- the save folder, checkpoints and resume -----------------------------------------------
 
-    def save_checkpoint(self, reason="period"):
-        """Write a checkpoint folder atomically (temporary name, then rename); rank 0 writes."""
+    def prepare_save_dir(self):
+        """Main process, before step 1: check the output folders, lock the save folder, repair what a
+        killed run left, choose the checkpoint to resume from. Returns its path or None."""
         ckpt = self.cfg["ckpt"]
-        save_dir = Path(ckpt["model_state_save_dir"])
-        path = save_dir / f"{ckpt['file_prefix']}-epoch{self.epoch + (self.batch_in_epoch > 0)}-step{self.step}"
-        state = self.training_state()  # a collective under DDP: every rank calls it
-        if self.dist.is_main and not path.exists():
-            tmp = save_dir / f".tmp-{path.name}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_pretrained(self.hf_model, self.tokenizer, tmp)
-            torch.save(state, tmp / f"{TRAINING_STATE}{ckpt['file_ext']}")
-            os.replace(tmp, path)
-            point_link(save_dir, "last", path)
-            self.prune_checkpoints(keep_also=path if reason == "best" else None)
-            log(self.dist, f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
-        if self.dist.ddp:
-            dist.barrier()  # nobody reads or resumes from a checkpoint before it is complete
+        save_dir, prefix = Path(ckpt["model_state_save_dir"]), ckpt["file_prefix"]
+        check_writable_dir(self.cfg["trainer"]["log_dir"], "trainer.log_dir")
+        check_writable_dir(save_dir, "ckpt.model_state_save_dir")
+        self.lock = SaveDirLock(save_dir)
+        for message in recover(save_dir, prefix):
+            log(self.dist, f"note: {message}")
+        for name in LINKS:
+            if not our_link(save_dir, name, prefix):
+                raise CheckpointError(f"{save_dir / name} was not made by this trainer, which keeps its "
+                                      f"`{name}` link there; move it away or choose another "
+                                      f"ckpt.model_state_save_dir")
+        foreign = foreign_lookalikes(save_dir, prefix)
+        if foreign:
+            log(self.dist, f"note: ignoring {', '.join(foreign)} in {save_dir}: not written by this trainer")
+        self.digests = data_digests(self.cfg)
+        resume = self.choose_resume(our_checkpoints(save_dir, prefix))
+        return None if resume is None else str(resume)
+
+    def choose_resume(self, ours):
+        """The checkpoint to resume from (None: a fresh run), after the overwrite and resume rules."""
+        ckpt = self.cfg["ckpt"]
+        if ckpt["resume"] is None:
+            if ours and not ckpt["overwrite"]:
+                raise ConfigError(f"{ckpt['model_state_save_dir']} already holds checkpoints "
+                                  f"({ours[-1][1].name}); resume with --ckpt.resume auto, choose another "
+                                  f"--ckpt.model_state_save_dir, or pass --ckpt.overwrite true to replace them")
+            self.move_aside([path for _, path, _ in ours], "replaced by this run")
+            return None
+        if ckpt["resume"] == "auto":
+            chosen = None
+            for _, path, _ in reversed(ours):
+                try:
+                    chosen = (path, load_checkpoint(path, ckpt["file_ext"])[1])
+                    break
+                except CheckpointError as e:
+                    log(self.dist, f"note: skipping {path.name}: {e}")
+            if chosen is None:
+                return None
+        else:
+            path = Path(ckpt["resume"])
+            chosen = (path, load_checkpoint(path, ckpt["file_ext"])[1])
+        path, manifest = chosen
+        self.check_compatible(path, manifest)
+        newer = [p for step, p, _ in ours if step > manifest["step"] and p.resolve() != path.resolve()]
+        if newer and ckpt["resume"] != "auto" and not ckpt["overwrite"]:
+            raise ConfigError(f"{ckpt['model_state_save_dir']} holds checkpoints newer than {path.name} "
+                              f"({', '.join(p.name for p in newer)}); resume the newest (--ckpt.resume auto), "
+                              f"or pass --ckpt.overwrite true to replace them with this run's")
+        self.move_aside(newer, "newer than the one resumed")  # with auto: the ones that did not load
         return path
 
-    def prune_checkpoints(self, keep_also=None):
-        keep_last = self.cfg["ckpt"]["keep_last"]
-        if keep_last is None:
-            return
-        save_dir = self.cfg["ckpt"]["model_state_save_dir"]
-        best = Path(save_dir) / "best"
-        protected = {p.resolve() for p in (best, keep_also) if p is not None and Path(p).exists()}
-        for path in checkpoint_dirs(save_dir, self.cfg["ckpt"]["file_prefix"])[:-keep_last]:
-            if path.resolve() not in protected:
-                shutil.rmtree(path)
+    def check_compatible(self, path, manifest):
+        """Refuse to resume with a config or data that would make the run silently different."""
+        if manifest["world_size"] != self.dist.world_size:
+            raise ConfigError(f"{path} was written by {manifest['world_size']} processes; resume it "
+                              f"with the same number (this run has {self.dist.world_size})")
+        conflicts = resume_conflicts(manifest["config"], manifest["data"], self.cfg, self.digests)
+        if conflicts:
+            raise ConfigError(f"cannot resume {path}: {'; '.join(conflicts)}. Resume with the checkpoint's "
+                              f"settings, or start a new run from its weights with --model.model_path {path}")
+
+    def move_aside(self, paths, why):
+        if paths:
+            self.aside = move_aside(self.cfg["ckpt"]["model_state_save_dir"], paths, self.session)
+            log(self.dist, f"note: moved {len(paths)} checkpoints {why} to {self.aside}; they are deleted "
+                           f"once this run has written a checkpoint, and put back if it fails first")
+
+    def checkpoint_name(self):
+        return checkpoint_name(self.cfg["ckpt"]["file_prefix"], self.epoch_number, self.step)
+
+    def rank_state(self):
+        """This rank's part of the training state: its RNG and its logging window."""
+        w = self.window
+        window = {"loss": w["loss"].cpu(), "examples": w["examples"],
+                  "terms": {k: v.cpu() for k, v in w["terms"].items()}}
+        return {"rng": rng_state(self.dist.device), "window": window}
+
+    def save_checkpoint(self, reason="period"):
+        """Write a checkpoint of every rank's state; the main process writes it."""
+        per_rank = [self.rank_state()]
+        if self.dist.ddp:  # a collective: every rank calls save_checkpoint at the same step
+            per_rank = [None] * self.dist.world_size
+            dist.all_gather_object(per_rank, self.rank_state())
+        return Path(on_main(self.dist, self.write_checkpoint, per_rank, reason))
+
+    def write_checkpoint(self, per_rank, reason):
+        ckpt = self.cfg["ckpt"]
+        save_dir, name = Path(ckpt["model_state_save_dir"]), self.checkpoint_name()
+        existing = read_manifest(save_dir / name)
+        if existing is not None and existing.get("session") == self.session:
+            path = save_dir / name  # this launch already saved this step (validation did)
+        else:
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "ranks": per_rank}
+            if self.model is not self.hf_model:  # e.g. distillation projections beside the student
+                state["module"] = self.model.state_dict()
+
+            def write_files(folder):
+                save_pretrained(self.hf_model, self.tokenizer, folder)
+                torch.save(state, folder / f"training_state{ckpt['file_ext']}")
+            manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                        "best": self.best, "skipped_steps": self.skipped_steps, "run_dir": self.run_dir,
+                        "world_size": self.dist.world_size, "config": self.cfg, "data": self.digests}
+            path = write_checkpoint(save_dir, name, self.session, write_files, manifest)
+            log(self.dist, f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
+        point_link(save_dir, "last", path)
+        if reason == "best":
+            point_link(save_dir, "best", path)
+        if self.aside is not None:  # this run now has a checkpoint of its own
+            shutil.rmtree(self.aside)
+            self.aside = None
+        if ckpt["keep_last"] is not None:
+            best = self.best["path"] if self.best else None
+            prune(save_dir, ckpt["file_prefix"], ckpt["keep_last"], [best, path])
+        return str(path)
 
     def resume_from(self, path):
-        """Restore weights, optimizer, schedule, scaler, position and RNG from a checkpoint."""
-        state = torch.load(Path(path) / f"{TRAINING_STATE}{self.cfg['ckpt']['file_ext']}",
-                           map_location="cpu", weights_only=False)
-        if state["world_size"] != self.dist.world_size:
-            raise ConfigError(f"{path} was written by {state['world_size']} processes; resume it "
-                              f"with the same number (this run has {self.dist.world_size})")
+        """Restore weights, optimizer, schedule, scaler, position, logging window and RNG."""
+        state, manifest = load_checkpoint(path, self.cfg["ckpt"]["file_ext"])
         if "module" in state:
             self.model.load_state_dict(state["module"])
         else:
@@ -601,73 +757,70 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best, self.skipped_steps, self.run_dir = state["best"], state["skipped_steps"], state["run_dir"]
-        set_rng_state(state["rng"][self.dist.rank])
-        log(self.dist, f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
-                       f"batch {self.batch_in_epoch})")
+        self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
+        self.best, self.skipped_steps, self.run_dir = manifest["best"], manifest["skipped_steps"], manifest["run_dir"]
+        mine = state["ranks"][self.dist.rank]
+        set_rng_state(mine["rng"], self.dist.device)
+        device = self.dist.device
+        self.window = {**new_window(device), "loss": mine["window"]["loss"].to(device),
+                       "examples": mine["window"]["examples"],
+                       "terms": {k: v.to(device) for k, v in mine["window"]["terms"].items()}}
+        log(self.dist, f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
+                       f"batch {self.batch_in_epoch} of {self.steps_per_epoch})")
 
-
-class TrainingError(Exception):
-    """The run cannot go on (for example a non-finite loss); reported as one line."""
+    def release(self, failed):
+        """End of the run on the main process: a failed run puts back what it moved aside."""
+        if self.aside is not None:
+            if failed:
+                restore_aside(self.cfg["ckpt"]["model_state_save_dir"], self.aside)
+            else:  # finished without writing a checkpoint (ckpt.checkpoint false)
+                shutil.rmtree(self.aside)
+            self.aside = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def new_run_dir(log_dir, mode):
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(log_dir) / f"{stamp}-{mode}"
-    n = 1
-    while path.exists():  # two runs in the same second get their own folders
-        n += 1
-        path = Path(log_dir) / f"{stamp}-{mode}-{n}"
-    path.mkdir(parents=True)
-    return str(path)
+    path, n = Path(log_dir) / f"{stamp}-{mode}", 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return str(path)
+        except FileExistsError:  # two runs in the same second get their own folders
+            n += 1
+            path = Path(log_dir) / f"{stamp}-{mode}-{n}"
 
 
 def truncate_jsonl(path, step):
-    """Drop log lines past `step`: the part of a killed run that a resume will redo."""
+    """Drop log lines past `step` (the part of a killed run that a resume will redo) and a line
+    torn by a kill in the middle of a write."""
     if not path.exists():
         return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    path.write_text("".join(kept), encoding="utf-8")
+    kept = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(keepends=True), start=1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            print(f"note: {path}:{number}: dropped a torn log line (the run was killed while writing it)")
+            continue
+        if row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_text(path, "".join(kept))
+
+
+def write_text(path, text):
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def write_json(path, obj):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
 # the run: check everything, then train, evaluate, predict
-
-
-def find_resume_checkpoint(ckpt):
-    """The checkpoint folder to resume from, None for a fresh run; refuses to overwrite."""
-    save_dir, prefix = ckpt["model_state_save_dir"], ckpt["file_prefix"]
-    existing = checkpoint_dirs(save_dir, prefix) if Path(save_dir).is_dir() else []
-    if ckpt["resume"] is None:
-        if existing and not ckpt["overwrite"]:
-            raise ConfigError(f"{save_dir} already holds checkpoints ({existing[-1].name}); resume "
-                              f"with --ckpt.resume auto, choose another --ckpt.model_state_save_dir, "
-                              f"or pass --ckpt.overwrite true to replace them")
-        return None
-    if ckpt["resume"] == "auto":
-        return existing[-1] if existing else None
-    path = Path(ckpt["resume"])
-    if not any(path.glob(f"{TRAINING_STATE}*")):
-        raise ConfigError(f"ckpt.resume: {path} is not a checkpoint folder with a training state")
-    return path
-
-
-def clear_checkpoints(ckpt):
-    """--ckpt.overwrite true: the old checkpoints and links go before the new run writes any."""
-    save_dir = Path(ckpt["model_state_save_dir"])
-    for path in checkpoint_dirs(save_dir, ckpt["file_prefix"]):
-        shutil.rmtree(path)
-    for name in ("last", "best"):
-        if (save_dir / name).is_symlink():
-            (save_dir / name).unlink()
 
 
 def load_splits(cfg, tokenizer):
@@ -684,6 +837,16 @@ def load_splits(cfg, tokenizer):
     return train, val, predict
 
 
+def check_outputs(cfg):
+    """Every folder the run will write in, checked (and created) before the first step."""
+    check_writable_dir(cfg["trainer"]["log_dir"], "trainer.log_dir")
+    if cfg["data"]["predict_filepath"] and cfg["data"]["predict_output"]:
+        output = Path(cfg["data"]["predict_output"])
+        if output.is_dir():
+            raise CheckpointError(f"data.predict_output: {output} is a folder; name a file")
+        check_writable_dir(output.resolve().parent, "data.predict_output")
+
+
 def evaluate_only(cfg, dist_ctx, model, tokenizer, val):
     """Metrics of a fine-tuned model on a labelled file, with a per-class table."""
     names = label_names(cfg)
@@ -695,14 +858,19 @@ def evaluate_only(cfg, dist_ctx, model, tokenizer, val):
     return metrics
 
 
-def fit(cfg, dist_ctx, model, tokenizer, train, val, resume, loss_fn=supervised_loss):
-    """Train fresh or from the `resume` checkpoint: (trainer, final metrics or None if stopped)."""
-    if cfg["ckpt"]["overwrite"] and resume is None and dist_ctx.is_main:
-        clear_checkpoints(cfg["ckpt"])
+def fit(cfg, dist_ctx, model, tokenizer, train, val, loss_fn=supervised_loss):
+    """Train fresh or resumed (ckpt.resume): (trainer, final metrics or None if stopped)."""
     trainer = Trainer(cfg, dist_ctx, model, tokenizer, train, val, loss_fn=loss_fn)
-    if resume is not None:
-        trainer.resume_from(resume)
-    result = trainer.train()
+    failed = True
+    try:
+        resume = on_main(dist_ctx, trainer.prepare_save_dir)
+        if resume is not None:
+            trainer.resume_from(resume)
+        result = trainer.train()
+        failed = False
+    finally:
+        if dist_ctx.is_main:
+            trainer.release(failed)
     if result is None:
         log(dist_ctx, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with "
                       f"--ckpt.resume auto")
@@ -714,27 +882,31 @@ def run(cfg, dist_ctx):
     seed_everything(cfg["trainer"]["seed"])
     tokenizer = load_tokenizer(cfg["model"])
     train, val, predict = load_splits(cfg, tokenizer)
-    resume = find_resume_checkpoint(cfg["ckpt"]) if train else None
     model = build_model(cfg["model"], cfg["data"]["labels_list"])
+    on_main(dist_ctx, check_outputs, cfg)
     # ranks draw different dropout masks; the initial weights were already the same on all
     seed_everything(cfg["trainer"]["seed"] + dist_ctx.rank)
     result, run_dir = {}, None
     if train:
-        trainer, result = fit(cfg, dist_ctx, model, tokenizer, train, val, resume)
+        trainer, result = fit(cfg, dist_ctx, model, tokenizer, train, val)
         if result is None:
             return None
         model, run_dir = trainer.hf_model, trainer.run_dir
     elif val:
         metrics = evaluate_only(cfg, dist_ctx, model.to(dist_ctx.device), tokenizer, val)
         result = scalar_metrics(metrics)
-        if dist_ctx.is_main:
-            run_dir = new_run_dir(cfg["trainer"]["log_dir"], "eval")
-            write_json(Path(run_dir) / "eval_metrics.json", metrics)
-            log(dist_ctx, f"metrics written to {Path(run_dir) / 'eval_metrics.json'}")
+        run_dir = on_main(dist_ctx, write_eval_metrics, cfg, metrics)
     if predict:
         result["predictions"] = predict_file(cfg, dist_ctx, model.to(dist_ctx.device), tokenizer,
                                              predict, run_dir)
     return result
+
+
+def write_eval_metrics(cfg, metrics):
+    run_dir = new_run_dir(cfg["trainer"]["log_dir"], "eval")
+    write_json(Path(run_dir) / "eval_metrics.json", metrics)
+    print(f"metrics written to {Path(run_dir) / 'eval_metrics.json'}")
+    return run_dir
 
 
 def predict_file(cfg, dist_ctx, model, tokenizer, predict, run_dir):
@@ -768,11 +940,15 @@ def main(argv=None, run_fn=run, doc=__doc__):
             result = run_fn(cfg, dist_ctx)
         finally:
             cleanup_distributed()
-    except (ConfigError, DataError, ModelError, TrainingError) as e:
+    except (ConfigError, DataError, ModelError, TrainingError, CheckpointError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: stopped at once by a second signal, without a new checkpoint; resume from the "
+              "last one with --ckpt.resume auto", file=sys.stderr)
+        return 130
     if result is None:
         return 1  # stopped by a signal; the checkpoint to resume from is written
     if dist_ctx.is_main:

@@ -177,7 +177,7 @@ def test_forced_cpu_autocast_trains_and_checkpoints_the_scaler(setup, dtype):
                                                   "trainer.epochs": 1}), tmp)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"mixed precision: autocast {dtype} on the CPU" in out.stdout
-    state = torch.load(tmp / f"amp-{dtype}" / "ckpt" / "last" / "training_state.pt", weights_only=False)
+    state = torch.load(tmp / f"amp-{dtype}" / "ckpt" / "last" / "training_state.pt", weights_only=True)
     # GradScaler runs (and is checkpointed) for float16 only; bfloat16 needs no loss scaling
     assert ("scale" in state["scaler"]) == (dtype == "fp16")
     curve = loss_curve(tmp / f"amp-{dtype}" / "runs")

@@ -234,7 +234,7 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     # every term is logged on its own; the projection is saved with the run's training state
     logged = [json.loads(line) for line in open(os.path.join(run.run_dir, "metrics.jsonl"))]
     assert {"train/logits", "train/labels", "train/hidden_states", "train/attentions"} <= set(logged[0])
-    state = torch.load(tmp_path / "ckpt" / "last" / "training_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "ckpt" / "last" / "training_state.pt", weights_only=True)
     assert torch.equal(state["module"]["projection.weight"], module.projection.weight)
 
 

@@ -5,6 +5,7 @@ refusal to overwrite earlier checkpoints, extending a finished run, a non-finite
 interrupted, because the checkpoint carries the optimizer, schedule, scaler, data position and
 every RNG state, and the data order is a function of (seed, epoch).
 """
+import errno
 import json
 import os
 import random
@@ -119,35 +120,35 @@ def test_crash_inside_a_checkpoint_write_leaves_the_previous_one_intact(job, mon
     def failing_save(obj, path, *a, **k):
         calls.append(path)
         if len(calls) == 3:  # the third checkpoint dies half-written: weights there, state not
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *a, **k)
     monkeypatch.setattr(trainer.torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        trainer.main(job["args"](name))
+    assert trainer.main(job["args"](name)) == 2
     monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("error: cannot write checkpoint") and "the disk is full" in err
 
     ckpt = tmp / name / "ckpt"
     assert sorted(checkpoint_steps(ckpt)) == [3, 6]
     assert os.readlink(ckpt / "last") == "checkpoint-epoch1-step6"
-    assert (ckpt / ".tmp-checkpoint-epoch1-step9" / "model.safetensors").exists()  # the torn write
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp-")]  # the torn write is gone
     AutoModelForSequenceClassification.from_pretrained(ckpt / "last")  # still loads
 
-    capsys.readouterr()
     assert trainer.main(job["args"](name, **{"ckpt.resume": "auto"})) == 0
     assert "resumed from" in capsys.readouterr().out
     assert_bitwise_equal(final_weights(tmp / name), final_weights(tmp / "reference"))
-    assert not (ckpt / ".tmp-checkpoint-epoch1-step9").exists()
 
 
 def test_a_new_run_refuses_a_folder_with_checkpoints_and_changes_nothing(job, capsys):
     tmp = job["tmp"]
     ckpt = tmp / "reference" / "ckpt"
-    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    # the run lock (.lock) says who holds the folder: the refused run held it a moment
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != ".lock"}
     runs_before = set((tmp / "reference" / "runs").iterdir())
     assert trainer.main(job["args"]("reference")) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "already holds checkpoints" in err and "--ckpt.resume auto" in err
-    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != ".lock"} == before
     assert set((tmp / "reference" / "runs").iterdir()) == runs_before
 
 
@@ -156,8 +157,8 @@ def test_overwrite_replaces_the_old_checkpoints(job, capsys):
     first = job["args"]("overwrite", **{"trainer.epochs": 1})
     assert trainer.main(first) == 0
     assert trainer.main(first + ["--ckpt.overwrite", "true", "--trainer.seed", "7"]) == 0
-    state = torch.load(tmp / "overwrite" / "ckpt" / "last" / "training_state.pt", weights_only=False)
-    assert state["config"]["trainer"]["seed"] == 7
+    manifest = json.loads((tmp / "overwrite" / "ckpt" / "last" / "checkpoint.json").read_text())
+    assert manifest["config"]["trainer"]["seed"] == 7
 
 
 def test_resuming_a_finished_run_with_more_epochs_extends_it(job, capsys):
@@ -206,8 +207,10 @@ def test_sigterm_under_torchrun_stops_every_rank_and_resumes_exactly(job):
     stdout, _ = process.communicate(timeout=120)
     assert "stopped by SIGTERM" in stdout
     stop_step = max(checkpoint_steps(tmp / "ddp-terminated" / "ckpt"))
-    state = torch.load(tmp / "ddp-terminated" / "ckpt" / "last" / "training_state.pt", weights_only=False)
-    assert state["step"] == stop_step and len(state["rng"]) == 2  # every rank's RNG state
+    last = tmp / "ddp-terminated" / "ckpt" / "last"
+    state = torch.load(last / "training_state.pt", weights_only=True)
+    assert json.loads((last / "checkpoint.json").read_text())["step"] == stop_step
+    assert len(state["ranks"]) == 2  # every rank's RNG state and logging window
 
     resumed = launch("ddp-terminated", **{"ckpt.resume": "auto"})
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]

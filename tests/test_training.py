@@ -383,10 +383,14 @@ def test_checkpoints_and_their_links(trained):
     for name in ("model.safetensors", "config.json", "training_state.pt"):
         assert (last / name).is_file()
     assert (last / "tokenizer.json").is_file() or (last / "vocab.txt").is_file()
-    # writes are atomic: no temporary folder is left behind
-    assert not [p for p in trained.ckpt.iterdir() if p.name.startswith(".")]
-    state = torch.load(last / "training_state.pt", weights_only=False)
-    assert state["step"] == 48 and state["epoch"] == 3 and "optimizer" in state and "rng" in state
+    # writes are atomic: no temporary folder is left behind, only the run lock
+    assert [p.name for p in trained.ckpt.iterdir() if p.name.startswith(".")] == [".lock"]
+    # the training state is plain data (weights_only), the rest is JSON beside it
+    state = torch.load(last / "training_state.pt", weights_only=True)
+    assert "optimizer" in state and "rng" in state["ranks"][0] and "window" in state["ranks"][0]
+    manifest = json.loads((last / "checkpoint.json").read_text())
+    assert manifest["step"] == 48 and manifest["epoch"] == 3 and manifest["config"]["trainer"]["epochs"] == 3
+    assert manifest["files"]["model.safetensors"] == (last / "model.safetensors").stat().st_size
 
 
 def test_checkpoint_loads_in_plain_transformers_and_predicts_the_same(trained):

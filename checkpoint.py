@@ -1,0 +1,291 @@
+"""Checkpoint folders on disk: written atomically, found safely, loaded as data and never as code.
+
+Usage (trainer.py's Trainer does this; rank 0 alone touches the disk):
+    lock = SaveDirLock(save_dir)                 # one run per folder, held for the run's life
+    recover(save_dir, prefix)                    # undo what a killed run left half done
+    path = write_checkpoint(save_dir, name, session, write_files, manifest)
+    state, manifest = load_checkpoint(path, file_ext)
+
+A checkpoint is a folder <prefix>-epoch<E>-step<S> in ckpt.model_state_save_dir holding
+- the model and tokenizer as save_pretrained writes them, so plain transformers loads the folder;
+- training_state<file_ext>: tensors and plain numbers only (optimizer, schedule, scaler, RNG and
+  logging window of every rank), read back with torch.load(weights_only=True);
+- checkpoint.json, written last: the config, the position in the data, the best validation so far,
+  a content hash of every data file, and the size of every other file in the folder.
+A folder is ours only if its checkpoint.json says this trainer wrote it, and complete only if every
+file it lists has the listed size. Nothing else in the save folder is ever deleted or replaced,
+and the `last` / `best` links are replaced only when they point at one of our folders.
+
+Crash safety: files are fsynced, then the folder is renamed into place and the parent fsynced, so a
+kill or a power loss at any instruction leaves either the previous checkpoints or the new one. The
+names a run writes under carry its session id, so two runs can never share a temporary name (and
+the lock refuses the second run anyway).
+"""
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+MANIFEST = "checkpoint.json"
+WRITTEN_BY = "trainer.py checkpoint"  # what marks a folder as ours
+LINKS = ("last", "best")
+LOCK = ".lock"
+
+
+class CheckpointError(Exception):
+    """A checkpoint or save folder that cannot be used as asked, reported as one line."""
+
+
+def new_session():
+    """An id for one launch of a run: its temporary and moved-aside names carry it."""
+    return f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
+
+
+def checkpoint_name(prefix, epoch, step):
+    return f"{prefix}-epoch{epoch}-step{step}"
+
+
+def file_digest(path):
+    """sha256 of a file's bytes: resume compares data files by content, not by name."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# what is ours, and what is complete
+
+
+def read_manifest(path):
+    """The manifest of a checkpoint folder we wrote, or None for anything else."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("written_by") == WRITTEN_BY else None
+
+
+def incomplete_reason(path, manifest):
+    """Why a folder of ours cannot be resumed from (a missing or truncated file), or None."""
+    for name, size in manifest.get("files", {}).items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, {size} were written (truncated?)"
+    return None
+
+
+def our_checkpoints(save_dir, prefix):
+    """[(step, path, manifest)] of the checkpoint folders we wrote in save_dir, oldest first."""
+    pattern = re.compile(rf"^{re.escape(prefix)}-epoch(\d+)-step(\d+)$")
+    found = []
+    if Path(save_dir).is_dir():
+        for path in Path(save_dir).iterdir():
+            match = pattern.match(path.name)
+            manifest = read_manifest(path) if match and path.is_dir() and not path.is_symlink() else None
+            if manifest is not None:
+                found.append((int(match.group(2)), path, manifest))
+    return sorted(found, key=lambda item: item[0])
+
+
+def foreign_lookalikes(save_dir, prefix):
+    """Folders named like our checkpoints that we did not write: never candidates, never touched."""
+    ours = {path.name for _, path, _ in our_checkpoints(save_dir, prefix)}
+    pattern = re.compile(rf"^{re.escape(prefix)}-epoch\d+-step\d+$")
+    return sorted(p.name for p in Path(save_dir).iterdir() if pattern.match(p.name) and p.name not in ours)
+
+
+def our_link(save_dir, name, prefix):
+    """True if save_dir/name is absent or a link we made (to a checkpoint name of ours)."""
+    link = Path(save_dir) / name
+    if not link.is_symlink():
+        return not link.exists()
+    return re.fullmatch(rf"{re.escape(prefix)}-epoch\d+-step\d+", os.readlink(link)) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def load_checkpoint(path, file_ext):
+    """(training state, manifest) of a complete checkpoint of ours; CheckpointError otherwise.
+
+    weights_only=True: the unpickler builds tensors and plain containers only, so a planted file
+    whose pickle would call a function is refused instead of run.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise CheckpointError(f"{path}: not a checkpoint written by this trainer (no valid {MANIFEST})")
+    reason = incomplete_reason(path, manifest)
+    if reason is not None:
+        raise CheckpointError(f"{path}: incomplete checkpoint: {reason}")
+    try:
+        state = torch.load(path / f"training_state{file_ext}", map_location="cpu", weights_only=True)
+    except Exception as e:  # an unpickling refusal, a torn file, a wrong format: all mean "not usable"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({first[:200]})") from None
+    return state, manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(save_dir, name, session, write_files, manifest):
+    """Write save_dir/name atomically: files into a temporary folder, fsync, manifest, rename.
+
+    write_files(folder) writes the model and the training state. An existing folder of that name is
+    replaced only if it is ours (a stale checkpoint of an earlier launch); a full disk or any other
+    OSError removes the temporary folder and raises CheckpointError.
+    """
+    save_dir = Path(save_dir)
+    final, tmp = save_dir / name, save_dir / f".tmp-{name}-{session}"
+    if final.exists() and read_manifest(final) is None:
+        raise CheckpointError(f"{final} exists and was not written by this trainer; move it away "
+                              f"or choose another ckpt.model_state_save_dir")
+    try:
+        tmp.mkdir()
+        write_files(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        for file in files:
+            fsync_path(tmp / file)
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "written_by": WRITTEN_BY, "session": session,
+                                                "files": files}, indent=1, default=str), encoding="utf-8")
+        fsync_path(tmp / MANIFEST)
+        fsync_path(tmp)
+        if final.exists():  # a stale folder of ours with this name: aside, then gone once replaced
+            stale = save_dir / f".tmp-stale-{name}-{session}"
+            os.rename(final, stale)
+            os.rename(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.rename(tmp, final)
+        fsync_path(save_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{hint}; free space "
+                              f"or choose another ckpt.model_state_save_dir") from None
+    return final
+
+
+def point_link(save_dir, name, target):
+    """Atomically make save_dir/name a relative link to the checkpoint folder target."""
+    tmp = Path(save_dir) / f".{name}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(Path(target).name, target_is_directory=True)
+    os.replace(tmp, Path(save_dir) / name)
+
+
+def prune(save_dir, prefix, keep_last, protected):
+    """Delete our checkpoints beyond the newest keep_last, except the protected paths."""
+    protected = {Path(p).resolve() for p in protected if p is not None}
+    for _, path, _ in our_checkpoints(save_dir, prefix)[:-keep_last]:
+        if path.resolve() not in protected:
+            shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# one run per folder, and what a killed run leaves behind
+
+
+class SaveDirLock:
+    """An exclusive flock on save_dir/.lock for the life of a run; a second run is refused."""
+
+    def __init__(self, save_dir):
+        self.path = Path(save_dir) / LOCK
+        self.file = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise CheckpointError(f"{save_dir} is in use by another run ({holder}); wait for it to end "
+                                  f"or choose another ckpt.model_state_save_dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+
+    def release(self):
+        if not self.file.closed:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+
+def move_aside(save_dir, paths, session):
+    """Move our checkpoint folders (and links to them) into .replaced-<session>, to be deleted
+    once the new run has written a checkpoint, or put back if it fails first."""
+    aside = Path(save_dir) / f".replaced-{session}"
+    aside.mkdir()
+    for name in LINKS:
+        link = Path(save_dir) / name
+        if link.is_symlink() and (Path(save_dir) / os.readlink(link)) in set(map(Path, paths)):
+            os.rename(link, aside / name)
+    for path in paths:
+        os.rename(path, aside / Path(path).name)
+    fsync_path(save_dir)
+    return aside
+
+
+def restore_aside(save_dir, aside):
+    """Put moved-aside checkpoints back (the run that replaced them wrote none)."""
+    for path in sorted(Path(aside).iterdir()):
+        if not (Path(save_dir) / path.name).exists() and not (Path(save_dir) / path.name).is_symlink():
+            os.rename(path, Path(save_dir) / path.name)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover(save_dir, prefix):
+    """Holding the lock, finish what killed runs left: remove their temporary folders, and for
+    each .replaced-<session> folder, delete it if that session wrote a checkpoint, else restore it.
+    Returns one message per thing done."""
+    save_dir, messages = Path(save_dir), []
+    sessions = {manifest.get("session") for _, _, manifest in our_checkpoints(save_dir, prefix)}
+    tmp_pattern = re.compile(rf"^\.tmp-(stale-)?{re.escape(prefix)}-epoch\d+-step\d+-[\w-]+$")
+    for path in sorted(save_dir.iterdir()):
+        if tmp_pattern.match(path.name) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+            messages.append(f"removed {path.name}, a checkpoint write that an earlier run did not finish")
+        elif path.name.startswith(".replaced-") and path.is_dir() and not path.is_symlink():
+            if path.name.removeprefix(".replaced-") in sessions:
+                shutil.rmtree(path)
+            else:
+                restore_aside(save_dir, path)
+                messages.append(f"restored the checkpoints that an interrupted run had moved aside ({path.name})")
+    return messages
+
+
+def check_writable_dir(path, key):
+    """Create path if needed and prove it takes a file, so a bad location fails before step 1."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{key}: {path} is a file, not a folder; choose a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"{key}: cannot write in {path} ({e.strerror or e}); choose a writable "
+                              f"folder") from None
