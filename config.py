@@ -9,6 +9,7 @@ also take null or another type). check_config then refuses values that are well 
 work, so that a bad value stops the run before anything is loaded or written.
 """
 import math
+import os
 import re
 from pathlib import Path
 
@@ -178,8 +179,7 @@ def check_config(cfg):
     labels = [str(label).strip() for label in data["labels_list"]]
     if not labels or len(set(labels)) != len(labels):
         raise ConfigError(f"data.labels_list {data['labels_list']} must be non-empty without duplicates")
-    if data["text_b_col"] is not None and data["text_b_col"] == data["text_a_col"]:
-        raise ConfigError("data.text_b_col equals data.text_a_col; set it to the second text column or null")
+    check_columns(data)
     regression = len(labels) == 1
     if regression != (module["metric"] == "pcc_and_scc"):
         raise ConfigError(f"module.metric {module['metric']} does not fit "
@@ -192,9 +192,11 @@ def check_config(cfg):
         if data["val_filepath"] is None and data["predict_filepath"] is None:
             raise ConfigError("nothing to do: set data.train_filepath, data.val_filepath or "
                               "data.predict_filepath")
+    check_predict_output(cfg)
     keep = cfg["ckpt"]["keep_last"]
     if keep is not None and keep < 1:
         raise ConfigError(f"ckpt.keep_last is {keep}; it must be at least 1, or null to keep all")
+    check_checkpoint_names(cfg["ckpt"])
 
 
 def check_finite(key, value):
@@ -208,3 +210,41 @@ def check_finite(key, value):
         for name, item in value.items():
             check_finite(f"{key}.{name}", item)
 
+
+def check_columns(data):
+    """Each column has one role: a text column that is the label column trains on the answer."""
+    if data["text_b_col"] is not None and data["text_b_col"] == data["text_a_col"]:
+        raise ConfigError("data.text_b_col equals data.text_a_col; set it to the second text column or null")
+    for key in ["text_a_col", "text_b_col"]:
+        if data[key] == data["label_col"]:
+            raise ConfigError(f"data.{key} equals data.label_col ({data[key]!r}); the text column "
+                              f"must not be the label column")
+
+
+def check_predict_output(cfg):
+    """Predictions written over one of the run's input files would replace the data."""
+    output = cfg["data"]["predict_output"]
+    if output is None:
+        return
+    inputs = {f"data.{key}": cfg["data"][key]
+              for key in ["train_filepath", "val_filepath", "predict_filepath"]}
+    for i, path in enumerate(cfg["distill"]["unlabeled_filepaths"]):
+        inputs[f"distill.unlabeled_filepaths[{i}]"] = str(path)
+    for key, path in inputs.items():
+        # realpath: ./a.csv, a.csv and a link to it are the same file
+        if path is not None and os.path.realpath(path) == os.path.realpath(output):
+            raise ConfigError(f"data.predict_output {output} is the input file {key}; write the "
+                              f"predictions to another file")
+
+
+def check_checkpoint_names(ckpt):
+    """Checkpoints are <model_state_save_dir>/<file_prefix>-epoch<E>-step<S>/training_state<file_ext>:
+    a prefix or extension that holds a path would write them outside model_state_save_dir, and a
+    leading dot would hide them among the .tmp- folders they are written in."""
+    prefix, ext = ckpt["file_prefix"], ckpt["file_ext"]
+    if not prefix or prefix.startswith(".") or any(c in prefix for c in "/\\\0"):
+        raise ConfigError(f"ckpt.file_prefix is {prefix!r}; it must be a plain name (no / or \\, "
+                          f"not starting with a dot), e.g. checkpoint")
+    if not re.fullmatch(r"(\.[A-Za-z0-9_]+)?", ext):
+        raise ConfigError(f"ckpt.file_ext is {ext!r}; it must be a dot and letters, digits or _ "
+                          f"(e.g. .pt), or empty")

@@ -1,6 +1,7 @@
 """Every bad input stops the run before it starts: a non-zero exit, one line on stderr that says
 what is wrong and where, no traceback, and nothing written (no logs, no checkpoints)."""
 import json
+import os
 
 import pytest
 import torch
@@ -21,6 +22,11 @@ def write_bytes(tmp_path, name, data):
 
 def make_dir(tmp_path, name):
     (tmp_path / name).mkdir()
+    return str(tmp_path / name)
+
+
+def symlink(tmp_path, name, target):
+    os.symlink(target, tmp_path / name)
     return str(tmp_path / name)
 
 
@@ -121,8 +127,23 @@ CASES = [
     pytest.param(lambda t: {"trainer.epochs": 0}, ["trainer.epochs is 0", "positive"], id="zero epochs"),
     pytest.param(lambda t: {"trainer.max_grad_norm": 0}, ["trainer.max_grad_norm is 0", "trainer.clip_grads"],
                  id="clipping to norm zero"),
+    pytest.param(lambda t: {"ckpt.file_prefix": "../escape"}, ["ckpt.file_prefix", "'../escape'", "plain name"],
+                 id="file_prefix outside the checkpoint folder"),
+    pytest.param(lambda t: {"ckpt.file_ext": "/../../x"}, ["ckpt.file_ext", "'/../../x'", ".pt"],
+                 id="file_ext holding a path"),
     pytest.param(lambda t: {"data.predict_output": "--trainer.debug=true"},
                  ["--data.predict_output needs a value"], id="option in place of a value"),
+    pytest.param(lambda t: {"data.text_a_col": "label"}, ["data.text_a_col", "data.label_col"],
+                 id="text column is the label column"),
+    pytest.param(lambda t: {"data.text_b_col": "label"}, ["data.text_b_col", "data.label_col"],
+                 id="second text column is the label column"),
+    pytest.param(lambda t: {"data.predict_filepath": write_csv(t / "new.csv", [{"text": "good"}]),
+                            "data.predict_output": os.path.join(str(t), ".", "train.csv")},
+                 ["data.predict_output", "data.train_filepath"], id="predict_output is the training file"),
+    pytest.param(lambda t: {"data.predict_filepath": write_csv(t / "new.csv", [{"text": "good"}]),
+                            "data.predict_output": symlink(t, "link.csv", t / "new.csv")},
+                 ["data.predict_output", "link.csv", "data.predict_filepath"],
+                 id="predict_output a link to the predict file"),
     pytest.param(lambda t: {"module.max_seq_len": 32, "model.tokenizer_path": save_tokenizer(t, max_length=16)},
                  ["module.max_seq_len is 32", "at most 16"], id="max_seq_len beyond the model"),
     pytest.param(lambda t: {"trainer.train_batch_size": 15}, ["does not divide"],

@@ -1,5 +1,7 @@
 """Config: the golden config.yaml, a --config_path file over it, --section.key overrides, and the
 checks that stop a run with one line before anything starts."""
+import os
+
 import pytest
 
 from config import GOLDEN_CONFIG, ConfigError, check_config, load_config, parse_args, read_yaml
@@ -222,9 +224,45 @@ def test_negative_numbers_and_equals_form_are_values():
     (["--trainer.epochs", "0"], "trainer.epochs is 0; it must be positive"),
     (["--trainer.max_grad_norm", "0"], "trainer.max_grad_norm is 0 with trainer.clip_grads true"),
     (["--trainer.max_grad_norm", "0.0"], "trainer.max_grad_norm is 0.0 with trainer.clip_grads true"),
+    # a text column that is the label column trains on the answer
+    (["--data.text_a_col", "sentiment"], "data.text_a_col equals data.label_col ('sentiment')"),
+    (["--data.text_b_col", "sentiment"], "data.text_b_col equals data.label_col ('sentiment')"),
+    (["--data.header", "null", "--data.text_a_col", "1", "--data.label_col", "1"],
+     "data.text_a_col equals data.label_col (1)"),
 ])
 def test_check_config_refuses_values_that_cannot_work(argv, fragment):
     assert fragment in config_error(argv)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("ckpt.file_prefix", "../../escape"), ("ckpt.file_prefix", "runs/ckpt"), ("ckpt.file_prefix", "a\\b"),
+    ("ckpt.file_prefix", "."), ("ckpt.file_prefix", ".."), ("ckpt.file_prefix", ".hidden"),
+    ("ckpt.file_prefix", "''"), ("ckpt.file_prefix", '"a\\0b"'),
+    ("ckpt.file_ext", "/../../x"), ("ckpt.file_ext", "pt"), ("ckpt.file_ext", "."),
+    ("ckpt.file_ext", ".p/t"), ("ckpt.file_ext", ".tar.gz"), ("ckpt.file_ext", "'.pt '"),
+])
+def test_checkpoint_names_are_plain_names(key, value):
+    # "../../escape" wrote the checkpoints outside ckpt.model_state_save_dir
+    message = config_error([f"--{key}", value])
+    assert message.startswith(f"{key} is ") and "e.g." in message
+
+
+def test_predict_output_over_an_input_file_is_refused(tmp_path, monkeypatch):
+    # the predictions replaced the file they were made from; ./a.csv, a.csv and a link are one file
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "new.csv").write_text("text\ngood\n", encoding="utf-8")
+    os.symlink(tmp_path / "new.csv", tmp_path / "link.csv")
+    cases = [({"data.predict_filepath": "new.csv"}, "./new.csv", "data.predict_filepath"),
+             ({"data.predict_filepath": "new.csv"}, str(tmp_path / "link.csv"), "data.predict_filepath"),
+             ({"data.train_filepath": "in/../new.csv"}, "new.csv", "data.train_filepath"),
+             ({"data.val_filepath": str(tmp_path / "new.csv")}, "new.csv", "data.val_filepath"),
+             ({"distill.unlabeled_filepaths": "[other.csv, new.csv]"}, "new.csv",
+              "distill.unlabeled_filepaths[1]")]
+    for inputs, output, key in cases:
+        argv = [f"--{k}={v}" for k, v in inputs.items()] + ["--data.predict_output", output]
+        message = config_error(argv)
+        assert f"data.predict_output {output} is the input file {key}" in message
+    load_config(["--data.predict_filepath", "new.csv", "--data.predict_output", "new-labels.csv"])
 
 
 def test_check_config_accepts_the_edges_of_valid_ranges():
@@ -234,6 +272,9 @@ def test_check_config_accepts_the_edges_of_valid_ranges():
         load_config(["--trainer.seed", seed])
     load_config(["--trainer.epochs", "1"])
     load_config(["--trainer.clip_grads", "false", "--trainer.max_grad_norm", "0"])
+    for ext in ("''", ".bin", ".pt_2"):
+        load_config(["--ckpt.file_ext", ext])
+    load_config(["--ckpt.file_prefix", "run-2_ckpt.v1"])
     cfg = load_config(["--data.labels_list", "[score]", "--module.metric", "pcc_and_scc"])
     check_config(cfg)
     load_config(["--data.train_filepath", "null", "--model.model_path", "some/checkpoint"])
