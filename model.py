@@ -5,16 +5,19 @@ Usage:
     model = build_model(cfg["model"], cfg["data"]["labels_list"])
     save_pretrained(model, tokenizer, "checkpoints/run-epoch1")   # loads in plain transformers
 
-`model.hf_model` is a local model directory or a hub id (the hub is only reachable online).
+`model.hf_model` is a local model directory or a hub id (the hub is only reachable online); a
+classifier there with another number of labels than data.labels_list gets a new head.
 `model.model_path` loads fine-tuned weights: a checkpoint directory written by this project (or any
 save_pretrained directory), or a plain state-dict file (`.safetensors`, `.bin`, `.pt`), or a
 directory plus `model.model_file`. Prefixes left by wrappers (`model.`, `module.`, `_orig_mod.`)
 are stripped, so nobody has to edit a state dict by hand.
 """
 import os
+import sys
 import types
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import (AttentionInterface, AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
                           PreTrainedModel)
@@ -80,11 +83,40 @@ def first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def corrupt_weights(name, error):
+    """A .safetensors file safetensors cannot read: cut short by a full disk or an interrupted copy."""
+    return ModelError(f"{name} is truncated or corrupt ({first_line(error)}): re-export it or pick "
+                      f"another checkpoint")
+
+
+def head_labels(source):
+    """The number of labels of source's sequence-classification head; None for a bare encoder."""
+    config = AutoConfig.from_pretrained(source)
+    if any(name.endswith("ForSequenceClassification") for name in config.architectures or ()):
+        return config.num_labels
+    return None
+
+
 def from_pretrained(source, key, **kwargs):
+    """AutoModelForSequenceClassification.from_pretrained, its errors as one line.
+
+    A classifier fine-tuned on other classes is a common starting point: when kwargs ask for another
+    num_labels than source's head has, the head is re-initialised (as the Hugging Face examples do
+    with ignore_mismatched_sizes) and the rest of the model loaded.
+    """
     try:
+        old, new = head_labels(source), kwargs.get("num_labels")
+        if old is not None and new is not None and old != new:
+            print(f"warning: {key} {source!r} has a {old}-label classification head; it is replaced "
+                  f"by a new, untrained {new}-label head (data.labels_list)", file=sys.stderr)
+            kwargs["ignore_mismatched_sizes"] = True
         return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{key} {source!r}: cannot load a model there ({first_line(e)})") from None
+    except SafetensorError as e:
+        path = os.path.join(source, "model.safetensors")
+        name = path if os.path.isfile(path) else f"a .safetensors file of {source}"
+        raise corrupt_weights(f"{key}: {name}", e) from None
 
 
 def build_model(model_cfg, labels_list, **kwargs):
@@ -108,7 +140,10 @@ def build_model(model_cfg, labels_list, **kwargs):
 
 def read_state_dict(path):
     if path.endswith(".safetensors"):
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise corrupt_weights(path, e) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -133,8 +168,9 @@ def strip_prefixes(state, model_keys):
 
 def load_weights(model, path):
     """Load a state-dict file into model; every weight of the model must be found."""
-    model_keys = set(model.state_dict())
-    state = strip_prefixes(read_state_dict(path), model_keys)
+    expected = model.state_dict()
+    state = strip_prefixes(read_state_dict(path), set(expected))
+    check_shapes(path, state, expected, model.config.num_labels)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
         raise ModelError(f"{path}: {len(missing)} weights of the model are missing from the file "
@@ -143,6 +179,22 @@ def load_weights(model, path):
     if unexpected:
         print(f"note: {path}: ignored {len(unexpected)} weights the model does not use "
               f"(first: {unexpected[0]})")
+
+
+def check_shapes(path, state, expected, num_labels):
+    """Every weight of the file the model uses must have the model's shape (load_state_dict raises)."""
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is None or tensor.shape == want.shape:
+            continue
+        # a head trained on other classes differs in its first dimension only
+        if want.dim() > 0 and want.shape[0] == num_labels and tensor.shape[1:] == want.shape[1:]:
+            hint = (f"the file's head has {tensor.shape[0]} labels, data.labels_list {num_labels}: "
+                    f"use the labels_list of that training run")
+        else:
+            hint = "is it a state dict of this architecture (model.hf_model)?"
+        raise ModelError(f"{path}: {name} has shape {list(tensor.shape)} in the file, the model expects "
+                         f"{list(want.shape)}; {hint}")
 
 
 def load_tokenizer(model_cfg):
