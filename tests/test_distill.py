@@ -224,11 +224,11 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     tokenizer = trainer.load_tokenizer(cfg["model"])
     train_split, val_split, _ = trainer.load_splits(cfg, tokenizer)
     ctx = trainer.Dist(0, 0, 1, torch.device("cpu"), True, False)
-    run = trainer.Trainer(cfg, ctx, module, tokenizer, train_split, val_split, loss_fn=loss_fn)
+    run, result = trainer.fit(cfg, ctx, module, tokenizer, train_split, val_split, loss_fn=loss_fn)
+    assert result is not None
     # on a CPU the trainer draws the student's dropout masks with model.CPUDropout
     assert not [m for m in module.modules() if type(m) is torch.nn.Dropout]
     assert any(isinstance(m, CPUDropout) for m in module.student.modules())
-    assert run.train() is not None
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before_teacher.items())
     assert not torch.equal(before_projection, module.projection.weight)
     # every term is logged on its own; the projection is saved with the run's training state

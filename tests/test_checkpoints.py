@@ -1,0 +1,400 @@
+"""Trust off the happy path: a checkpoint never runs code, nothing we did not write is deleted or
+replaced, a resume checks what changed and keeps its books, and what a crash leaves is repaired.
+
+Runs are in-process (trainer.main) on a tiny model: 2 epochs x 13 steps of 16 examples.
+"""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import checkpoint
+import trainer
+from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trust")
+    model = save_tiny_encoder(tmp / "bert")
+    train = write_csv(tmp / "train.csv", sentiment_rows(200, seed=3))
+    val = write_csv(tmp / "val.csv", sentiment_rows(40, seed=4))
+
+    def args(name, **more):
+        return base_args(tmp / name, model, train, val,
+                         **{"trainer.epochs": 2, "ckpt.save_steps": 3, "ckpt.keep_last": "null", **more})
+    assert trainer.main(args("reference")) == 0
+    return {"tmp": tmp, "args": args, "train": train, "val": val, "model": model}
+
+
+def ckpt_dir(job, name):
+    return job["tmp"] / name / "ckpt"
+
+
+def steps(folder):
+    return sorted(int(p.name.rsplit("step", 1)[1]) for p in folder.glob("checkpoint-epoch*-step*"))
+
+
+def weights(folder):
+    return load_file(folder / "model.safetensors")
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def run_copy(job, name):
+    """A finished run of the reference job in its own folder (checkpoints every 3 steps)."""
+    assert trainer.main(job["args"](name)) == 0
+    return ckpt_dir(job, name)
+
+
+class Evil:
+    """A pickle that runs a shell command when it is loaded."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+# -- security ----------------------------------------------------------------------------------
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(job, capsys):
+    ckpt = run_copy(job, "evil")
+    marker = job["tmp"] / "pwned"
+    target = ckpt / "checkpoint-epoch1-step3"
+    with open(target / "training_state.pt", "wb") as f:
+        pickle.dump({"optimizer": Evil(marker)}, f)
+    manifest = json.loads((target / checkpoint.MANIFEST).read_text())
+    manifest["files"]["training_state.pt"] = (target / "training_state.pt").stat().st_size
+    (target / checkpoint.MANIFEST).write_text(json.dumps(manifest))  # a forger can write this too
+    capsys.readouterr()
+    assert trainer.main(job["args"]("evil", **{"ckpt.resume": str(target)})) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: {target}: training_state.pt does not load as data")
+    assert not marker.exists()
+
+
+def test_resume_auto_skips_a_checkpoint_that_does_not_load_and_takes_the_next(job, capsys):
+    ckpt = run_copy(job, "truncated")
+    newest = ckpt / "checkpoint-epoch2-step26"
+    with open(newest / "model.safetensors", "r+b") as f:
+        f.truncate(100)  # a power loss after the rename, say
+    capsys.readouterr()
+    assert trainer.main(job["args"]("truncated", **{"ckpt.resume": "auto"})) == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint-epoch2-step26" in out and "model.safetensors is 100 bytes" in out
+    assert "resumed from" in out and "checkpoint-epoch2-step24" in out
+    # the resumed run rewrote step 26 itself, and it equals the uninterrupted run's
+    assert same_weights(weights(newest), weights(ckpt_dir(job, "reference") / "last"))
+    # an explicit resume of a truncated checkpoint is one line
+    with open(newest / "training_state.pt", "r+b") as f:
+        f.truncate(10)
+    assert trainer.main(job["args"]("truncated", **{"ckpt.resume": str(newest)})) == 2
+    assert "incomplete checkpoint: training_state.pt is 10 bytes" in error_line(capsys)
+
+
+# -- never delete or replace what we did not write -----------------------------------------------
+
+
+def test_overwrite_keeps_folders_and_links_we_did_not_write(job, capsys):
+    ckpt = run_copy(job, "foreign")
+    users = ckpt / "checkpoint-epoch3-step300"  # named like ours, with a state file of another tool
+    users.mkdir()
+    (users / "weights.bin").write_bytes(b"user data")
+    (users / "training_state.json").write_text("{}")
+    elsewhere = job["tmp"] / "my-model"
+    elsewhere.mkdir()
+    (ckpt / "best").unlink()
+    (ckpt / "best").symlink_to(elsewhere)  # the user's own link
+    capsys.readouterr()
+    assert trainer.main(job["args"]("foreign", **{"ckpt.overwrite": "true"})) == 2
+    line = error_line(capsys)
+    assert f"{ckpt / 'best'} was not made by this trainer" in line
+    assert os.readlink(ckpt / "best") == str(elsewhere) and steps(ckpt)[-2] == 26  # nothing moved
+
+    (ckpt / "best").unlink()
+    assert trainer.main(job["args"]("foreign", **{"ckpt.overwrite": "true", "trainer.epochs": 1})) == 0
+    out = capsys.readouterr().out
+    assert "ignoring checkpoint-epoch3-step300" in out
+    assert (users / "weights.bin").read_bytes() == b"user data"
+    assert steps(ckpt) == [3, 6, 9, 12, 13, 300]  # the old 2-epoch checkpoints are gone, the user's kept
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".replaced-")]
+
+
+def test_overwrite_then_a_failure_before_the_first_checkpoint_puts_the_old_ones_back(job, monkeypatch, capsys):
+    ckpt = run_copy(job, "failing")
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir() if p.name != ".lock"}
+    links = {name: os.readlink(ckpt / name) for name in checkpoint.LINKS}
+    real_step, calls = trainer.Trainer.train_step, []
+
+    def failing_step(self, *a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise trainer.TrainingError("step 2 failed")
+        return real_step(self, *a)
+    monkeypatch.setattr(trainer.Trainer, "train_step", failing_step)
+    assert trainer.main(job["args"]("failing", **{"ckpt.overwrite": "true"})) == 2
+    assert error_line(capsys) == "error: step 2 failed"
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir() if p.name != ".lock"} == before
+    assert {name: os.readlink(ckpt / name) for name in checkpoint.LINKS} == links
+
+
+def test_a_kill_after_moving_old_checkpoints_aside_is_repaired_by_the_next_run(job, tmp_path):
+    ckpt = run_copy(job, "killed-aside")
+    ours = [path for _, path, _ in checkpoint.our_checkpoints(ckpt, "checkpoint")]
+    aside = checkpoint.move_aside(ckpt, ours, "dead-session")  # then SIGKILL: no checkpoint written
+    (ckpt / ".tmp-checkpoint-epoch1-step3-dead-session").mkdir()  # and a torn write
+    assert steps(ckpt) == []
+    messages = checkpoint.recover(ckpt, "checkpoint")
+    assert len(messages) == 2 and not aside.exists()
+    assert steps(ckpt) == steps(ckpt_dir(job, "reference"))
+    assert os.readlink(ckpt / "last") == "checkpoint-epoch2-step26"
+    assert not [p for p in ckpt.iterdir() if p.name.startswith((".tmp-", ".replaced-"))]
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(job, capsys):
+    ckpt = ckpt_dir(job, "locked")
+    ckpt.mkdir(parents=True)
+    holder = checkpoint.SaveDirLock(ckpt)
+    try:
+        assert trainer.main(job["args"]("locked")) == 2
+        line = error_line(capsys)
+        assert f"{ckpt} is in use by another run (pid {os.getpid()} on " in line
+        assert steps(ckpt) == [] and not (job["tmp"] / "locked" / "runs").exists() or \
+            not list((job["tmp"] / "locked" / "runs").iterdir())
+    finally:
+        holder.release()
+    assert trainer.main(job["args"]("locked", **{"trainer.epochs": 1})) == 0  # free again
+
+
+def test_resuming_an_older_checkpoint_needs_overwrite_and_then_saves_its_own(job, capsys):
+    ckpt = run_copy(job, "older")
+    older = ckpt / "checkpoint-epoch1-step12"
+    capsys.readouterr()
+    assert trainer.main(job["args"]("older", **{"ckpt.resume": str(older)})) == 2
+    line = error_line(capsys)
+    assert "holds checkpoints newer than checkpoint-epoch1-step12" in line and "--ckpt.overwrite true" in line
+    assert trainer.main(job["args"]("older", **{"ckpt.resume": str(older), "ckpt.overwrite": "true"})) == 0
+    manifests = {step: manifest for step, _, manifest in checkpoint.our_checkpoints(ckpt, "checkpoint")}
+    assert sorted(manifests) == steps(ckpt_dir(job, "reference"))
+    # every checkpoint past 12 was written by the resumed launch, and the weights are the same
+    assert len({manifests[s]["session"] for s in manifests if s > 12}) == 1
+    assert manifests[13]["session"] != manifests[12]["session"]
+    assert same_weights(weights(ckpt / "last"), weights(ckpt_dir(job, "reference") / "last"))
+
+
+# -- resume checks what changed -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"module.max_lr": "1e-3"}, "module.max_lr 0.003 -> 0.001"),
+    ({"data.labels_list": "[positive, negative]"},
+     "data.labels_list ['negative', 'positive'] -> ['positive', 'negative']"),
+    ({"trainer.train_batch_size": 8, "trainer.gpu_batch_size_limit": 8}, "trainer.train_batch_size 16 -> 8"),
+    ({"trainer.epochs": 1}, "trainer.epochs 2 -> 1 (may only grow)"),
+    ({"data.train_filepath": "EDITED"}, "data.train_filepath: the file's content differs"),
+])
+def test_resume_with_a_changed_config_or_data_stops_before_step_one(job, capsys, change, expected):
+    name = "changed"
+    if not (ckpt_dir(job, name) / "last").exists():
+        run_copy(job, name)
+    if change.get("data.train_filepath") == "EDITED":
+        rows = sentiment_rows(200, seed=3)
+        rows[0]["text"] = "edited " + rows[0]["text"]
+        change = {"data.train_filepath": write_csv(job["tmp"] / "edited.csv", rows)}
+    before = sorted(p.name for p in ckpt_dir(job, name).iterdir())
+    capsys.readouterr()
+    assert trainer.main(job["args"](name, **{"ckpt.resume": "auto", **change})) == 2
+    line = error_line(capsys)
+    assert line.startswith("error: cannot resume") and expected in line
+    assert "--model.model_path" in line
+    assert sorted(p.name for p in ckpt_dir(job, name).iterdir()) == before
+
+
+def test_resume_may_change_logging_cadence_and_data_location(job, capsys, tmp_path):
+    ckpt = run_copy(job, "allowed")
+    moved = tmp_path / "moved.csv"
+    moved.write_bytes(Path(job["train"]).read_bytes())  # the same data, somewhere else
+    args = job["args"]("allowed", **{"ckpt.resume": "auto", "trainer.epochs": 3, "trainer.log_steps": 7,
+                                     "ckpt.save_steps": 0, "data.train_filepath": str(moved)})
+    assert trainer.main(args) == 0
+    assert steps(ckpt)[-1] == 39
+
+
+# -- resume keeps its books straight --------------------------------------------------------------
+
+
+def test_a_best_checkpoint_records_itself_as_the_best(job):
+    ckpt = ckpt_dir(job, "reference")
+    best = json.loads((ckpt / "best" / checkpoint.MANIFEST).read_text())
+    assert best["best"]["step"] == best["step"]
+    assert best["best"]["path"] == str(ckpt / os.readlink(ckpt / "best"))
+
+
+def test_resuming_a_finished_run_reports_the_same_best(job, capsys):
+    ckpt = run_copy(job, "finished")
+    capsys.readouterr()
+    assert trainer.main(job["args"]("finished")) == 2  # a plain second run is refused
+    capsys.readouterr()
+    assert trainer.main(job["args"]("finished", **{"ckpt.resume": "auto"})) == 0
+    result = last_json_line(capsys.readouterr().out)
+    final = json.loads(next((job["tmp"] / "finished" / "runs").glob("*/final_metrics.json")).read_text())
+    assert result["best_step"] == final["best_step"] == json.loads(
+        (ckpt / "best" / checkpoint.MANIFEST).read_text())["step"]
+
+
+def scalars_of(run_root):
+    """JSONL rows without timing, and TensorBoard's (tag, step, value) events, of the one run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    (folder,) = list((run_root / "runs").iterdir())
+    rows = [{k: v for k, v in json.loads(line).items() if k != "train/examples_per_s"}
+            for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    tb = sorted((tag, e.step, e.value) for tag in events.Tags()["scalars"] if tag != "train/examples_per_s"
+                for e in events.Scalars(tag))
+    return rows, tb
+
+
+@pytest.mark.parametrize("stop_at", [10, 12])  # at a log step (its events are kept), mid-window
+def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(job, monkeypatch, capsys, stop_at):
+    args = {"trainer.log_steps": 5, "ckpt.save_steps": 0, "trainer.eval_steps": 4}
+    name = f"books-{stop_at}"
+    if not (job["tmp"] / "books-reference").exists():
+        assert trainer.main(job["args"]("books-reference", **args)) == 0
+    real_step = trainer.Trainer.train_step
+
+    def stop_after(self, *a):
+        real_step(self, *a)
+        if self.step + 1 == stop_at:
+            self.stop_signal = "SIGTERM"  # as the handler would; agreed at the next step
+    monkeypatch.setattr(trainer.Trainer, "train_step", stop_after)
+    assert trainer.main(job["args"](name, **args)) == 1
+    monkeypatch.undo()
+    folder = next((job["tmp"] / name / "runs").iterdir())
+    with open(folder / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "train/lo')  # a kill in the middle of a log write
+    capsys.readouterr()
+    assert trainer.main(job["args"](name, **{**args, "ckpt.resume": "auto"})) == 0
+    out = capsys.readouterr().out
+    assert "dropped a torn log line" in out
+    assert f"resumed from {ckpt_dir(job, name) / f'checkpoint-epoch1-step{stop_at + 1}'}" in out
+    rows, tb = scalars_of(job["tmp"] / name)
+    ref_rows, ref_tb = scalars_of(job["tmp"] / "books-reference")
+    assert rows == ref_rows and tb == ref_tb
+    # one epoch convention everywhere: step 13 ends epoch 1 in the train and the validation lines
+    assert {row["epoch"] for row in rows if row["step"] == 13} == {1}
+    assert {row["epoch"] for row in rows if row["step"] in (15, 16)} == {2}
+
+
+def test_resume_message_names_the_epoch_of_the_checkpoint(job, capsys):
+    ckpt = run_copy(job, "epochs")
+    capsys.readouterr()
+    assert trainer.main(job["args"]("epochs", **{"ckpt.resume": str(ckpt / "checkpoint-epoch2-step21"),
+                                                  "ckpt.overwrite": "true"})) == 0
+    assert "at step 21 (epoch 2, batch 8 of 13)" in capsys.readouterr().out
+
+
+# -- what a crash leaves, and every output location before step 1 -----------------------------------
+
+
+def test_checkpoint_files_and_folders_are_fsynced(tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+    monkeypatch.setattr(checkpoint.os, "fsync", recording_fsync)
+
+    def write_files(folder):
+        (folder / "a.bin").write_bytes(b"x" * 10)
+    path = checkpoint.write_checkpoint(tmp_path, "checkpoint-epoch1-step1", "s1", write_files, {"step": 1})
+    tmp = str(tmp_path / ".tmp-checkpoint-epoch1-step1-s1")
+    assert synced == [f"{tmp}/a.bin", f"{tmp}/{checkpoint.MANIFEST}", tmp, str(tmp_path)]
+    assert checkpoint.incomplete_reason(path, checkpoint.read_manifest(path)) is None
+
+
+@pytest.mark.parametrize("setup, key, expected", [
+    (lambda t: (t / "ckpt").write_text("a file"), None, "ckpt.model_state_save_dir: {t}/ckpt is a file"),
+    (lambda t: (t / "runs").write_text("a file"), None, "trainer.log_dir: {t}/runs is a file"),
+    (lambda t: (t / "ckpt" / "best").mkdir(parents=True), None, "{t}/ckpt/best was not made by this trainer"),
+    (lambda t: None, {"data.predict_filepath": "VAL", "data.predict_output": "{t}"}, "data.predict_output: {t} is a folder"),
+])
+def test_bad_output_locations_stop_the_run_before_step_one(job, tmp_path, capsys, setup, key, expected):
+    setup(tmp_path)
+    overrides = {k: v.replace("VAL", job["val"]).replace("{t}", str(tmp_path)) for k, v in (key or {}).items()}
+    args = base_args(tmp_path, job["model"], job["train"], job["val"], **overrides)
+    assert trainer.main(args) == 2
+    assert expected.format(t=tmp_path) in error_line(capsys)
+    assert not (tmp_path / "runs").is_dir() or not list((tmp_path / "runs").iterdir())
+    assert not (tmp_path / "ckpt").is_dir() or steps(tmp_path / "ckpt") == []
+
+
+def test_predictions_go_to_a_missing_folder_which_is_created(job, tmp_path):
+    out = tmp_path / "new" / "folder" / "preds.csv"
+    args = base_args(tmp_path, job["model"], "null", "null", **{
+        "model.model_path": str(ckpt_dir(job, "reference") / "best"), "data.predict_filepath": job["val"],
+        "data.predict_output": str(out)})
+    assert trainer.main(args) == 0
+    assert len(out.read_text().splitlines()) == 41
+    assert [p.name for p in out.parent.iterdir()] == ["preds.csv"]  # no temporary file left
+
+
+def test_a_second_ctrl_c_stops_at_once(job, monkeypatch, capsys):
+    real_step = trainer.Trainer.train_step
+
+    def impatient(self, *a):
+        real_step(self, *a)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(trainer.Trainer, "train_step", impatient)
+    assert trainer.main(job["args"]("impatient")) == 130
+    assert "stopped at once by a second signal" in error_line(capsys)
+    assert steps(ckpt_dir(job, "impatient")) == []  # no checkpoint was waited for
+
+
+@pytest.mark.slow
+def test_a_failure_on_rank_zero_alone_ends_every_rank_promptly(job):
+    """Rank 0 cannot replace the `last` link (it became a folder): rank 1 must not wait for it."""
+    tmp, name = job["tmp"], "rank0-fails"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "trainer.py"), *job["args"](name, **{"trainer.backend": "ddp", "ckpt.save_steps": 1,
+                                                        "trainer.epochs": 4})],
+        cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    last = ckpt_dir(job, name) / "last"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if last.is_symlink():
+            try:
+                last.unlink()
+                last.mkdir()
+                (last / "blocker").write_text("")
+                break
+            except OSError:
+                continue
+        time.sleep(0.01)
+    started = time.time()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert time.time() - started < 60
+    assert "the main process (rank 0) failed" in stderr  # rank 1's own line, not torchrun's kill
