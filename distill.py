@@ -396,7 +396,7 @@ def run(cfg, dist_ctx):
                   + (f", hidden map {loss_fn.hidden_map}" if want_hidden else "")
                   + (f", attention map {loss_fn.attention_map}" if want_attn else "")
                   + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
-    seed_everything(cfg["trainer"]["seed"] + dist_ctx.rank)  # dropout differs by rank, weights do not
+    seed_everything((cfg["trainer"]["seed"] + dist_ctx.rank) % 2**32)  # dropout differs by rank, weights do not
     _, result = fit(cfg, dist_ctx, module, tokenizer, train, val, loss_fn=loss_fn)
     return result
 

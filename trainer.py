@@ -885,7 +885,7 @@ def run(cfg, dist_ctx):
     model = build_model(cfg["model"], cfg["data"]["labels_list"])
     on_main(dist_ctx, check_outputs, cfg)
     # ranks draw different dropout masks; the initial weights were already the same on all
-    seed_everything(cfg["trainer"]["seed"] + dist_ctx.rank)
+    seed_everything((cfg["trainer"]["seed"] + dist_ctx.rank) % 2**32)
     result, run_dir = {}, None
     if train:
         trainer, result = fit(cfg, dist_ctx, model, tokenizer, train, val)
