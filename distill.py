@@ -376,7 +376,7 @@ def add_unlabeled(cfg, tokenizer, train):
 # the run
 
 
-def run(cfg, dist_ctx):
+def run(cfg, proc):
     """Build teacher and student, then train the student with trainer.py's loop."""
     check_distill_config(cfg)
     seed_everything(cfg["trainer"]["seed"])
@@ -385,19 +385,19 @@ def run(cfg, dist_ctx):
     train, val, _ = load_splits(cfg, tokenizer)
     train = add_unlabeled(cfg, tokenizer, train)
     want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
-    teacher = build_teacher(cfg, eager=want_attn, device=dist_ctx.device)
+    teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
     student = build_student(cfg, teacher, tokenizer)
     module = DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
     loss_fn = DistillLoss(cfg, teacher, student)
-    log(dist_ctx, f"distillation: teacher {teacher.config.num_hidden_layers} layers x "
+    log(proc, f"distillation: teacher {teacher.config.num_hidden_layers} layers x "
                   f"{teacher.config.hidden_size} ({count(teacher) / 1e6:.1f}M parameters), student "
                   f"{student.config.num_hidden_layers} x {student.config.hidden_size} "
                   f"({count(student) / 1e6:.1f}M), losses {loss_fn.weights}, T {d['temperature']}"
                   + (f", hidden map {loss_fn.hidden_map}" if want_hidden else "")
                   + (f", attention map {loss_fn.attention_map}" if want_attn else "")
                   + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
-    seed_everything((cfg["trainer"]["seed"] + dist_ctx.rank) % 2**32)  # dropout differs by rank, weights do not
-    _, result = fit(cfg, dist_ctx, module, tokenizer, train, val, loss_fn=loss_fn)
+    seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)  # dropout differs by rank, weights do not
+    _, result = fit(cfg, proc, module, tokenizer, train, val, loss_fn=loss_fn)
     return result
 
 

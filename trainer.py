@@ -55,7 +55,7 @@ TRAINING_STATE = "training_state"
 
 
 @dataclass
-class Dist:
+class Process:
     """Where this process stands: its rank among world_size processes, and its device."""
     rank: int
     local_rank: int
@@ -65,9 +65,9 @@ class Dist:
     ddp: bool
 
 
-def log(dist_ctx, message):
+def log(proc, message):
     """Print on the main process only, keeping the progress bar intact."""
-    if dist_ctx.is_main:
+    if proc.is_main:
         tqdm.write(message, file=sys.stdout)
 
 
@@ -97,11 +97,11 @@ def setup_distributed(trainer_cfg):
     if ddp and launched:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo",
                                 device_id=device if use_cuda else None)
-    ctx = Dist(rank, local_rank, world_size, device, rank == 0, ddp and launched)
+    proc = Process(rank, local_rank, world_size, device, rank == 0, ddp and launched)
     if ddp and not launched:
-        log(ctx, f"note: trainer.backend {trainer_cfg['backend']} without torchrun: running as a "
-                 f"world of one process (launch with torchrun --nproc_per_node N for more)")
-    return ctx
+        log(proc, f"note: trainer.backend {trainer_cfg['backend']} without torchrun: running as a "
+                  f"world of one process (launch with torchrun --nproc_per_node N for more)")
+    return proc
 
 
 def cleanup_distributed():
@@ -109,24 +109,24 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def autocast_dtype(trainer_cfg, dist_ctx):
+def autocast_dtype(trainer_cfg, proc):
     """The autocast dtype of *-amp backends, or None for float32; said plainly at start."""
     if not trainer_cfg["backend"].endswith("-amp"):
         return None
-    choice, device = trainer_cfg["amp_dtype"], dist_ctx.device
+    choice, device = trainer_cfg["amp_dtype"], proc.device
     if device.type == "cuda":
         if choice == "auto":
             choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        log(dist_ctx, f"mixed precision: autocast {choice} on {torch.cuda.get_device_name(device)}"
+        log(proc, f"mixed precision: autocast {choice} on {torch.cuda.get_device_name(device)}"
                       f"{' with GradScaler' if choice == 'fp16' else ''}")
         return torch.bfloat16 if choice == "bf16" else torch.float16
     if choice == "auto":
         # CPUs without native bf16 run a bf16 matmul about 100x slower than fp32 (measured here)
-        log(dist_ctx, "mixed precision: off on a CPU; training in float32 (autocast there is bf16, "
+        log(proc, "mixed precision: off on a CPU; training in float32 (autocast there is bf16, "
                       "much slower than fp32 without native bf16; force with --trainer.amp_dtype bf16)")
         return None
     native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    log(dist_ctx, f"mixed precision: autocast {choice} on the CPU"
+    log(proc, f"mixed precision: autocast {choice} on the CPU"
                   f"{'' if native else ' (this CPU has no native bf16: expect it to be far slower than fp32)'}")
     return torch.bfloat16 if choice == "bf16" else torch.float16
 
@@ -221,20 +221,20 @@ def label_names(cfg):
 
 
 @torch.inference_mode()
-def predict_logits(model, encoded, batch_size, pad_token_id, dist_ctx, amp_dtype):
+def predict_logits(model, encoded, batch_size, pad_token_id, proc, amp_dtype):
     """Float32 logits of every example in input order; batches sorted by length, sharded by rank."""
     was_training = model.training
     model.eval()
     shards = []
-    for indices in eval_batches(encoded.lengths, batch_size, dist_ctx.rank, dist_ctx.world_size):
-        batch = {k: v.to(dist_ctx.device, non_blocking=True)
+    for indices in eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size):
+        batch = {k: v.to(proc.device, non_blocking=True)
                  for k, v in collate(encoded, indices, pad_token_id).items() if k != "labels"}
-        with autocast(dist_ctx, amp_dtype):
+        with autocast(proc, amp_dtype):
             logits = model(**batch).logits.float()
         shards.append((indices, logits.cpu().numpy()))
     model.train(was_training)
-    if dist_ctx.ddp:  # every example was on exactly one rank: gather them all, no duplicates
-        gathered = [None] * dist_ctx.world_size
+    if proc.ddp:  # every example was on exactly one rank: gather them all, no duplicates
+        gathered = [None] * proc.world_size
         dist.all_gather_object(gathered, shards)
         shards = [shard for rank_shards in gathered for shard in rank_shards]
     num_outputs = shards[0][1].shape[1] if shards else 1
@@ -284,10 +284,10 @@ def atomic_write(path, newline=None):
         raise
 
 
-def autocast(dist_ctx, amp_dtype):
+def autocast(proc, amp_dtype):
     if amp_dtype is None:
         return nullcontext()
-    return torch.autocast(dist_ctx.device.type, dtype=amp_dtype)
+    return torch.autocast(proc.device.type, dtype=amp_dtype)
 
 
 def scalar_metrics(metrics):
@@ -302,19 +302,19 @@ class TrainingError(Exception):
     """The run cannot go on (for example a non-finite loss); reported as one line."""
 
 
-def on_main(dist_ctx, fn, *args):
+def on_main(proc, fn, *args):
     """fn(*args) on the main process only, its result handed to every rank.
 
     If it fails, every rank raises too: no rank is left waiting in a collective for a process that
     has given up (on NCCL such a wait only ends at the watchdog timeout).
     """
     result, error = None, None
-    if dist_ctx.is_main:
+    if proc.is_main:
         try:
             result = fn(*args)
         except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
             error = e
-    if dist_ctx.ddp:
+    if proc.ddp:
         shared = [("error", str(error)) if error is not None else ("ok", result)]
         dist.broadcast_object_list(shared, src=0)
         kind, result = shared[0]
@@ -375,13 +375,13 @@ class Trainer:
     another loss through the same loop; `model` may wrap the Hugging Face model as `.student`.
     """
 
-    def __init__(self, cfg, dist_ctx, model, tokenizer, train, val, loss_fn=supervised_loss):
-        self.cfg, self.dist, self.tokenizer = cfg, dist_ctx, tokenizer
+    def __init__(self, cfg, proc, model, tokenizer, train, val, loss_fn=supervised_loss):
+        self.cfg, self.proc, self.tokenizer = cfg, proc, tokenizer
         self.train_split, self.val_split, self.loss_fn = train, val, loss_fn
         tcfg = cfg["trainer"]
-        self.amp_dtype = autocast_dtype(tcfg, dist_ctx)
-        self.model = model.to(dist_ctx.device)
-        if dist_ctx.device.type == "cpu":
+        self.amp_dtype = autocast_dtype(tcfg, proc)
+        self.model = model.to(proc.device)
+        if proc.device.type == "cpu":
             use_cpu_dropout(self.model)  # same dropout, cheaper masks, in attention too (model.py)
         self.optimizer = build_optimizer(self.model, cfg["module"]["max_lr"],
                                          cfg["module"]["weight_decay"])
@@ -389,19 +389,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, self.warmup_steps, self.total_steps))
         # loss scaling guards float16 gradients from underflow; bfloat16 has float32's range
-        self.scaler = torch.amp.GradScaler(dist_ctx.device.type,
+        self.scaler = torch.amp.GradScaler(proc.device.type,
                                            enabled=self.amp_dtype == torch.float16)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.skipped_steps = 0
-        self.window = new_window(dist_ctx.device)
+        self.window = new_window(proc.device)
         self.signals, self.stop_signal, self.stopping = 0, None, False
         self.run_dir = None
         # the save folder: its lock, this launch's id, checkpoints moved aside by this launch
         self.lock, self.session, self.aside, self.digests = None, new_session(), None, None
-        if dist_ctx.ddp:
+        if proc.ddp:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[dist_ctx.device] if dist_ctx.device.type == "cuda" else None)
+                self.model, device_ids=[proc.device] if proc.device.type == "cuda" else None)
         else:
             self.ddp_model = self.model
         if tcfg["compile"]:
@@ -409,7 +409,7 @@ class Trainer:
 
     def setup_batches(self):
         """Per-rank micro-batch plan and step counts, from the global batch and the world size."""
-        tcfg, world_size = self.cfg["trainer"], self.dist.world_size
+        tcfg, world_size = self.cfg["trainer"], self.proc.world_size
         if tcfg["train_batch_size"] % world_size:
             raise ConfigError(f"trainer.train_batch_size {tcfg['train_batch_size']} does not divide "
                               f"among {world_size} processes; use a multiple of {world_size}")
@@ -421,7 +421,7 @@ class Trainer:
 
     def epoch_batches(self, epoch):
         return train_batches(self.train_split.encoded.lengths, self.cfg["trainer"]["train_batch_size"],
-                             self.cfg["trainer"]["seed"], epoch, self.dist.rank, self.dist.world_size)
+                             self.cfg["trainer"]["seed"], epoch, self.proc.rank, self.proc.world_size)
 
     @property
     def hf_model(self):
@@ -437,14 +437,14 @@ class Trainer:
 
     def train(self):
         tcfg = self.cfg["trainer"]
-        self.run_dir = on_main(self.dist, self.open_logs)
-        log(self.dist, f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
+        self.run_dir = on_main(self.proc, self.open_logs)
+        log(self.proc, f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
                        f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
-                       f"{self.dist.world_size} processes x {self.grad_accum_steps} micro-batches "
+                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
                        f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
-                       f"device {self.dist.device}")
+                       f"device {self.proc.device}")
         self.model.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.dist.is_main,
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.proc.is_main,
                         desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
         # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -487,17 +487,17 @@ class Trainer:
         micro = micro_batches(rank_indices, tcfg["gpu_batch_size_limit"])
         # each rank's summed loss is scaled so that DDP's mean over ranks is the mean over the
         # global batch: this weighs every example equally, also in a short last step
-        scale = self.dist.world_size / global_size
-        step_loss = torch.zeros((), device=self.dist.device)
+        scale = self.proc.world_size / global_size
+        step_loss = torch.zeros((), device=self.proc.device)
         for i, indices in enumerate(micro):
-            batch = {k: v.to(self.dist.device, non_blocking=True)
+            batch = {k: v.to(self.proc.device, non_blocking=True)
                      for k, v in collate(self.train_split.encoded, indices,
                                          self.tokenizer.pad_token_id).items()}
             # gradients are all-reduced only on the last micro-batch; no_sync covers the forward too
             is_last = i == len(micro) - 1
-            sync = nullcontext() if is_last or not self.dist.ddp else self.ddp_model.no_sync()
+            sync = nullcontext() if is_last or not self.proc.ddp else self.ddp_model.no_sync()
             with sync:
-                with autocast(self.dist, self.amp_dtype):
+                with autocast(self.proc, self.amp_dtype):
                     loss, terms = self.loss_fn(self.ddp_model, batch)
                 self.scaler.scale(loss * scale).backward()
             step_loss += loss.detach()
@@ -521,9 +521,9 @@ class Trainer:
     def log_train(self, progress):
         """Mean loss over the window's examples (and ranks), learning rate, throughput."""
         window = self.window
-        stats = torch.stack([window["loss"], torch.tensor(float(window["examples"]), device=self.dist.device)]
+        stats = torch.stack([window["loss"], torch.tensor(float(window["examples"]), device=self.proc.device)]
                             + [v.float() for v in window["terms"].values()])
-        if self.dist.ddp:
+        if self.proc.ddp:
             dist.all_reduce(stats)
         stats = stats.tolist()  # the one host sync of a log interval
         elapsed = time.perf_counter() - window["start"]
@@ -536,7 +536,7 @@ class Trainer:
         self.write_scalars(scalars)
         progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
                              ex_s=f"{scalars['train/examples_per_s']:.1f}")
-        self.window = new_window(self.dist.device)
+        self.window = new_window(self.proc.device)
 
     def validate(self):
         """Metrics on the validation file; saves and marks the best checkpoint. None without one."""
@@ -544,11 +544,11 @@ class Trainer:
             return None
         names = label_names(self.cfg)
         logits = predict_logits(self.hf_model, self.val_split.encoded, self.cfg["trainer"]["val_batch_size"],
-                                self.tokenizer.pad_token_id, self.dist, self.amp_dtype)
+                                self.tokenizer.pad_token_id, self.proc, self.amp_dtype)
         metrics = compute_metrics(logits_to_predictions(logits, names), self.val_split.encoded.labels, names)
         metric = self.cfg["module"]["metric"]
         self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
-        log(self.dist, f"validation at step {self.step} (epoch {self.epoch_number}): "
+        log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): "
                        + "  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
         if self.best is None or metrics[metric] > self.best["value"]:
             # the new best is recorded before the save, so the checkpoint's state holds it
@@ -568,7 +568,7 @@ class Trainer:
             load_weights(self.hf_model, str(Path(self.best["path"]) / "model.safetensors"))
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
                   "best_checkpoint": self.best["path"]}
-        on_main(self.dist, write_json, Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
+        on_main(self.proc, write_json, Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
         return result
 
     # -- stopping ------------------------------------------------------------------------------
@@ -586,8 +586,8 @@ class Trainer:
         """
         nonfinite = not self.scaler.is_enabled() and not torch.isfinite(step_loss)
         flags = torch.tensor([float(nonfinite), float(self.stop_signal is not None)],
-                             device=self.dist.device)
-        if self.dist.ddp:
+                             device=self.proc.device)
+        if self.proc.ddp:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, stop = flags.tolist()
         self.stopping = bool(stop)
@@ -612,11 +612,11 @@ class Trainer:
         self.jsonl = Path(self.run_dir) / "metrics.jsonl"
         truncate_jsonl(self.jsonl, self.step)
         write_json(Path(self.run_dir) / "config.json", self.cfg)
-        log(self.dist, f"logs: {self.run_dir}")
+        log(self.proc, f"logs: {self.run_dir}")
         return self.run_dir
 
     def write_scalars(self, scalars):
-        on_main(self.dist, self.append_scalars, scalars)
+        on_main(self.proc, self.append_scalars, scalars)
 
     def append_scalars(self, scalars):
         for name, value in scalars.items():
@@ -636,7 +636,7 @@ class Trainer:
         check_writable_dir(save_dir, "ckpt.model_state_save_dir")
         self.lock = SaveDirLock(save_dir)
         for message in recover(save_dir, prefix):
-            log(self.dist, f"note: {message}")
+            log(self.proc, f"note: {message}")
         for name in LINKS:
             if not our_link(save_dir, name, prefix):
                 raise CheckpointError(f"{save_dir / name} was not made by this trainer, which keeps its "
@@ -644,7 +644,7 @@ class Trainer:
                                       f"ckpt.model_state_save_dir")
         foreign = foreign_lookalikes(save_dir, prefix)
         if foreign:
-            log(self.dist, f"note: ignoring {', '.join(foreign)} in {save_dir}: not written by this trainer")
+            log(self.proc, f"note: ignoring {', '.join(foreign)} in {save_dir}: not written by this trainer")
         self.digests = data_digests(self.cfg)
         resume = self.choose_resume(our_checkpoints(save_dir, prefix))
         return None if resume is None else str(resume)
@@ -666,7 +666,7 @@ class Trainer:
                     chosen = (path, load_checkpoint(path, ckpt["file_ext"])[1])
                     break
                 except CheckpointError as e:
-                    log(self.dist, f"note: skipping {path.name}: {e}")
+                    log(self.proc, f"note: skipping {path.name}: {e}")
             if chosen is None:
                 return None
         else:
@@ -684,9 +684,9 @@ class Trainer:
 
     def check_compatible(self, path, manifest):
         """Refuse to resume with a config or data that would make the run silently different."""
-        if manifest["world_size"] != self.dist.world_size:
+        if manifest["world_size"] != self.proc.world_size:
             raise ConfigError(f"{path} was written by {manifest['world_size']} processes; resume it "
-                              f"with the same number (this run has {self.dist.world_size})")
+                              f"with the same number (this run has {self.proc.world_size})")
         conflicts = resume_conflicts(manifest["config"], manifest["data"], self.cfg, self.digests)
         if conflicts:
             raise ConfigError(f"cannot resume {path}: {'; '.join(conflicts)}. Resume with the checkpoint's "
@@ -695,7 +695,7 @@ class Trainer:
     def move_aside(self, paths, why):
         if paths:
             self.aside = move_aside(self.cfg["ckpt"]["model_state_save_dir"], paths, self.session)
-            log(self.dist, f"note: moved {len(paths)} checkpoints {why} to {self.aside}; they are deleted "
+            log(self.proc, f"note: moved {len(paths)} checkpoints {why} to {self.aside}; they are deleted "
                            f"once this run has written a checkpoint, and put back if it fails first")
 
     def checkpoint_name(self):
@@ -706,15 +706,15 @@ class Trainer:
         w = self.window
         window = {"loss": w["loss"].cpu(), "examples": w["examples"],
                   "terms": {k: v.cpu() for k, v in w["terms"].items()}}
-        return {"rng": rng_state(self.dist.device), "window": window}
+        return {"rng": rng_state(self.proc.device), "window": window}
 
     def save_checkpoint(self, reason="period"):
         """Write a checkpoint of every rank's state; the main process writes it."""
         per_rank = [self.rank_state()]
-        if self.dist.ddp:  # a collective: every rank calls save_checkpoint at the same step
-            per_rank = [None] * self.dist.world_size
+        if self.proc.ddp:  # a collective: every rank calls save_checkpoint at the same step
+            per_rank = [None] * self.proc.world_size
             dist.all_gather_object(per_rank, self.rank_state())
-        return Path(on_main(self.dist, self.write_checkpoint, per_rank, reason))
+        return Path(on_main(self.proc, self.write_checkpoint, per_rank, reason))
 
     def write_checkpoint(self, per_rank, reason):
         ckpt = self.cfg["ckpt"]
@@ -733,9 +733,9 @@ class Trainer:
                 torch.save(state, folder / f"training_state{ckpt['file_ext']}")
             manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                         "best": self.best, "skipped_steps": self.skipped_steps, "run_dir": self.run_dir,
-                        "world_size": self.dist.world_size, "config": self.cfg, "data": self.digests}
+                        "world_size": self.proc.world_size, "config": self.cfg, "data": self.digests}
             path = write_checkpoint(save_dir, name, self.session, write_files, manifest)
-            log(self.dist, f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
+            log(self.proc, f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
         point_link(save_dir, "last", path)
         if reason == "best":
             point_link(save_dir, "best", path)
@@ -759,13 +759,13 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         self.best, self.skipped_steps, self.run_dir = manifest["best"], manifest["skipped_steps"], manifest["run_dir"]
-        mine = state["ranks"][self.dist.rank]
-        set_rng_state(mine["rng"], self.dist.device)
-        device = self.dist.device
+        mine = state["ranks"][self.proc.rank]
+        set_rng_state(mine["rng"], self.proc.device)
+        device = self.proc.device
         self.window = {**new_window(device), "loss": mine["window"]["loss"].to(device),
                        "examples": mine["window"]["examples"],
                        "terms": {k: v.to(device) for k, v in mine["window"]["terms"].items()}}
-        log(self.dist, f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
+        log(self.proc, f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
                        f"batch {self.batch_in_epoch} of {self.steps_per_epoch})")
 
     def release(self, failed):
@@ -847,57 +847,57 @@ def check_outputs(cfg):
         check_writable_dir(output.resolve().parent, "data.predict_output")
 
 
-def evaluate_only(cfg, dist_ctx, model, tokenizer, val):
+def evaluate_only(cfg, proc, model, tokenizer, val):
     """Metrics of a fine-tuned model on a labelled file, with a per-class table."""
     names = label_names(cfg)
     logits = predict_logits(model, val.encoded, cfg["trainer"]["val_batch_size"],
-                            tokenizer.pad_token_id, dist_ctx, autocast_dtype(cfg["trainer"], dist_ctx))
+                            tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc))
     metrics = compute_metrics(logits_to_predictions(logits, names), val.encoded.labels, names)
-    log(dist_ctx, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
+    log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
                   f"({len(val.encoded)} examples)\n{format_report(metrics)}")
     return metrics
 
 
-def fit(cfg, dist_ctx, model, tokenizer, train, val, loss_fn=supervised_loss):
+def fit(cfg, proc, model, tokenizer, train, val, loss_fn=supervised_loss):
     """Train fresh or resumed (ckpt.resume): (trainer, final metrics or None if stopped)."""
-    trainer = Trainer(cfg, dist_ctx, model, tokenizer, train, val, loss_fn=loss_fn)
+    trainer = Trainer(cfg, proc, model, tokenizer, train, val, loss_fn=loss_fn)
     failed = True
     try:
-        resume = on_main(dist_ctx, trainer.prepare_save_dir)
+        resume = on_main(proc, trainer.prepare_save_dir)
         if resume is not None:
             trainer.resume_from(resume)
         result = trainer.train()
         failed = False
     finally:
-        if dist_ctx.is_main:
+        if proc.is_main:
             trainer.release(failed)
     if result is None:
-        log(dist_ctx, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with "
+        log(proc, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with "
                       f"--ckpt.resume auto")
     return trainer, result
 
 
-def run(cfg, dist_ctx):
+def run(cfg, proc):
     """Everything a config asks for; returns the final metrics (main process)."""
     seed_everything(cfg["trainer"]["seed"])
     tokenizer = load_tokenizer(cfg["model"])
     train, val, predict = load_splits(cfg, tokenizer)
     model = build_model(cfg["model"], cfg["data"]["labels_list"])
-    on_main(dist_ctx, check_outputs, cfg)
+    on_main(proc, check_outputs, cfg)
     # ranks draw different dropout masks; the initial weights were already the same on all
-    seed_everything((cfg["trainer"]["seed"] + dist_ctx.rank) % 2**32)
+    seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
     result, run_dir = {}, None
     if train:
-        trainer, result = fit(cfg, dist_ctx, model, tokenizer, train, val)
+        trainer, result = fit(cfg, proc, model, tokenizer, train, val)
         if result is None:
             return None
         model, run_dir = trainer.hf_model, trainer.run_dir
     elif val:
-        metrics = evaluate_only(cfg, dist_ctx, model.to(dist_ctx.device), tokenizer, val)
+        metrics = evaluate_only(cfg, proc, model.to(proc.device), tokenizer, val)
         result = scalar_metrics(metrics)
-        run_dir = on_main(dist_ctx, write_eval_metrics, cfg, metrics)
+        run_dir = on_main(proc, write_eval_metrics, cfg, metrics)
     if predict:
-        result["predictions"] = predict_file(cfg, dist_ctx, model.to(dist_ctx.device), tokenizer,
+        result["predictions"] = predict_file(cfg, proc, model.to(proc.device), tokenizer,
                                              predict, run_dir)
     return result
 
@@ -909,17 +909,17 @@ def write_eval_metrics(cfg, metrics):
     return run_dir
 
 
-def predict_file(cfg, dist_ctx, model, tokenizer, predict, run_dir):
+def predict_file(cfg, proc, model, tokenizer, predict, run_dir):
     logits = predict_logits(model, predict.encoded, cfg["trainer"]["val_batch_size"],
-                            tokenizer.pad_token_id, dist_ctx, autocast_dtype(cfg["trainer"], dist_ctx))
-    if not dist_ctx.is_main:
+                            tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc))
+    if not proc.is_main:
         return None
     path = cfg["data"]["predict_output"]
     if path is None:
         run_dir = run_dir or new_run_dir(cfg["trainer"]["log_dir"], "predict")
         path = str(Path(run_dir) / "predictions.csv")
     write_predictions(path, predict.examples, logits, label_names(cfg))
-    log(dist_ctx, f"predictions for {len(predict.encoded)} texts written to {path}")
+    log(proc, f"predictions for {len(predict.encoded)} texts written to {path}")
     return path
 
 
@@ -935,9 +935,9 @@ def main(argv=None, run_fn=run, doc=__doc__):
     cfg = None
     try:
         cfg = load_config(argv)
-        dist_ctx = setup_distributed(cfg["trainer"])
+        proc = setup_distributed(cfg["trainer"])
         try:
-            result = run_fn(cfg, dist_ctx)
+            result = run_fn(cfg, proc)
         finally:
             cleanup_distributed()
     except (ConfigError, DataError, ModelError, TrainingError, CheckpointError) as e:
@@ -951,7 +951,7 @@ def main(argv=None, run_fn=run, doc=__doc__):
         return 130
     if result is None:
         return 1  # stopped by a signal; the checkpoint to resume from is written
-    if dist_ctx.is_main:
+    if proc.is_main:
         print(json.dumps(result))
     return 0
 

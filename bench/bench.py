@@ -121,7 +121,7 @@ def run_ours(job):
             first_step.setdefault("s", since_process_start())
 
     cfg = trainer.load_config(ours_argv(job))
-    dist_ctx = trainer.setup_distributed(cfg["trainer"])
+    proc = trainer.setup_distributed(cfg["trainer"])
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
     train, val, _ = trainer.load_splits(cfg, tokenizer)
@@ -129,11 +129,11 @@ def run_ours(job):
         model = cls_only_last_layer(build_random_roberta(job))
     else:
         model = trainer.build_model(cfg["model"], LABELS)
-    run = TimedTrainer(cfg, dist_ctx, model, tokenizer, train, None)  # no validation inside train()
+    run = TimedTrainer(cfg, proc, model, tokenizer, train, None)  # no validation inside train()
     _, train_s = timed(torch, run.train)
     logits, eval_s = timed(torch, lambda: trainer.predict_logits(
         run.hf_model, val.encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
-        dist_ctx, run.amp_dtype))
+        proc, run.amp_dtype))
     metrics = compute_metrics(logits.argmax(axis=1), val.encoded.labels, LABELS)
     return {"train_s": train_s, "eval_s": eval_s, "first_step_s": first_step["s"],
             "acc": metrics["acc"], "f1_macro": metrics["f1_macro"],

@@ -39,11 +39,11 @@ def bench_trainer():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     job = {**bench.make_job(args, scratch, device), "log_dir": str(scratch)}
     cfg = trainer.load_config(bench.ours_argv(job) + ["--data.val_filepath", "null"])  # steps only
-    dist_ctx = trainer.setup_distributed(cfg["trainer"])
+    proc = trainer.setup_distributed(cfg["trainer"])
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
     train, _, _ = trainer.load_splits(cfg, tokenizer)
-    run = trainer.Trainer(cfg, dist_ctx, trainer.build_model(cfg["model"], bench.LABELS), tokenizer, train,
+    run = trainer.Trainer(cfg, proc, trainer.build_model(cfg["model"], bench.LABELS), tokenizer, train,
                           None)
     run.model.train()
     return run, run.epoch_batches(0)

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import build_model, load_tokenizer  # noqa: E402
 from config import load_config  # noqa: E402
-from trainer import Dist, load_split, predict_logits  # noqa: E402
+from trainer import Process, load_split, predict_logits  # noqa: E402
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
     parser.add_argument("--max_seq_len", type=int, default=64)
     args = parser.parse_args()
     cfg = load_config(["--data.val_filepath", args.data, "--module.max_seq_len", str(args.max_seq_len)])
-    ctx = Dist(0, 0, 1, torch.device("cpu"), True, False)
+    ctx = Process(0, 0, 1, torch.device("cpu"), True, False)
     models = {}
     for path in args.models:
         model_cfg = {**cfg["model"], "model_path": path}

@@ -223,7 +223,7 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     before_projection = module.projection.weight.detach().clone()
     tokenizer = trainer.load_tokenizer(cfg["model"])
     train_split, val_split, _ = trainer.load_splits(cfg, tokenizer)
-    ctx = trainer.Dist(0, 0, 1, torch.device("cpu"), True, False)
+    ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
     run, result = trainer.fit(cfg, ctx, module, tokenizer, train_split, val_split, loss_fn=loss_fn)
     assert result is not None
     # on a CPU the trainer draws the student's dropout masks with model.CPUDropout
@@ -326,7 +326,7 @@ def untrained_accuracy(argv):
     teacher = distill.build_teacher(cfg, eager=False, device=torch.device("cpu"))
     student = distill.build_student(cfg, teacher, tokenizer)
     val = trainer.load_split(cfg, tokenizer, cfg["data"]["val_filepath"], True)
-    ctx = trainer.Dist(0, 0, 1, torch.device("cpu"), True, False)
+    ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
     logits = trainer.predict_logits(student, val.encoded, 32, tokenizer.pad_token_id, ctx, None)
     return float((logits.argmax(axis=1) == val.encoded.labels).mean())
 

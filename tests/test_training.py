@@ -408,7 +408,7 @@ def test_checkpoint_loads_in_plain_transformers_and_predicts_the_same(trained):
     ours_model = build_model(cfg["model"], cfg["data"]["labels_list"])
     path = write_csv(trained.root / "nine.csv", [{"text": t, "label": "positive"} for t in texts])
     split = load_split(cfg, load_tokenizer(cfg["model"]), path, True)
-    ctx = trainer.Dist(0, 0, 1, torch.device("cpu"), True, False)
+    ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
     ours = trainer.predict_logits(ours_model, split.encoded, 3, tokenizer.pad_token_id, ctx, None)
     np.testing.assert_allclose(ours, plain, atol=1e-5)
 
