@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from data import Encoded, encode, read_examples
-from model import (ModelError, build_model, cls_only_last_layer, from_pretrained, is_pretrained_dir, label_config,
-                   load_tokenizer)
+import speedups
 from config import ConfigError
+from data import Encoded, encode, read_examples
+from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
+                   load_tokenizer)
 from trainer import Split, fit, load_splits, log, seed_everything
 from trainer import main as trainer_main
 
@@ -184,7 +185,7 @@ def build_student(cfg, teacher, tokenizer):
     for name in student_kwargs:  # the modules are built with dropout 0; the saved config keeps its value
         if original is not None and hasattr(original, name):
             setattr(student.config, name, getattr(original, name))
-    return cls_only_last_layer(student)  # as build_model does for the teacher
+    return student
 
 
 def check_vocabulary(student_model, student, tokenizer):
@@ -389,6 +390,9 @@ def run(cfg, proc):
     student = build_student(cfg, teacher, tokenizer)
     module = DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
     loss_fn = DistillLoss(cfg, teacher, student)
+    if cfg["trainer"]["speedups"]:
+        speedups.apply(teacher, proc.device)
+        speedups.apply(module, proc.device)
     log(proc, f"distillation: teacher {teacher.config.num_hidden_layers} layers x "
                   f"{teacher.config.hidden_size} ({count(teacher) / 1e6:.1f}M parameters), student "
                   f"{student.config.num_hidden_layers} x {student.config.hidden_size} "

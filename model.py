@@ -122,8 +122,7 @@ def from_pretrained(source, key, **kwargs):
 def build_model(model_cfg, labels_list, **kwargs):
     """The classifier to train or evaluate, with fine-tuned weights when model.model_path is set.
 
-    Extra keyword arguments go to from_pretrained (for example attn_implementation="eager"). A
-    [CLS]-pooled classifier computes its last layer at the first position only (cls_only_last_layer).
+    Extra keyword arguments go to from_pretrained (for example attn_implementation="eager").
     """
     checkpoint_dir = model_cfg["model_path"] if weights_file(model_cfg) is None else None
     if is_pretrained_dir(checkpoint_dir):
@@ -135,7 +134,7 @@ def build_model(model_cfg, labels_list, **kwargs):
         path = weights_file(model_cfg)
         if path is not None:
             load_weights(model, path)
-    return cls_only_last_layer(model)
+    return model
 
 
 def read_state_dict(path):

@@ -38,14 +38,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import speedups
 from checkpoint import (LINKS, CheckpointError, SaveDirLock, check_writable_dir, checkpoint_name, file_digest,
                         foreign_lookalikes, load_checkpoint, move_aside, new_session, our_checkpoints, our_link,
                         point_link, prune, read_manifest, recover, restore_aside, write_checkpoint)
 from config import GOLDEN_CONFIG, ConfigError, load_config
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
 from metrics import compute_metrics, format_report
-from model import (ModelError, build_model, load_tokenizer, load_weights, save_pretrained,
-                   use_cpu_dropout)
+from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained
 
 TRAINING_STATE = "training_state"
 
@@ -381,8 +381,6 @@ class Trainer:
         tcfg = cfg["trainer"]
         self.amp_dtype = autocast_dtype(tcfg, proc)
         self.model = model.to(proc.device)
-        if proc.device.type == "cpu":
-            use_cpu_dropout(self.model)  # same dropout, cheaper masks, in attention too (model.py)
         self.optimizer = build_optimizer(self.model, cfg["module"]["max_lr"],
                                          cfg["module"]["weight_decay"])
         self.setup_batches()
@@ -883,6 +881,8 @@ def run(cfg, proc):
     tokenizer = load_tokenizer(cfg["model"])
     train, val, predict = load_splits(cfg, tokenizer)
     model = build_model(cfg["model"], cfg["data"]["labels_list"])
+    if cfg["trainer"]["speedups"]:
+        speedups.apply(model, proc.device)  # the same arithmetic, less of it (speedups.py)
     on_main(proc, check_outputs, cfg)
     # ranks draw different dropout masks; the initial weights were already the same on all
     seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
