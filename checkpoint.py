@@ -1,10 +1,12 @@
 """Checkpoint folders on disk: written atomically, found safely, loaded as data and never as code.
 
-Usage (trainer.py's Trainer does this; rank 0 alone touches the disk):
-    lock = SaveDirLock(save_dir)                 # one run per folder, held for the run's life
-    recover(save_dir, prefix)                    # undo what a killed run left half done
-    path = write_checkpoint(save_dir, name, session, write_files, manifest)
-    state, manifest = load_checkpoint(path, file_ext)
+Usage (trainer.py does this; rank 0 alone touches the disk):
+    save_dir = SaveDir(cfg, session, say=print)   # locks the folder, repairs what a kill left
+    resume = save_dir.open(world_size, digests)   # the checkpoint to resume from, or None
+    path = write_checkpoint(save_dir.path, name, session, write_files, manifest)
+    save_dir.wrote_checkpoint()                    # old checkpoints moved aside can go now
+    state, manifest = load_checkpoint(resume, file_ext)
+    save_dir.close(failed=False)
 
 A checkpoint is a folder <prefix>-epoch<E>-step<S> in ckpt.model_state_save_dir holding
 - the model and tokenizer as save_pretrained writes them, so plain transformers loads the folder;
@@ -289,3 +291,130 @@ def check_writable_dir(path, key):
     except OSError as e:
         raise CheckpointError(f"{key}: cannot write in {path} ({e.strerror or e}); choose a writable "
                               f"folder") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: which checkpoint, and what may differ
+
+
+# keys a resumed run may change: they steer logging, checkpoint cadence, threads, debugging or the
+# predictions written at the end, never the arithmetic of training
+RESUME_MAY_CHANGE = {"trainer.log_steps", "trainer.log_dir", "trainer.num_threads", "trainer.debug",
+                     "ckpt.checkpoint", "ckpt.period", "ckpt.save_steps", "ckpt.keep_last",
+                     "ckpt.resume", "ckpt.overwrite", "data.predict_filepath", "data.predict_output"}
+# data files are compared by content (a moved file is the same data; an edited one is not)
+DATA_FILE_KEYS = ("data.train_filepath", "data.val_filepath", "distill.unlabeled_filepaths")
+
+
+def data_digests(cfg):
+    """{key: [content hash of each file]} of every data file that training reads."""
+    digests = {}
+    for key in DATA_FILE_KEYS:
+        section, name = key.split(".")
+        paths = cfg[section][name] if isinstance(cfg[section][name], list) else [cfg[section][name]]
+        digests[key] = [None if p is None else file_digest(p) for p in paths]
+    return digests
+
+
+def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
+    """'key old -> new' for every difference between a checkpoint's run and this one that would
+    make the resumed run silently different from continuing the original."""
+    conflicts = []
+    for section, values in cfg.items():
+        for name, value in values.items():
+            key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name)
+            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or old == value:
+                continue
+            if key == "trainer.epochs" and value > old:
+                continue  # a finished run can be extended
+            conflicts.append(f"{key} {old!r} -> {value!r}" + (" (may only grow)" if key == "trainer.epochs" else ""))
+    for key in DATA_FILE_KEYS:
+        if saved_digests.get(key) != digests[key]:
+            conflicts.append(f"{key}: the file's content differs from the one the checkpoint trained on")
+    return conflicts
+
+
+class SaveDir:
+    """ckpt.model_state_save_dir for the life of one run, on the main process: its lock, the
+    checkpoint to resume from, and the old checkpoints moved aside until this run has one."""
+
+    def __init__(self, cfg, session, say):
+        self.cfg, self.ckpt, self.session, self.say = cfg, cfg["ckpt"], session, say
+        self.path, self.prefix = Path(self.ckpt["model_state_save_dir"]), self.ckpt["file_prefix"]
+        self.lock, self.aside = None, None
+
+    def open(self, world_size, digests):
+        """Check and lock the folder, repair what a killed run left, apply the overwrite and
+        resume rules. Returns the checkpoint to resume from, or None for a fresh run."""
+        check_writable_dir(self.path, "ckpt.model_state_save_dir")
+        self.lock = SaveDirLock(self.path)
+        for message in recover(self.path, self.prefix):
+            self.say(f"note: {message}")
+        for name in LINKS:
+            if not our_link(self.path, name, self.prefix):
+                raise CheckpointError(f"{self.path / name} was not made by this trainer, which keeps its "
+                                      f"`{name}` link there; move it away or choose another "
+                                      f"ckpt.model_state_save_dir")
+        foreign = foreign_lookalikes(self.path, self.prefix)
+        if foreign:
+            self.say(f"note: ignoring {', '.join(foreign)} in {self.path}: not written by this trainer")
+        ours = our_checkpoints(self.path, self.prefix)
+        if self.ckpt["resume"] is None:
+            if ours and not self.ckpt["overwrite"]:
+                raise CheckpointError(f"{self.path} already holds checkpoints ({ours[-1][1].name}); resume "
+                                      f"with --ckpt.resume auto, choose another --ckpt.model_state_save_dir, "
+                                      f"or pass --ckpt.overwrite true to replace them")
+            self.move_aside([path for _, path, _ in ours], "replaced by this run")
+            return None
+        chosen = self.resume_candidate(ours)
+        if chosen is None:
+            return None
+        path, manifest = chosen
+        if manifest["world_size"] != world_size:
+            raise CheckpointError(f"{path} was written by {manifest['world_size']} processes; resume it "
+                                  f"with the same number (this run has {world_size})")
+        conflicts = resume_conflicts(manifest["config"], manifest["data"], self.cfg, digests)
+        if conflicts:
+            raise CheckpointError(f"cannot resume {path}: {'; '.join(conflicts)}. Resume with the "
+                                  f"checkpoint's settings, or start a new run from its weights with "
+                                  f"--model.model_path {path}")
+        newer = [p for step, p, _ in ours if step > manifest["step"] and p.resolve() != path.resolve()]
+        if newer and self.ckpt["resume"] != "auto" and not self.ckpt["overwrite"]:
+            raise CheckpointError(f"{self.path} holds checkpoints newer than {path.name} "
+                                  f"({', '.join(p.name for p in newer)}); resume the newest (--ckpt.resume "
+                                  f"auto), or pass --ckpt.overwrite true to replace them with this run's")
+        self.move_aside(newer, "newer than the one resumed")  # with auto: those that did not load
+        return path
+
+    def resume_candidate(self, ours):
+        """(path, manifest) of ckpt.resume: the newest of ours that loads for auto."""
+        if self.ckpt["resume"] != "auto":
+            path = Path(self.ckpt["resume"])
+            return path, load_checkpoint(path, self.ckpt["file_ext"])[1]
+        for _, path, _ in reversed(ours):
+            try:
+                return path, load_checkpoint(path, self.ckpt["file_ext"])[1]
+            except CheckpointError as e:
+                self.say(f"note: skipping {path.name}: {e}")
+        return None
+
+    def move_aside(self, paths, why):
+        if paths:
+            self.aside = move_aside(self.path, paths, self.session)
+            self.say(f"note: moved {len(paths)} checkpoints {why} to {self.aside}; they are deleted once "
+                     f"this run has written a checkpoint, and put back if it fails first")
+
+    def wrote_checkpoint(self):
+        """This run has a checkpoint of its own: what it replaces can go."""
+        if self.aside is not None:
+            shutil.rmtree(self.aside)
+            self.aside = None
+
+    def close(self, failed):
+        """A failed run puts back what it moved aside; then the lock is released."""
+        if self.aside is not None and failed:
+            restore_aside(self.path, self.aside)
+            self.aside = None
+        self.wrote_checkpoint()  # finished without a checkpoint (ckpt.checkpoint false): replaced all the same
+        if self.lock is not None:
+            self.lock.release()

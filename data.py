@@ -19,7 +19,6 @@ global order and takes its own share of each global batch, and a resumed run fin
 import csv
 import io
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,10 +261,10 @@ def train_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, group_
     return [(batch[rank::world_size], len(batch)) for batch in batches if len(batch) >= world_size]
 
 
-def micro_batches(indices, micro_batch_size):
-    """Split a rank's share of a global batch into gradient-accumulation micro-batches."""
-    count = max(1, math.ceil(len(indices) / micro_batch_size))
-    return np.array_split(indices, count)
+def micro_batches(indices, grad_accum_steps):
+    """Split a rank's share of a global batch into grad_accum_steps micro-batches of near-equal
+    size (fewer when a short last batch has fewer examples than that)."""
+    return [micro for micro in np.array_split(indices, grad_accum_steps) if len(micro)]
 
 
 def eval_batches(lengths, batch_size, rank=0, world_size=1):

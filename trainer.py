@@ -16,15 +16,19 @@ Resume after a crash:
 The loop is written out by hand so it can be read: global batch = micro-batches x accumulation x
 ranks, the loss scaled by the true number of examples in each step, no gradient sync on non-final
 micro-steps, GradScaler for float16 only, a linear warmup / decay schedule, and checkpoints that
-carry everything needed to resume exactly.
+carry everything needed to resume exactly. A step never waits for the GPU: the learning rate, the
+count of updates and the skip of an update with non-finite gradients all stay on the device, and
+the host reads them once per log interval.
+
+Reading order: Trainer (set-up, train, train_step, validate, checkpoints), then the pieces it uses
+(schedule, optimizer, loss; processes and devices; evaluation), then the run and the command line.
+Configuration is config.py, files on disk checkpoint.py, data data.py, models model.py.
 """
 import csv
 import json
-import math
 import os
 import random
 import signal
-import shutil
 import sys
 import tempfile
 import time
@@ -39,15 +43,401 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import speedups
-from checkpoint import (LINKS, CheckpointError, SaveDirLock, check_writable_dir, checkpoint_name, file_digest,
-                        foreign_lookalikes, load_checkpoint, move_aside, new_session, our_checkpoints, our_link,
-                        point_link, prune, read_manifest, recover, restore_aside, write_checkpoint)
+from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests,
+                        load_checkpoint, new_session, point_link, prune, read_manifest, write_checkpoint)
 from config import GOLDEN_CONFIG, ConfigError, load_config
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
 from metrics import compute_metrics, format_report
 from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained
 
-TRAINING_STATE = "training_state"
+
+class TrainingError(Exception):
+    """The run cannot go on (for example a non-finite loss); reported as one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+
+
+class Trainer:
+    """The state of one training run and the steps of its loop.
+
+    `model` is what is optimized and saved: a Hugging Face classifier, or a module that holds one
+    as `.student` (distillation, with loss_fn(model, batch) -> (summed loss, {term: summed term})).
+    `wrapped` is the same model as the forward pass sees it: inside DDP and / or torch.compile.
+    """
+
+    def __init__(self, cfg, proc, model, tokenizer, train, val, loss_fn=None):
+        self.cfg, self.proc, self.tokenizer = cfg, proc, tokenizer
+        self.train_split, self.val_split = train, val
+        self.loss_fn = loss_fn or supervised_loss
+        tcfg, device = cfg["trainer"], proc.device
+        self.amp_dtype = autocast_dtype(tcfg, proc)
+        self.model = model.to(device)
+        self.wrapped = self.model
+        if proc.ddp:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == "cuda" else None)
+        if tcfg["compile"]:
+            self.wrapped = torch.compile(self.wrapped, dynamic=True)
+
+        # batches: global batch = world_size ranks x grad_accum_steps micro-batches of <= the limit
+        if tcfg["train_batch_size"] % proc.world_size:
+            raise ConfigError(f"trainer.train_batch_size {tcfg['train_batch_size']} does not divide "
+                              f"among {proc.world_size} processes; use a multiple of {proc.world_size}")
+        per_rank = tcfg["train_batch_size"] // proc.world_size
+        self.grad_accum_steps = -(-per_rank // tcfg["gpu_batch_size_limit"])  # ceiling division
+        self.steps_per_epoch = len(self.epoch_batches(0))
+        self.total_steps = max(1, self.steps_per_epoch * tcfg["epochs"])
+        self.warmup_steps = round(cfg["module"]["warmup_prop"] * self.total_steps)
+
+        # the optimizer reads its learning rate from a tensor on the device, set before each update
+        self.lr = torch.zeros((), device=device)
+        self.optimizer = build_optimizer(self.model, self.lr, cfg["module"]["weight_decay"])
+        # loss scaling guards float16 gradients from underflow; bfloat16 has float32's range
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+
+        # where the run stands: all of it goes into a checkpoint
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.updates = torch.zeros((), dtype=torch.int64, device=device)  # steps whose update was made
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # non-finite gradients
+        self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
+        self.window = new_window(device)
+        self.run_dir, self.session, self.digests, self.save_dir = None, new_session(), None, None
+        self.signals, self.stop_signal, self.stopping = 0, None, False
+
+    def epoch_batches(self, epoch):
+        return train_batches(self.train_split.encoded.lengths, self.cfg["trainer"]["train_batch_size"],
+                             self.cfg["trainer"]["seed"], epoch, self.proc.rank, self.proc.world_size)
+
+    @property
+    def epoch_number(self):
+        """The epoch (from 1) that the last step belongs to: what logs and checkpoint names say."""
+        return self.epoch + (self.batch_in_epoch > 0)
+
+    def train(self):
+        """Epochs of steps, each followed by logging, validation and checkpoints at their cadence."""
+        tcfg, ckpt = self.cfg["trainer"], self.cfg["ckpt"]
+        self.run_dir = on_main(self.proc, self.open_logs)
+        log(self.proc, f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
+                       f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
+                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
+                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
+                       f"device {self.proc.device}")
+        self.model.train()
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.proc.is_main,
+                        desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
+        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while self.epoch < tcfg["epochs"]:
+                batches = self.epoch_batches(self.epoch)
+                for rank_indices, global_size in batches[self.batch_in_epoch:]:
+                    self.train_step(rank_indices, global_size)
+                    self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+                    progress.update(1)
+                    if self.step % tcfg["log_steps"] == 0:
+                        self.log_train(progress)
+                    if tcfg["eval_steps"] and self.step % tcfg["eval_steps"] == 0 and self.batch_in_epoch < len(batches):
+                        self.validate()
+                    if ckpt["save_steps"] and self.step % ckpt["save_steps"] == 0:
+                        self.save_checkpoint()
+                    if self.agree_to_stop():
+                        self.save_checkpoint(reason="stop")
+                        return None
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self.validate()
+                if ckpt["checkpoint"] and ckpt["period"] and self.epoch % ckpt["period"] == 0:
+                    self.save_checkpoint()  # nothing new is written if validation just saved this step
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            progress.close()
+        self.check_updates(int(self.skipped))
+        return self.finish()
+
+    def train_step(self, rank_indices, global_size):
+        """One optimizer step over a global batch: accumulate micro-batches, clip, update."""
+        tcfg, window = self.cfg["trainer"], self.window
+        micro = micro_batches(rank_indices, self.grad_accum_steps)
+        # each rank's summed loss is scaled so that DDP's mean over ranks is the mean over the
+        # global batch: this weighs every example equally, also in a short last step
+        scale = self.proc.world_size / global_size
+        for i, indices in enumerate(micro):
+            batch = {k: v.to(self.proc.device, non_blocking=True)
+                     for k, v in collate(self.train_split.encoded, indices, self.tokenizer.pad_token_id).items()}
+            # gradients are all-reduced only on the last micro-batch; no_sync covers the forward too
+            last = i == len(micro) - 1
+            with nullcontext() if last or not self.proc.ddp else self.wrapped.no_sync():
+                with autocast(self.proc, self.amp_dtype):
+                    loss, terms = self.loss_fn(self.wrapped, batch)
+                self.scaler.scale(loss * scale).backward()
+            window["loss"] += loss.detach()
+            for name, value in terms.items():
+                window["terms"][name] = window["terms"].get(name, 0) + value.detach()
+        window["examples"] += len(rank_indices)  # summed over ranks at log time
+
+        # the schedule counts updates made, not steps taken: a skipped update does not advance it
+        self.lr.copy_(self.cfg["module"]["max_lr"] * lr_multiplier(self.updates, self.warmup_steps, self.total_steps))
+        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if tcfg["clip_grads"]:
+            torch.nn.utils.clip_grads_with_norm_(params, tcfg["max_grad_norm"], grad_norm)
+        # a non-finite loss or gradient must never reach the weights; the check stays on the
+        # device (fused AdamW skips the update when found_inf is 1), so the host never waits here
+        not_finite = ~torch.isfinite(grad_norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # GradScaler finds the same infs and skips itself
+            self.scaler.update()
+        else:
+            self.optimizer.found_inf = not_finite.float()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += ~not_finite
+        self.skipped += not_finite
+
+    def log_train(self, progress):
+        """Mean loss over the window's examples (and ranks), learning rate, throughput."""
+        window, device = self.window, self.proc.device
+        sums = torch.stack([window["loss"].float(), torch.tensor(float(window["examples"]), device=device)]
+                           + [v.float() for v in window["terms"].values()])
+        if self.proc.ddp:
+            dist.all_reduce(sums)
+        # the one host sync of a log interval (lr and skipped are the same on every rank)
+        lr, skipped, loss, examples, *terms = torch.cat([torch.stack([self.lr.float(), self.skipped.float()]), sums]).tolist()
+        skipped = int(skipped)
+        self.check_updates(skipped)
+        elapsed = time.perf_counter() - window["start"]
+        scalars = {"train/loss": loss / examples, "train/lr": lr, "train/examples_per_s": examples / elapsed}
+        for name, value in zip(window["terms"], terms):
+            scalars[f"train/{name}"] = value / examples
+        if skipped:
+            scalars["train/skipped_steps"] = skipped
+        self.write_scalars(scalars)
+        progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{lr:.2e}", ex_s=f"{scalars['train/examples_per_s']:.1f}")
+        self.window = new_window(self.proc.device)
+
+    def check_updates(self, skipped):
+        """In float32 / bfloat16, a skipped update means a non-finite loss: stop (the weights never
+        saw it). float16 skips are GradScaler finding its scale and only counted."""
+        if skipped and not self.scaler.is_enabled():
+            last = Path(self.cfg["ckpt"]["model_state_save_dir"]) / "last"
+            raise TrainingError(f"by step {self.step}, {skipped} updates were skipped: the loss or its gradients "
+                                f"were not finite; lower module.max_lr or check the data. Last good "
+                                f"checkpoint: {last.resolve() if last.exists() else 'none'}")
+
+    def validate(self):
+        """Metrics on the validation file; saves and marks the best checkpoint. None without one."""
+        if self.val_split is None:
+            return None
+        names = label_names(self.cfg)
+        logits = predict_logits(classifier_of(self.model), self.val_split.encoded, self.cfg["trainer"]["val_batch_size"],
+                                self.tokenizer.pad_token_id, self.proc, self.amp_dtype)
+        metrics = compute_metrics(logits_to_predictions(logits, names), self.val_split.encoded.labels, names)
+        self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
+        log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): "
+                       + "  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
+        value, ckpt = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"]
+        if self.best is None or value > self.best["value"]:
+            # the new best is recorded before the save, so the checkpoint's state holds it
+            path = Path(ckpt["model_state_save_dir"]) / self.checkpoint_name() if ckpt["checkpoint"] else None
+            self.best = {"value": value, "metrics": metrics, "step": self.step,
+                         "path": None if path is None else str(path)}
+            if path is not None:
+                self.save_checkpoint(reason="best")
+        return metrics
+
+    def finish(self):
+        """Reload the best model for predictions and report: the final metrics of the run."""
+        if self.best is None:
+            return {"step": self.step}
+        if self.best["path"] is not None and self.best["step"] != self.step:
+            load_weights(classifier_of(self.model), str(Path(self.best["path"]) / "model.safetensors"))
+        result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
+                  "best_checkpoint": self.best["path"]}
+        on_main(self.proc, write_json, Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
+        return result
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def request_stop(self, signum, frame):
+        self.signals += 1
+        if self.signals > 1:  # a second Ctrl-C: the user does not want to wait for the checkpoint
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+
+    def agree_to_stop(self):
+        """True when any rank was asked to stop, as agreed by all, so that none waits forever.
+
+        Under DDP a one-number all-reduce over a CPU (gloo) group: it never waits for the GPU.
+        """
+        stop = self.stop_signal is not None
+        if self.proc.ddp:
+            flag = torch.tensor([float(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.proc.cpu_group)
+            stop = bool(flag.item())
+        if stop and self.stop_signal is None:
+            self.stop_signal = "a signal to another process"
+        self.stopping = stop
+        return stop
+
+    # -- logs ----------------------------------------------------------------------------------
+
+    def open_logs(self):
+        """A new log folder per run (a resumed run continues its own), never deleting others."""
+        from torch.utils.tensorboard import SummaryWriter
+        if self.run_dir is None:
+            self.run_dir = new_run_dir(self.cfg["trainer"]["log_dir"], "train")
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
+        # a resumed run redoes the steps after its checkpoint: drop what the killed run logged there
+        self.writer = SummaryWriter(self.run_dir, purge_step=self.step + 1 if self.step else None)
+        self.jsonl = Path(self.run_dir) / "metrics.jsonl"
+        truncate_jsonl(self.jsonl, self.step)
+        write_json(Path(self.run_dir) / "config.json", self.cfg)
+        log(self.proc, f"logs: {self.run_dir}")
+        return self.run_dir
+
+    def write_scalars(self, scalars):
+        on_main(self.proc, self.append_scalars, scalars)
+
+    def append_scalars(self, scalars):
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, self.step)
+        self.writer.flush()
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": self.step, "epoch": self.epoch_number, **scalars}) + "\n")
+
+    # -- checkpoints and resume ----------------------------------------------------------------
+
+    def open_save_dir(self):
+        """Main process, before step 1: lock the save folder, choose the checkpoint to resume from."""
+        check_writable_dir(self.cfg["trainer"]["log_dir"], "trainer.log_dir")
+        self.digests = data_digests(self.cfg)
+        self.save_dir = SaveDir(self.cfg, self.session, say=lambda message: log(self.proc, message))
+        resume = self.save_dir.open(self.proc.world_size, self.digests)
+        return None if resume is None else str(resume)
+
+    def checkpoint_name(self):
+        return checkpoint_name(self.cfg["ckpt"]["file_prefix"], self.epoch_number, self.step)
+
+    def rank_state(self):
+        """This rank's part of the training state: its RNG and its logging window."""
+        w = self.window
+        window = {"loss": w["loss"].cpu(), "examples": w["examples"], "terms": {k: v.cpu() for k, v in w["terms"].items()}}
+        return {"rng": rng_state(self.proc.device), "window": window}
+
+    def save_checkpoint(self, reason="period"):
+        """Write a checkpoint of every rank's state; the main process writes it."""
+        self.check_updates(int(self.skipped))  # never save past a skipped float32 update
+        per_rank = [self.rank_state()]
+        if self.proc.ddp:  # a collective: every rank calls save_checkpoint at the same step
+            per_rank = [None] * self.proc.world_size
+            dist.all_gather_object(per_rank, self.rank_state(), group=self.proc.cpu_group)
+        return Path(on_main(self.proc, self.write_checkpoint, per_rank, reason))
+
+    def write_checkpoint(self, per_rank, reason):
+        ckpt = self.cfg["ckpt"]
+        save_dir, name = Path(ckpt["model_state_save_dir"]), self.checkpoint_name()
+        existing = read_manifest(save_dir / name)
+        if existing is not None and existing.get("session") == self.session:
+            path = save_dir / name  # this launch already saved this step (validation did)
+        else:
+            state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                     "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
+            if self.model is not classifier_of(self.model):  # e.g. distillation projections beside the student
+                state["module"] = self.model.state_dict()
+
+            def write_files(folder):
+                save_pretrained(classifier_of(self.model), self.tokenizer, folder)
+                torch.save(state, folder / f"training_state{ckpt['file_ext']}")
+            manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                        "best": self.best, "run_dir": self.run_dir, "world_size": self.proc.world_size,
+                        "config": self.cfg, "data": self.digests}
+            path = write_checkpoint(save_dir, name, self.session, write_files, manifest)
+            log(self.proc, f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
+        point_link(save_dir, "last", path)
+        if reason == "best":
+            point_link(save_dir, "best", path)
+        if self.save_dir is not None:
+            self.save_dir.wrote_checkpoint()
+        if ckpt["keep_last"] is not None:
+            prune(save_dir, ckpt["file_prefix"], ckpt["keep_last"], [self.best and self.best["path"], path])
+        return str(path)
+
+    def resume_from(self, path):
+        """Restore weights, optimizer, schedule, scaler, position, logging window and RNG."""
+        state, manifest = load_checkpoint(path, self.cfg["ckpt"]["file_ext"])
+        device = self.proc.device
+        if "module" in state:
+            self.model.load_state_dict(state["module"])
+        else:
+            load_weights(classifier_of(self.model), str(Path(path) / "model.safetensors"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the loaded groups hold a copy of the saved rate
+            group["lr"] = self.lr
+        self.scaler.load_state_dict(state["scaler"])
+        self.updates.copy_(state["updates"])
+        self.skipped.copy_(state["skipped"])
+        self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
+        self.best, self.run_dir = manifest["best"], manifest["run_dir"]
+        mine = state["ranks"][self.proc.rank]
+        set_rng_state(mine["rng"], device)
+        self.window = {**new_window(device), "loss": mine["window"]["loss"].to(device),
+                       "examples": mine["window"]["examples"],
+                       "terms": {k: v.to(device) for k, v in mine["window"]["terms"].items()}}
+        log(self.proc, f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
+                       f"batch {self.batch_in_epoch} of {self.steps_per_epoch})")
+
+
+def new_window(device):
+    """Running sums of one logging interval: summed loss, examples, loss terms, its start time."""
+    return {"loss": torch.zeros((), device=device), "examples": 0, "terms": {}, "start": time.perf_counter()}
+
+
+def classifier_of(model):
+    """The Hugging Face classifier in what the Trainer optimizes: itself, or a distillation student."""
+    return getattr(model, "student", model)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule, optimizer, loss
+
+
+def lr_multiplier(update, warmup_steps, total_steps):
+    """Linear warmup to 1, then linear decay to 0, for the update with index `update` (from 0).
+
+    The warmup counts from 1/warmup_steps, not from 0, so the first update already learns; the
+    decay reaches 0 only after the last update. `update` may be a tensor on the device (the loop
+    keeps its count of updates there); the result is a float64 tensor either way.
+    """
+    update = torch.as_tensor(update, dtype=torch.float64)
+    warmup = (update + 1) / max(1, warmup_steps)
+    decay = ((total_steps - update) / max(1, total_steps - warmup_steps)).clamp(min=0)
+    return torch.where(update < warmup_steps, warmup, decay)
+
+
+def build_optimizer(model, lr, weight_decay):
+    """AdamW with weight decay on weight matrices only: biases and LayerNorm gains are exempt.
+
+    fused: one kernel over all parameters, on CPU and CUDA; it also reads the learning rate from a
+    tensor and skips an update on the device when told to (found_inf), which the loop relies on.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
+
+
+def supervised_loss(model, batch):
+    """Summed loss over the batch's examples (the caller divides by the step's example count)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()  # losses in float32, also under autocast
+    if logits.shape[-1] == 1:
+        loss = F.mse_loss(logits.squeeze(-1), batch["labels"].float(), reduction="sum")
+    else:
+        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
+    return loss, {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,13 +446,18 @@ TRAINING_STATE = "training_state"
 
 @dataclass
 class Process:
-    """Where this process stands: its rank among world_size processes, and its device."""
+    """Where this process stands: its rank among world_size processes, and its device.
+
+    cpu_group: a gloo group of all ranks for agreements the host makes (stop flags, checkpoint
+    state, the main process's errors), so they never wait for the GPU; None without DDP.
+    """
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
     is_main: bool
     ddp: bool
+    cpu_group: object = None
 
 
 def log(proc, message):
@@ -82,22 +477,24 @@ def setup_distributed(trainer_cfg):
     if world_size > 1 and not ddp:
         raise ConfigError(f"started with {world_size} processes but trainer.backend is "
                           f"{trainer_cfg['backend']}; use ddp or ddp-amp under torchrun")
-    use_cuda = trainer_cfg["device"] == "cuda" or (
-        trainer_cfg["device"] == "auto" and torch.cuda.is_available())
+    use_cuda = trainer_cfg["device"] == "cuda" or (trainer_cfg["device"] == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("trainer.device is cuda but no CUDA GPU is visible; use auto or cpu")
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        # TF32 matmuls on Ampere and newer: float32 range, several times the speed
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = trainer_cfg["tf32"]
     else:
         device = torch.device("cpu")
     # processes on one machine share its cores; oversubscribing them slows every process down
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(trainer_cfg["num_threads"] or max(1, cores // local_world_size))
+    cpu_group = None
     if ddp and launched:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                device_id=device if use_cuda else None)
-    proc = Process(rank, local_rank, world_size, device, rank == 0, ddp and launched)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        cpu_group = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
+    proc = Process(rank, local_rank, world_size, device, rank == 0, ddp and launched, cpu_group)
     if ddp and not launched:
         log(proc, f"note: trainer.backend {trainer_cfg['backend']} without torchrun: running as a "
                   f"world of one process (launch with torchrun --nproc_per_node N for more)")
@@ -109,6 +506,29 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def on_main(proc, fn, *args):
+    """fn(*args) on the main process only, its result handed to every rank.
+
+    If it fails, every rank raises too: no rank is left waiting in a collective for a process that
+    has given up (on NCCL such a wait only ends at the watchdog timeout).
+    """
+    result, error = None, None
+    if proc.is_main:
+        try:
+            result = fn(*args)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
+            error = e
+    if proc.ddp:
+        shared = [("error", str(error)) if error is not None else ("ok", result)]
+        dist.broadcast_object_list(shared, src=0, group=proc.cpu_group)
+        kind, result = shared[0]
+        if kind == "error" and error is None:
+            raise TrainingError(f"the main process (rank 0) failed: {result}")
+    if error is not None:
+        raise error
+    return result
+
+
 def autocast_dtype(trainer_cfg, proc):
     """The autocast dtype of *-amp backends, or None for float32; said plainly at start."""
     if not trainer_cfg["backend"].endswith("-amp"):
@@ -118,17 +538,23 @@ def autocast_dtype(trainer_cfg, proc):
         if choice == "auto":
             choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         log(proc, f"mixed precision: autocast {choice} on {torch.cuda.get_device_name(device)}"
-                      f"{' with GradScaler' if choice == 'fp16' else ''}")
+                  f"{' with GradScaler' if choice == 'fp16' else ''}")
         return torch.bfloat16 if choice == "bf16" else torch.float16
     if choice == "auto":
-        # CPUs without native bf16 run a bf16 matmul about 100x slower than fp32 (measured here)
+        # CPUs without native bf16 run a bf16 matmul far slower than fp32 (bench/README.md)
         log(proc, "mixed precision: off on a CPU; training in float32 (autocast there is bf16, "
-                      "much slower than fp32 without native bf16; force with --trainer.amp_dtype bf16)")
+                  "much slower than fp32 without native bf16; force with --trainer.amp_dtype bf16)")
         return None
     native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     log(proc, f"mixed precision: autocast {choice} on the CPU"
-                  f"{'' if native else ' (this CPU has no native bf16: expect it to be far slower than fp32)'}")
+              f"{'' if native else ' (this CPU has no native bf16: expect it to be far slower than fp32)'}")
     return torch.bfloat16 if choice == "bf16" else torch.float16
+
+
+def autocast(proc, amp_dtype):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(proc.device.type, dtype=amp_dtype)
 
 
 def seed_everything(seed):
@@ -141,8 +567,7 @@ def rng_state(device):
     """This process's random generators as tensors and numbers, so a checkpoint stays plain data."""
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-                        "gauss": gauss},
+    state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
@@ -154,49 +579,10 @@ def rng_state(device):
 def set_rng_state(state, device):
     py, nps = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
-    np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"],
-                         nps["cached"]))
+    np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ---------------------------------------------------------------------------------------------
-# optimizer, schedule, loss
-
-
-def lr_multiplier(step, warmup_steps, total_steps):
-    """Linear warmup to 1, then linear decay to 0, for the update with index `step` (from 0).
-
-    The warmup counts from 1/warmup_steps, not from 0, so the first update already learns; the
-    decay reaches 0 only after the last update.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
-def build_optimizer(model, lr, weight_decay):
-    """AdamW with weight decay on weight matrices only: biases and LayerNorm gains are exempt.
-
-    fused: one kernel over all parameters; on our CPUs the default per-parameter loop took 2-7x
-    longer per update, about a sixth of a MiniLM training step (bench/README.md). CPU and CUDA have it.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
-
-
-def supervised_loss(model, batch):
-    """Summed loss over the batch's examples (the caller divides by the step's example count)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits.float()  # losses in float32, also under autocast
-    if logits.shape[-1] == 1:
-        loss = F.mse_loss(logits.squeeze(-1), batch["labels"].float(), reduction="sum")
-    else:
-        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
-    return loss, {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,22 +611,23 @@ def predict_logits(model, encoded, batch_size, pad_token_id, proc, amp_dtype):
     """Float32 logits of every example in input order; batches sorted by length, sharded by rank."""
     was_training = model.training
     model.eval()
-    shards = []
-    for indices in eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size):
+    indices, outputs = [], []
+    for batch_indices in eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size):
         batch = {k: v.to(proc.device, non_blocking=True)
-                 for k, v in collate(encoded, indices, pad_token_id).items() if k != "labels"}
+                 for k, v in collate(encoded, batch_indices, pad_token_id).items() if k != "labels"}
         with autocast(proc, amp_dtype):
-            logits = model(**batch).logits.float()
-        shards.append((indices, logits.cpu().numpy()))
+            outputs.append(model(**batch).logits.float())  # kept on the device: one copy at the end
+        indices.append(batch_indices)
     model.train(was_training)
+    shards = [(np.concatenate(indices), torch.cat(outputs).cpu().numpy())] if outputs else []
     if proc.ddp:  # every example was on exactly one rank: gather them all, no duplicates
         gathered = [None] * proc.world_size
-        dist.all_gather_object(gathered, shards)
+        dist.all_gather_object(gathered, shards, group=proc.cpu_group)
         shards = [shard for rank_shards in gathered for shard in rank_shards]
     num_outputs = shards[0][1].shape[1] if shards else 1
     logits = np.zeros((len(encoded), num_outputs), dtype=np.float32)
-    for indices, values in shards:
-        logits[indices] = values
+    for shard_indices, values in shards:
+        logits[shard_indices] = values
     return logits
 
 
@@ -251,6 +638,10 @@ def logits_to_predictions(logits, names):
 def softmax(logits):
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def scalar_metrics(metrics):
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def write_predictions(path, examples, logits, names):
@@ -269,6 +660,10 @@ def write_predictions(path, examples, logits, names):
             writer.writerow(values)
 
 
+# ---------------------------------------------------------------------------------------------
+# log files
+
+
 @contextmanager
 def atomic_write(path, newline=None):
     """A text file open for writing under a temporary name of its own beside path, renamed onto
@@ -284,499 +679,9 @@ def atomic_write(path, newline=None):
         raise
 
 
-def autocast(proc, amp_dtype):
-    if amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(proc.device.type, dtype=amp_dtype)
-
-
-def scalar_metrics(metrics):
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-# ---------------------------------------------------------------------------------------------
-# the main process's work, shared
-
-
-class TrainingError(Exception):
-    """The run cannot go on (for example a non-finite loss); reported as one line."""
-
-
-def on_main(proc, fn, *args):
-    """fn(*args) on the main process only, its result handed to every rank.
-
-    If it fails, every rank raises too: no rank is left waiting in a collective for a process that
-    has given up (on NCCL such a wait only ends at the watchdog timeout).
-    """
-    result, error = None, None
-    if proc.is_main:
-        try:
-            result = fn(*args)
-        except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
-            error = e
-    if proc.ddp:
-        shared = [("error", str(error)) if error is not None else ("ok", result)]
-        dist.broadcast_object_list(shared, src=0)
-        kind, result = shared[0]
-        if kind == "error" and error is None:
-            raise TrainingError(f"the main process (rank 0) failed: {result}")
-    if error is not None:
-        raise error
-    return result
-
-
-def new_window(device):
-    """Running sums of one logging interval: summed loss, examples, loss terms, its start time."""
-    return {"loss": torch.zeros((), device=device), "examples": 0, "terms": {}, "start": time.perf_counter()}
-
-
-# keys a resumed run may change: they steer logging, checkpoint cadence, threads, debugging or the
-# predictions written at the end, never the arithmetic of training
-RESUME_MAY_CHANGE = {"trainer.log_steps", "trainer.log_dir", "trainer.num_threads", "trainer.debug",
-                     "ckpt.checkpoint", "ckpt.period", "ckpt.save_steps", "ckpt.keep_last",
-                     "ckpt.resume", "ckpt.overwrite", "data.predict_filepath", "data.predict_output"}
-# data files are compared by content (a moved file is the same data; an edited one is not)
-DATA_FILE_KEYS = ("data.train_filepath", "data.val_filepath", "distill.unlabeled_filepaths")
-
-
-def data_digests(cfg):
-    """{key: content hash} of every data file that training reads."""
-    digests = {}
-    for key in DATA_FILE_KEYS:
-        section, name = key.split(".")
-        paths = cfg[section][name]
-        paths = paths if isinstance(paths, list) else [paths]
-        digests[key] = [file_digest(p) if p is not None else None for p in paths]
-    return digests
-
-
-def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
-    """'key old -> new' for every difference between a checkpoint's run and this one that would
-    make the resumed run silently different from continuing the original."""
-    conflicts = []
-    for section, values in cfg.items():
-        for name, value in values.items():
-            key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name)
-            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or old == value:
-                continue
-            if key == "trainer.epochs" and value > old:
-                continue  # documented: a finished run can be extended
-            conflicts.append(f"{key} {old!r} -> {value!r}" + (" (may only grow)" if key == "trainer.epochs" else ""))
-    for key in DATA_FILE_KEYS:
-        if saved_digests.get(key) != digests[key]:
-            conflicts.append(f"{key}: the file's content differs from the one the checkpoint trained on")
-    return conflicts
-
-
-class Trainer:
-    """The state of one training run and the steps of its loop.
-
-    loss_fn(model, batch) -> (summed loss, {term name: summed term}) lets distillation train with
-    another loss through the same loop; `model` may wrap the Hugging Face model as `.student`.
-    """
-
-    def __init__(self, cfg, proc, model, tokenizer, train, val, loss_fn=supervised_loss):
-        self.cfg, self.proc, self.tokenizer = cfg, proc, tokenizer
-        self.train_split, self.val_split, self.loss_fn = train, val, loss_fn
-        tcfg = cfg["trainer"]
-        self.amp_dtype = autocast_dtype(tcfg, proc)
-        self.model = model.to(proc.device)
-        self.optimizer = build_optimizer(self.model, cfg["module"]["max_lr"],
-                                         cfg["module"]["weight_decay"])
-        self.setup_batches()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_multiplier(step, self.warmup_steps, self.total_steps))
-        # loss scaling guards float16 gradients from underflow; bfloat16 has float32's range
-        self.scaler = torch.amp.GradScaler(proc.device.type,
-                                           enabled=self.amp_dtype == torch.float16)
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
-        self.skipped_steps = 0
-        self.window = new_window(proc.device)
-        self.signals, self.stop_signal, self.stopping = 0, None, False
-        self.run_dir = None
-        # the save folder: its lock, this launch's id, checkpoints moved aside by this launch
-        self.lock, self.session, self.aside, self.digests = None, new_session(), None, None
-        if proc.ddp:
-            self.ddp_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[proc.device] if proc.device.type == "cuda" else None)
-        else:
-            self.ddp_model = self.model
-        if tcfg["compile"]:
-            self.ddp_model = torch.compile(self.ddp_model, dynamic=True)
-
-    def setup_batches(self):
-        """Per-rank micro-batch plan and step counts, from the global batch and the world size."""
-        tcfg, world_size = self.cfg["trainer"], self.proc.world_size
-        if tcfg["train_batch_size"] % world_size:
-            raise ConfigError(f"trainer.train_batch_size {tcfg['train_batch_size']} does not divide "
-                              f"among {world_size} processes; use a multiple of {world_size}")
-        self.per_rank_batch = tcfg["train_batch_size"] // world_size
-        self.grad_accum_steps = math.ceil(self.per_rank_batch / tcfg["gpu_batch_size_limit"])
-        self.steps_per_epoch = len(self.epoch_batches(0))
-        self.total_steps = max(1, self.steps_per_epoch * tcfg["epochs"])
-        self.warmup_steps = round(self.cfg["module"]["warmup_prop"] * self.total_steps)
-
-    def epoch_batches(self, epoch):
-        return train_batches(self.train_split.encoded.lengths, self.cfg["trainer"]["train_batch_size"],
-                             self.cfg["trainer"]["seed"], epoch, self.proc.rank, self.proc.world_size)
-
-    @property
-    def hf_model(self):
-        """The Hugging Face model inside (what checkpoints and evaluation use)."""
-        return getattr(self.model, "student", self.model)
-
-    @property
-    def epoch_number(self):
-        """The epoch (from 1) that the last step belongs to: what logs and checkpoint names say."""
-        return self.epoch + (self.batch_in_epoch > 0)
-
-    # -- the loop ------------------------------------------------------------------------------
-
-    def train(self):
-        tcfg = self.cfg["trainer"]
-        self.run_dir = on_main(self.proc, self.open_logs)
-        log(self.proc, f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
-                       f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
-                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
-                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
-                       f"device {self.proc.device}")
-        self.model.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.proc.is_main,
-                        desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-        # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
-        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            while self.epoch < tcfg["epochs"] and not self.stopping:
-                self.train_epoch(progress)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            progress.close()
-        if self.stopping:
-            return None
-        return self.finish()
-
-    def train_epoch(self, progress):
-        tcfg, ckpt = self.cfg["trainer"], self.cfg["ckpt"]
-        batches = self.epoch_batches(self.epoch)
-        for rank_indices, global_size in batches[self.batch_in_epoch:]:
-            self.train_step(rank_indices, global_size)
-            self.step += 1
-            self.batch_in_epoch += 1
-            progress.update(1)
-            if self.step % tcfg["log_steps"] == 0:
-                self.log_train(progress)
-            if tcfg["eval_steps"] and self.step % tcfg["eval_steps"] == 0 and self.batch_in_epoch < len(batches):
-                self.validate()
-            if ckpt["save_steps"] and self.step % ckpt["save_steps"] == 0:
-                self.save_checkpoint()
-            if self.stopping:  # agreed by every rank in train_step, so all of them save together
-                self.save_checkpoint(reason="stop")
-                return
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        self.validate()
-        if ckpt["checkpoint"] and ckpt["period"] and self.epoch % ckpt["period"] == 0:
-            self.save_checkpoint()  # nothing new is written if validation just saved this step
-
-    def train_step(self, rank_indices, global_size):
-        """One optimizer step over a global batch: accumulate micro-batches, clip, step."""
-        tcfg, window = self.cfg["trainer"], self.window
-        micro = micro_batches(rank_indices, tcfg["gpu_batch_size_limit"])
-        # each rank's summed loss is scaled so that DDP's mean over ranks is the mean over the
-        # global batch: this weighs every example equally, also in a short last step
-        scale = self.proc.world_size / global_size
-        step_loss = torch.zeros((), device=self.proc.device)
-        for i, indices in enumerate(micro):
-            batch = {k: v.to(self.proc.device, non_blocking=True)
-                     for k, v in collate(self.train_split.encoded, indices,
-                                         self.tokenizer.pad_token_id).items()}
-            # gradients are all-reduced only on the last micro-batch; no_sync covers the forward too
-            is_last = i == len(micro) - 1
-            sync = nullcontext() if is_last or not self.proc.ddp else self.ddp_model.no_sync()
-            with sync:
-                with autocast(self.proc, self.amp_dtype):
-                    loss, terms = self.loss_fn(self.ddp_model, batch)
-                self.scaler.scale(loss * scale).backward()
-            step_loss += loss.detach()
-            for name, value in terms.items():
-                window["terms"][name] = window["terms"].get(name, 0) + value.detach()
-        self.agree_to_stop(step_loss)  # before the update, so a bad loss never reaches the weights
-        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        if tcfg["clip_grads"]:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg["max_grad_norm"])
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if scale_before is not None and self.scaler.get_scale() < scale_before:
-            self.skipped_steps += 1  # inf/nan gradients: GradScaler skipped this update
-        else:
-            self.scheduler.step()  # the schedule only advances with real updates
-        self.optimizer.zero_grad(set_to_none=True)
-        window["loss"] += step_loss
-        window["examples"] += len(rank_indices)  # summed over ranks at log time
-
-    def log_train(self, progress):
-        """Mean loss over the window's examples (and ranks), learning rate, throughput."""
-        window = self.window
-        stats = torch.stack([window["loss"], torch.tensor(float(window["examples"]), device=self.proc.device)]
-                            + [v.float() for v in window["terms"].values()])
-        if self.proc.ddp:
-            dist.all_reduce(stats)
-        stats = stats.tolist()  # the one host sync of a log interval
-        elapsed = time.perf_counter() - window["start"]
-        scalars = {"train/loss": stats[0] / stats[1], "train/lr": self.scheduler.get_last_lr()[0],
-                   "train/examples_per_s": stats[1] / elapsed}
-        for name, value in zip(window["terms"], stats[2:]):
-            scalars[f"train/{name}"] = value / stats[1]
-        if self.skipped_steps:
-            scalars["train/skipped_steps"] = self.skipped_steps
-        self.write_scalars(scalars)
-        progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
-                             ex_s=f"{scalars['train/examples_per_s']:.1f}")
-        self.window = new_window(self.proc.device)
-
-    def validate(self):
-        """Metrics on the validation file; saves and marks the best checkpoint. None without one."""
-        if self.val_split is None:
-            return None
-        names = label_names(self.cfg)
-        logits = predict_logits(self.hf_model, self.val_split.encoded, self.cfg["trainer"]["val_batch_size"],
-                                self.tokenizer.pad_token_id, self.proc, self.amp_dtype)
-        metrics = compute_metrics(logits_to_predictions(logits, names), self.val_split.encoded.labels, names)
-        metric = self.cfg["module"]["metric"]
-        self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
-        log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): "
-                       + "  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
-        if self.best is None or metrics[metric] > self.best["value"]:
-            # the new best is recorded before the save, so the checkpoint's state holds it
-            ckpt = self.cfg["ckpt"]
-            path = (Path(ckpt["model_state_save_dir"]) / self.checkpoint_name()) if ckpt["checkpoint"] else None
-            self.best = {"value": metrics[metric], "metrics": metrics, "step": self.step,
-                         "path": None if path is None else str(path)}
-            if path is not None:
-                self.save_checkpoint(reason="best")
-        return metrics
-
-    def finish(self):
-        """Reload the best model for predictions and report: the final metrics of the run."""
-        if self.best is None:
-            return {"step": self.step}
-        if self.best["path"] is not None and self.best["step"] != self.step:
-            load_weights(self.hf_model, str(Path(self.best["path"]) / "model.safetensors"))
-        result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
-                  "best_checkpoint": self.best["path"]}
-        on_main(self.proc, write_json, Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
-        return result
-
-    # -- stopping ------------------------------------------------------------------------------
-
-    def request_stop(self, signum, frame):
-        self.signals += 1
-        if self.signals > 1:  # a second Ctrl-C: the user does not want to wait for the checkpoint
-            raise KeyboardInterrupt
-        self.stop_signal = signal.Signals(signum).name
-
-    def agree_to_stop(self, step_loss):
-        """(loss not finite, stop requested) as agreed by all ranks, so that none waits forever.
-
-        One small all-reduce per step under DDP; float16 overflows are left to GradScaler.
-        """
-        nonfinite = not self.scaler.is_enabled() and not torch.isfinite(step_loss)
-        flags = torch.tensor([float(nonfinite), float(self.stop_signal is not None)],
-                             device=self.proc.device)
-        if self.proc.ddp:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, stop = flags.tolist()
-        self.stopping = bool(stop)
-        if self.stopping and self.stop_signal is None:
-            self.stop_signal = "a signal to another process"
-        if nonfinite:
-            last = Path(self.cfg["ckpt"]["model_state_save_dir"]) / "last"
-            raise TrainingError(f"step {self.step + 1}: the loss is not finite; lower module.max_lr "
-                                f"or check the data. Last good checkpoint: "
-                                f"{last.resolve() if last.exists() else 'none'}")
-
-    # -- logs ----------------------------------------------------------------------------------
-
-    def open_logs(self):
-        """A new log folder per run (a resumed run continues its own), never deleting others."""
-        from torch.utils.tensorboard import SummaryWriter
-        if self.run_dir is None:
-            self.run_dir = new_run_dir(self.cfg["trainer"]["log_dir"], "train")
-        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
-        # a resumed run redoes the steps after its checkpoint: drop what the killed run logged there
-        self.writer = SummaryWriter(self.run_dir, purge_step=self.step + 1 if self.step else None)
-        self.jsonl = Path(self.run_dir) / "metrics.jsonl"
-        truncate_jsonl(self.jsonl, self.step)
-        write_json(Path(self.run_dir) / "config.json", self.cfg)
-        log(self.proc, f"logs: {self.run_dir}")
-        return self.run_dir
-
-    def write_scalars(self, scalars):
-        on_main(self.proc, self.append_scalars, scalars)
-
-    def append_scalars(self, scalars):
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, self.step)
-        self.writer.flush()
-        with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": self.step, "epoch": self.epoch_number, **scalars}) + "\n")
-
-    # -- the save folder, checkpoints and resume -----------------------------------------------
-
-    def prepare_save_dir(self):
-        """Main process, before step 1: check the output folders, lock the save folder, repair what a
-        killed run left, choose the checkpoint to resume from. Returns its path or None."""
-        ckpt = self.cfg["ckpt"]
-        save_dir, prefix = Path(ckpt["model_state_save_dir"]), ckpt["file_prefix"]
-        check_writable_dir(self.cfg["trainer"]["log_dir"], "trainer.log_dir")
-        check_writable_dir(save_dir, "ckpt.model_state_save_dir")
-        self.lock = SaveDirLock(save_dir)
-        for message in recover(save_dir, prefix):
-            log(self.proc, f"note: {message}")
-        for name in LINKS:
-            if not our_link(save_dir, name, prefix):
-                raise CheckpointError(f"{save_dir / name} was not made by this trainer, which keeps its "
-                                      f"`{name}` link there; move it away or choose another "
-                                      f"ckpt.model_state_save_dir")
-        foreign = foreign_lookalikes(save_dir, prefix)
-        if foreign:
-            log(self.proc, f"note: ignoring {', '.join(foreign)} in {save_dir}: not written by this trainer")
-        self.digests = data_digests(self.cfg)
-        resume = self.choose_resume(our_checkpoints(save_dir, prefix))
-        return None if resume is None else str(resume)
-
-    def choose_resume(self, ours):
-        """The checkpoint to resume from (None: a fresh run), after the overwrite and resume rules."""
-        ckpt = self.cfg["ckpt"]
-        if ckpt["resume"] is None:
-            if ours and not ckpt["overwrite"]:
-                raise ConfigError(f"{ckpt['model_state_save_dir']} already holds checkpoints "
-                                  f"({ours[-1][1].name}); resume with --ckpt.resume auto, choose another "
-                                  f"--ckpt.model_state_save_dir, or pass --ckpt.overwrite true to replace them")
-            self.move_aside([path for _, path, _ in ours], "replaced by this run")
-            return None
-        if ckpt["resume"] == "auto":
-            chosen = None
-            for _, path, _ in reversed(ours):
-                try:
-                    chosen = (path, load_checkpoint(path, ckpt["file_ext"])[1])
-                    break
-                except CheckpointError as e:
-                    log(self.proc, f"note: skipping {path.name}: {e}")
-            if chosen is None:
-                return None
-        else:
-            path = Path(ckpt["resume"])
-            chosen = (path, load_checkpoint(path, ckpt["file_ext"])[1])
-        path, manifest = chosen
-        self.check_compatible(path, manifest)
-        newer = [p for step, p, _ in ours if step > manifest["step"] and p.resolve() != path.resolve()]
-        if newer and ckpt["resume"] != "auto" and not ckpt["overwrite"]:
-            raise ConfigError(f"{ckpt['model_state_save_dir']} holds checkpoints newer than {path.name} "
-                              f"({', '.join(p.name for p in newer)}); resume the newest (--ckpt.resume auto), "
-                              f"or pass --ckpt.overwrite true to replace them with this run's")
-        self.move_aside(newer, "newer than the one resumed")  # with auto: the ones that did not load
-        return path
-
-    def check_compatible(self, path, manifest):
-        """Refuse to resume with a config or data that would make the run silently different."""
-        if manifest["world_size"] != self.proc.world_size:
-            raise ConfigError(f"{path} was written by {manifest['world_size']} processes; resume it "
-                              f"with the same number (this run has {self.proc.world_size})")
-        conflicts = resume_conflicts(manifest["config"], manifest["data"], self.cfg, self.digests)
-        if conflicts:
-            raise ConfigError(f"cannot resume {path}: {'; '.join(conflicts)}. Resume with the checkpoint's "
-                              f"settings, or start a new run from its weights with --model.model_path {path}")
-
-    def move_aside(self, paths, why):
-        if paths:
-            self.aside = move_aside(self.cfg["ckpt"]["model_state_save_dir"], paths, self.session)
-            log(self.proc, f"note: moved {len(paths)} checkpoints {why} to {self.aside}; they are deleted "
-                           f"once this run has written a checkpoint, and put back if it fails first")
-
-    def checkpoint_name(self):
-        return checkpoint_name(self.cfg["ckpt"]["file_prefix"], self.epoch_number, self.step)
-
-    def rank_state(self):
-        """This rank's part of the training state: its RNG and its logging window."""
-        w = self.window
-        window = {"loss": w["loss"].cpu(), "examples": w["examples"],
-                  "terms": {k: v.cpu() for k, v in w["terms"].items()}}
-        return {"rng": rng_state(self.proc.device), "window": window}
-
-    def save_checkpoint(self, reason="period"):
-        """Write a checkpoint of every rank's state; the main process writes it."""
-        per_rank = [self.rank_state()]
-        if self.proc.ddp:  # a collective: every rank calls save_checkpoint at the same step
-            per_rank = [None] * self.proc.world_size
-            dist.all_gather_object(per_rank, self.rank_state())
-        return Path(on_main(self.proc, self.write_checkpoint, per_rank, reason))
-
-    def write_checkpoint(self, per_rank, reason):
-        ckpt = self.cfg["ckpt"]
-        save_dir, name = Path(ckpt["model_state_save_dir"]), self.checkpoint_name()
-        existing = read_manifest(save_dir / name)
-        if existing is not None and existing.get("session") == self.session:
-            path = save_dir / name  # this launch already saved this step (validation did)
-        else:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "scaler": self.scaler.state_dict(), "ranks": per_rank}
-            if self.model is not self.hf_model:  # e.g. distillation projections beside the student
-                state["module"] = self.model.state_dict()
-
-            def write_files(folder):
-                save_pretrained(self.hf_model, self.tokenizer, folder)
-                torch.save(state, folder / f"training_state{ckpt['file_ext']}")
-            manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                        "best": self.best, "skipped_steps": self.skipped_steps, "run_dir": self.run_dir,
-                        "world_size": self.proc.world_size, "config": self.cfg, "data": self.digests}
-            path = write_checkpoint(save_dir, name, self.session, write_files, manifest)
-            log(self.proc, f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
-        point_link(save_dir, "last", path)
-        if reason == "best":
-            point_link(save_dir, "best", path)
-        if self.aside is not None:  # this run now has a checkpoint of its own
-            shutil.rmtree(self.aside)
-            self.aside = None
-        if ckpt["keep_last"] is not None:
-            best = self.best["path"] if self.best else None
-            prune(save_dir, ckpt["file_prefix"], ckpt["keep_last"], [best, path])
-        return str(path)
-
-    def resume_from(self, path):
-        """Restore weights, optimizer, schedule, scaler, position, logging window and RNG."""
-        state, manifest = load_checkpoint(path, self.cfg["ckpt"]["file_ext"])
-        if "module" in state:
-            self.model.load_state_dict(state["module"])
-        else:
-            load_weights(self.hf_model, str(Path(path) / "model.safetensors"))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
-        self.best, self.skipped_steps, self.run_dir = manifest["best"], manifest["skipped_steps"], manifest["run_dir"]
-        mine = state["ranks"][self.proc.rank]
-        set_rng_state(mine["rng"], self.proc.device)
-        device = self.proc.device
-        self.window = {**new_window(device), "loss": mine["window"]["loss"].to(device),
-                       "examples": mine["window"]["examples"],
-                       "terms": {k: v.to(device) for k, v in mine["window"]["terms"].items()}}
-        log(self.proc, f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
-                       f"batch {self.batch_in_epoch} of {self.steps_per_epoch})")
-
-    def release(self, failed):
-        """End of the run on the main process: a failed run puts back what it moved aside."""
-        if self.aside is not None:
-            if failed:
-                restore_aside(self.cfg["ckpt"]["model_state_save_dir"], self.aside)
-            else:  # finished without writing a checkpoint (ckpt.checkpoint false)
-                shutil.rmtree(self.aside)
-            self.aside = None
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
+def write_json(path, obj):
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def new_run_dir(log_dir, mode):
@@ -805,16 +710,8 @@ def truncate_jsonl(path, step):
             continue
         if row["step"] <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    write_text(path, "".join(kept))
-
-
-def write_text(path, text):
     with atomic_write(path) as f:
-        f.write(text)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+        f.write("".join(kept))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -830,8 +727,7 @@ def load_splits(cfg, tokenizer):
                           f"at most {tokenizer.model_max_length} tokens; lower it")
     train = load_split(cfg, tokenizer, data["train_filepath"], True) if data["train_filepath"] else None
     val = load_split(cfg, tokenizer, data["val_filepath"], True) if data["val_filepath"] else None
-    predict = (load_split(cfg, tokenizer, data["predict_filepath"], False)
-               if data["predict_filepath"] else None)
+    predict = load_split(cfg, tokenizer, data["predict_filepath"], False) if data["predict_filepath"] else None
     return train, val, predict
 
 
@@ -845,6 +741,24 @@ def check_outputs(cfg):
         check_writable_dir(output.resolve().parent, "data.predict_output")
 
 
+def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None):
+    """Train fresh or resumed (ckpt.resume): (trainer, final metrics or None if stopped)."""
+    trainer = Trainer(cfg, proc, model, tokenizer, train, val, loss_fn=loss_fn)
+    failed = True
+    try:
+        resume = on_main(proc, trainer.open_save_dir)
+        if resume is not None:
+            trainer.resume_from(resume)
+        result = trainer.train()
+        failed = False
+    finally:
+        if trainer.save_dir is not None:
+            trainer.save_dir.close(failed)
+    if result is None:
+        log(proc, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with --ckpt.resume auto")
+    return trainer, result
+
+
 def evaluate_only(cfg, proc, model, tokenizer, val):
     """Metrics of a fine-tuned model on a labelled file, with a per-class table."""
     names = label_names(cfg)
@@ -852,54 +766,8 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
                             tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc))
     metrics = compute_metrics(logits_to_predictions(logits, names), val.encoded.labels, names)
     log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
-                  f"({len(val.encoded)} examples)\n{format_report(metrics)}")
+              f"({len(val.encoded)} examples)\n{format_report(metrics)}")
     return metrics
-
-
-def fit(cfg, proc, model, tokenizer, train, val, loss_fn=supervised_loss):
-    """Train fresh or resumed (ckpt.resume): (trainer, final metrics or None if stopped)."""
-    trainer = Trainer(cfg, proc, model, tokenizer, train, val, loss_fn=loss_fn)
-    failed = True
-    try:
-        resume = on_main(proc, trainer.prepare_save_dir)
-        if resume is not None:
-            trainer.resume_from(resume)
-        result = trainer.train()
-        failed = False
-    finally:
-        if proc.is_main:
-            trainer.release(failed)
-    if result is None:
-        log(proc, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with "
-                      f"--ckpt.resume auto")
-    return trainer, result
-
-
-def run(cfg, proc):
-    """Everything a config asks for; returns the final metrics (main process)."""
-    seed_everything(cfg["trainer"]["seed"])
-    tokenizer = load_tokenizer(cfg["model"])
-    train, val, predict = load_splits(cfg, tokenizer)
-    model = build_model(cfg["model"], cfg["data"]["labels_list"])
-    if cfg["trainer"]["speedups"]:
-        speedups.apply(model, proc.device)  # the same arithmetic, less of it (speedups.py)
-    on_main(proc, check_outputs, cfg)
-    # ranks draw different dropout masks; the initial weights were already the same on all
-    seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
-    result, run_dir = {}, None
-    if train:
-        trainer, result = fit(cfg, proc, model, tokenizer, train, val)
-        if result is None:
-            return None
-        model, run_dir = trainer.hf_model, trainer.run_dir
-    elif val:
-        metrics = evaluate_only(cfg, proc, model.to(proc.device), tokenizer, val)
-        result = scalar_metrics(metrics)
-        run_dir = on_main(proc, write_eval_metrics, cfg, metrics)
-    if predict:
-        result["predictions"] = predict_file(cfg, proc, model.to(proc.device), tokenizer,
-                                             predict, run_dir)
-    return result
 
 
 def write_eval_metrics(cfg, metrics):
@@ -921,6 +789,32 @@ def predict_file(cfg, proc, model, tokenizer, predict, run_dir):
     write_predictions(path, predict.examples, logits, label_names(cfg))
     log(proc, f"predictions for {len(predict.encoded)} texts written to {path}")
     return path
+
+
+def run(cfg, proc):
+    """Everything a config asks for; returns the final metrics (main process)."""
+    seed_everything(cfg["trainer"]["seed"])
+    tokenizer = load_tokenizer(cfg["model"])
+    train, val, predict = load_splits(cfg, tokenizer)
+    model = build_model(cfg["model"], cfg["data"]["labels_list"])
+    if cfg["trainer"]["speedups"]:
+        speedups.apply(model, proc.device)  # the same arithmetic, less of it (speedups.py)
+    on_main(proc, check_outputs, cfg)
+    # ranks draw different dropout masks; the initial weights were already the same on all
+    seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
+    result, run_dir = {}, None
+    if train:
+        trainer, result = fit(cfg, proc, model, tokenizer, train, val)
+        if result is None:
+            return None
+        model, run_dir = classifier_of(trainer.model), trainer.run_dir
+    elif val:
+        metrics = evaluate_only(cfg, proc, model.to(proc.device), tokenizer, val)
+        result = scalar_metrics(metrics)
+        run_dir = on_main(proc, write_eval_metrics, cfg, metrics)
+    if predict:
+        result["predictions"] = predict_file(cfg, proc, model.to(proc.device), tokenizer, predict, run_dir)
+    return result
 
 
 def main(argv=None, run_fn=run, doc=__doc__):

@@ -111,6 +111,8 @@ def base_args(tmp_path, model_dir, train, val, **overrides):
         "trainer.log_steps": 5, "trainer.log_dir": str(tmp_path / "runs"),
         # one thread: tiny models gain nothing from two, and a busy machine makes two far slower
         "trainer.num_threads": 1,
+        # these runs mean the CPU, also on a machine with GPUs (the GPU tests say cuda themselves)
+        "trainer.device": "cpu",
         "ckpt.model_state_save_dir": str(tmp_path / "ckpt"),
     }
     args.update(overrides)

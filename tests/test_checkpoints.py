@@ -284,7 +284,7 @@ def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(j
     def stop_after(self, *a):
         real_step(self, *a)
         if self.step + 1 == stop_at:
-            self.stop_signal = "SIGTERM"  # as the handler would; agreed at the next step
+            self.stop_signal = "SIGTERM"  # as the handler would; agreed at the end of this step
     monkeypatch.setattr(trainer.Trainer, "train_step", stop_after)
     assert trainer.main(job["args"](name, **args)) == 1
     monkeypatch.undo()
@@ -295,7 +295,7 @@ def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(j
     assert trainer.main(job["args"](name, **{**args, "ckpt.resume": "auto"})) == 0
     out = capsys.readouterr().out
     assert "dropped a torn log line" in out
-    assert f"resumed from {ckpt_dir(job, name) / f'checkpoint-epoch1-step{stop_at + 1}'}" in out
+    assert f"resumed from {ckpt_dir(job, name) / f'checkpoint-epoch1-step{stop_at}'}" in out
     rows, tb = scalars_of(job["tmp"] / name)
     ref_rows, ref_tb = scalars_of(job["tmp"] / "books-reference")
     assert rows == ref_rows and tb == ref_tb

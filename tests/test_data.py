@@ -305,11 +305,12 @@ def test_length_grouping_reduces_padding_against_a_random_order():
 
 def test_micro_batches_split_a_batch_for_accumulation():
     indices = np.arange(10, 18)
-    micro = micro_batches(indices, 3)
+    micro = micro_batches(indices, 3)  # grad_accum_steps 3: three near-equal micro-batches
     assert [len(m) for m in micro] == [3, 3, 2]
     assert np.concatenate(micro).tolist() == indices.tolist()
-    assert [len(m) for m in micro_batches(indices, 8)] == [8]
-    assert [len(m) for m in micro_batches(np.arange(5), 8)] == [5]
+    assert [len(m) for m in micro_batches(indices, 1)] == [8]
+    # a short last batch with fewer examples than accumulation steps: no empty micro-batch
+    assert [len(m) for m in micro_batches(np.arange(3), 8)] == [1, 1, 1]
 
 
 # -- padding -------------------------------------------------------------------------------------

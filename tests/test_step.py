@@ -1,0 +1,111 @@
+"""One optimizer step of the Trainer: a non-finite loss never reaches the weights, the schedule
+counts only the updates made, and the step never reads a value back to the host (on a GPU such a
+read would stall the queue every step).
+
+The model is a bag-of-words classifier in plain torch, so the step's own code is what is tested.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import base_args, make_tokenizer, sentiment_rows, write_csv
+
+import config
+import trainer
+
+
+class BagOfWords(torch.nn.Module):
+    """Summed word vectors -> logits: enough of a classifier for the loop, with no transformers code."""
+
+    def __init__(self, vocab_size, classes=2):
+        super().__init__()
+        self.words = torch.nn.EmbeddingBag(vocab_size, 8, mode="sum")
+        self.out = torch.nn.Linear(8, classes)
+
+    def forward(self, input_ids, attention_mask, **unused):
+        return SimpleNamespace(logits=self.out(self.words(input_ids, per_sample_weights=attention_mask.float())))
+
+
+def make_trainer(tmp_path, **overrides):
+    tokenizer = make_tokenizer()
+    data = write_csv(tmp_path / "train.csv", sentiment_rows(64))
+    cfg = config.load_config(base_args(tmp_path, "unused", data, "null", **{
+        "trainer.epochs": 1, "module.warmup_prop": 0.25, **overrides}))
+    train = trainer.load_split(cfg, tokenizer, data, True)
+    proc = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
+    torch.manual_seed(0)
+    return trainer.Trainer(cfg, proc, BagOfWords(len(tokenizer)), tokenizer, train, None)
+
+
+def poisoned(loss_fn):
+    """A loss function whose loss is infinite: what a too-high learning rate or a bad row gives."""
+    def loss_fn_inf(model, batch):
+        loss, terms = loss_fn(model, batch)
+        return loss * float("inf"), terms
+    return loss_fn_inf
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("backend", [{}, {"trainer.backend": "sp-amp", "trainer.amp_dtype": "fp16"}],
+                         ids=["float32", "float16 with GradScaler"])
+def test_a_non_finite_loss_never_reaches_the_weights_and_does_not_advance_the_schedule(tmp_path, backend):
+    run = make_trainer(tmp_path, **backend)
+    (indices, size), (indices2, size2) = run.epoch_batches(0)[:2]
+    before, real_loss = weights(run.model), run.loss_fn
+    run.loss_fn = poisoned(real_loss)
+    run.train_step(indices, size)
+    assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in before.items())
+    assert int(run.updates) == 0 and int(run.skipped) == 1
+    assert all(int(s["step"]) == 0 for s in run.optimizer.state.values())  # Adam's own count stays too
+    first_lr = float(run.lr)
+    run.loss_fn = real_loss
+    run.train_step(indices2, size2)
+    assert not all(torch.equal(v, run.model.state_dict()[k]) for k, v in before.items())
+    assert int(run.updates) == 1 and int(run.skipped) == 1
+    # the update that was made used the first learning rate of the schedule, not the second
+    assert float(run.lr) == first_lr == pytest.approx(3e-3 * float(trainer.lr_multiplier(0, run.warmup_steps, run.total_steps)))
+
+
+def test_float32_stops_at_the_next_host_sync_naming_the_skipped_updates(tmp_path):
+    run = make_trainer(tmp_path)
+    run.loss_fn = poisoned(run.loss_fn)
+    run.train_step(*run.epoch_batches(0)[0])
+    with pytest.raises(trainer.TrainingError, match="1 updates were skipped: the loss or its gradients were not finite"):
+        run.check_updates(int(run.skipped))
+    (tmp_path / "fp16").mkdir()
+    fp16 = make_trainer(tmp_path / "fp16", **{"trainer.backend": "sp-amp", "trainer.amp_dtype": "fp16"})
+    fp16.check_updates(3)  # GradScaler's skips while it finds its scale are normal
+
+
+def test_a_training_step_never_reads_a_tensor_back_to_the_host(tmp_path, monkeypatch):
+    run = make_trainer(tmp_path, **{"trainer.gpu_batch_size_limit": 4})  # with accumulation
+    assert run.grad_accum_steps == 4
+    batches = run.epoch_batches(0)
+
+    def host_read(*args):
+        raise AssertionError("a device value was read on the host inside train_step")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for indices, size in batches[:3]:
+        run.train_step(indices, size)
+    monkeypatch.undo()
+    assert int(run.updates) == 3 and int(run.skipped) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_training_step_on_a_gpu_does_not_synchronize(tmp_path):
+    run = make_trainer(tmp_path)
+    run.proc = trainer.Process(0, 0, 1, torch.device("cuda", 0), True, False)
+    run = trainer.Trainer(run.cfg, run.proc, run.model, run.tokenizer, run.train_split, None)
+    batches = run.epoch_batches(0)
+    run.train_step(*batches[0])  # warm-up: lazy initialisation may synchronize once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for indices, size in batches[1:3]:
+            run.train_step(indices, size)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(run.updates) == 3
