@@ -76,8 +76,9 @@ class Trainer:
         self.model = model.to(device)
         self.wrapped = self.model
         if proc.ddp:
+            # no BatchNorm here: the buffers (position ids) never change, so none are broadcast
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device] if device.type == "cuda" else None)
+                self.model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
         if tcfg["compile"]:
             self.wrapped = torch.compile(self.wrapped, dynamic=True)
 
@@ -480,6 +481,10 @@ def setup_distributed(trainer_cfg):
     use_cuda = trainer_cfg["device"] == "cuda" or (trainer_cfg["device"] == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("trainer.device is cuda but no CUDA GPU is visible; use auto or cpu")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"local rank {local_rank} has no GPU of its own: this machine shows "
+                          f"{torch.cuda.device_count()}; start at most that many processes per machine "
+                          f"(torchrun --nproc_per_node), or pass --trainer.device cpu")
     if use_cuda:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

@@ -1,0 +1,42 @@
+"""Devices and random state: what a process picks and what a checkpoint restores, on any machine."""
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import config
+import trainer
+
+
+def test_a_local_rank_without_a_gpu_of_its_own_is_one_line_naming_both_numbers(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = config.load_config(["--trainer.backend", "ddp"])
+    with pytest.raises(config.ConfigError, match="local rank 1 has no GPU of its own: this machine shows 1"):
+        trainer.setup_distributed(cfg["trainer"])
+
+
+def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    random.gauss(0, 1)  # a cached Gaussian is part of Python's state too
+    state = trainer.rng_state(torch.device("cpu"))
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    trainer.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+    assert "cuda" not in state  # a CPU process saves no GPU state, a GPU process only its own device's
+    with pytest.raises(pickle.UnpicklingError):  # what weights_only refuses, rng_state avoids
+        torch.save({"numpy": np.random.get_state()}, tmp_path / "raw.pt")
+        torch.load(tmp_path / "raw.pt", weights_only=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpu_process_saves_its_own_device_rng_only():
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    state = trainer.rng_state(device)
+    assert torch.equal(state["cuda"], torch.cuda.get_rng_state(device))
