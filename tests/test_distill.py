@@ -352,6 +352,7 @@ def test_distilled_random_student_beats_the_untrained_one(tmp_path, tiny_teacher
     assert evaluate(tmp_path, str(tmp_path / "ckpt" / "best"), t["val"], capsys) == result["acc"]
 
 
+@pytest.mark.slow
 def test_depth_cut_distillation_under_torchrun_with_two_processes(tmp_path, tiny_teacher, capsys):
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
