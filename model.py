@@ -11,20 +11,15 @@ classifier there with another number of labels than data.labels_list gets a new 
 save_pretrained directory), or a plain state-dict file (`.safetensors`, `.bin`, `.pt`), or a
 directory plus `model.model_file`. Prefixes left by wrappers (`model.`, `module.`, `_orig_mod.`)
 are stripped, so nobody has to edit a state dict by hand.
+Models come back as plain transformers objects; the speed tricks are speedups.py's (trainer.speedups).
 """
 import os
 import sys
-import types
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import (AttentionInterface, AutoConfig, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedModel)
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.bert.modeling_bert import eager_attention_forward
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
@@ -220,129 +215,6 @@ def unwrap_model(model):
             model = model._orig_mod
         else:
             return model
-
-
-def cpu_dropout(x, p):
-    """Training-time dropout of x with masks drawn from 31-bit random integers (see CPUDropout)."""
-    if p == 1:
-        return torch.zeros_like(x)
-    # random_() on int32 is uniform on [0, 2^31): below p * 2^31 with probability p
-    keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() >= round(p * 2 ** 31)
-    return x * keep.to(x.dtype).mul_(1 / (1 - p))  # autograd keeps this scaled mask for the backward
-
-
-class CPUDropout(torch.nn.Dropout):
-    """nn.Dropout with the same masks in distribution, drawn faster on a CPU.
-
-    Each element is kept with probability 1 - p and scaled by 1 / (1 - p), as in nn.Dropout. torch
-    draws CPU dropout masks with bernoulli_, one random float at a time; 31-bit random integers
-    compared with a threshold cost a fraction of that. With the attention's dropout (below) a whole
-    MiniLM training step is about 6% faster (bench/README.md). On CUDA torch's fused dropout kernel
-    is already fast: CPU only.
-    The generator is torch's default one, so seeding and checkpointed RNG state cover it.
-    """
-
-    def forward(self, x):
-        return cpu_dropout(x, self.p) if self.training and self.p > 0 else x
-
-
-CPU_DROPOUT_ATTENTION = "sdpa_cpu_dropout"
-
-
-def sdpa_cpu_dropout_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                               **kwargs):
-    """transformers' "sdpa" attention, but dropout on the attention probabilities uses cpu_dropout.
-
-    Models call their attention function with dropout = attention_probs_dropout_prob in training
-    only. SDPA's CPU kernels have no dropout, so in training torch falls back to its math path and
-    draws the mask with bernoulli_; this is that math path with cpu_dropout's mask instead (a
-    MiniLM training step about 2.5% faster, bench/README.md). Evaluation, CUDA, causal and
-    grouped-query attention, or extra arguments such as a position bias: plain sdpa.
-    """
-    plain = (dropout == 0 or query.device.type != "cpu" or getattr(module, "is_causal", False)
-             or query.shape[1] != key.shape[1] or any(v is not None for v in kwargs.values()))
-    if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    scores = torch.matmul(query, key.transpose(2, 3)) * (scaling or query.shape[-1] ** -0.5)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:  # True: may attend
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    elif attention_mask is not None:  # an additive float mask
-        scores = scores + attention_mask
-    probs = cpu_dropout(scores.softmax(dim=-1), dropout)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
-
-
-# registered under a name of its own with sdpa's masks (a name without a mask function would get none)
-AttentionInterface.register(CPU_DROPOUT_ATTENTION, sdpa_cpu_dropout_attention)
-AttentionMaskInterface.register(CPU_DROPOUT_ATTENTION, sdpa_mask)
-
-
-def use_cpu_dropout(model):
-    """Draw model's dropout masks with cpu_dropout (same p, weights untouched).
-
-    Every nn.Dropout becomes a CPUDropout, and every transformers model inside on sdpa attention
-    (a distillation student and teacher, say) moves to sdpa_cpu_dropout_attention, which is sdpa
-    except for the attention dropout in training.
-    """
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Dropout:
-                setattr(module, name, CPUDropout(child.p, child.inplace))
-        if isinstance(module, PreTrainedModel) and module.config._attn_implementation == "sdpa":
-            module.set_attn_implementation(CPU_DROPOUT_ATTENTION)
-    return model
-
-
-# Classifiers whose head reads only the first token ([CLS] / <s>) of the encoder's last layer
-CLS_POOLED = ("BertForSequenceClassification", "RobertaForSequenceClassification")
-
-
-def cls_only_last_layer(model):
-    """Let the last encoder layer of every [CLS]-pooled classifier in model compute position 0 only.
-
-    The classification head reads the last layer's output at the first token and nowhere else, so
-    of that layer only the keys and values are needed at every position (the first token attends
-    to all of them); its query, attention output, feed-forward and LayerNorms are needed at
-    position 0 alone. For the 6-layer MiniLM that skips 14% of the encoder's matmul work in
-    training and evaluation, with the same logits and gradients. A call that asks for
-    output_hidden_states or output_attentions (distillation's hidden-state losses) gets the whole
-    layer. Calling the encoder on its own (model.bert(...)) also gets the first position only.
-    Weights and saved checkpoints are untouched.
-    """
-    for module in list(model.modules()):
-        if type(module).__name__ in CLS_POOLED and not module.config.is_decoder:
-            layer = module.base_model.encoder.layer[-1]
-            layer.forward = types.MethodType(cls_only_layer_forward, layer)  # this instance only
-    return model
-
-
-def cls_only_layer_forward(layer, hidden_states, attention_mask=None, *args, **kwargs):
-    """A BERT encoder layer's forward for the first position only; output (batch, 1, hidden)."""
-    attention = layer.attention.self
-    config = attention.config
-    # the model passes output_hidden_states / output_attentions down to its layers
-    wants_all = any(kwargs.get(key, getattr(config, key)) for key in ("output_hidden_states", "output_attentions"))
-    if (wants_all or config._attn_implementation not in ("eager", "sdpa", CPU_DROPOUT_ATTENTION)
-            or (attention_mask is not None and attention_mask.dim() != 4)):  # flash's 2-d masks: not here
-        return type(layer).forward(layer, hidden_states, attention_mask, *args, **kwargs)
-    for unused in ("cache", "encoder_attention_mask"):  # the layer's arguments (None in an encoder)
-        kwargs.pop(unused, None)
-    batch = hidden_states.shape[0]
-    first = hidden_states[:, :1]
-
-    def heads(x):  # (batch, positions, hidden) -> (batch, heads, positions, head size)
-        return x.view(batch, x.shape[1], -1, attention.attention_head_size).transpose(1, 2)
-
-    query = heads(attention.query(first))  # one query a sequence: the first token's
-    key, value = heads(attention.key(hidden_states)), heads(attention.value(hidden_states))
-    if attention_mask is not None:
-        attention_mask = attention_mask[:, :, :1]  # the first query's row: which keys it may see
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
-    context, _ = attend(attention, query, key, value, attention_mask, scaling=attention.scaling,
-                        dropout=attention.dropout.p if attention.training else 0.0, **kwargs)
-    attention_output = layer.attention.output(context.reshape(batch, 1, -1), first)
-    return layer.output(layer.intermediate(attention_output), attention_output)
 
 
 def save_pretrained(model, tokenizer, directory):

@@ -1,7 +1,7 @@
 """Benchmark: the same fine-tuning job with trainer.py and with the Hugging Face Trainer.
 
     pip install -r requirements.txt -r bench/requirements.txt && python prepare.py
-    python bench/bench.py                                    # the README table (~15-20 min on 2 cores)
+    python bench/bench.py                                    # the README table (the longest run)
     python bench/bench.py --train-examples 512 --eval-examples 256 --repeats 1    # a quick look
     python bench/bench.py --compile                          # also trainer.py with torch.compile
     python bench/bench.py --roberta-bf16                     # CUDA only: roberta-base size, bf16 on both
@@ -47,11 +47,11 @@ def encoder_flops(config, lengths, training=True, cls_only_last_layer=False):
     Per token and layer: Q, K, V, output projections (4 d^2 multiply-adds) and the feed-forward
     (2 d f); per sequence and layer: scores and weighted values (2 n^2 d); per sequence: the
     pooler / classifier head on the first token (d^2 + d c). With cls_only_last_layer (what
-    trainer.py runs, model.cls_only_last_layer) the last layer computes K and V at every token
-    (2 d^2) but the rest for the first token only (2 d^2 + 2 d f, and 2 n d of attention): only
-    the work done is counted. Training costs 3x the forward (the backward computes gradients of
-    inputs and of weights). Embedding lookups, norms and activations are not matmuls and are left
-    out, as is usual for model FLOP utilisation.
+    trainer.py runs with trainer.speedups on, speedups.first_position_last_layer) the last layer
+    computes K and V at every token (2 d^2) but the rest for the first token only (2 d^2 + 2 d f,
+    and 2 n d of attention): only the work done is counted. Training costs 3x the forward (the
+    backward computes gradients of inputs and of weights). Embedding lookups, norms and
+    activations are not matmuls and are left out, as is usual for model FLOP utilisation.
     """
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     c = config.num_labels
@@ -110,9 +110,9 @@ def ours_argv(job):
 def run_ours(job):
     """trainer.py's own functions: load, tokenize, train (no validation inside), then predict."""
     import torch
+    import speedups
     import trainer
     from metrics import compute_metrics
-    from model import cls_only_last_layer
     first_step = {}
 
     class TimedTrainer(trainer.Trainer):
@@ -125,20 +125,22 @@ def run_ours(job):
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
     train, val, _ = trainer.load_splits(cfg, tokenizer)
-    if job["random_roberta"]:  # trainer.build_model's last-layer shortcut, on the random model too
-        model = cls_only_last_layer(build_random_roberta(job))
+    if job["random_roberta"]:
+        model = build_random_roberta(job)
     else:
         model = trainer.build_model(cfg["model"], LABELS)
+    if cfg["trainer"]["speedups"]:  # as trainer.run does
+        speedups.apply(model, proc.device)
     run = TimedTrainer(cfg, proc, model, tokenizer, train, None)  # no validation inside train()
     _, train_s = timed(torch, run.train)
     logits, eval_s = timed(torch, lambda: trainer.predict_logits(
-        run.hf_model, val.encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
+        model, val.encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
         proc, run.amp_dtype))
     metrics = compute_metrics(logits.argmax(axis=1), val.encoded.labels, LABELS)
     return {"train_s": train_s, "eval_s": eval_s, "first_step_s": first_step["s"],
             "acc": metrics["acc"], "f1_macro": metrics["f1_macro"],
             "train_lengths": train.encoded.lengths.tolist(), "eval_lengths": val.encoded.lengths.tolist(),
-            "config": run.hf_model.config.to_dict(), "threads": torch.get_num_threads()}
+            "config": model.config.to_dict(), "threads": torch.get_num_threads()}
 
 
 def run_hf(job):
@@ -336,7 +338,7 @@ def main():
     import transformers
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.roberta_bf16 and device != "cuda":
-        sys.exit("--roberta-bf16 needs a CUDA GPU (bf16 on a CPU without native bf16 is ~100x slower)")
+        sys.exit("--roberta-bf16 needs a CUDA GPU (bf16 on a CPU without native bf16 is far too slow)")
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
     job = make_job(args, scratch, device)

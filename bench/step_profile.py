@@ -1,18 +1,18 @@
 """Where a training step of trainer.py spends its time, on the benchmark's job.
 
     python bench/step_profile.py                 # torch.profiler table over 15 steps, by self CPU time
-    python bench/step_profile.py --ab dropout    # torch's dropout against model.use_cpu_dropout's
+    python bench/step_profile.py --ab dropout    # torch's dropout against speedups.use_cpu_dropout's
     python bench/step_profile.py --ab cls-only   # every position of the last layer against the first only
     python bench/step_profile.py --ab compile    # the eager loop against torch.compile's
 
 Both build the job of bench.py (the MiniLM of `python prepare.py`, the tweets, batch 32, max length
-64) with trainer.py's own functions and run its Trainer.train_step after a few warm-up steps.
---ab times each batch twice in one process, with and without one of the loop's speed-ups (for
-dropout: torch's nn.Dropout and sdpa attention against model.CPUDropout and its attention
-function; for cls-only: model.cls_only_last_layer; for compile: torch.compile, after its
-compilation on 3 warm-up batches), in alternating order, and reports the median of
-the per-batch speed-ups: the same batch on both sides, and the machine's noise of that moment on
-both alike.
+64) with trainer.py's own functions, speedups.apply included as trainer.run does it, and run its
+Trainer.train_step after a few warm-up steps. --ab times each batch twice in one process, with
+and without one speed-up (for dropout: torch's nn.Dropout and sdpa attention against
+speedups.CPUDropout and its attention function; for cls-only: speedups.first_position_last_layer;
+for compile: torch.compile, after its compilation on 3 warm-up batches), the others on for both,
+in alternating order, and reports the median of the per-batch speed-ups: the same batch on both
+sides, and the machine's noise of that moment on both alike. Results go to bench/README.md.
 """
 import argparse
 import statistics
@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 
 import bench  # noqa: E402
+import speedups  # noqa: E402
 import trainer  # noqa: E402
-from model import CPU_DROPOUT_ATTENTION, CPUDropout, cls_only_last_layer  # noqa: E402
 
 
 def bench_trainer():
@@ -43,18 +43,17 @@ def bench_trainer():
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
     train, _, _ = trainer.load_splits(cfg, tokenizer)
-    run = trainer.Trainer(cfg, proc, trainer.build_model(cfg["model"], bench.LABELS), tokenizer, train,
-                          None)
+    model = speedups.apply(trainer.build_model(cfg["model"], bench.LABELS), proc.device)
+    run = trainer.Trainer(cfg, proc, model, tokenizer, train, None)
     run.model.train()
     return run, run.epoch_batches(0)
 
 
 def steps(run, batches):
     """Train on the batches; examples per second."""
-    window = trainer.new_window(run.dist.device)
     start = time.perf_counter()
     for rank_indices, global_size in batches:
-        run.train_step(rank_indices, global_size, window)
+        run.train_step(rank_indices, global_size)
     return sum(len(b[0]) for b in batches) / (time.perf_counter() - start)
 
 
@@ -66,31 +65,31 @@ def profile_table(run, batches, count):
 
 def use_dropout(run, new):
     """Switch the model between torch's dropout (new=False) and use_cpu_dropout's (new=True) in place."""
-    model = run.hf_model
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.__class__ = CPUDropout if new else torch.nn.Dropout  # same p: only forward differs
-    model.config._attn_implementation = CPU_DROPOUT_ATTENTION if new else "sdpa"
+    if new:
+        speedups.use_cpu_dropout(run.model)
+        return
+    for m in run.model.modules():
+        if type(m) is speedups.CPUDropout:
+            m.__class__ = torch.nn.Dropout  # same p: only forward differs
+    run.model.set_attn_implementation("sdpa")
 
 
 def use_cls_only(run, new):
     """Switch the last layer between every position (new=False) and the first only (new=True)."""
-    if new:
-        cls_only_last_layer(run.hf_model)
-    else:
-        vars(run.hf_model.base_model.encoder.layer[-1]).pop("forward", None)  # back to the class's forward
+    plain, fast = speedups.FIRST_POSITION[type(run.model)]
+    run.model.base_model.encoder.layer[-1].__class__ = fast if new else plain
 
 
 def use_compile(run, new):
     """Train through torch.compile(model, dynamic=True), as --trainer.compile does (new=True), or not."""
     if not hasattr(run, "compiled"):
         run.compiled = torch.compile(run.model, dynamic=True)
-    run.ddp_model = run.compiled if new else run.model
+    run.wrapped = run.compiled if new else run.model
 
 
 # --ab choice: (switch, what the new side is)
-AB = {"dropout": (use_dropout, "model.use_cpu_dropout"), "cls-only": (use_cls_only, "model.cls_only_last_layer"),
-      "compile": (use_compile, "torch.compile")}
+AB = {"dropout": (use_dropout, "speedups.use_cpu_dropout"),
+      "cls-only": (use_cls_only, "speedups.first_position_last_layer"), "compile": (use_compile, "torch.compile")}
 
 
 def ab(run, batches, choice):
@@ -101,20 +100,19 @@ def ab(run, batches, choice):
     steps(run, batches[:3])  # the new side's warm-up too (for compile: the compilation)
     print(f"first 3 steps with {name}: {time.perf_counter() - start:.1f} s")
     batches = batches[3:]
-    window = trainer.new_window(run.dist.device)
-    speedups, totals = [], {False: 0.0, True: 0.0}
+    ratios, totals = [], {False: 0.0, True: 0.0}
     for i, (rank_indices, global_size) in enumerate(batches):
         seconds = {}
         for new in (False, True) if i % 2 == 0 else (True, False):
             switch(run, new)
             start = time.perf_counter()
-            run.train_step(rank_indices, global_size, window)
+            run.train_step(rank_indices, global_size)
             seconds[new] = time.perf_counter() - start
             totals[new] += seconds[new]
-        speedups.append(seconds[False] / seconds[True])
-    quartiles = statistics.quantiles(speedups, n=4)
+        ratios.append(seconds[False] / seconds[True])
+    quartiles = statistics.quantiles(ratios, n=4)
     print(f"{len(batches)} batches, each trained once with and once without {name}")
-    print(f"speed-up of {name}: median {statistics.median(speedups):.3f}x "
+    print(f"speed-up of {name}: median {statistics.median(ratios):.3f}x "
           f"(quartiles {quartiles[0]:.3f}x-{quartiles[2]:.3f}x), total time {totals[False] / totals[True]:.3f}x")
 
 

@@ -13,10 +13,12 @@ from transformers import (AutoModelForSequenceClassification, DistilBertConfig,
 
 import config
 import distill
+import speedups
 import trainer
 from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
 from data import DataError
-from model import CPUDropout, ModelError, build_model
+from model import ModelError, build_model
+from speedups import CPUDropout
 
 LABELS = ["negative", "positive"]
 
@@ -224,9 +226,11 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     tokenizer = trainer.load_tokenizer(cfg["model"])
     train_split, val_split, _ = trainer.load_splits(cfg, tokenizer)
     ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
+    speedups.apply(teacher, ctx.device)  # as distill.run does with trainer.speedups on
+    speedups.apply(module, ctx.device)
     run, result = trainer.fit(cfg, ctx, module, tokenizer, train_split, val_split, loss_fn=loss_fn)
     assert result is not None
-    # on a CPU the trainer draws the student's dropout masks with model.CPUDropout
+    # the loop kept speedups' dropout in the student (the four losses above ran through it)
     assert not [m for m in module.modules() if type(m) is torch.nn.Dropout]
     assert any(isinstance(m, CPUDropout) for m in module.student.modules())
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before_teacher.items())
