@@ -4,7 +4,8 @@
         [--examples 2000] [--repeats 5] [--batch 128] [--max_seq_len 64]
 
 Every round times each model once on the same examples (trainer.py's length-sorted evaluation
-batches), in an order that rotates between rounds, so a noisy neighbour slows all models alike.
+batches, and speedups.apply as trainer.run does with trainer.speedups on), in an order that
+rotates between rounds, so a noisy neighbour slows all models alike.
 Prints one JSON line: examples/s per model (median over rounds) and the speed-up over the first.
 """
 import argparse
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import speedups  # noqa: E402
 from model import build_model, load_tokenizer  # noqa: E402
 from config import load_config  # noqa: E402
 from trainer import Process, load_split, predict_logits  # noqa: E402
@@ -37,6 +39,8 @@ def main():
     for path in args.models:
         model_cfg = {**cfg["model"], "model_path": path}
         models[path] = build_model(model_cfg, cfg["data"]["labels_list"]).eval()
+        if cfg["trainer"]["speedups"]:
+            speedups.apply(models[path], ctx.device)
     tokenizer = load_tokenizer({**cfg["model"], "model_path": args.models[0]})
     split = load_split(cfg, tokenizer, args.data, True)
     keep = list(range(min(args.examples, len(split.encoded))))
