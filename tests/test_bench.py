@@ -3,13 +3,16 @@ import json
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BertForSequenceClassification
+from transformers import AutoTokenizer, BertForSequenceClassification
 from transformers.models.bert.modeling_bert import BertLayer
 
 from conftest import ROOT, save_tiny_encoder, sentiment_rows, tiny_config, write_csv
+import trainer
 from speedups import first_position_last_layer
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -35,7 +38,7 @@ def test_encoder_flops_match_torch_flop_counter_on_unpadded_sequences(training, 
     assert bench.encoder_flops(config, [3, 11], training=training, cls_only_last_layer=cls_only) == counted
 
 
-def test_ours_worker_trains_and_reports_on_a_tiny_model(tmp_path):
+def test_ours_worker_trains_and_reports_on_a_tiny_model(tmp_path, monkeypatch):
     pytest.importorskip("psutil")
     rows = [{"sentiment": r["label"], "text": r["text"]} for r in sentiment_rows(48, labels=bench.LABELS)]
     train = write_csv(tmp_path / "train.csv", rows[:32])
@@ -44,9 +47,30 @@ def test_ours_worker_trains_and_reports_on_a_tiny_model(tmp_path):
            "epochs": 1, "batch_size": 8, "eval_batch_size": 8, "lr": 1e-3, "warmup": 0.1,
            "weight_decay": 0.01, "max_seq_len": 16, "seed": 0, "compile": False, "bf16": False,
            "random_roberta": False, "device": "cpu", "log_dir": str(tmp_path / "runs")}
+    evaluated, predict_logits = [], trainer.predict_logits
+
+    def seen_predict_logits(model, *args):  # the worker's evaluation, seen on its way through
+        logits = predict_logits(model, *args)
+        evaluated.append((model, logits))
+        return logits
+    monkeypatch.setattr(trainer, "predict_logits", seen_predict_logits)
     result = bench.run_ours(job)
     assert result["train_s"] > 0 and result["eval_s"] > 0 and result["first_step_s"] > 0
-    assert 0 <= result["acc"] <= 1 and 0 <= result["f1_macro"] <= 1
+    # the 4 updates moved the encoder, and the metrics are those of its predictions on val.csv
+    ((model, logits),) = evaluated
+    initial = load_file(tmp_path / "tiny" / "model.safetensors")["embeddings.word_embeddings.weight"]
+    assert not torch.equal(model.bert.embeddings.word_embeddings.weight.detach(), initial)
+    texts = [row["text"] for row in rows[32:]]
+    with torch.no_grad():  # every row's logits, in the file's order
+        inputs = AutoTokenizer.from_pretrained(job["model"])(texts, padding=True, truncation=True,
+                                                             max_length=16, return_tensors="pt")
+        np.testing.assert_allclose(logits, model.eval()(**inputs).logits.numpy(), atol=1e-5)
+    predicted = logits.argmax(axis=1)
+    truth = np.array([bench.LABELS.index(row["sentiment"]) for row in rows[32:]])
+    assert result["acc"] == np.mean(predicted == truth)
+    f1 = [2 * np.sum((predicted == c) & (truth == c)) / max(1, np.sum(predicted == c) + np.sum(truth == c))
+          for c in range(len(bench.LABELS))]
+    assert result["f1_macro"] == pytest.approx(np.mean(f1))
     assert len(result["train_lengths"]) == 32 and len(result["eval_lengths"]) == 16
     assert max(result["train_lengths"]) <= 16
     json.dumps(result)  # the worker hands its result to the driver as JSON
