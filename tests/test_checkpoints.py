@@ -110,6 +110,17 @@ def test_resume_auto_skips_a_checkpoint_that_does_not_load_and_takes_the_next(jo
     assert "incomplete checkpoint: training_state.pt is 10 bytes" in error_line(capsys)
 
 
+def test_resume_auto_ignores_a_foreign_folder_named_like_a_newer_checkpoint(job, capsys):
+    ckpt = run_copy(job, "foreign-resume")
+    (ckpt / "checkpoint-epoch9-step999").mkdir()  # someone else's, with no manifest
+    (ckpt / "checkpoint-epoch9-step999" / "training_state.pt").write_bytes(b"not ours")
+    capsys.readouterr()
+    assert trainer.main(job["args"]("foreign-resume", **{"ckpt.resume": "auto"})) == 0
+    out = capsys.readouterr().out
+    assert "ignoring checkpoint-epoch9-step999" in out and "resumed from" in out and "step26" in out
+    assert (ckpt / "checkpoint-epoch9-step999" / "training_state.pt").read_bytes() == b"not ours"
+
+
 # -- never delete or replace what we did not write -----------------------------------------------
 
 
