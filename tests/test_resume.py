@@ -197,9 +197,11 @@ def test_resuming_a_finished_run_with_more_epochs_extends_it(job, capsys):
     steps = [step for step, _ in logged(tmp / "extended", "train/lr")]
     assert steps == list(range(1, 40))  # 3 epochs x 13 steps, each logged once
     lrs = [lr for _, lr in logged(tmp / "extended", "train/lr")]
-    # the first run decayed to 0; the schedule recomputed for 39 steps continues on its line to 0
-    assert lrs[25] == 0 and lrs[-1] == 0
-    assert lrs[26] == pytest.approx(3e-3 * trainer.lr_multiplier(27, 4, 39))
+    # the first run's last update was one step short of 0 (26 updates, 3 of warmup); the schedule
+    # recomputed for 39 updates continues on its own line, down to one step short of 0 again
+    assert lrs[25] == pytest.approx(3e-3 * float(trainer.lr_multiplier(25, 3, 26))) == pytest.approx(3e-3 / 23)
+    assert lrs[26] == pytest.approx(3e-3 * float(trainer.lr_multiplier(26, 4, 39)))
+    assert lrs[-1] == pytest.approx(3e-3 / 35)
     assert all(a > b for a, b in zip(lrs[26:], lrs[27:]))
     assert max(checkpoint_steps(tmp / "extended" / "ckpt")) == 39
 
