@@ -277,6 +277,7 @@ def test_applied_model_pickles_and_torch_saves_with_its_speedups_and_the_same_lo
         copied.train()(**inputs).logits.sum().backward()  # training: the cpu_dropout paths
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_nothing_is_registered_at_import_and_a_saved_model_loads_in_a_fresh_process(tmp_path, tiny_bert):
     model = speedups.apply(plain_classifier(tiny_bert), CPU).eval()
     inputs = padded_batch(model.config.vocab_size)
