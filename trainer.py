@@ -105,7 +105,7 @@ class Trainer:
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.window = new_window(device)
         self.run_dir, self.session, self.digests, self.save_dir = None, new_session(), None, None
-        self.signals, self.stop_signal, self.stopping = 0, None, False
+        self.signals, self.stop_signal = 0, None
 
     def epoch_batches(self, epoch):
         return train_batches(self.train_split.encoded.lengths, self.cfg["trainer"]["train_batch_size"],
@@ -280,7 +280,6 @@ class Trainer:
             stop = bool(flag.item())
         if stop and self.stop_signal is None:
             self.stop_signal = "a signal to another process"
-        self.stopping = stop
         return stop
 
     # -- logs ----------------------------------------------------------------------------------
