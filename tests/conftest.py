@@ -23,6 +23,15 @@ NEUTRAL = ["the", "a", "movie", "film", "is", "was", "it", "and", "this", "plot"
 WORDS = POSITIVE + NEGATIVE + NEUTRAL
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_tokenizer(kind="bert"):
     """A WordPiece tokenizer over WORDS; RoBERTa's special tokens (pad id 1) for kind='roberta'."""
     if kind == "bert":

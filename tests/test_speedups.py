@@ -24,15 +24,6 @@ from speedups import (CPU_DROPOUT_ATTENTION, CPUDropout, FirstPositionBertLayer,
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- dropout on a CPU ------------------------------------------------------------------------------
 
 

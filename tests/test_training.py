@@ -17,18 +17,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import trainer
-from model import build_model, load_tokenizer
 from config import load_config
+from model import build_model, load_tokenizer
 from trainer import build_optimizer, load_split, lr_multiplier
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a busy 2-core machine spin-wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_main(argv):
