@@ -43,6 +43,19 @@ LINKS = ("last", "best")
 LOCK = ".lock"
 
 
+def umask():
+    """The process's umask (os.umask can only be read by setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path):
+    """Give a file we wrote the mode the umask asks for: safetensors and mkstemp write 0600, which
+    a team sharing a checkpoint folder cannot read."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 class CheckpointError(Exception):
     """A checkpoint or save folder that cannot be used as asked, reported as one line."""
 
@@ -168,6 +181,7 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
         write_files(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         for file in files:
+            follow_umask(tmp / file)
             fsync_path(tmp / file)
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "written_by": WRITTEN_BY, "session": session,
                                                 "files": files}, indent=1, default=str), encoding="utf-8")

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import speedups
-from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests,
+from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,
                         load_checkpoint, new_session, point_link, prune, read_manifest, write_checkpoint)
 from config import GOLDEN_CONFIG, ConfigError, load_config
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
@@ -234,8 +234,12 @@ class Trainer:
             return None
         names = label_names(self.cfg)
         logits = predict_logits(classifier_of(self.model), self.val_split.encoded, self.cfg["trainer"]["val_batch_size"],
-                                self.tokenizer.pad_token_id, self.proc, self.amp_dtype)
-        metrics = compute_metrics(logits_to_predictions(logits, names), self.val_split.encoded.labels, names)
+                                self.tokenizer.pad_token_id, self.proc, self.amp_dtype, desc="validate")
+        predictions = logits_to_predictions(logits, names)
+        metrics = compute_metrics(predictions, self.val_split.encoded.labels, names)
+        collapse = one_class_warning(predictions, names)
+        if collapse:
+            log(self.proc, f"warning: at step {self.step}, {collapse}")
         self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
         log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): "
                        + "  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
@@ -611,12 +615,17 @@ def label_names(cfg):
 
 
 @torch.inference_mode()
-def predict_logits(model, encoded, batch_size, pad_token_id, proc, amp_dtype):
-    """Float32 logits of every example in input order; batches sorted by length, sharded by rank."""
+def predict_logits(model, encoded, batch_size, pad_token_id, proc, amp_dtype, desc="evaluate"):
+    """Float32 logits of every example in input order; batches sorted by length, sharded by rank.
+
+    Rank 0 shows a progress bar named desc, with the device, for it may take minutes.
+    """
     was_training = model.training
     model.eval()
     indices, outputs = [], []
-    for batch_indices in eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size):
+    batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size)
+    for batch_indices in tqdm(batches, desc=f"{desc} on {proc.device}", unit="batch", leave=False,
+                              disable=not proc.is_main, dynamic_ncols=True, file=sys.stderr):
         batch = {k: v.to(proc.device, non_blocking=True)
                  for k, v in collate(encoded, batch_indices, pad_token_id).items() if k != "labels"}
         with autocast(proc, amp_dtype):
@@ -637,6 +646,15 @@ def predict_logits(model, encoded, batch_size, pad_token_id, proc, amp_dtype):
 
 def logits_to_predictions(logits, names):
     return logits[:, 0] if names is None else logits.argmax(axis=1)
+
+
+def one_class_warning(predictions, names):
+    """A warning when a classifier predicts the same class for every example (a collapsed run:
+    MCC 0, macro F1 near 1 / classes), else None."""
+    if names is None or len(predictions) < 2 or len(set(predictions.tolist())) > 1:
+        return None
+    return (f"every example is predicted as {names[int(predictions[0])]!r}: the model has collapsed to one "
+            f"class; lower module.max_lr, train longer, or check the balance of the labels")
 
 
 def softmax(logits):
@@ -677,6 +695,7 @@ def atomic_write(path, newline=None):
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
             yield f
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -783,7 +802,7 @@ def write_eval_metrics(cfg, metrics):
 
 def predict_file(cfg, proc, model, tokenizer, predict, run_dir):
     logits = predict_logits(model, predict.encoded, cfg["trainer"]["val_batch_size"],
-                            tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc))
+                            tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc), desc="predict")
     if not proc.is_main:
         return None
     path = cfg["data"]["predict_output"]
