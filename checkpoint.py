@@ -381,7 +381,8 @@ class SaveDir:
             self.move_aside([path for _, path, _ in ours], "replaced by this run")
             return None
         chosen = self.resume_candidate(ours)
-        if chosen is None:
+        if chosen is None:  # auto, and none of ours loads: a fresh run, not mixed with the broken ones
+            self.move_aside([path for _, path, _ in ours], "that do not load")
             return None
         path, manifest = chosen
         if manifest["world_size"] != world_size:
