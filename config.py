@@ -39,6 +39,7 @@ YamlLoader.add_implicit_resolver(
 
 CHOICES = {
     "data.file_format": ["csv", "tsv", "jsonl"],
+    "data.quoting": ["auto", "csv", "none"],
     "module.metric": ["acc", "acc_and_f1", "mcc", "pcc_and_scc"],
     "trainer.backend": ["sp", "sp-amp", "ddp", "ddp-amp"],
     "trainer.amp_dtype": ["auto", "bf16", "fp16"],

@@ -7,11 +7,13 @@ Usage:
         batch = collate(encoded, rank_indices, tokenizer.pad_token_id)
 
 Files are csv, tsv or jsonl. `data.header` is the index of the header row (rows above it are
-skipped) or null, in which case columns are named by position (0, 1, ...). A quoted field may hold
-newlines and any length of text. Every problem a file can have (undecodable bytes, a NUL byte, a
-quote never closed or one that swallows the rows below it, missing column, unknown label, regression
-label not a finite number, empty text, ragged row, empty file) raises DataError with one line naming
-the file and line, before any training starts.
+skipped) or null, in which case columns are named by position (0, 1, ...). `data.quoting` says
+whether a `"` opens a quoted field, which may hold delimiters, newlines and any length of text: by
+default (auto) it does in csv files and not in tsv files, which (GLUE's among them) are mostly
+written unquoted, their quotes part of the text. Every problem a file can have (undecodable bytes,
+a NUL byte, a quote never closed or one that swallows the rows below it, missing column, unknown
+label, regression label not a finite number, empty text, ragged row, empty file) raises DataError
+with one line naming the file and line, before any training starts.
 
 Batching is a pure function of (seed, epoch, rank, world_size), so every DDP rank computes the same
 global order and takes its own share of each global batch, and a resumed run finds its place again.
@@ -90,24 +92,27 @@ def decode_file(path, encoding):
     return text.removeprefix("\ufeff")  # a byte-order mark is not part of the first column name
 
 
-def read_delimited(path, text, delimiter, header):
+def read_delimited(path, text, delimiter, header, quoting):
     """Rows of a csv/tsv file as (line number, dict) pairs, plus the column names."""
     # strict: a quote left open to the end, or text after a closing quote, is an error, not text
     # read wrongly; a row is named by its first line, where such a quote opened
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True,
+                        quoting=csv.QUOTE_MINIMAL if quoting == "csv" else csv.QUOTE_NONE)
     records, start = [], 1
     try:
         for fields in reader:
             if reader.line_num - start >= MAX_FIELD_LINES:
                 raise DataError(f"{path}:{start}: a quoted field runs over more than "
                                 f"{MAX_FIELD_LINES} lines; close the quote it opens and write "
-                                f"quotes inside it twice (\"\")")
+                                f"quotes inside it twice (\"\"), or read quotes as text with "
+                                f"--data.quoting none")
             if fields:  # blank lines carry no example
                 records.append((start, fields))
             start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path}:{start}: a quoted field is not closed properly ({e}); close the "
-                        f"quote it opens and write quotes inside it twice (\"\")") from None
+                        f"quote it opens and write quotes inside it twice (\"\"), or read quotes "
+                        f"as text with --data.quoting none") from None
     if header is not None:
         if len(records) <= header:
             raise DataError(f"{path}: data.header is {header} but the file has only "
@@ -142,7 +147,7 @@ def read_jsonl(path, text):
     return list(columns), rows
 
 
-def read_table(path, file_format, header, encoding):
+def read_table(path, file_format, header, encoding, quoting):
     """(columns, [(line, row dict), ...]) of a csv, tsv or jsonl file."""
     text = decode_file(path, encoding)
     if not text.strip():  # said plainly, not as a header row that is missing
@@ -150,7 +155,10 @@ def read_table(path, file_format, header, encoding):
     if file_format == "jsonl":
         columns, rows = read_jsonl(path, text)
     else:
-        columns, rows = read_delimited(path, text, "," if file_format == "csv" else "\t", header)
+        if quoting == "auto":
+            quoting = "csv" if file_format == "csv" else "none"
+        columns, rows = read_delimited(path, text, "," if file_format == "csv" else "\t", header,
+                                       quoting)
     if not rows:
         raise DataError(f"{path}: no examples in the file")
     return columns, rows
@@ -199,7 +207,7 @@ def read_examples(path, data_cfg, labels_list, need_labels):
     """Read and check one data file; labels are required for training and evaluation only."""
     header = data_cfg["header"] if data_cfg["file_format"] != "jsonl" else 0
     columns, rows = read_table(path, data_cfg["file_format"], data_cfg["header"],
-                               data_cfg["encoding"])
+                               data_cfg["encoding"], data_cfg["quoting"])
     col_a = resolve_column(path, "data.text_a_col", data_cfg["text_a_col"], columns, header)
     col_b = None
     if data_cfg["text_b_col"] is not None:

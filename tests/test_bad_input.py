@@ -87,6 +87,12 @@ CASES = [
     pytest.param(lambda t: {"data.train_filepath": write_bytes(
                      t, "ragged.csv", b"text,label\ngood,positive\nbad,plot,negative\n")},
                  ["ragged.csv:3:", "3 fields, expected 2"], id="ragged row"),
+    pytest.param(lambda t: {"data.file_format": "tsv", "data.quoting": "csv",
+                            "data.val_filepath": write_csv(t / "val.tsv", GOOD, delimiter="\t"),
+                            "data.train_filepath": write_bytes(
+                                t, "quote.tsv", b'text\tlabel\ngood\tpositive\n"bad\tnegative\nfine\tpositive\n')},
+                 ["quote.tsv:3:", "not closed properly", "--data.quoting none"],
+                 id="quote never closed in a tsv read with quoting csv"),
     pytest.param(lambda t: {"data.file_format": "jsonl", "data.val_filepath": write_jsonl(t / "val.jsonl", GOOD),
                             "data.train_filepath": write_bytes(
                                 t, "bad.jsonl", b'{"text": "good", "label": "positive"}\n{"text": "bad", "label": \n')},

@@ -155,6 +155,7 @@ def test_wrong_type_names_the_key_and_the_type(key, value, expected):
 
 @pytest.mark.parametrize("key, value, choices", [
     ("data.file_format", "xlsx", ["csv", "tsv", "jsonl"]),
+    ("data.quoting", "double", ["auto", "csv", "none"]),
     ("module.metric", "f1", ["acc", "acc_and_f1", "mcc", "pcc_and_scc"]),
     ("trainer.backend", "dp", ["sp", "sp-amp", "ddp", "ddp-amp"]),
 ])

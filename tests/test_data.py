@@ -14,8 +14,8 @@ ROWS = [{"text": "good movie", "label": "positive"},
 
 
 def data_cfg(**overrides):
-    cfg = {"file_format": "csv", "header": 0, "encoding": "utf-8", "text_a_col": "text",
-           "text_b_col": None, "label_col": "label"}
+    cfg = {"file_format": "csv", "quoting": "auto", "header": 0, "encoding": "utf-8",
+           "text_a_col": "text", "text_b_col": None, "label_col": "label"}
     return {**cfg, **overrides}
 
 
@@ -160,38 +160,87 @@ def swallowing_file(path, delimiter, quote_closed_at=None):
     return str(path)
 
 
-@pytest.mark.parametrize("name, fmt, delimiter", [("a.tsv", "tsv", "\t"), ("a.csv", "csv", ",")])
-def test_a_quote_never_closed_is_an_error_naming_its_line(tmp_path, name, fmt, delimiter):
-    # before, 11 examples were read and the 11th held the text of the 89 rows below it
+@pytest.mark.parametrize("name, fmt, quoting, delimiter",
+                         [("a.tsv", "tsv", "csv", "\t"), ("a.csv", "csv", "auto", ",")])
+def test_a_quote_never_closed_is_an_error_naming_its_line(tmp_path, name, fmt, quoting, delimiter):
+    # before, 11 examples were read and the 11th held the text of the 89 rows below it; the error
+    # names line 12, where the quote opened, not a line below it
     path = swallowing_file(tmp_path / name, delimiter)
-    with pytest.raises(DataError, match=rf"{name}:12: a quoted field is not closed properly"):
-        read_examples(path, data_cfg(file_format=fmt), LABELS, need_labels=True)
+    with pytest.raises(DataError, match=rf"{name}:12: a quoted field is not closed properly .*"
+                                        rf"--data\.quoting none"):
+        read_examples(path, data_cfg(file_format=fmt, quoting=quoting), LABELS, need_labels=True)
 
 
 def test_a_quote_that_swallows_ten_thousand_lines_is_an_error_naming_its_line(tmp_path):
     # closed at last by a stray quote, the field reads as one text of 10,010 rows
     path = swallowing_file(tmp_path / "a.tsv", "\t", quote_closed_at=10_020)
     with pytest.raises(DataError, match=r"a\.tsv:12: a quoted field runs over more than 10000"):
-        read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+        read_examples(path, data_cfg(file_format="tsv", quoting="csv"), LABELS, need_labels=True)
 
 
 def test_a_quoted_field_over_lines_reads_whole_and_its_row_is_named_by_its_first_line(tmp_path):
     rows = [{"text": "good\nvery\ngood", "label": "positive"},
             {"text": 'he said "bad" twice', "label": "negative"}]  # mid-field quotes are text
     path = write_csv(tmp_path / "a.tsv", rows, delimiter="\t")
-    examples = read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+    cfg = data_cfg(file_format="tsv", quoting="csv")
+    examples = read_examples(path, cfg, LABELS, need_labels=True)
     assert examples.texts_a == ["good\nvery\ngood", 'he said "bad" twice']
     rows[0]["label"] = "neutral"
     path = write_csv(tmp_path / "b.tsv", rows, delimiter="\t")
     with pytest.raises(DataError, match=r"b\.tsv:2: label 'neutral'"):
-        read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+        read_examples(path, cfg, LABELS, need_labels=True)
 
 
-def test_text_after_a_closing_quote_is_an_error(tmp_path):
+@pytest.mark.parametrize("name, fmt, quoting", [("a.tsv", "tsv", "csv"), ("a.csv", "csv", "auto")])
+def test_text_after_a_closing_quote_is_an_error(tmp_path, name, fmt, quoting):
     # the csv module would read '"bad" plot' as 'bad plot', dropping the quotes
-    (tmp_path / "a.tsv").write_text('text\tlabel\ngood\tpositive\n"bad" plot\tnegative\n')
+    delimiter = "\t" if fmt == "tsv" else ","
+    (tmp_path / name).write_text(f'text{delimiter}label\ngood{delimiter}positive\n'
+                                 f'"bad" plot{delimiter}negative\n')
+    with pytest.raises(DataError, match=rf"{name}:3: a quoted field is not closed properly"):
+        read_examples(str(tmp_path / name), data_cfg(file_format=fmt, quoting=quoting), LABELS, True)
+
+
+def test_an_opened_quote_is_reported_at_its_line_however_far_it_runs(tmp_path):
+    # the quote opened on line 3 runs to line 6, where text follows its closing quote
+    (tmp_path / "a.tsv").write_text('text\tlabel\ngood\tpositive\n"bad\tnegative\nok\tpositive\n'
+                                    'fine\tpositive\nnice" plot\tpositive\n')
     with pytest.raises(DataError, match=r"a\.tsv:3: a quoted field is not closed properly"):
-        read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv"), LABELS, True)
+        read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv", quoting="csv"), LABELS, True)
+
+
+# -- quotes in tsv files are text by default (issue 14) -----------------------------------------
+
+
+QUOTED_TEXTS = ['"bad" plot', '"unbalanced', 'he said "good"', '""', 'a "" pair', 'good"']
+
+
+def test_tsv_reads_quotes_as_text_by_default(tmp_path):
+    # GLUE's tsv files are unquoted: before, '"bad" plot' was an error and '"good"' read as 'good'
+    lines = ["text\tlabel"] + [f"{text}\tpositive" for text in QUOTED_TEXTS]
+    (tmp_path / "a.tsv").write_text("\n".join(lines) + "\n")
+    examples = read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv"), LABELS, True)
+    assert examples.texts_a == QUOTED_TEXTS
+    assert examples.rows[0] == {"text": '"bad" plot', "label": "positive"}
+    # the file of a quote never closed, read as text: every row, the 11th with its quote
+    path = swallowing_file(tmp_path / "b.tsv", "\t")
+    examples = read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+    assert len(examples.texts_a) == 100 and examples.texts_a[10] == '"row 11 was good'
+
+
+def test_quoting_none_reads_quotes_in_a_csv_as_text(tmp_path):
+    lines = ["text,label"] + [f"{text},positive" for text in QUOTED_TEXTS]
+    (tmp_path / "a.csv").write_text("\n".join(lines) + "\n")
+    examples = read_examples(str(tmp_path / "a.csv"), data_cfg(quoting="none"), LABELS, True)
+    assert examples.texts_a == QUOTED_TEXTS
+
+
+def test_csv_files_keep_their_quoting_by_default(tmp_path):
+    # a quoted field holds the delimiter, a newline and "" for a quote; auto and csv read it so
+    (tmp_path / "a.csv").write_text('text,label\n"good, ""very""\ngood",positive\nbad,negative\n')
+    for quoting in ("auto", "csv"):
+        examples = read_examples(str(tmp_path / "a.csv"), data_cfg(quoting=quoting), LABELS, True)
+        assert examples.texts_a == ['good, "very"\ngood', "bad"]
 
 
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e39"])  # 1e39 is inf in float32
