@@ -137,6 +137,37 @@ def parse_args(argv):
     return config_path, overrides
 
 
+def golden_keys(path=GOLDEN_CONFIG):
+    """[(section, its comment, [(key, default, comment), ...]), ...] of config.yaml, from its text:
+    the defaults as written there and the comment at the end of each key's line."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.splitlines()
+
+    def comment_after(mark):
+        rest = lines[mark.line][mark.column:].lstrip(": ")
+        return rest[1:].strip() if rest.startswith("#") else ""
+
+    return [(section.value, comment_after(section.end_mark),
+             [(key.value, text[value.start_mark.index:value.end_mark.index], comment_after(value.end_mark))
+              for key, value in values.value])
+            for section, values in yaml.compose(text, Loader=YamlLoader).value]
+
+
+def print_help(doc, path=GOLDEN_CONFIG):
+    """--help: the usage (a module docstring), then every key with its default and meaning. It needs
+    config.yaml and PyYAML only, so trainer.py and distill.py answer it before importing torch."""
+    sections = golden_keys(path)
+    width = max(len(f"--{section}.{key} {default}")
+                for section, _, keys in sections for key, default, _ in keys) + 2
+    print(doc.strip())
+    print(f"\nOptions: --config_path FILE (keys over the defaults below) and --section.key VALUE (read as "
+          f"YAML: 2e-5, null, [a, b]).\nEvery key, with its default (from {path}) and meaning:")
+    for section, comment, keys in sections:
+        print(f"\n{section}:" + (f"  # {comment}" if comment else ""))
+        for key, default, meaning in keys:
+            print(f"  {f'--{section}.{key} {default}':<{width}}{meaning}".rstrip())
+
+
 def load_config(argv, golden_path=GOLDEN_CONFIG):
     """The config of this run: golden defaults < the --config_path file < command-line overrides."""
     config_path, overrides = parse_args(argv)

@@ -1,4 +1,4 @@
-"""Knowledge distillation: train a smaller, faster student from a fine-tuned teacher.
+r"""Knowledge distillation: train a smaller, faster student from a fine-tuned teacher.
 
 The teacher is the model of the `model` section (normally a trainer.py checkpoint, model.model_path);
 the student and the loss come from the `distill` section. Data, optimizer, schedule, DDP / AMP,
@@ -35,8 +35,15 @@ Unlabelled transfer data (distill.unlabeled_filepaths, text column data.text_a_c
 label -1 (NaN for regression) and learn from the teacher only; the labels loss skips them, and since
 Trainer averages over all examples of a step, the labels term is diluted by the unlabelled share.
 """
-import copy
 import sys
+
+# --help needs only config.yaml: answer it before torch is imported, which takes seconds
+if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:]):
+    from config import print_help
+    print_help(__doc__)
+    sys.exit(0)
+
+import copy
 
 import numpy as np
 import torch

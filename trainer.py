@@ -1,4 +1,4 @@
-"""Fine-tune a Hugging Face encoder for text sequence classification: the training loop and the CLI.
+r"""Fine-tune a Hugging Face encoder for text sequence classification: the training loop and the CLI.
 
 One process (CPU or one GPU):
     python trainer.py                                        # the default job in config.yaml
@@ -24,12 +24,19 @@ Reading order: Trainer (set-up, train, train_step, validate, checkpoints), then 
 (schedule, optimizer, loss; processes and devices; evaluation), then the run and the command line.
 Configuration is config.py, files on disk checkpoint.py, data data.py, models model.py.
 """
+import sys
+
+# --help needs only config.yaml: answer it before torch is imported, which takes seconds
+if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:]):
+    from config import print_help
+    print_help(__doc__)
+    sys.exit(0)
+
 import csv
 import json
 import os
 import random
 import signal
-import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -45,7 +52,7 @@ from tqdm import tqdm
 import speedups
 from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,
                         load_checkpoint, new_session, point_link, prune, read_manifest, write_checkpoint)
-from config import GOLDEN_CONFIG, ConfigError, load_config
+from config import ConfigError, load_config, print_help
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
 from metrics import compute_metrics, format_report
 from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained
@@ -847,7 +854,7 @@ def main(argv=None, run_fn=run, doc=__doc__):
     """
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(doc + f"\nEvery key, with its default and meaning: {GOLDEN_CONFIG}")
+        print_help(doc)
         return 0
     cfg = None
     try:

@@ -210,6 +210,16 @@ def test_checkpoint_trained_on_other_labels_is_refused(tmp_path, tiny_bert, capf
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_help_among_other_arguments_prints_every_key_and_runs_nothing(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    rc = trainer.main(["--trainer.epoch", "3", "--help"])
+    out, err = capfd.readouterr()
+    assert rc == 0 and err == ""
+    assert out.startswith(trainer.__doc__.strip().splitlines()[0])
+    assert "\n  --data.quoting auto " in out and "\n  --distill.cache_teacher_logits true " in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_debug_shows_the_traceback(tmp_path, tiny_bert):
     train = write_csv(tmp_path / "train.csv", GOOD)
     with pytest.raises(Exception, match="file not found"):

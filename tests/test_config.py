@@ -1,6 +1,9 @@
 """Config: the golden config.yaml, a --config_path file over it, --section.key overrides, and the
 checks that stop a run with one line before anything starts."""
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -279,3 +282,44 @@ def test_check_config_accepts_the_edges_of_valid_ranges():
     cfg = load_config(["--data.labels_list", "[score]", "--module.metric", "pcc_and_scc"])
     check_config(cfg)
     load_config(["--data.train_filepath", "null", "--model.model_path", "some/checkpoint"])
+
+
+# -- --help: every key with its default and meaning, before torch is imported (issue 14) --------
+
+
+def golden_key_lines():
+    """(section.key, default, meaning) of every key, as config.yaml's lines write them."""
+    keys, section = [], None
+    for line in GOLDEN_CONFIG.read_text(encoding="utf-8").splitlines():
+        if match := re.match(r"(\w+):", line):
+            section = match[1]
+        elif match := re.match(r"  (\w+): (.*?) +# (.*)$", line):
+            keys.append((f"{section}.{match[1]}", match[2], match[3]))
+    return keys
+
+
+def test_every_golden_key_has_a_one_line_meaning():
+    golden = read_yaml(GOLDEN_CONFIG)
+    assert [key for key, _, _ in golden_key_lines()] == [
+        f"{section}.{name}" for section, values in golden.items() for name in values]
+
+
+@pytest.mark.parametrize("script", ["trainer.py", "distill.py"])
+def test_help_prints_usage_and_every_key_without_importing_torch(script):
+    repo = GOLDEN_CONFIG.parent
+    result = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], cwd=repo,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # -X importtime writes "import time: self | cumulative | module" to stderr for every import
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "yaml" in imported and not imported & {"torch", "transformers", "numpy"}
+    usage, _, keys = result.stdout.partition("\nOptions: ")
+    assert usage.splitlines()[0] in (repo / script).read_text().splitlines()[0]
+    # a backslash at the end of an example line stays there, not a gap inside the command
+    assert not re.search(r"\S {3,}--", usage)
+    for key, default, meaning in golden_key_lines():
+        assert re.search(rf"^  --{re.escape(key)} {re.escape(default)} +{re.escape(meaning)}$",
+                         keys, re.MULTILINE), key
+    if script == "trainer.py":
+        assert "--data.val_filepath null \\\n        --data.predict_filepath new.csv" in usage
