@@ -168,18 +168,41 @@ def print_help(doc, path=GOLDEN_CONFIG):
             print(f"  {f'--{section}.{key} {default}':<{width}}{meaning}".rstrip())
 
 
+class Config(dict):
+    """A run's config, {section: {key: value}}, that knows which keys the user set: user_keys holds
+    the "section.key" names of the --config_path file and the command line. The others hold
+    config.yaml's defaults, which the task (module.metric) or a checkpoint may fill in instead."""
+    user_keys = frozenset()
+
+
 def load_config(argv, golden_path=GOLDEN_CONFIG):
     """The config of this run: golden defaults < the --config_path file < command-line overrides."""
     config_path, overrides = parse_args(argv)
-    cfg = read_yaml(golden_path)
+    cfg, user_keys = Config(read_yaml(golden_path)), set()
     if config_path is not None and Path(config_path).resolve() != Path(golden_path).resolve():
         for section, values in read_yaml(config_path).items():
             for name, value in values.items():
                 set_key(cfg, f"{section}.{name}", value, config_path)
+                user_keys.add(f"{section}.{name}")
     for key, value in overrides:
         set_key(cfg, key, value, f"--{key}")
+        user_keys.add(key)
+    cfg.user_keys = frozenset(user_keys)
+    fit_metric_to_task(cfg)
     check_config(cfg)
     return cfg
+
+
+def fit_metric_to_task(cfg):
+    """module.metric, where the user did not set it, follows the task: pcc_and_scc for regression
+    (one label), acc_and_f1 (config.yaml's) for classification. Returns what to say, or None when
+    it is config.yaml's choice; a metric the user set is check_config's to refuse if it does not fit."""
+    regression = len(cfg["data"]["labels_list"]) == 1
+    if "module.metric" in cfg.user_keys:
+        return None
+    if regression != (cfg["module"]["metric"] == "pcc_and_scc"):
+        cfg["module"]["metric"] = "pcc_and_scc" if regression else "acc_and_f1"
+    return "module.metric pcc_and_scc (the metric of regression: one label)" if regression else None
 
 
 def check_config(cfg):
