@@ -1,9 +1,10 @@
 """Models: build a sequence classifier, load fine-tuned weights, save Hugging Face checkpoints.
 
 Usage:
+    note = use_checkpoint_settings(cfg)  # evaluate / predict: labels, task, max_seq_len of model_path
     tokenizer = load_tokenizer(cfg["model"])
-    model = build_model(cfg["model"], cfg["data"]["labels_list"])
-    save_pretrained(model, tokenizer, "checkpoints/run-epoch1")   # loads in plain transformers
+    model = build_model(cfg["model"], cfg["data"]["labels_list"], say=print)
+    save_pretrained(model, tokenizer, "checkpoints/run-epoch1", max_seq_len=64)  # plain transformers loads it
 
 `model.hf_model` is a local model directory or a hub id (the hub is only reachable online); a
 classifier there with another number of labels than data.labels_list gets a new head.
@@ -11,16 +12,26 @@ classifier there with another number of labels than data.labels_list gets a new 
 save_pretrained directory), or a plain state-dict file (`.safetensors`, `.bin`, `.pt`), or a
 directory plus `model.model_file`. Prefixes left by wrappers (`model.`, `module.`, `_orig_mod.`)
 are stripped, so nobody has to edit a state dict by hand.
+A checkpoint names its classes (config.json's id2label, also the one name of a regression) and its
+tokenizer truncates at the training max_seq_len, so pipeline("text-classification", model=CKPT,
+truncation=True) scores a text as evaluation here does; evaluating or predicting with it takes
+these settings (and checkpoint.json's max_seq_len) where the user did not set them.
 Models come back as plain transformers objects; the speed tricks are speedups.py's (trainer.speedups).
 """
+import json
 import os
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
+
+from checkpoint import MANIFEST, read_manifest
+from config import ConfigError, check_config, fit_metric_to_task
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
 hf_logging.disable_progress_bar()
@@ -52,23 +63,32 @@ def weights_file(model_cfg):
 
 
 def label_config(labels_list):
-    """num_labels, id2label and label2id, so saved models name their classes."""
-    if len(labels_list) == 1:
-        return {"num_labels": 1, "problem_type": "regression"}
+    """num_labels, id2label and label2id, so saved models name their classes (or their one score)."""
     names = [str(label) for label in labels_list]
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
             "label2id": {name: i for i, name in enumerate(names)},
-            "problem_type": "single_label_classification"}
+            "problem_type": "regression" if len(names) == 1 else "single_label_classification"}
+
+
+def task_of(labels_list):
+    return "regression" if len(labels_list) == 1 else "single-label classification"
+
+
+def saved_labels(config):
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def same_labels(found, labels_list):
+    """The same classes in the same order; any two regressions match (the name is only a name)."""
+    if len(found) == 1 or len(labels_list) == 1:
+        return len(found) == len(labels_list)
+    return found == [str(label) for label in labels_list]
 
 
 def check_labels(path, labels_list):
     """A fine-tuned checkpoint must have been trained on the same classes, in the same order."""
-    config = AutoConfig.from_pretrained(path)
-    expected = label_config(labels_list)
-    if config.num_labels != expected["num_labels"] or (
-            "id2label" in expected
-            and [config.id2label[i] for i in range(config.num_labels)] != list(expected["id2label"].values())):
-        found = [config.id2label[i] for i in range(config.num_labels)]
+    found = saved_labels(AutoConfig.from_pretrained(path))
+    if not same_labels(found, labels_list):
         raise ModelError(f"{path} was trained with labels {found}, but data.labels_list is "
                          f"{labels_list}: use the labels_list of that training run")
 
@@ -92,8 +112,25 @@ def head_labels(source):
     return None
 
 
-def from_pretrained(source, key, **kwargs):
-    """AutoModelForSequenceClassification.from_pretrained, its errors as one line.
+def not_a_load_report(record):
+    return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def quiet_load_report():
+    """Drop transformers' LOAD REPORT table (a warning of modeling_utils), which report_loading says
+    in our words; a filter, as raising that logger's level makes transformers log other things."""
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    logger.addFilter(not_a_load_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(not_a_load_report)
+
+
+def from_pretrained(source, key, say=print, **kwargs):
+    """AutoModelForSequenceClassification.from_pretrained, its errors as one line, its loading
+    report in our words (report_loading).
 
     A classifier fine-tuned on other classes is a common starting point: when kwargs ask for another
     num_labels than source's head has, the head is re-initialised (as the Hugging Face examples do
@@ -101,35 +138,126 @@ def from_pretrained(source, key, **kwargs):
     """
     try:
         old, new = head_labels(source), kwargs.get("num_labels")
-        if old is not None and new is not None and old != new:
+        replaced = old is not None and new is not None and old != new
+        if replaced:
             print(f"warning: {key} {source!r} has a {old}-label classification head; it is replaced "
                   f"by a new, untrained {new}-label head (data.labels_list)", file=sys.stderr)
             kwargs["ignore_mismatched_sizes"] = True
-        return AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+        with quiet_load_report():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                source, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{key} {source!r}: cannot load a model there ({first_line(e)})") from None
     except SafetensorError as e:
         path = os.path.join(source, "model.safetensors")
         name = path if os.path.isfile(path) else f"a .safetensors file of {source}"
         raise corrupt_weights(f"{key}: {name}", e) from None
+    note = report_loading(model, info, f"{key} {source!r}", new_head=key != "model.model_path")
+    if note is not None and not replaced:  # a replaced head has had its warning
+        say(note)
+    return model
 
 
-def build_model(model_cfg, labels_list, **kwargs):
+def report_loading(model, info, source, new_head):
+    """What from_pretrained did not load: the note to say, or None. A pretrained encoder (new_head)
+    gets a new head (weights outside model.base_model_prefix) and drops its pretraining head (cls.*,
+    lm_head.*): expected, one note. Anything else missing, unused or of another shape (anything at
+    all in a fine-tuned model.model_path) is a warning on stderr listing the weights."""
+    encoder = model.base_model_prefix + "."
+    missing = set(info["missing_keys"]) | {name for name, *_ in info["mismatched_keys"]}
+    unused = set(info["unexpected_keys"])
+    head = {name for name in missing if not name.startswith(encoder)}
+    if new_head:  # expected: the head is new and a pretraining head goes unused
+        missing -= head
+        unused = {name for name in unused if name.startswith(encoder)}
+    if missing or unused:
+        print(f"warning: {source}: " + "; ".join(
+            f"{len(names)} weights {what}: {', '.join(sorted(names)[:8])}{', ...' * (len(names) > 8)}"
+            for names, what in ((missing, "of the model are not in it and start from random values"),
+                                (unused, "in it are not used")) if names), file=sys.stderr)
+        return None
+    if not head:
+        return None
+    groups = sorted({name.split(".")[0] + ".*" for name in head})
+    n = model.config.num_labels
+    labels = "1 label (regression)" if n == 1 else f"{n} labels"
+    return (f"note: a new classification head ({', '.join(groups)}) for {labels}; the encoder is "
+            f"pretrained ({source})")
+
+
+def build_model(model_cfg, labels_list, say=print, **kwargs):
     """The classifier to train or evaluate, with fine-tuned weights when model.model_path is set.
 
-    Extra keyword arguments go to from_pretrained (for example attn_implementation="eager").
+    say: where the note of a new head goes (trainer.run: the main process's log; print here, so
+    once per process). Extra keyword arguments go to from_pretrained (attn_implementation="eager").
     """
     checkpoint_dir = model_cfg["model_path"] if weights_file(model_cfg) is None else None
     if is_pretrained_dir(checkpoint_dir):
         check_labels(checkpoint_dir, labels_list)
-        model = from_pretrained(checkpoint_dir, "model.model_path", **kwargs)
+        model = from_pretrained(checkpoint_dir, "model.model_path", say=say, **kwargs)
     else:
-        model = from_pretrained(model_cfg["hf_model"], "model.hf_model", **label_config(labels_list),
-                                **kwargs)
+        model = from_pretrained(model_cfg["hf_model"], "model.hf_model", say=say,
+                                **label_config(labels_list), **kwargs)
         path = weights_file(model_cfg)
         if path is not None:
             load_weights(model, path)
     return model
+
+
+def checkpoint_settings(path):
+    """What a fine-tuned classifier directory says of its training, {config key: (value, where)}:
+    data.labels_list from config.json's id2label, module.max_seq_len from the checkpoint.json this
+    project writes beside it. Empty for anything else (a state-dict file, a bare encoder)."""
+    try:
+        if not is_pretrained_dir(path) or head_labels(path) is None:
+            return {}
+        settings = {"data.labels_list": (saved_labels(AutoConfig.from_pretrained(path)), "config.json")}
+    except (OSError, ValueError):
+        return {}  # build_model says what is wrong with it
+    trained = ((read_manifest(path) or {}).get("config") or {}).get("module", {}).get("max_seq_len")
+    if isinstance(trained, int):
+        settings["module.max_seq_len"] = (trained, MANIFEST)
+    return settings
+
+
+def tokenizer_limit(path):
+    """model_max_length in path's tokenizer_config.json (save_pretrained writes max_seq_len there), or None."""
+    try:
+        config = json.loads((Path(path) / "tokenizer_config.json").read_text(encoding="utf-8"))
+        limit = config.get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return limit if isinstance(limit, int) and limit < 10**9 else None  # transformers' "no limit" is 1e30
+
+
+def use_checkpoint_settings(cfg):
+    """Evaluate / predict as model.model_path was trained: its labels (and so the task) and
+    max_seq_len where the user did not set them, and module.metric then following the task. A
+    user value that contradicts the checkpoint is an error naming both. Without a checkpoint.json
+    (a save_pretrained directory), max_seq_len is only kept within its tokenizer's model_max_length.
+    Returns what was taken, to say in one line, or None."""
+    path, taken = cfg["model"]["model_path"], []
+    settings = checkpoint_settings(path)
+    limit = tokenizer_limit(path) if settings and "module.max_seq_len" not in settings else None
+    if limit is not None and cfg["module"]["max_seq_len"] > limit:
+        settings["module.max_seq_len"] = (limit, "its tokenizer_config.json's model_max_length")
+    for key, (value, where) in settings.items():
+        section, name = key.split(".")
+        given = cfg[section][name]
+        if key not in cfg.user_keys:
+            cfg[section][name] = value
+            taken.append(f"{key} {value}" + (f" ({task_of(value)})" if name == "labels_list" else ""))
+        elif not (same_labels(value, given) if name == "labels_list" else value == given):
+            raise ConfigError(f"{key} is {given}, but {path} was trained with {value} ({where}); leave "
+                              f"{key} out to use the checkpoint's")
+    metric = fit_metric_to_task(cfg)
+    try:
+        check_config(cfg)  # a metric the user set may not fit the checkpoint's task
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({path} was trained for {task_of(cfg['data']['labels_list'])})") from None
+    if metric is not None:
+        taken.append(metric)
+    return f"from the checkpoint {path}: {', '.join(taken)}" if taken else None
 
 
 def read_state_dict(path):
@@ -217,7 +345,16 @@ def unwrap_model(model):
             return model
 
 
-def save_pretrained(model, tokenizer, directory):
-    """A directory that AutoModelForSequenceClassification / AutoTokenizer load directly."""
+def save_pretrained(model, tokenizer, directory, max_seq_len=None):
+    """A directory that AutoModelForSequenceClassification / AutoTokenizer load directly.
+
+    With max_seq_len, the saved tokenizer's model_max_length is max_seq_len, so that truncation=True
+    in plain transformers (pipeline included) cuts where training did; the run's tokenizer keeps its own.
+    """
     unwrap_model(model).save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
+    if max_seq_len is not None:
+        path = Path(directory) / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["model_max_length"] = max_seq_len
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

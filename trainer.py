@@ -52,10 +52,10 @@ from tqdm import tqdm
 import speedups
 from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,
                         load_checkpoint, new_session, point_link, prune, read_manifest, write_checkpoint)
-from config import ConfigError, load_config, print_help
+from config import ConfigError, fit_metric_to_task, load_config, print_help
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
 from metrics import compute_metrics, format_report
-from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained
+from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained, use_checkpoint_settings
 
 
 class TrainingError(Exception):
@@ -824,9 +824,14 @@ def predict_file(cfg, proc, model, tokenizer, predict, run_dir):
 def run(cfg, proc):
     """Everything a config asks for; returns the final metrics (main process)."""
     seed_everything(cfg["trainer"]["seed"])
+    # evaluate / predict as the checkpoint was trained (labels, task, max_seq_len); a training run
+    # says here, on the main process, the metric that load_config fitted to its task
+    note = use_checkpoint_settings(cfg) if cfg["data"]["train_filepath"] is None else fit_metric_to_task(cfg)
+    if note is not None:
+        log(proc, f"note: {note}")
     tokenizer = load_tokenizer(cfg["model"])
     train, val, predict = load_splits(cfg, tokenizer)
-    model = build_model(cfg["model"], cfg["data"]["labels_list"])
+    model = build_model(cfg["model"], cfg["data"]["labels_list"], say=lambda message: log(proc, message))
     if cfg["trainer"]["speedups"]:
         speedups.apply(model, proc.device)  # the same arithmetic, less of it (speedups.py)
     on_main(proc, check_outputs, cfg)
