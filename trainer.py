@@ -360,7 +360,8 @@ class Trainer:
                 state["module"] = self.model.state_dict()
 
             def write_files(folder):
-                save_pretrained(classifier_of(self.model), self.tokenizer, folder)
+                save_pretrained(classifier_of(self.model), self.tokenizer, folder,
+                                max_seq_len=self.cfg["module"]["max_seq_len"])  # truncates as trained
                 torch.save(state, folder / f"training_state{ckpt['file_ext']}")
             manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                         "best": self.best, "run_dir": self.run_dir, "world_size": self.proc.world_size,
@@ -753,8 +754,14 @@ def load_splits(cfg, tokenizer):
     data = cfg["data"]
     # longer sequences than the model has positions would crash the first forward pass, mid-run
     if cfg["module"]["max_seq_len"] > tokenizer.model_max_length:
-        raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the model takes "
-                          f"at most {tokenizer.model_max_length} tokens; lower it")
+        # a checkpoint's tokenizer stops at the length it was trained at (model.save_pretrained)
+        ours = cfg["model"]["tokenizer_path"] is None and cfg["model"]["model_path"] is not None and \
+            (Path(cfg["model"]["model_path"]) / "checkpoint.json").is_file()
+        hint = ("; to train it further on longer texts, pass --model.tokenizer_path with the encoder's own "
+                "tokenizer (model.hf_model)" if ours else "; lower it")
+        raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the "
+                          f"{'checkpoint was trained at' if ours else 'model takes at most'} "
+                          f"{tokenizer.model_max_length} tokens{hint}")
     train = load_split(cfg, tokenizer, data["train_filepath"], True) if data["train_filepath"] else None
     val = load_split(cfg, tokenizer, data["val_filepath"], True) if data["val_filepath"] else None
     predict = load_split(cfg, tokenizer, data["predict_filepath"], False) if data["predict_filepath"] else None

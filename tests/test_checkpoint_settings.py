@@ -249,3 +249,15 @@ def test_a_missing_encoder_weight_is_a_warning_that_lists_it(tmp_path, capsys, t
         f"random values: bert.pooler.dense.bias, bert.pooler.dense.weight"]
     assert not [line for line in out if "classification head" in line]
     assert not [m for m in transformers_log if "LOAD REPORT" in m]
+
+
+def test_training_a_checkpoint_further_on_longer_texts_names_the_way(trained, tiny_bert, capsys, tmp_path):
+    train = str(trained / "train.csv")
+    argv = base_args(tmp_path, tiny_bert, train, str(trained / "val.csv"), **{
+        "data.labels_list": "[bad, good]", "module.max_seq_len": 32, "trainer.epochs": 1,
+        "model.model_path": str(trained / "ckpt" / "best")})
+    line = one_error_line(argv, capsys)
+    assert line == (f"error: module.max_seq_len is 32 but the checkpoint was trained at {MAX_SEQ_LEN} tokens; to "
+                    f"train it further on longer texts, pass --model.tokenizer_path with the encoder's own "
+                    f"tokenizer (model.hf_model)")
+    assert trainer.main(argv + ["--model.tokenizer_path", tiny_bert]) == 0

@@ -206,7 +206,7 @@ def test_negative_numbers_and_equals_form_are_values():
     (["--data.labels_list", "[1, '1']"], "without duplicates"),  # the same label once read from a file
     (["--data.labels_list", "[]"], "non-empty"),
     (["--data.text_b_col", "text"], "text_b_col equals data.text_a_col"),
-    (["--data.labels_list", "[score]"], "pcc_and_scc"),           # regression needs its metric
+    (["--data.labels_list", "[score]", "--module.metric", "acc_and_f1"], "pcc_and_scc"),  # a set metric must fit
     (["--module.metric", "pcc_and_scc"], "acc, acc_and_f1 or mcc"),
     (["--data.train_filepath", "null"], "model.model_path"),
     (["--data.train_filepath", "null", "--data.val_filepath", "null", "--model.model_path", "m"],
