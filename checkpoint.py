@@ -227,7 +227,7 @@ def prune(save_dir, prefix, keep_last, protected):
 class SaveDirLock:
     """An exclusive flock on save_dir/.lock for the life of a run; a second run is refused."""
 
-    def __init__(self, save_dir):
+    def __init__(self, save_dir, session=""):
         self.path = Path(save_dir) / LOCK
         self.file = open(self.path, "a+", encoding="utf-8")
         try:
@@ -240,7 +240,7 @@ class SaveDirLock:
                                   f"or choose another ckpt.model_state_save_dir") from None
         self.file.seek(0)
         self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, run {session}\n")
         self.file.flush()
 
     def release(self):
@@ -361,7 +361,7 @@ class SaveDir:
         """Check and lock the folder, repair what a killed run left, apply the overwrite and
         resume rules. Returns the checkpoint to resume from, or None for a fresh run."""
         check_writable_dir(self.path, "ckpt.model_state_save_dir")
-        self.lock = SaveDirLock(self.path)
+        self.lock = SaveDirLock(self.path, self.session)
         for message in recover(self.path, self.prefix):
             self.say(f"note: {message}")
         for name in LINKS:
@@ -433,3 +433,12 @@ class SaveDir:
         self.wrote_checkpoint()  # finished without a checkpoint (ckpt.checkpoint false): replaced all the same
         if self.lock is not None:
             self.lock.release()
+
+
+def sees_lock_of(save_dir, session):
+    """True if this machine sees the lock that the main process wrote for its run (the session):
+    the save folder is shared, as runs on several machines need it to be."""
+    try:
+        return f"run {session}" in (Path(save_dir) / LOCK).read_text(encoding="utf-8")
+    except OSError:
+        return False

@@ -282,20 +282,22 @@ def eval_batches(lengths, batch_size, rank=0, world_size=1):
     return [batch for batch in np.split(order, range(batch_size, len(order), batch_size)) if len(batch)]
 
 
-def pad(sequences, value):
-    out = np.full((len(sequences), max(len(s) for s in sequences)), value, dtype=np.int64)
+def pad(sequences, value, multiple=1):
+    width = -(-max(len(s) for s in sequences) // multiple) * multiple  # rounded up to the multiple
+    out = np.full((len(sequences), width), value, dtype=np.int64)
     for i, seq in enumerate(sequences):
         out[i, :len(seq)] = seq
     return torch.from_numpy(out)
 
 
-def collate(encoded, indices, pad_token_id):
-    """A batch padded to its own longest sequence; labels included when the data has them."""
+def collate(encoded, indices, pad_token_id, pad_to_multiple_of=1):
+    """A batch padded to its own longest sequence (rounded up to pad_to_multiple_of: a compiled
+    model then sees few distinct shapes); labels included when the data has them."""
     input_ids = [encoded.input_ids[i] for i in indices]
-    batch = {"input_ids": pad(input_ids, pad_token_id),
-             "attention_mask": pad([[1] * len(ids) for ids in input_ids], 0)}
+    batch = {"input_ids": pad(input_ids, pad_token_id, pad_to_multiple_of),
+             "attention_mask": pad([[1] * len(ids) for ids in input_ids], 0, pad_to_multiple_of)}
     if encoded.token_type_ids is not None:
-        batch["token_type_ids"] = pad([encoded.token_type_ids[i] for i in indices], 0)
+        batch["token_type_ids"] = pad([encoded.token_type_ids[i] for i in indices], 0, pad_to_multiple_of)
     if encoded.labels is not None:
         batch["labels"] = torch.from_numpy(encoded.labels[indices])
     return batch

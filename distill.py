@@ -312,7 +312,7 @@ class DistillLoss:
         # logits depend only on the tokens, so they can be reused across epochs
         self.cache = {} if d["cache_teacher_logits"] and set(self.weights) <= {"logits", "labels"} else None
 
-    def __call__(self, model, batch):
+    def __call__(self, model, batch, indices=None):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         student = model(**inputs)
         teacher = self.teacher_outputs(inputs) if self.needs_teacher else None

@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 import speedups
 from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,
-                        load_checkpoint, new_session, point_link, prune, read_manifest, write_checkpoint)
+                        load_checkpoint, new_session, point_link, prune, read_manifest, sees_lock_of, write_checkpoint)
 from config import ConfigError, fit_metric_to_task, load_config, print_help
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
 from metrics import compute_metrics, format_report
@@ -70,7 +70,8 @@ class Trainer:
     """The state of one training run and the steps of its loop.
 
     `model` is what is optimized and saved: a Hugging Face classifier, or a module that holds one
-    as `.student` (distillation, with loss_fn(model, batch) -> (summed loss, {term: summed term})).
+    as `.student` (distillation, with loss_fn(model, batch, indices) -> (summed loss, {term: summed
+    term}), indices being the batch's rows in the training split).
     `wrapped` is the same model as the forward pass sees it: inside DDP and / or torch.compile.
     """
 
@@ -88,6 +89,8 @@ class Trainer:
                 self.model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
         if tcfg["compile"]:
             self.wrapped = torch.compile(self.wrapped, dynamic=True)
+        # free sequence lengths would recompile a compiled model often: pad to multiples of 8 then
+        self.pad_to_multiple_of = 8 if tcfg["compile"] else 1
 
         # batches: global batch = world_size ranks x grad_accum_steps micro-batches of <= the limit
         if tcfg["train_batch_size"] % proc.world_size:
@@ -173,12 +176,13 @@ class Trainer:
         scale = self.proc.world_size / global_size
         for i, indices in enumerate(micro):
             batch = {k: v.to(self.proc.device, non_blocking=True)
-                     for k, v in collate(self.train_split.encoded, indices, self.tokenizer.pad_token_id).items()}
+                     for k, v in collate(self.train_split.encoded, indices, self.tokenizer.pad_token_id,
+                                         self.pad_to_multiple_of).items()}
             # gradients are all-reduced only on the last micro-batch; no_sync covers the forward too
             last = i == len(micro) - 1
             with nullcontext() if last or not self.proc.ddp else self.wrapped.no_sync():
                 with autocast(self.proc, self.amp_dtype):
-                    loss, terms = self.loss_fn(self.wrapped, batch)
+                    loss, terms = self.loss_fn(self.wrapped, batch, indices)
                 self.scaler.scale(loss * scale).backward()
             window["loss"] += loss.detach()
             for name, value in terms.items():
@@ -239,14 +243,10 @@ class Trainer:
         """Metrics on the validation file; saves and marks the best checkpoint. None without one."""
         if self.val_split is None:
             return None
-        names = label_names(self.cfg)
         logits = predict_logits(classifier_of(self.model), self.val_split.encoded, self.cfg["trainer"]["val_batch_size"],
                                 self.tokenizer.pad_token_id, self.proc, self.amp_dtype, desc="validate")
-        predictions = logits_to_predictions(logits, names)
-        metrics = compute_metrics(predictions, self.val_split.encoded.labels, names)
-        collapse = one_class_warning(predictions, names)
-        if collapse:
-            log(self.proc, f"warning: at step {self.step}, {collapse}")
+        # the main process has the logits; every rank gets the metrics, to agree on the best
+        metrics = on_main(self.proc, split_metrics, logits, self.val_split, self.cfg, f"at step {self.step}")
         self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
         log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): "
                        + "  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
@@ -327,7 +327,17 @@ class Trainer:
         self.digests = data_digests(self.cfg)
         self.save_dir = SaveDir(self.cfg, self.session, say=lambda message: log(self.proc, message))
         resume = self.save_dir.open(self.proc.world_size, self.digests)
-        return None if resume is None else str(resume)
+        return None if resume is None else str(resume), self.session
+
+    def check_shared_save_dir(self, main_session):
+        """Every rank reads the checkpoints rank 0 writes (to resume, and the best at the end): on
+        several machines the save folder must be one they share. Refuse before step 1 if not."""
+        seen = torch.tensor([float(sees_lock_of(self.cfg["ckpt"]["model_state_save_dir"], main_session))])
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN, group=self.proc.cpu_group)
+        if not seen.item():
+            raise ConfigError(f"ckpt.model_state_save_dir {self.cfg['ckpt']['model_state_save_dir']} is not "
+                              f"shared by every machine of the run (some rank does not see rank 0's files); "
+                              f"put it on a filesystem all machines share")
 
     def checkpoint_name(self):
         return checkpoint_name(self.cfg["ckpt"]["file_prefix"], self.epoch_number, self.step)
@@ -441,8 +451,12 @@ def build_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
-def supervised_loss(model, batch):
-    """Summed loss over the batch's examples (the caller divides by the step's example count)."""
+def supervised_loss(model, batch, indices=None):
+    """Summed loss over the batch's examples (the caller divides by the step's example count).
+
+    indices, the examples' rows in the training split, are for losses that cache by example
+    (distillation's teacher logits); this one needs none.
+    """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()  # losses in float32, also under autocast
     if logits.shape[-1] == 1:
@@ -551,8 +565,8 @@ def autocast_dtype(trainer_cfg, proc):
         return None
     choice, device = trainer_cfg["amp_dtype"], proc.device
     if device.type == "cuda":
-        if choice == "auto":
-            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if choice == "auto":  # emulated bf16 (V100, T4) is slower than fp16 with a GradScaler
+            choice = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         log(proc, f"mixed precision: autocast {choice} on {torch.cuda.get_device_name(device)}"
                   f"{' with GradScaler' if choice == 'fp16' else ''}")
         return torch.bfloat16 if choice == "bf16" else torch.float16
@@ -624,7 +638,8 @@ def label_names(cfg):
 
 @torch.inference_mode()
 def predict_logits(model, encoded, batch_size, pad_token_id, proc, amp_dtype, desc="evaluate"):
-    """Float32 logits of every example in input order; batches sorted by length, sharded by rank.
+    """Float32 logits of every example in input order, on the main process (None on the others);
+    batches sorted by length, sharded by rank.
 
     Rank 0 shows a progress bar named desc, with the device, for it may take minutes.
     """
@@ -641,9 +656,11 @@ def predict_logits(model, encoded, batch_size, pad_token_id, proc, amp_dtype, de
         indices.append(batch_indices)
     model.train(was_training)
     shards = [(np.concatenate(indices), torch.cat(outputs).cpu().numpy())] if outputs else []
-    if proc.ddp:  # every example was on exactly one rank: gather them all, no duplicates
-        gathered = [None] * proc.world_size
-        dist.all_gather_object(gathered, shards, group=proc.cpu_group)
+    if proc.ddp:  # every example was on exactly one rank: gather them on the main one, no duplicates
+        gathered = [None] * proc.world_size if proc.is_main else None
+        dist.gather_object(shards, gathered, dst=0, group=proc.cpu_group)
+        if not proc.is_main:
+            return None
         shards = [shard for rank_shards in gathered for shard in rank_shards]
     num_outputs = shards[0][1].shape[1] if shards else 1
     logits = np.zeros((len(encoded), num_outputs), dtype=np.float32)
@@ -654,6 +671,16 @@ def predict_logits(model, encoded, batch_size, pad_token_id, proc, amp_dtype, de
 
 def logits_to_predictions(logits, names):
     return logits[:, 0] if names is None else logits.argmax(axis=1)
+
+
+def split_metrics(logits, split, cfg, where):
+    """Metrics of a labelled split's logits, and a warning line if the model predicts one class."""
+    names = label_names(cfg)
+    predictions = logits_to_predictions(logits, names)
+    collapse = one_class_warning(predictions, names)
+    if collapse:
+        print(f"warning: {where}, {collapse}")
+    return compute_metrics(predictions, split.encoded.labels, names)
 
 
 def one_class_warning(predictions, names):
@@ -783,7 +810,9 @@ def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None):
     trainer = Trainer(cfg, proc, model, tokenizer, train, val, loss_fn=loss_fn)
     failed = True
     try:
-        resume = on_main(proc, trainer.open_save_dir)
+        resume, main_session = on_main(proc, trainer.open_save_dir)
+        if proc.ddp:
+            trainer.check_shared_save_dir(main_session)
         if resume is not None:
             trainer.resume_from(resume)
         result = trainer.train()
@@ -798,10 +827,9 @@ def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None):
 
 def evaluate_only(cfg, proc, model, tokenizer, val):
     """Metrics of a fine-tuned model on a labelled file, with a per-class table."""
-    names = label_names(cfg)
     logits = predict_logits(model, val.encoded, cfg["trainer"]["val_batch_size"],
                             tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc))
-    metrics = compute_metrics(logits_to_predictions(logits, names), val.encoded.labels, names)
+    metrics = on_main(proc, split_metrics, logits, val, cfg, f"on {cfg['data']['val_filepath']}")
     log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
               f"({len(val.encoded)} examples)\n{format_report(metrics)}")
     return metrics

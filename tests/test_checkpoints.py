@@ -409,3 +409,13 @@ def test_a_failure_on_rank_zero_alone_ends_every_rank_promptly(job):
     assert process.returncode != 0
     assert time.time() - started < 60
     assert "the main process (rank 0) failed" in stderr  # rank 1's own line, not torchrun's kill
+
+
+def test_a_rank_sees_the_save_folder_only_if_it_holds_the_main_process_lock(tmp_path):
+    lock = checkpoint.SaveDirLock(tmp_path, "s-main")
+    try:
+        assert checkpoint.sees_lock_of(tmp_path, "s-main")
+        assert not checkpoint.sees_lock_of(tmp_path, "s-other")  # another machine's folder of that name
+        assert not checkpoint.sees_lock_of(tmp_path / "missing", "s-main")
+    finally:
+        lock.release()

@@ -365,6 +365,15 @@ def test_micro_batches_split_a_batch_for_accumulation():
 # -- padding -------------------------------------------------------------------------------------
 
 
+def test_collate_pads_to_a_multiple_when_asked_for_compiled_models():
+    input_ids = [[2, 10, 3], [2, 10, 11, 12, 13, 3], [2, 3]]
+    encoded = Encoded(input_ids, None, None, np.array([len(ids) for ids in input_ids]))
+    batch = collate(encoded, np.array([0, 1, 2]), pad_token_id=0, pad_to_multiple_of=8)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 8)
+    assert batch["attention_mask"].sum(dim=1).tolist() == [3, 6, 2]  # padding is masked
+    assert collate(encoded, np.array([0, 2]), 0)["input_ids"].shape == (2, 3)  # default: the longest
+
+
 def test_collate_pads_only_to_the_batch_longest():
     input_ids = [[2, 10, 3], [2, 10, 11, 12, 13, 3], [2, 3], [2, 14, 15, 16, 3]]
     encoded = Encoded(input_ids, [[0] * len(ids) for ids in input_ids], np.array([0, 1, 1, 0]),

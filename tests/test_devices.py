@@ -40,3 +40,13 @@ def test_a_gpu_process_saves_its_own_device_rng_only():
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     state = trainer.rng_state(device)
     assert torch.equal(state["cuda"], torch.cuda.get_rng_state(device))
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_auto_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch, native, expected):
+    # emulated bf16 (V100, T4) reports supported with emulation; it is slower than fp16 there
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    proc = trainer.Process(0, 0, 1, torch.device("cuda", 0), True, False)
+    cfg = config.load_config(["--trainer.backend", "sp-amp"])
+    assert trainer.autocast_dtype(cfg["trainer"], proc) is expected

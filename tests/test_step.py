@@ -39,8 +39,8 @@ def make_trainer(tmp_path, **overrides):
 
 def poisoned(loss_fn):
     """A loss function whose loss is infinite: what a too-high learning rate or a bad row gives."""
-    def loss_fn_inf(model, batch):
-        loss, terms = loss_fn(model, batch)
+    def loss_fn_inf(model, batch, indices):
+        loss, terms = loss_fn(model, batch, indices)
         return loss * float("inf"), terms
     return loss_fn_inf
 
