@@ -5,6 +5,7 @@
     python bench/bench.py --train-examples 512 --eval-examples 256 --repeats 1    # a quick look
     python bench/bench.py --compile                          # also trainer.py with torch.compile
     python bench/bench.py --roberta-bf16                     # CUDA only: roberta-base size, bf16 on both
+    python bench/bench.py --device cpu                       # the CPU job on a machine with a GPU
 
 Both systems train the same model (the MiniLM of `python prepare.py`) on the same tweets with the
 same hyperparameters (epochs, global batch, learning rate, warmup, weight decay, max length, seed),
@@ -14,9 +15,12 @@ defaults (fused AdamW, random sampling, linear schedule). Our side calls trainer
 
 Every run is a fresh subprocess (so peak memory and time to first step are its own), the runs are
 interleaved (ours, peer, then peer, ours, ...) and repeated, and each figure is the median over the
-repeats, because our machines are shared and noisy. The fp32 matmul rate is measured in the same
-run, between the runs, and our training FLOP/s (counted on real tokens only, padding excluded) is
-reported as a fraction of it.
+repeats, because our machines are shared and noisy. The job runs where trainer.py would put it
+(--device auto: the GPU when there is one, else the CPU; --device cpu or cuda to choose), both
+systems on that device. A matmul rate is measured in the same run, between the runs, on the job's
+device and in its precision (bf16 for --roberta-bf16; else float32, which on CUDA runs as TF32, as
+trainer.py's default trainer.tf32 true makes it), and our training FLOP/s (counted on real tokens
+only, padding excluded) is reported as a fraction of it.
 """
 import argparse
 import csv
@@ -64,17 +68,56 @@ def encoder_flops(config, lengths, training=True, cls_only_last_layer=False):
     return 2 * macs * (3 if training else 1)
 
 
-def matmul_rate(size=2048, repeats=5):
-    """fp32 FLOP/s of a large square matmul with the current thread setting (median of repeats)."""
+# the reference matmul's side per device (2048 is over in microseconds on a GPU), and the
+# products timed together in one repeat, so that a GPU repeat lasts milliseconds, not a launch
+MATMUL_SIZE = {"cpu": (2048, 1), "cuda": (8192, 10)}
+
+
+def matmul_rate(device, dtype, size=None, repeats=5):
+    """FLOP/s of a large square matmul on device in dtype (median of repeats): the job's reference.
+
+    On CPU with the current thread setting; on CUDA with float32 as TF32 (trainer.tf32 true, the
+    trainer's default, sets allow_tf32), the GPU's queue drained around each timed repeat.
+    """
     import torch
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm-up: allocations and the BLAS thread pool
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    device = torch.device(device)
+    size, count = (size, 1) if size else MATMUL_SIZE[device.type]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as trainer.setup_distributed does by default
+    try:
+        seconds_per_matmul(a, b, count)  # warm-up: allocations, the BLAS threads or cuBLAS handle
+        seconds = statistics.median(seconds_per_matmul(a, b, count) for _ in range(repeats))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    del a, b
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the driver keeps no GPU memory while the next run trains
+    return 2 * size ** 3 / seconds
+
+
+def seconds_per_matmul(a, b, count):
+    """Seconds per a @ b over count products, the device's queue drained at both ends."""
+    synchronize(a.device)
+    start = time.perf_counter()
+    for _ in range(count):
         a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / statistics.median(times)
+    synchronize(a.device)
+    return (time.perf_counter() - start) / count
+
+
+def synchronize(device):
+    """Wait for the work queued on device: a CUDA call returns before the GPU has done it."""
+    import torch
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def job_dtype(job):
+    """The dtype the job's matmuls run in (autocast's for a bf16 job)."""
+    import torch
+    return torch.bfloat16 if job["bf16"] else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +144,8 @@ def ours_argv(job):
             "--module.weight_decay", str(job["weight_decay"]),
             "--module.max_seq_len", str(job["max_seq_len"]), "--trainer.seed", str(job["seed"]),
             "--trainer.log_dir", job["log_dir"], "--ckpt.checkpoint", "false",
-            "--trainer.compile", str(job["compile"]).lower(), "--data.labels_list", json.dumps(LABELS)]
+            "--trainer.compile", str(job["compile"]).lower(), "--data.labels_list", json.dumps(LABELS),
+            "--trainer.device", job["device"]]
     if job["bf16"]:
         argv += ["--trainer.backend", "sp-amp", "--trainer.amp_dtype", "bf16"]
     return argv
@@ -118,7 +162,9 @@ def run_ours(job):
     class TimedTrainer(trainer.Trainer):
         def train_step(self, *args):
             super().train_step(*args)
-            first_step.setdefault("s", since_process_start())
+            if "s" not in first_step:  # once: the first step done on the device, not just queued
+                synchronize(self.proc.device)
+                first_step["s"] = since_process_start()
 
     cfg = trainer.load_config(ours_argv(job))
     proc = trainer.setup_distributed(cfg["trainer"])
@@ -132,10 +178,10 @@ def run_ours(job):
     if cfg["trainer"]["speedups"]:  # as trainer.run does
         speedups.apply(model, proc.device)
     run = TimedTrainer(cfg, proc, model, tokenizer, train, None)  # no validation inside train()
-    _, train_s = timed(torch, run.train)
-    logits, eval_s = timed(torch, lambda: trainer.predict_logits(
+    _, train_s = timed(run.train, proc.device)
+    logits, eval_s = timed(lambda: trainer.predict_logits(
         model, val.encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
-        proc, run.amp_dtype))
+        proc, run.amp_dtype), proc.device)
     metrics = compute_metrics(logits.argmax(axis=1), val.encoded.labels, LABELS)
     return {"train_s": train_s, "eval_s": eval_s, "first_step_s": first_step["s"],
             "acc": metrics["acc"], "f1_macro": metrics["f1_macro"],
@@ -155,7 +201,9 @@ def run_hf(job):
 
     class FirstStep(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            first_step.setdefault("s", since_process_start())
+            if "s" not in first_step:  # once: the first step done on the device, not just queued
+                synchronize(args.device)
+                first_step["s"] = since_process_start()
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(job["model"])
     label_ids = {name: i for i, name in enumerate(LABELS)}
@@ -173,17 +221,19 @@ def run_hf(job):
     else:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             job["model"], num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id=label_ids)
+    if job["device"] == "cuda":  # the matmul precision of trainer.py's default, trainer.tf32 true
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     args = transformers.TrainingArguments(
         output_dir=job["log_dir"], num_train_epochs=job["epochs"], per_device_train_batch_size=job["batch_size"],
         per_device_eval_batch_size=job["eval_batch_size"], learning_rate=job["lr"],
         warmup_steps=job["warmup"], weight_decay=job["weight_decay"], lr_scheduler_type="linear",
         max_grad_norm=1.0, seed=job["seed"], bf16=job["bf16"], save_strategy="no", eval_strategy="no",
-        logging_steps=20, report_to="none", disable_tqdm=True)
+        logging_steps=20, report_to="none", disable_tqdm=True, use_cpu=job["device"] == "cpu")
     peer = transformers.Trainer(model=model, args=args, train_dataset=train,
                                 data_collator=transformers.DataCollatorWithPadding(tokenizer),
                                 callbacks=[FirstStep()])
-    _, train_s = timed(torch, peer.train)
-    out, eval_s = timed(torch, lambda: peer.predict(val))
+    _, train_s = timed(peer.train, args.device)
+    out, eval_s = timed(lambda: peer.predict(val), args.device)
     metrics = compute_metrics(out.predictions.argmax(axis=1), out.label_ids, LABELS)
     return {"train_s": train_s, "eval_s": eval_s, "first_step_s": first_step["s"],
             "acc": metrics["acc"], "f1_macro": metrics["f1_macro"], "threads": torch.get_num_threads()}
@@ -202,14 +252,12 @@ def build_random_roberta(job):
     return RobertaForSequenceClassification(config)
 
 
-def timed(torch, fn):
-    """(fn(), seconds), with queued GPU work finished at both ends so the time is the real one."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def timed(fn, device):
+    """(fn(), seconds), with work queued on device finished at both ends so the time is the real one."""
+    synchronize(device)
     start = time.perf_counter()
     result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    synchronize(device)
     return result, time.perf_counter() - start
 
 
@@ -217,9 +265,10 @@ def worker(system, job_path, out_path):
     job = json.loads(Path(job_path).read_text())
     result = (run_ours if system == "ours" else run_hf)(job)
     result["peak_rss_mib"] = peak_rss_mib()
-    if "cuda" in job["device"]:
+    if job["device"] == "cuda":  # tensors at their peak, and what the caching allocator held for them
         import torch
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
+        result["peak_gpu_reserved_mib"] = torch.cuda.max_memory_reserved() / 2 ** 20
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -241,6 +290,8 @@ def run_worker(system, job, scratch, tag):
     job_path.write_text(json.dumps(job))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(Path(scratch) / "hf-home")}
+    if job["device"] == "cuda":  # one GPU: HF Trainer takes every visible one (DataParallel, batch 32 on each)
+        env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     cmd = [sys.executable, __file__, "--worker", system, "--job", str(job_path), "--out", str(out_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -253,28 +304,31 @@ def median_of(results, key):
 
 
 def summarise(name, results, n_train, n_eval):
+    gpu = {"peak_gpu_mib": median_of(results, "peak_gpu_mib")} if "peak_gpu_mib" in results[0] else {}
     return {"name": name,
             "train_ex_s": statistics.median(n_train / r["train_s"] for r in results),
             "eval_ex_s": statistics.median(n_eval / r["eval_s"] for r in results),
             "acc": median_of(results, "acc"), "f1_macro": median_of(results, "f1_macro"),
             "first_step_s": median_of(results, "first_step_s"),
-            "peak_rss_mib": median_of(results, "peak_rss_mib"),
+            "peak_rss_mib": median_of(results, "peak_rss_mib"), **gpu,
             "train_s": [round(r["train_s"], 1) for r in results]}
 
 
 def print_report(rows, flops, args, rates):
     ours, peer = rows[0], rows[-1]
+    gpu = "peak_gpu_mib" in ours
     print(f"\n{args.train_examples} training / {args.eval_examples} evaluation examples, "
           f"{args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr}, max length {args.max_seq_len}, "
           f"{args.repeats} interleaved repeat(s), medians")
     header = (f"{'system':<22}{'train ex/s':>11}{'eval ex/s':>11}{'acc':>8}{'macro F1':>10}"
-              f"{'1st step s':>12}{'peak RSS MiB':>14}")
+              f"{'1st step s':>12}{'peak RSS MiB':>14}" + (f"{'peak GPU MiB':>14}" if gpu else ""))
     print(header + "\n" + "-" * len(header))
     for r in rows:
         print(f"{r['name']:<22}{r['train_ex_s']:>11.1f}{r['eval_ex_s']:>11.1f}{r['acc']:>8.4f}"
-              f"{r['f1_macro']:>10.4f}{r['first_step_s']:>12.1f}{r['peak_rss_mib']:>14.0f}")
-    print(f"\nmeasured fp32 matmul rate: {statistics.median(rates) / 1e9:.1f} GFLOP/s (median of "
-          f"{len(rates)}; 2048x2048, {flops['threads']} threads)")
+              f"{r['f1_macro']:>10.4f}{r['first_step_s']:>12.1f}{r['peak_rss_mib']:>14.0f}"
+              + (f"{r['peak_gpu_mib']:>14.0f}" if gpu else ""))
+    print(f"\nmeasured {flops['matmul']} matmul rate: {statistics.median(rates) / 1e9:.1f} GFLOP/s "
+          f"(median of {len(rates)}; {flops['matmul_where']})")
     print(f"our training: {flops['train_rate'] / 1e9:.1f} GFLOP/s on real tokens "
           f"({flops['train_tokens']} tokens, {flops['train_flops'] / 1e12:.2f} TFLOP per epoch); "
           f"evaluation: {flops['eval_rate'] / 1e9:.1f} GFLOP/s")
@@ -291,14 +345,26 @@ def print_report(rows, flops, args, rates):
     print(f"{'accuracy (ours - peer)':<26}{-gap:>8.2f}pt{'>= -1.00':>10}pt  {verdict}")
 
 
-def make_job(args, scratch, device):
-    """The job both systems run: the data subsets written to scratch, the hyperparameters."""
+def job_device(args):
+    """The device both systems train on: --device, where auto is trainer.py's (the GPU when there is one)."""
+    import torch
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda but no CUDA GPU is visible")
+    if args.roberta_bf16 and device != "cuda":
+        sys.exit("--roberta-bf16 needs a CUDA GPU (bf16 on a CPU without native bf16 is far too slow)")
+    return device
+
+
+def make_job(args, scratch):
+    """The job both systems run: the data subsets written to scratch, the hyperparameters, the device."""
     return {"train_file": write_subset(args.train_file, scratch / "train.csv", args.train_examples),
             "eval_file": write_subset(args.eval_file, scratch / "eval.csv", args.eval_examples),
             "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
             "eval_batch_size": args.eval_batch_size, "lr": args.lr, "warmup": args.warmup,
             "weight_decay": args.weight_decay, "max_seq_len": args.max_seq_len, "seed": args.seed,
-            "compile": False, "bf16": args.roberta_bf16, "random_roberta": args.roberta_bf16, "device": device}
+            "compile": False, "bf16": args.roberta_bf16, "random_roberta": args.roberta_bf16,
+            "device": job_device(args)}
 
 
 def build_parser():
@@ -317,6 +383,8 @@ def build_parser():
     parser.add_argument("--train-file", default=str(ROOT / "data/tweets/train.csv"))
     parser.add_argument("--eval-file", default=str(ROOT / "data/tweets/val.csv"))
     parser.add_argument("--model", default=str(ROOT / "models/all-MiniLM-L6-v2"))
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where both systems train; auto: the GPU when there is one, as trainer.py")
     parser.add_argument("--compile", action="store_true", help="also run trainer.py with torch.compile")
     parser.add_argument("--roberta-bf16", action="store_true",
                         help="CUDA only: a random roberta-base-size model, bf16 autocast on both sides")
@@ -328,20 +396,20 @@ def build_parser():
     return parser
 
 
-def main():
+def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         return worker(args.worker, args.job, args.out)
 
     import torch
     import transformers
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.roberta_bf16 and device != "cuda":
-        sys.exit("--roberta-bf16 needs a CUDA GPU (bf16 on a CPU without native bf16 is far too slow)")
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    job = make_job(args, scratch, device)
+    job = make_job(args, scratch)
+    device, dtype = job["device"], job_dtype(job)
+    if device == "cpu":  # the reference matmul on the cores trainer.setup_distributed gives one process
+        torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     systems = [("trainer.py", "ours", job)]
     if args.compile:
         systems.append(("trainer.py + compile", "ours", {**job, "compile": True}))
@@ -354,14 +422,14 @@ def main():
     for repeat in range(args.repeats):
         order = systems if repeat % 2 == 0 else systems[::-1]
         for name, system, system_job in order:
-            rates.append(matmul_rate())
+            rates.append(matmul_rate(device, dtype))
             result = run_worker(system, system_job, scratch, f"{system}{len(runs[name])}-{repeat}"
                                 + ("-compile" if system_job["compile"] else ""))
             runs[name].append(result)
             print(f"repeat {repeat + 1}/{args.repeats} {name:<22} train {result['train_s']:7.1f} s  "
                   f"eval {result['eval_s']:6.1f} s  acc {result['acc']:.4f}  "
                   f"first step {result['first_step_s']:5.1f} s", flush=True)
-    rates.append(matmul_rate())
+    rates.append(matmul_rate(device, dtype))
     n_train, n_eval = args.train_examples * args.epochs, args.eval_examples
     rows = [summarise(name, runs[name], n_train, n_eval) for name, _, _ in systems]
     first = runs["trainer.py"][0]
@@ -371,7 +439,13 @@ def main():
     flops = {"train_flops": train_flops, "train_tokens": sum(first["train_lengths"]) * args.epochs,
              "train_rate": statistics.median(train_flops / r["train_s"] for r in runs["trainer.py"]),
              "eval_rate": statistics.median(eval_flops / r["eval_s"] for r in runs["trainer.py"]),
-             "threads": first["threads"]}
+             "matmul": "bf16" if job["bf16"] else "fp32 (allow_tf32)" if device == "cuda" else "fp32"}
+    size = MATMUL_SIZE[device][0]
+    if device == "cuda":  # thread counts say nothing about a GPU's rate
+        flops["matmul_where"] = f"{size}x{size} on {torch.cuda.get_device_name()}"
+    else:
+        flops["threads"] = first["threads"]
+        flops["matmul_where"] = f"{size}x{size} on the CPU, {torch.get_num_threads()} threads"
     print_report(rows, flops, args, rates)
     if args.json:
         slim = {name: [{k: v for k, v in r.items() if k not in ("train_lengths", "eval_lengths", "config")}

@@ -13,12 +13,13 @@ speedups.CPUDropout and its attention function; for cls-only: speedups.first_pos
 for compile: torch.compile, after its compilation on 3 warm-up batches), the others on for both,
 in alternating order, and reports the median of the per-batch speed-ups: the same batch on both
 sides, and the machine's noise of that moment on both alike. Results go to bench/README.md.
+--device is bench.py's (auto: the GPU when there is one); on CUDA every timing waits for the GPU's
+queue, the profile adds CUDA time, and --ab dropout (a CPU speed-up) is refused.
 """
 import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,12 +33,11 @@ import speedups  # noqa: E402
 import trainer  # noqa: E402
 
 
-def bench_trainer():
+def bench_trainer(device="auto"):
     """trainer.Trainer on the benchmark's job, in training mode, and its first epoch's batches."""
-    args = bench.build_parser().parse_args([])  # bench.py's defaults: its whole job
+    args = bench.build_parser().parse_args(["--device", device])  # bench.py's defaults: its whole job
     scratch = Path(tempfile.mkdtemp(prefix="step-profile-"))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    job = {**bench.make_job(args, scratch, device), "log_dir": str(scratch)}
+    job = {**bench.make_job(args, scratch), "log_dir": str(scratch)}
     cfg = trainer.load_config(bench.ours_argv(job) + ["--data.val_filepath", "null"])  # steps only
     proc = trainer.setup_distributed(cfg["trainer"])
     trainer.seed_everything(cfg["trainer"]["seed"])
@@ -51,16 +51,17 @@ def bench_trainer():
 
 def steps(run, batches):
     """Train on the batches; examples per second."""
-    start = time.perf_counter()
-    for rank_indices, global_size in batches:
-        run.train_step(rank_indices, global_size)
-    return sum(len(b[0]) for b in batches) / (time.perf_counter() - start)
+    _, seconds = bench.timed(lambda: [run.train_step(*batch) for batch in batches], run.proc.device)
+    return sum(len(b[0]) for b in batches) / seconds
 
 
 def profile_table(run, batches, count):
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    cuda = run.proc.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
         steps(run, batches[:count])
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=25))
 
 
 def use_dropout(run, new):
@@ -96,18 +97,16 @@ def ab(run, batches, choice):
     """Median per-batch speed-up of the new side over the old, each batch trained by both."""
     switch, name = AB[choice]
     switch(run, True)
-    start = time.perf_counter()
-    steps(run, batches[:3])  # the new side's warm-up too (for compile: the compilation)
-    print(f"first 3 steps with {name}: {time.perf_counter() - start:.1f} s")
+    # the new side's warm-up too (for compile: the compilation)
+    _, seconds = bench.timed(lambda: steps(run, batches[:3]), run.proc.device)
+    print(f"first 3 steps with {name}: {seconds:.1f} s")
     batches = batches[3:]
     ratios, totals = [], {False: 0.0, True: 0.0}
     for i, (rank_indices, global_size) in enumerate(batches):
         seconds = {}
         for new in (False, True) if i % 2 == 0 else (True, False):
             switch(run, new)
-            start = time.perf_counter()
-            run.train_step(rank_indices, global_size)
-            seconds[new] = time.perf_counter() - start
+            _, seconds[new] = bench.timed(lambda: run.train_step(rank_indices, global_size), run.proc.device)
             totals[new] += seconds[new]
         ratios.append(seconds[False] / seconds[True])
     quartiles = statistics.quantiles(ratios, n=4)
@@ -121,8 +120,12 @@ def main():
     parser.add_argument("--steps", type=int, default=15, help="profiled steps")
     parser.add_argument("--ab", choices=sorted(AB), help="time each batch with and without this")
     parser.add_argument("--batches", type=int, default=100, help="batches timed with --ab")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="as bench.py's")
     args = parser.parse_args()
-    run, batches = bench_trainer()
+    run, batches = bench_trainer(args.device)
+    if args.ab == "dropout" and run.proc.device.type == "cuda":
+        parser.error("--ab dropout compares CPU dropout kernels (speedups.apply uses them on CPU only); "
+                     "add --device cpu")
     if len(batches) < 3 + (3 + args.batches if args.ab else args.steps):
         parser.error(f"the epoch has {len(batches)} batches: fewer batches or steps, please")
     steps(run, batches[:3])  # warm-up: allocations, thread pools

@@ -1,6 +1,7 @@
 """The benchmark's own arithmetic and its trainer.py run, on a tiny model (bench/bench.py)."""
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -38,15 +39,31 @@ def test_encoder_flops_match_torch_flop_counter_on_unpadded_sequences(training, 
     assert bench.encoder_flops(config, [3, 11], training=training, cls_only_last_layer=cls_only) == counted
 
 
-def test_ours_worker_trains_and_reports_on_a_tiny_model(tmp_path, monkeypatch):
+def bench_rows():
+    return [{"sentiment": r["label"], "text": r["text"]} for r in sentiment_rows(48, labels=bench.LABELS)]
+
+
+def bench_job(tmp_path):
+    """A CPU job of bench.py on a tiny model: 32 training and 16 evaluation rows of bench_rows()."""
+    rows = bench_rows()
+    return {"train_file": write_csv(tmp_path / "train.csv", rows[:32]),
+            "eval_file": write_csv(tmp_path / "val.csv", rows[32:]), "model": save_tiny_encoder(tmp_path / "tiny"),
+            "epochs": 1, "batch_size": 8, "eval_batch_size": 8, "lr": 1e-3, "warmup": 0.1,
+            "weight_decay": 0.01, "max_seq_len": 16, "seed": 0, "compile": False, "bf16": False,
+            "random_roberta": False, "device": "cpu", "log_dir": str(tmp_path / "runs")}
+
+
+@pytest.fixture
+def keep_threads():
+    """The workers set the thread count as a fresh process would; the rest of the session keeps its own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ours_worker_trains_and_reports_on_a_tiny_model(tmp_path, monkeypatch, keep_threads):
     pytest.importorskip("psutil")
-    rows = [{"sentiment": r["label"], "text": r["text"]} for r in sentiment_rows(48, labels=bench.LABELS)]
-    train = write_csv(tmp_path / "train.csv", rows[:32])
-    val = write_csv(tmp_path / "val.csv", rows[32:])
-    job = {"train_file": train, "eval_file": val, "model": save_tiny_encoder(tmp_path / "tiny"),
-           "epochs": 1, "batch_size": 8, "eval_batch_size": 8, "lr": 1e-3, "warmup": 0.1,
-           "weight_decay": 0.01, "max_seq_len": 16, "seed": 0, "compile": False, "bf16": False,
-           "random_roberta": False, "device": "cpu", "log_dir": str(tmp_path / "runs")}
+    job, rows = bench_job(tmp_path), bench_rows()
     evaluated, predict_logits = [], trainer.predict_logits
 
     def seen_predict_logits(model, *args):  # the worker's evaluation, seen on its way through
@@ -93,3 +110,100 @@ def test_step_profile_switches_one_speedup_off_and_back_on(tiny_bert):
     step_profile.use_dropout(run, True)
     assert not [m for m in model.modules() if type(m) is torch.nn.Dropout]
     assert model.config._attn_implementation == speedups.CPU_DROPOUT_ATTENTION
+
+
+def test_matmul_rate_on_cpu_float32_is_a_positive_finite_rate():
+    rate = bench.matmul_rate("cpu", torch.float32, size=128, repeats=2)
+    assert 0 < rate < float("inf")
+
+
+def test_matmul_rate_times_products_of_its_device_and_dtype(monkeypatch):
+    seen = []
+
+    def seconds_per_matmul(a, b, count):
+        seen.append((a.device.type, a.dtype, b.dtype, tuple(a.shape), count))
+        return 0.5
+    monkeypatch.setattr(bench, "seconds_per_matmul", seconds_per_matmul)
+    assert bench.matmul_rate("cpu", torch.float64, repeats=3) == 2 * 2048 ** 3 / 0.5
+    assert seen == [("cpu", torch.float64, torch.float64, (2048, 2048), 1)] * 4  # warm-up + 3 repeats
+
+
+def test_ours_argv_trains_on_the_job_device(tmp_path):
+    argv = bench.ours_argv(bench_job(tmp_path))
+    assert argv[argv.index("--trainer.device") + 1] == "cpu"
+    assert trainer.load_config(argv)["trainer"]["device"] == "cpu"
+
+
+def run_driver(tmp_path, monkeypatch, capsys, *flags):
+    """bench.main over a tiny job with the workers faked: the jobs and reference matmuls it asks for."""
+    job = bench_job(tmp_path)
+    jobs, rates = [], []
+
+    def run_worker(system, job, scratch, tag):
+        jobs.append(job)
+        lengths = [5] * 4
+        return {"train_s": 1.0, "eval_s": 1.0, "first_step_s": 0.5, "acc": 0.5, "f1_macro": 0.5,
+                "peak_rss_mib": 100.0, "train_lengths": lengths, "eval_lengths": lengths, "threads": 1,
+                "config": tiny_config("bert", num_labels=3).to_dict(),
+                **({"peak_gpu_mib": 42.0} if job["device"] == "cuda" else {})}
+
+    def matmul_rate(device, dtype):
+        rates.append((device, dtype))
+        return 1e12
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    monkeypatch.setattr(bench, "matmul_rate", matmul_rate)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the session keeps its one thread
+    bench.main(["--train-examples", "4", "--eval-examples", "4", "--repeats", "1", "--scratch", str(tmp_path / "s"),
+                "--train-file", job["train_file"], "--eval-file", job["eval_file"], "--model", job["model"], *flags])
+    return jobs, rates, capsys.readouterr().out
+
+
+def test_a_cpu_job_trains_and_measures_its_matmul_on_the_cpu(tmp_path, monkeypatch, capsys):
+    jobs, rates, out = run_driver(tmp_path, monkeypatch, capsys, "--device", "cpu")
+    assert [job["device"] for job in jobs] == ["cpu", "cpu"]  # ours, then the peer
+    assert rates == [("cpu", torch.float32)] * 3  # before each run and after the last
+    assert ("measured fp32 matmul rate: 1000.0 GFLOP/s (median of 3; 2048x2048 on the CPU, "
+            f"{torch.get_num_threads()} threads)") in out
+    assert "peak GPU MiB" not in out
+
+
+def test_a_bf16_gpu_job_measures_a_bf16_matmul_on_the_gpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU as far as the driver asks
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *device: "Test GPU")
+    jobs, rates, out = run_driver(tmp_path, monkeypatch, capsys, "--roberta-bf16")
+    assert [(job["device"], job["bf16"]) for job in jobs] == [("cuda", True)] * 2
+    argv = bench.ours_argv({**jobs[0], "log_dir": "runs"})
+    assert argv[argv.index("--trainer.device") + 1] == "cuda"
+    assert rates == [("cuda", torch.bfloat16)] * 3
+    assert "measured bf16 matmul rate: 1000.0 GFLOP/s (median of 3; 8192x8192 on Test GPU)" in out
+    assert "threads" not in out and "peak GPU MiB" in out
+
+
+def test_hf_worker_trains_on_the_job_device(tmp_path, monkeypatch, keep_threads):
+    pytest.importorskip("datasets")
+    pytest.importorskip("psutil")
+    import transformers
+    trained_on = []
+
+    class SeenTrainer(transformers.Trainer):
+        def train(self, *args, **kwargs):
+            trained_on.append((self.args.device.type, self.args.use_cpu))
+            return super().train(*args, **kwargs)
+    monkeypatch.setattr(transformers, "Trainer", SeenTrainer)
+    result = bench.run_hf(bench_job(tmp_path))
+    assert trained_on == [("cpu", True)]
+    assert result["train_s"] > 0 and 0 <= result["acc"] <= 1
+
+
+@pytest.mark.parametrize("device, visible", [("cuda", "2"), ("cpu", "2,3")])
+def test_a_gpu_job_worker_sees_one_gpu_as_trainer_py_uses_one(tmp_path, monkeypatch, device, visible):
+    seen = {}  # HF Trainer would spread over every visible GPU (DataParallel) with batch 32 on each
+
+    def run(cmd, env, **kwargs):
+        seen.update(env)
+        Path(cmd[cmd.index("--out") + 1]).write_text("{}")
+        return SimpleNamespace(returncode=0)
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    bench.run_worker("hf", {"device": device}, tmp_path, "t")
+    assert seen["CUDA_VISIBLE_DEVICES"] == visible
