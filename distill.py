@@ -56,7 +56,7 @@ from config import ConfigError
 from data import Encoded, encode, read_examples
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
-from trainer import Split, fit, load_splits, log, seed_everything
+from trainer import Split, autocast_dtype, fit, load_splits, log, on_main, predict_logits, seed_everything
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -298,10 +298,14 @@ def layer_map(given, student_depth, teacher_depth, kind):
 
 
 class DistillLoss:
-    """loss_fn(model, batch) for Trainer: the student's forward through `model` (DDP-wrapped or
-    not), the teacher's under no_grad, and the weighted sum of the chosen losses."""
+    """loss_fn(model, batch, indices) for Trainer: the student's forward through `model`
+    (DDP-wrapped or not), the teacher's under no_grad, and the weighted sum of the chosen losses.
 
-    def __init__(self, cfg, teacher, student):
+    teacher_logits, when given, holds the teacher's logits of every training example (row i for
+    example i): with logits / labels losses only, the teacher then never runs during training.
+    """
+
+    def __init__(self, cfg, teacher, student, teacher_logits=None):
         d = cfg["distill"]
         self.teacher, self.temperature = teacher, d["temperature"]
         self.weights = dict(zip(d["loss_types"], d["loss_weights"]))
@@ -309,13 +313,16 @@ class DistillLoss:
         self.hidden_map = layer_map(d["hidden_state_map"], s_depth, t_depth, "hidden_states")
         self.attention_map = layer_map(d["attention_map"], s_depth, t_depth, "attentions")
         self.needs_teacher = set(self.weights) != {"labels"}
-        # logits depend only on the tokens, so they can be reused across epochs
-        self.cache = {} if d["cache_teacher_logits"] and set(self.weights) <= {"logits", "labels"} else None
+        self.teacher_logits = teacher_logits
 
     def __call__(self, model, batch, indices=None):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         student = model(**inputs)
-        teacher = self.teacher_outputs(inputs) if self.needs_teacher else None
+        teacher = None
+        if self.teacher_logits is not None and indices is not None:  # looked up by example, on the device
+            teacher = {"logits": self.teacher_logits[torch.from_numpy(indices).to(self.teacher_logits.device)]}
+        elif self.needs_teacher:
+            teacher = self.teacher_outputs(inputs)
         terms, mask = {}, inputs["attention_mask"]
         if "logits" in self.weights:
             terms["logits"] = logits_loss(student["logits"], teacher["logits"], self.temperature)
@@ -336,24 +343,26 @@ class DistillLoss:
 
     @torch.no_grad()
     def teacher_outputs(self, inputs):
-        if self.cache is not None:
-            keys = cache_keys(inputs)
-            if all(k in self.cache for k in keys):
-                return {"logits": torch.stack([self.cache[k] for k in keys])}
         want_hidden = "hidden_states" in self.weights
         want_attn = "attentions" in self.weights
         out = self.teacher(**inputs, output_hidden_states=want_hidden, output_attentions=want_attn)
-        if self.cache is not None:
-            self.cache.update(zip(keys, out.logits.float()))
         return {"logits": out.logits, "hidden_states": out.hidden_states, "attentions": out.attentions}
 
 
-def cache_keys(inputs):
-    """One key per example: its tokens without padding (the teacher's logits depend on nothing else)."""
-    lengths = inputs["attention_mask"].sum(dim=1).tolist()
-    ids = inputs["input_ids"].tolist()
-    types = inputs["token_type_ids"].tolist() if "token_type_ids" in inputs else None
-    return [(tuple(ids[i][:n]), tuple(types[i][:n]) if types else ()) for i, n in enumerate(lengths)]
+def caches_teacher_logits(cfg):
+    """The teacher's logits depend only on the tokens: with logits / labels losses alone they can
+    be computed once, before training, instead of at every step of every epoch."""
+    d = cfg["distill"]
+    return d["cache_teacher_logits"] and "logits" in d["loss_types"] and set(d["loss_types"]) <= {"logits", "labels"}
+
+
+def teacher_logits_of(cfg, proc, teacher, tokenizer, train):
+    """The teacher's logits of every training example, on every rank's device: each rank computes
+    its share (as evaluation does), the main process gathers them, and all ranks get the whole."""
+    logits = predict_logits(teacher, train.encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
+                            proc, autocast_dtype(cfg["trainer"], proc), desc="teacher logits")
+    logits = on_main(proc, lambda: logits)  # a broadcast of examples x classes floats
+    return torch.from_numpy(logits).to(proc.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,7 +405,8 @@ def run(cfg, proc):
     teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
     student = build_student(cfg, teacher, tokenizer)
     module = DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
-    loss_fn = DistillLoss(cfg, teacher, student)
+    cached = teacher_logits_of(cfg, proc, teacher, tokenizer, train) if caches_teacher_logits(cfg) else None
+    loss_fn = DistillLoss(cfg, teacher, student, teacher_logits=cached)
     if cfg["trainer"]["speedups"]:
         speedups.apply(teacher, proc.device)
         speedups.apply(module, proc.device)

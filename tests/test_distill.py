@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import (AutoModelForSequenceClassification, DistilBertConfig,
@@ -242,20 +243,37 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     assert torch.equal(state["module"]["projection.weight"], module.projection.weight)
 
 
-def test_cached_teacher_logits_are_reused(tmp_path):
+def test_cached_teacher_logits_are_looked_up_by_example_and_equal_the_teachers(tmp_path):
     teacher = tiny_classifier(tmp_path / "t", layers=2).eval()
-    cfg = distill_cfg(**{"distill.student_layers": "[0]"})
-    loss_fn = distill.DistillLoss(cfg, teacher, distill.depth_cut(teacher, [0], None, {}))
-    inputs = {"input_ids": torch.tensor([[2, 5, 3, 0], [2, 6, 7, 3]]),
-              "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}
-    first = loss_fn.teacher_outputs(inputs)["logits"]
+    student = distill.depth_cut(teacher, [0], None, {}).eval()
+    cfg = distill_cfg(**{"distill.student_layers": "[0]", "distill.loss_types": "[logits]",
+                         "distill.loss_weights": "[1.0]"})
+    batch = {"input_ids": torch.tensor([[2, 6, 7, 3], [2, 5, 3, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    with torch.no_grad():
+        table = torch.zeros(5, 2)
+        table[[3, 1]] = teacher(**batch).logits  # rows 3 and 1 of the training split
+    live, _ = distill.DistillLoss(cfg, teacher, student)(student, batch)
     calls = []
     teacher.register_forward_hook(lambda *args: calls.append(1))
-    # the same examples in another order and padding come from the cache
-    again = {"input_ids": torch.tensor([[2, 6, 7, 3, 0], [2, 5, 3, 0, 0]]),
-             "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])}
-    second = loss_fn.teacher_outputs(again)["logits"]
-    assert not calls and torch.allclose(second, first.flip(0))
+    cached, _ = distill.DistillLoss(cfg, teacher, student, teacher_logits=table)(student, batch, np.array([3, 1]))
+    assert not calls and torch.allclose(cached, live, atol=1e-6)
+
+
+def test_with_logits_losses_the_teacher_runs_once_before_training_and_never_during_it(tmp_path, tiny_teacher,
+                                                                                      monkeypatch):
+    t, calls, real_build = tiny_teacher, [], distill.build_teacher
+
+    def counted_teacher(*args, **kwargs):
+        teacher = real_build(*args, **kwargs)
+        teacher.register_forward_hook(lambda *a: calls.append(1))
+        return teacher
+    monkeypatch.setattr(distill, "build_teacher", counted_teacher)
+    args = base_args(tmp_path, t["base"], t["train"], t["val"], **{
+        "model.model_path": t["dir"], "distill.student_layers": "[1]", "trainer.epochs": 2,
+        "trainer.val_batch_size": 32})
+    assert distill.main(args) == 0
+    assert len(calls) == 5  # 160 training rows / 32 a batch, before step 1; 2 x 10 steps hit the table
 
 
 # ---------------------------------------------------------------------------------------------
