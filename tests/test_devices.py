@@ -50,3 +50,22 @@ def test_amp_auto_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch, nat
     proc = trainer.Process(0, 0, 1, torch.device("cuda", 0), True, False)
     cfg = config.load_config(["--trainer.backend", "sp-amp"])
     assert trainer.autocast_dtype(cfg["trainer"], proc) is expected
+
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_tf32_on_cuda_follows_trainer_tf32(monkeypatch, tf32):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    # torch's backend flags are properties of module objects: set and restored by hand
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    try:
+        cfg = config.load_config(["--trainer.tf32", str(tf32).lower(), "--trainer.num_threads", "1"])
+        proc = trainer.setup_distributed(cfg["trainer"])
+        assert proc.device == torch.device("cuda", 0)
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

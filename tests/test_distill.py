@@ -375,15 +375,17 @@ def test_distilled_random_student_beats_the_untrained_one(tmp_path, tiny_teacher
 
 
 @pytest.mark.slow
-def test_depth_cut_distillation_under_torchrun_with_two_processes(tmp_path, tiny_teacher, capsys):
+@pytest.mark.parametrize("losses", [("[logits, labels, attentions]", "[0.5, 0.5, 1.0]"),
+                                    ("[logits, labels]", "[0.5, 0.5]")],  # the teacher's logits shared by ranks
+                         ids=["teacher at every step", "teacher logits computed once"])
+def test_depth_cut_distillation_under_torchrun_with_two_processes(tmp_path, tiny_teacher, capsys, losses):
     pytest.importorskip("torch.distributed.run")
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("no gloo backend")
     t = tiny_teacher
     args = base_args(tmp_path, t["base"], t["train"], t["val"],
                      **{"model.model_path": t["dir"], "distill.student_layers": "[1]",
-                        "distill.loss_types": "[logits, labels, attentions]",
-                        "distill.loss_weights": "[0.5, 0.5, 1.0]",
+                        "distill.loss_types": losses[0], "distill.loss_weights": losses[1],
                         "trainer.backend": "ddp", "trainer.epochs": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
