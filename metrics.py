@@ -28,14 +28,30 @@ def confusion_matrix(predictions, labels, num_classes):
     return matrix
 
 
+def precision_recall_f1(true_positives, predicted, support):
+    """Precision, recall and F1 from counts (arrays or scalars); predicted and support count the positives."""
+    precision = safe_divide(true_positives, predicted)
+    recall = safe_divide(true_positives, support)
+    # the harmonic mean of precision and recall, from the integer counts so equal scores compare equal
+    f1 = safe_divide(2 * np.asarray(true_positives), np.asarray(predicted) + support)
+    return precision, recall, f1
+
+
 def per_class_scores(matrix):
     """Precision, recall, F1 and support of every class, from a confusion matrix."""
-    true_positives = np.diag(matrix).astype(np.float64)
     support = matrix.sum(axis=1)
-    precision = safe_divide(true_positives, matrix.sum(axis=0))
-    recall = safe_divide(true_positives, support)
-    f1 = safe_divide(2 * precision * recall, precision + recall)
-    return precision, recall, f1, support
+    return (*precision_recall_f1(np.diag(matrix), matrix.sum(axis=0), support), support)
+
+
+def score_table(names, precision, recall, f1, support):
+    """{name: {precision, recall, f1, support}} in plain floats and ints, ready for JSON."""
+    return {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(names, precision, recall, f1, support)}
+
+
+def macro_and_weighted(f1, support):
+    """The unweighted mean of per-class F1, and its mean weighted by support."""
+    return float(f1.mean()), float(safe_divide(f1 @ support, support.sum()))
 
 
 def matthews_corrcoef(matrix):
@@ -78,19 +94,14 @@ def classification_metrics(predictions, labels, label_names):
     matrix = confusion_matrix(predictions, labels, len(label_names))
     precision, recall, f1, support = per_class_scores(matrix)
     acc = float(safe_divide(np.trace(matrix), matrix.sum()))
-    f1_macro = float(f1.mean())
-    f1_weighted = float(safe_divide(f1 @ support, support.sum()))
-    per_class = {
-        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-        for name, p, r, f, s in zip(label_names, precision, recall, f1, support)
-    }
+    f1_macro, f1_weighted = macro_and_weighted(f1, support)
     return {
         "acc": acc,
         "f1_macro": f1_macro,
         "f1_weighted": f1_weighted,
         "acc_and_f1": (acc + f1_macro) / 2,
         "mcc": matthews_corrcoef(matrix),
-        "per_class": per_class,
+        "per_class": score_table(label_names, precision, recall, f1, support),
         "confusion_matrix": matrix.tolist(),
     }
 
