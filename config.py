@@ -53,7 +53,7 @@ TYPES = {
     "data.label_col": (str, int),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
-    "ckpt.keep_last": (int, None), "ckpt.resume": (str, None),
+    "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.early_stopping_patience": (int, None),
     "distill.student_layers": (list, None), "distill.student_model": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
 }
@@ -218,9 +218,10 @@ def check_config(cfg):
         if cfg[section][name] <= 0:
             raise ConfigError(f"{key} is {cfg[section][name]}; it must be positive")
     for key in ["trainer.eval_steps", "trainer.num_threads", "module.weight_decay",
-                "trainer.max_grad_norm", "ckpt.period", "ckpt.save_steps"]:
+                "trainer.max_grad_norm", "ckpt.period", "ckpt.save_steps",
+                "trainer.early_stopping_patience", "trainer.early_stopping_min_delta"]:
         section, name = key.split(".")
-        if cfg[section][name] < 0:
+        if cfg[section][name] is not None and cfg[section][name] < 0:  # early_stopping_patience may be null
             raise ConfigError(f"{key} is {cfg[section][name]}; it must not be negative")
     if tcfg["clip_grads"] and tcfg["max_grad_norm"] <= 0:
         # clipping to norm 0 scales every gradient to zero: the model would never change

@@ -113,6 +113,7 @@ class Trainer:
         self.updates = torch.zeros((), dtype=torch.int64, device=device)  # steps whose update was made
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # non-finite gradients
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
+        self.bad_validations = 0  # in a row, without an improvement of more than min_delta
         self.window = new_window(device)
         self.run_dir, self.session, self.digests, self.save_dir = None, new_session(), None, None
         self.signals, self.stop_signal = 0, None
@@ -141,7 +142,7 @@ class Trainer:
         # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while self.epoch < tcfg["epochs"]:
+            while self.epoch < tcfg["epochs"] and not self.stop_early():
                 batches = self.epoch_batches(self.epoch)
                 for rank_indices, global_size in batches[self.batch_in_epoch:]:
                     self.train_step(rank_indices, global_size)
@@ -156,9 +157,12 @@ class Trainer:
                     if self.agree_to_stop():
                         self.save_checkpoint(reason="stop")
                         return None
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                self.validate()
-                if ckpt["checkpoint"] and ckpt["period"] and self.epoch % ckpt["period"] == 0:
+                    if self.stop_early():
+                        break
+                if self.batch_in_epoch == len(batches):  # the epoch ran to its end
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    self.validate()
+                if ckpt["checkpoint"] and (self.stop_early() or ckpt["period"] and self.epoch % ckpt["period"] == 0):
                     self.save_checkpoint()  # nothing new is written if validation just saved this step
         finally:
             for s, handler in previous.items():
@@ -250,7 +254,13 @@ class Trainer:
         self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
         log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): "
                        + "  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
-        value, ckpt = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"]
+        value, ckpt, tcfg = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"], self.cfg["trainer"]
+        improved = self.best is None or value > self.best["value"] + tcfg["early_stopping_min_delta"]
+        self.bad_validations = 0 if improved else self.bad_validations + 1
+        if self.stop_early():
+            log(self.proc, f"early stopping at step {self.step}: module.metric {self.cfg['module']['metric']} has not "
+                           f"improved by more than {tcfg['early_stopping_min_delta']} for {self.bad_validations} "
+                           f"validations; the result is the best checkpoint, of step {self.best['step']}")
         if self.best is None or value > self.best["value"]:
             # the new best is recorded before the save, so the checkpoint's state holds it
             path = Path(ckpt["model_state_save_dir"]) / self.checkpoint_name() if ckpt["checkpoint"] else None
@@ -260,6 +270,11 @@ class Trainer:
                 self.save_checkpoint(reason="best")
         return metrics
 
+    def stop_early(self):
+        """True once trainer.early_stopping_patience validations in a row did not improve."""
+        patience = self.cfg["trainer"]["early_stopping_patience"]
+        return bool(patience) and self.bad_validations >= patience
+
     def finish(self):
         """Reload the best model for predictions and report: the final metrics of the run."""
         if self.best is None:
@@ -268,6 +283,8 @@ class Trainer:
             load_weights(classifier_of(self.model), str(Path(self.best["path"]) / "model.safetensors"))
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
                   "best_checkpoint": self.best["path"]}
+        if self.stop_early():
+            result["stopped_early_at_step"] = self.step
         on_main(self.proc, write_json, Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
         return result
 
@@ -374,7 +391,8 @@ class Trainer:
                                 max_seq_len=self.cfg["module"]["max_seq_len"])  # truncates as trained
                 torch.save(state, folder / f"training_state{ckpt['file_ext']}")
             manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                        "best": self.best, "run_dir": self.run_dir, "world_size": self.proc.world_size,
+                        "best": self.best, "bad_validations": self.bad_validations,
+                        "run_dir": self.run_dir, "world_size": self.proc.world_size,
                         "config": self.cfg, "data": self.digests}
             path = write_checkpoint(save_dir, name, self.session, write_files, manifest)
             log(self.proc, f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
@@ -403,6 +421,7 @@ class Trainer:
         self.skipped.copy_(state["skipped"])
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         self.best, self.run_dir = manifest["best"], manifest["run_dir"]
+        self.bad_validations = manifest["bad_validations"]
         mine = state["ranks"][self.proc.rank]
         set_rng_state(mine["rng"], device)
         self.window = {**new_window(device), "loss": mine["window"]["loss"].to(device),
