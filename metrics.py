@@ -1,14 +1,17 @@
-"""Evaluation metrics for sequence classification and regression, in plain numpy.
+"""Evaluation metrics for sequence classification, multi-label classification and regression, in plain numpy.
 
 Usage:
     metrics = compute_metrics(predictions, labels, label_names)   # classification
     metrics = compute_metrics(scores, targets, None)               # regression (one output)
+    metrics = multilabel_metrics(probabilities >= thresholds, labels, label_names)  # (examples, labels) 0/1
+    thresholds = best_thresholds(val_probabilities, val_labels)    # per label, the F1-best on validation
     headline = metrics["acc_and_f1"]      # module.metric names a key of the result
 
 Names are explicit: `f1_macro` is the unweighted mean of per-class F1, `f1_weighted` weights each
 class by its support (the original system called the weighted one plain "f1"). Every edge case
 (a class never predicted, a single class present, constant predictions) gives a defined value
-instead of a NaN and a warning: a ratio whose denominator is zero is 0.
+instead of a NaN and a warning: a ratio whose denominator is zero is 0. In multi-label metrics each
+label is a yes / no question of its own; `hamming_loss` is the one key where lower is better.
 """
 import numpy as np
 
@@ -106,6 +109,62 @@ def classification_metrics(predictions, labels, label_names):
     }
 
 
+def multilabel_counts(predictions, labels, axis):
+    """True positives, predicted positives and true positives of 0/1 arrays, summed over axis (None: all)."""
+    return (predictions & labels).sum(axis=axis), predictions.sum(axis=axis), labels.sum(axis=axis)
+
+
+def multilabel_metrics(predictions, labels, label_names):
+    """Metrics of multi-label predictions: predictions and labels are (examples, labels) 0/1 arrays.
+
+    f1_micro pools every (example, label) decision; f1_macro and f1_weighted average the per-label F1
+    as classification does; f1_samples averages over examples the F1 of each example's predicted label
+    set against its true one. An example with no true and no predicted label scores 0 in f1_samples (a
+    zero denominator is 0, as scikit-learn's zero_division=0), though subset_acc counts it an exact match.
+    hamming_loss is the fraction of wrong (example, label) decisions.
+    """
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    shape = (len(predictions), len(label_names))
+    if predictions.shape != shape or labels.shape != shape or not np.isin([predictions, labels], (0, 1)).all():
+        raise ValueError(f"multi-label predictions {predictions.shape} and labels {labels.shape} must be "
+                         f"0/1 arrays of shape (examples, {len(label_names)} labels)")
+    predictions, labels = predictions.astype(bool), labels.astype(bool)
+    precision, recall, f1 = precision_recall_f1(*multilabel_counts(predictions, labels, axis=0))
+    support = labels.sum(axis=0)
+    f1_macro, f1_weighted = macro_and_weighted(f1, support)
+    f1_per_example = precision_recall_f1(*multilabel_counts(predictions, labels, axis=1))[2]
+    exact_matches = (predictions == labels).all(axis=1).sum()
+    return {
+        "f1_micro": float(precision_recall_f1(*multilabel_counts(predictions, labels, axis=None))[2]),
+        "f1_macro": f1_macro,
+        "f1_weighted": f1_weighted,
+        "f1_samples": float(safe_divide(f1_per_example.sum(), len(labels))),
+        "subset_acc": float(safe_divide(exact_matches, len(labels))),
+        "hamming_loss": float(safe_divide((predictions != labels).sum(), labels.size)),
+        "per_label": score_table(label_names, precision, recall, f1, support),
+    }
+
+
+def best_thresholds(probabilities, labels, candidates=None):
+    """Each label's threshold, among candidates, that maximises its F1 on these examples.
+
+    probabilities and labels are (examples, labels); a label is predicted where probability >= threshold.
+    The default candidates are 0.05, 0.10, ..., 0.95: a coarse grid, so a threshold is not fitted to the
+    exact score of one validation example. Ties go to the candidate nearest 0.5 (the lower of two equally
+    near), so a label whose F1 is flat, e.g. one with no positive example, keeps the usual 0.5.
+    """
+    probabilities, labels = np.asarray(probabilities), np.asarray(labels).astype(bool)
+    if probabilities.ndim != 2 or probabilities.shape != labels.shape:
+        raise ValueError(f"probabilities {probabilities.shape} and labels {labels.shape} must both be "
+                         "(examples, labels)")
+    candidates = np.unique(np.arange(1, 20) / 20 if candidates is None else candidates)  # sorted
+    # one row of per-label F1 per candidate; a loop over candidates keeps memory at examples x labels
+    f1 = np.stack([precision_recall_f1(*multilabel_counts(probabilities >= t, labels, axis=0))[2]
+                   for t in candidates])
+    distance = np.where(f1 == f1.max(axis=0), np.abs(candidates - 0.5)[:, None], np.inf)
+    return candidates[distance.argmin(axis=0)]
+
+
 def regression_metrics(scores, targets):
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.float64)
@@ -126,13 +185,15 @@ def compute_metrics(predictions, labels, label_names):
 
 
 def format_report(metrics):
-    """A human-readable table: headline numbers, then per-class precision / recall / F1."""
+    """A human-readable table: headline numbers, then per-class (or per-label) precision / recall / F1."""
     scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
     lines = ["  ".join(f"{k} {v:.4f}" for k, v in scalars.items())]
-    if "per_class" in metrics:
-        width = max(10, *(len(name) for name in metrics["per_class"]))
-        lines.append(f"{'class':<{width}} precision  recall      f1  support")
-        for name, row in metrics["per_class"].items():
+    kind = "label" if "per_label" in metrics else "class"
+    table = metrics.get(f"per_{kind}")
+    if table:
+        width = max(10, *(len(name) for name in table))
+        lines.append(f"{kind:<{width}} precision  recall      f1  support")
+        for name, row in table.items():
             lines.append(f"{name:<{width}} {row['precision']:9.4f} {row['recall']:7.4f} "
                          f"{row['f1']:7.4f} {row['support']:8d}")
     return "\n".join(lines)

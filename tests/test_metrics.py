@@ -5,8 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from metrics import (average_ranks, compute_metrics, confusion_matrix, format_report,
-                     matthews_corrcoef, pearson, spearman)
+from metrics import (average_ranks, best_thresholds, compute_metrics, confusion_matrix, format_report,
+                     matthews_corrcoef, multilabel_metrics, pearson, spearman)
 
 NAMES = ["a", "b", "c"]
 # true:  a a a a b b c c     (support 4, 2, 2)
@@ -160,3 +160,142 @@ def test_report_has_a_row_per_class():
     assert "acc 0.7500" in lines[0] and "f1_macro 0.7389" in lines[0]
     assert lines[1].split() == ["class", "precision", "recall", "f1", "support"]
     assert lines[3].split() == ["b", "0.6667", "1.0000", "0.8000", "2"]
+
+
+# -- multi-label: (examples, labels) 0/1 arrays ---------------------------------------------------
+
+TOPICS = ["sport", "politics", "tech"]
+#                     true         predicted
+ML_LABELS = np.array([[1, 0, 0],  # 1 0 0   exact
+                      [1, 1, 0],  # 1 0 0   politics missed
+                      [0, 1, 1],  # 1 1 1   sport extra
+                      [0, 0, 0],  # 0 0 0   exact, and no label at all
+                      [1, 0, 1]])  # 0 0 1  sport missed
+ML_PREDS = np.array([[1, 0, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0], [0, 0, 1]])
+
+
+def test_multilabel_per_label_scores_by_hand():
+    per_label = multilabel_metrics(ML_PREDS, ML_LABELS, TOPICS)["per_label"]
+    assert list(per_label) == TOPICS
+    # columns: sport tp 2 of 3 predicted, 3 true;  politics tp 1 of 1, 2 true;  tech tp 2 of 2, 2 true
+    assert per_label["sport"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert per_label["politics"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert per_label["tech"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
+    assert all(isinstance(row["support"], int) for row in per_label.values())
+
+
+def test_multilabel_averages_by_hand():
+    m = multilabel_metrics(ML_PREDS, ML_LABELS, TOPICS)
+    # micro pools the cells: tp 2 + 1 + 2 = 5, predicted 3 + 1 + 2 = 6, true 3 + 2 + 2 = 7: 2 * 5 / 13
+    assert m["f1_micro"] == pytest.approx(10 / 13)
+    assert m["f1_macro"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)                  # 7/9 = 0.7778
+    assert m["f1_weighted"] == pytest.approx((3 * 2 / 3 + 2 * 2 / 3 + 2 * 1) / 7)   # 16/21 = 0.7619
+    # per example, 2 tp / (predicted + true): 2/2, 2/3, 4/5, 0 (nothing true, nothing predicted), 2/3
+    assert m["f1_samples"] == pytest.approx((1 + 2 / 3 + 4 / 5 + 0 + 2 / 3) / 5)    # 47/75
+    assert m["subset_acc"] == pytest.approx(2 / 5)      # examples 0 and 3, the empty one included
+    assert m["hamming_loss"] == pytest.approx(3 / 15)   # 3 wrong cells of 5 x 3
+    assert [k for k, v in m.items() if not isinstance(v, float)] == ["per_label"]
+
+
+def test_multilabel_label_never_predicted_and_label_never_present():
+    labels = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0]])
+    preds = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 0]])
+    m = multilabel_metrics(preds, labels, TOPICS)
+    assert m["per_label"]["politics"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["per_label"]["tech"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # sport: tp 1 of 2 predicted, 2 true: F1 1/2; macro counts tech as a label scoring 0, weighted not
+    assert m["f1_macro"] == pytest.approx(0.5 / 3)
+    assert m["f1_weighted"] == pytest.approx((2 * 0.5 + 1 * 0) / 3)
+    assert m["subset_acc"] == pytest.approx(1 / 3) and m["hamming_loss"] == pytest.approx(3 / 9)
+
+
+def test_multilabel_examples_with_no_labels():
+    nothing = np.zeros((4, 3), dtype=int)
+    m = multilabel_metrics(nothing, nothing, TOPICS)
+    # every answer right, yet no positive to find: F1 has a zero denominator everywhere, so 0
+    assert m["f1_micro"] == m["f1_macro"] == m["f1_weighted"] == m["f1_samples"] == 0.0
+    assert m["subset_acc"] == 1.0 and m["hamming_loss"] == 0.0
+    # predicting a label on an empty example is wrong in every measure
+    preds = nothing.copy()
+    preds[0, 1] = 1
+    m = multilabel_metrics(preds, nothing, TOPICS)
+    assert m["f1_samples"] == 0.0 and m["subset_acc"] == 0.75 and m["hamming_loss"] == pytest.approx(1 / 12)
+    assert m["per_label"]["politics"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_multilabel_all_correct_and_no_examples():
+    m = multilabel_metrics(ML_LABELS[[0, 1, 2, 4]], ML_LABELS[[0, 1, 2, 4]], TOPICS)  # each with a label
+    assert m["f1_micro"] == m["f1_macro"] == m["f1_weighted"] == m["f1_samples"] == m["subset_acc"] == 1.0
+    assert m["hamming_loss"] == 0.0
+    empty = multilabel_metrics(np.zeros((0, 3)), np.zeros((0, 3)), TOPICS)
+    assert all(v == 0.0 for k, v in empty.items() if k != "per_label")
+
+
+def test_multilabel_refuses_what_is_not_a_0_1_matrix_of_its_labels():
+    with pytest.raises(ValueError, match="0/1 arrays of shape"):
+        multilabel_metrics(ML_PREDS * 0.7, ML_LABELS, TOPICS)      # probabilities, not decisions
+    with pytest.raises(ValueError, match="0/1 arrays of shape"):
+        multilabel_metrics(ML_PREDS, ML_LABELS, TOPICS[:2])        # a name short
+    with pytest.raises(ValueError, match="0/1 arrays of shape"):
+        multilabel_metrics(ML_PREDS[:, 0], ML_LABELS[:, 0], ["sport"])  # one label needs a column
+
+
+def test_multilabel_agrees_with_scikit_learn_on_random_predictions():
+    sklearn = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    labels = (rng.random((300, 5)) < [0.5, 0.3, 0.1, 0.05, 0.4]).astype(int)  # rows with no label too
+    preds = (rng.random((300, 5)) < 0.3).astype(int)
+    preds[:100] = labels[:100]  # better than chance
+    m = multilabel_metrics(preds, labels, list("vwxyz"))
+    for average in ("micro", "macro", "weighted", "samples"):
+        # zero_division=0 is our rule (and the value of sklearn's default, which warns)
+        assert m[f"f1_{average}"] == pytest.approx(
+            sklearn.f1_score(labels, preds, average=average, zero_division=0)), average
+    assert m["subset_acc"] == pytest.approx(sklearn.accuracy_score(labels, preds))
+    assert m["hamming_loss"] == pytest.approx(sklearn.hamming_loss(labels, preds))
+    precision, recall, f1, support = sklearn.precision_recall_fscore_support(labels, preds, zero_division=0)
+    assert [row["precision"] for row in m["per_label"].values()] == pytest.approx(precision)
+    assert [row["recall"] for row in m["per_label"].values()] == pytest.approx(recall)
+    assert [row["f1"] for row in m["per_label"].values()] == pytest.approx(f1)
+    assert [row["support"] for row in m["per_label"].values()] == support.tolist()
+
+
+def test_best_thresholds_separate_each_label_where_it_can():
+    #              label 0 true    label 1 true
+    probs = np.array([[0.10, 0.68],  # 0  0
+                      [0.27, 0.50],  # 0  0
+                      [0.32, 0.72],  # 1  1
+                      [0.60, 0.95],  # 1  1
+                      [0.90, 0.10],  # 1  0
+                      [0.20, 0.80]])  # 0  1
+    labels = np.array([[0, 0], [0, 0], [1, 1], [1, 1], [1, 0], [0, 1]])
+    # label 0: negatives up to 0.27, positives from 0.32: of the grid only 0.30 splits them
+    # label 1: negatives up to 0.68, positives from 0.72: only 0.70
+    thresholds = best_thresholds(probs, labels)
+    assert thresholds.tolist() == [0.30, 0.70]
+    # at 0.5 label 0 finds 2 of 3 (F1 4/5) and label 1 predicts 5 for 3 (F1 6/8); tuned, both are perfect
+    assert multilabel_metrics(probs >= 0.5, labels, ["a", "b"])["f1_macro"] == pytest.approx((4 / 5 + 6 / 8) / 2)
+    assert multilabel_metrics(probs >= thresholds, labels, ["a", "b"])["f1_macro"] == 1.0
+
+
+def test_best_thresholds_ties_go_to_the_candidate_nearest_one_half():
+    # label 0 positives 0.80 and 0.30, negatives 0.35 and 0.55: 2 tp / (predicted + 2 true) is
+    #   t <= 0.30: 4 / 6;  0.35: 2 / 5;  0.40 - 0.55: 2 / 4;  0.60 - 0.80: 2 / 3;  above: 0
+    # the best, 2/3, from 0.05 to 0.30 and from 0.60 to 0.80: 0.60 is nearest 0.5
+    # label 1 perfectly separated anywhere in 0.15 - 0.90: 0.5 itself
+    # label 2 has no positive example, so F1 is 0 at every threshold: 0.5, the usual one
+    probs = np.array([[0.80, 0.9, 0.3], [0.30, 0.9, 0.6], [0.35, 0.1, 0.9], [0.55, 0.1, 0.2]])
+    labels = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 0], [0, 0, 0]])
+    assert best_thresholds(probs, labels).tolist() == [0.60, 0.50, 0.50]
+    # candidates of one's own, in any order; of two equally near 0.5 the lower
+    assert best_thresholds(probs, labels, candidates=[0.6, 0.4]).tolist() == [0.6, 0.4, 0.4]
+    with pytest.raises(ValueError, match="must both be"):
+        best_thresholds(probs[:, 0], labels[:, 0])
+
+
+def test_report_has_a_row_per_label():
+    report = format_report(multilabel_metrics(ML_PREDS, ML_LABELS, TOPICS))
+    lines = report.splitlines()
+    assert "f1_micro 0.7692" in lines[0] and "hamming_loss 0.2000" in lines[0]
+    assert lines[1].split() == ["label", "precision", "recall", "f1", "support"]
+    assert lines[3].split() == ["politics", "1.0000", "0.5000", "0.6667", "2"]
