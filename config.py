@@ -54,6 +54,7 @@ TYPES = {
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.early_stopping_patience": (int, None),
+    "module.class_weights": (str, list, None),
     "distill.student_layers": (list, None), "distill.student_model": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
 }
@@ -248,11 +249,29 @@ def check_config(cfg):
         if data["val_filepath"] is None and data["predict_filepath"] is None:
             raise ConfigError("nothing to do: set data.train_filepath, data.val_filepath or "
                               "data.predict_filepath")
+    check_class_weights(module["class_weights"], labels)
     check_predict_output(cfg)
     keep = cfg["ckpt"]["keep_last"]
     if keep is not None and keep < 1:
         raise ConfigError(f"ckpt.keep_last is {keep}; it must be at least 1, or null to keep all")
     check_checkpoint_names(cfg["ckpt"])
+
+
+def check_class_weights(weights, labels):
+    """null, balanced, or one positive weight per class; a regression has no classes to weigh."""
+    if weights is None:
+        return
+    if len(labels) == 1:
+        raise ConfigError("module.class_weights is set, but one label means regression, which has no classes; "
+                          "set it to null")
+    if isinstance(weights, str):
+        if weights != "balanced":
+            raise ConfigError(f"module.class_weights is {weights!r}; use null, balanced, or a list of "
+                              f"{len(labels)} weights")
+        return
+    if len(weights) != len(labels) or not all(type_ok(w, (float,)) and w > 0 for w in weights):
+        raise ConfigError(f"module.class_weights {weights} must be {len(labels)} positive numbers, one per "
+                          f"data.labels_list entry {labels}")
 
 
 def check_finite(key, value):

@@ -56,7 +56,7 @@ from config import ConfigError
 from data import Encoded, encode, read_examples
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
-from trainer import Split, autocast_dtype, fit, load_splits, log, on_main, predict_logits, seed_everything
+from trainer import Split, autocast_dtype, class_weights, fit, load_splits, log, on_main, predict_logits, seed_everything
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -246,14 +246,14 @@ def logits_loss(student_logits, teacher_logits, temperature):
     return temperature ** 2 * kl
 
 
-def labels_loss(student_logits, labels):
-    """Cross-entropy (or squared error for regression) with the gold labels; rows without a label
-    (-1, or NaN for regression) contribute nothing."""
+def labels_loss(student_logits, labels, class_weights=None):
+    """Cross-entropy (or squared error for regression) with the gold labels, weighted by class as
+    module.class_weights says; rows without a label (-1, or NaN for regression) contribute nothing."""
     logits = student_logits.float()
     if logits.shape[-1] == 1:
         known = ~torch.isnan(labels)
         return F.mse_loss(logits.squeeze(-1)[known], labels[known].float(), reduction="sum")
-    return F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum")
+    return F.cross_entropy(logits, labels, weight=class_weights, ignore_index=-1, reduction="sum")
 
 
 def hidden_state_loss(student_hidden, teacher_hidden, attention_mask):
@@ -305,7 +305,7 @@ class DistillLoss:
     example i): with logits / labels losses only, the teacher then never runs during training.
     """
 
-    def __init__(self, cfg, teacher, student, teacher_logits=None):
+    def __init__(self, cfg, teacher, student, teacher_logits=None, class_weights=None):
         d = cfg["distill"]
         self.teacher, self.temperature = teacher, d["temperature"]
         self.weights = dict(zip(d["loss_types"], d["loss_weights"]))
@@ -313,7 +313,7 @@ class DistillLoss:
         self.hidden_map = layer_map(d["hidden_state_map"], s_depth, t_depth, "hidden_states")
         self.attention_map = layer_map(d["attention_map"], s_depth, t_depth, "attentions")
         self.needs_teacher = set(self.weights) != {"labels"}
-        self.teacher_logits = teacher_logits
+        self.teacher_logits, self.class_weights = teacher_logits, class_weights
 
     def __call__(self, model, batch, indices=None):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -327,7 +327,7 @@ class DistillLoss:
         if "logits" in self.weights:
             terms["logits"] = logits_loss(student["logits"], teacher["logits"], self.temperature)
         if "labels" in self.weights:
-            terms["labels"] = labels_loss(student["logits"], batch["labels"])
+            terms["labels"] = labels_loss(student["logits"], batch["labels"], self.class_weights)
         if "hidden_states" in self.weights:
             terms["hidden_states"] = sum(
                 hidden_state_loss(student["hidden_states"][i], teacher["hidden_states"][j], mask)
@@ -406,7 +406,8 @@ def run(cfg, proc):
     student = build_student(cfg, teacher, tokenizer)
     module = DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
     cached = teacher_logits_of(cfg, proc, teacher, tokenizer, train) if caches_teacher_logits(cfg) else None
-    loss_fn = DistillLoss(cfg, teacher, student, teacher_logits=cached)
+    loss_fn = DistillLoss(cfg, teacher, student, teacher_logits=cached,
+                          class_weights=class_weights(cfg, train, proc.device))
     if cfg["trainer"]["speedups"]:
         speedups.apply(teacher, proc.device)
         speedups.apply(module, proc.device)

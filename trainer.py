@@ -33,6 +33,7 @@ if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:])
     sys.exit(0)
 
 import csv
+import functools
 import json
 import os
 import random
@@ -252,8 +253,8 @@ class Trainer:
         # the main process has the logits; every rank gets the metrics, to agree on the best
         metrics = on_main(self.proc, split_metrics, logits, self.val_split, self.cfg, f"at step {self.step}")
         self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
-        log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): "
-                       + "  ".join(f"{k} {v:.4f}" for k, v in scalar_metrics(metrics).items()))
+        # the per-class table too: a minority class at F1 0.1 shows here, not only in a JSON file
+        log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): {format_report(metrics)}")
         value, ckpt, tcfg = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"], self.cfg["trainer"]
         improved = self.best is None or value > self.best["value"] + tcfg["early_stopping_min_delta"]
         self.bad_validations = 0 if improved else self.bad_validations + 1
@@ -470,19 +471,38 @@ def build_optimizer(model, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
-def supervised_loss(model, batch, indices=None):
+def supervised_loss(model, batch, indices=None, class_weights=None):
     """Summed loss over the batch's examples (the caller divides by the step's example count).
 
     indices, the examples' rows in the training split, are for losses that cache by example
-    (distillation's teacher logits); this one needs none.
+    (distillation's teacher logits); this one needs none. class_weights scale each example's
+    cross-entropy by its class's weight; the sum is still divided by the number of examples, so a
+    step weighs alike however it is split into micro-batches or ranks.
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()  # losses in float32, also under autocast
     if logits.shape[-1] == 1:
         loss = F.mse_loss(logits.squeeze(-1), batch["labels"].float(), reduction="sum")
     else:
-        loss = F.cross_entropy(logits, batch["labels"], reduction="sum")
+        loss = F.cross_entropy(logits, batch["labels"], weight=class_weights, reduction="sum")
     return loss, {}
+
+
+def class_weights(cfg, train, device):
+    """module.class_weights as a tensor on device: balanced = n / (k * count of each class) over the
+    labelled training rows; None when unset."""
+    spec, names = cfg["module"]["class_weights"], label_names(cfg)
+    if spec is None:
+        return None
+    if spec == "balanced":
+        labels = train.encoded.labels[train.encoded.labels >= 0]  # unlabelled transfer rows are -1
+        counts = np.bincount(labels, minlength=len(names))
+        if not counts.all():
+            missing = [name for name, count in zip(names, counts) if not count]
+            raise DataError(f"module.class_weights balanced: no training example of {missing}; give the "
+                            f"weights as a list, or check data.labels_list")
+        spec = (len(labels) / (len(names) * counts)).tolist()
+    return torch.tensor(spec, dtype=torch.float32, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -893,7 +913,11 @@ def run(cfg, proc):
     seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
     result, run_dir = {}, None
     if train:
-        trainer, result = fit(cfg, proc, model, tokenizer, train, val)
+        weights = class_weights(cfg, train, proc.device)
+        if weights is not None:
+            log(proc, "class weights: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(label_names(cfg), weights.tolist())))
+        trainer, result = fit(cfg, proc, model, tokenizer, train, val,
+                              loss_fn=functools.partial(supervised_loss, class_weights=weights))
         if result is None:
             return None
         model, run_dir = classifier_of(trainer.model), trainer.run_dir

@@ -290,9 +290,9 @@ def test_unlabelled_rows_never_reach_the_gold_label_loss(tmp_path, monkeypatch):
                         "distill.unlabeled_filepaths": f"[{write_csv(tmp_path / 'u.csv', unlabelled)}]"})
     seen = []
 
-    def spy(logits, labels):
+    def spy(logits, labels, class_weights=None):
         seen.append(labels.clone())
-        return distill_labels_loss(logits, labels)
+        return distill_labels_loss(logits, labels, class_weights)
 
     distill_labels_loss = distill.labels_loss
     monkeypatch.setattr(distill, "labels_loss", spy)
