@@ -69,6 +69,11 @@ def checkpoint_name(prefix, epoch, step):
     return f"{prefix}-epoch{epoch}-step{step}"
 
 
+def name_pattern(prefix):
+    """The regular expression of checkpoint_name's names, the step as its second group."""
+    return rf"{re.escape(prefix)}-epoch(\d+)-step(\d+)"
+
+
 def file_digest(path):
     """sha256 of a file's bytes: resume compares data files by content, not by name."""
     with open(path, "rb") as f:
@@ -101,22 +106,22 @@ def incomplete_reason(path, manifest):
 
 def our_checkpoints(save_dir, prefix):
     """[(step, path, manifest)] of the checkpoint folders we wrote in save_dir, oldest first."""
-    pattern = re.compile(rf"^{re.escape(prefix)}-epoch(\d+)-step(\d+)$")
     found = []
     if Path(save_dir).is_dir():
         for path in Path(save_dir).iterdir():
-            match = pattern.match(path.name)
+            match = re.fullmatch(name_pattern(prefix), path.name)
             manifest = read_manifest(path) if match and path.is_dir() and not path.is_symlink() else None
             if manifest is not None:
                 found.append((int(match.group(2)), path, manifest))
     return sorted(found, key=lambda item: item[0])
 
 
-def foreign_lookalikes(save_dir, prefix):
-    """Folders named like our checkpoints that we did not write: never candidates, never touched."""
-    ours = {path.name for _, path, _ in our_checkpoints(save_dir, prefix)}
-    pattern = re.compile(rf"^{re.escape(prefix)}-epoch\d+-step\d+$")
-    return sorted(p.name for p in Path(save_dir).iterdir() if pattern.match(p.name) and p.name not in ours)
+def foreign_lookalikes(save_dir, prefix, ours):
+    """Folders named like our checkpoints (ours: our_checkpoints' list) that we did not write:
+    never candidates, never touched."""
+    names = {path.name for _, path, _ in ours}
+    return sorted(p.name for p in Path(save_dir).iterdir()
+                  if re.fullmatch(name_pattern(prefix), p.name) and p.name not in names)
 
 
 def our_link(save_dir, name, prefix):
@@ -124,7 +129,7 @@ def our_link(save_dir, name, prefix):
     link = Path(save_dir) / name
     if not link.is_symlink():
         return not link.exists()
-    return re.fullmatch(rf"{re.escape(prefix)}-epoch\d+-step\d+", os.readlink(link)) is not None
+    return re.fullmatch(name_pattern(prefix), os.readlink(link)) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,9 +283,9 @@ def recover(save_dir, prefix):
     Returns one message per thing done."""
     save_dir, messages = Path(save_dir), []
     sessions = {manifest.get("session") for _, _, manifest in our_checkpoints(save_dir, prefix)}
-    tmp_pattern = re.compile(rf"^\.tmp-(stale-)?{re.escape(prefix)}-epoch\d+-step\d+-[\w-]+$")
+    tmp_pattern = rf"\.tmp-(stale-)?{name_pattern(prefix)}-[\w-]+"  # write_checkpoint's temporary names
     for path in sorted(save_dir.iterdir()):
-        if tmp_pattern.match(path.name) and path.is_dir() and not path.is_symlink():
+        if re.fullmatch(tmp_pattern, path.name) and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
             messages.append(f"removed {path.name}, a checkpoint write that an earlier run did not finish")
         elif path.name.startswith(".replaced-") and path.is_dir() and not path.is_symlink():
@@ -369,10 +374,10 @@ class SaveDir:
                 raise CheckpointError(f"{self.path / name} was not made by this trainer, which keeps its "
                                       f"`{name}` link there; move it away or choose another "
                                       f"ckpt.model_state_save_dir")
-        foreign = foreign_lookalikes(self.path, self.prefix)
+        ours = our_checkpoints(self.path, self.prefix)
+        foreign = foreign_lookalikes(self.path, self.prefix, ours)
         if foreign:
             self.say(f"note: ignoring {', '.join(foreign)} in {self.path}: not written by this trainer")
-        ours = our_checkpoints(self.path, self.prefix)
         if self.ckpt["resume"] is None:
             if ours and not self.ckpt["overwrite"]:
                 raise CheckpointError(f"{self.path} already holds checkpoints ({ours[-1][1].name}); resume "
