@@ -56,7 +56,8 @@ from config import ConfigError
 from data import Encoded, encode, read_examples
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
-from trainer import Split, autocast_dtype, class_weights, fit, load_splits, log, on_main, predict_logits, seed_everything
+from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, load_splits, log, on_main,
+                     predict_logits, seed_everything)
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -418,6 +419,7 @@ def run(cfg, proc):
                   + (f", hidden map {loss_fn.hidden_map}" if want_hidden else "")
                   + (f", attention map {loss_fn.attention_map}" if want_attn else "")
                   + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
+    on_main(proc, check_outputs, cfg)
     seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)  # dropout differs by rank, weights do not
     _, result = fit(cfg, proc, module, tokenizer, train, val, loss_fn=loss_fn)
     return result

@@ -258,10 +258,6 @@ class Trainer:
         value, ckpt, tcfg = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"], self.cfg["trainer"]
         improved = self.best is None or value > self.best["value"] + tcfg["early_stopping_min_delta"]
         self.bad_validations = 0 if improved else self.bad_validations + 1
-        if self.stop_early():
-            log(self.proc, f"early stopping at step {self.step}: module.metric {self.cfg['module']['metric']} has not "
-                           f"improved by more than {tcfg['early_stopping_min_delta']} for {self.bad_validations} "
-                           f"validations; the result is the best checkpoint, of step {self.best['step']}")
         if self.best is None or value > self.best["value"]:
             # the new best is recorded before the save, so the checkpoint's state holds it
             path = Path(ckpt["model_state_save_dir"]) / self.checkpoint_name() if ckpt["checkpoint"] else None
@@ -269,6 +265,10 @@ class Trainer:
                          "path": None if path is None else str(path)}
             if path is not None:
                 self.save_checkpoint(reason="best")
+        if self.stop_early():  # after the best is updated: a small gain still makes this step the best
+            log(self.proc, f"early stopping at step {self.step}: module.metric {self.cfg['module']['metric']} has not "
+                           f"improved by more than {tcfg['early_stopping_min_delta']} for {self.bad_validations} "
+                           f"validations; the result is the best checkpoint, of step {self.best['step']}")
         return metrics
 
     def stop_early(self):
@@ -341,7 +341,6 @@ class Trainer:
 
     def open_save_dir(self):
         """Main process, before step 1: lock the save folder, choose the checkpoint to resume from."""
-        check_writable_dir(self.cfg["trainer"]["log_dir"], "trainer.log_dir")
         self.digests = data_digests(self.cfg)
         self.save_dir = SaveDir(self.cfg, self.session, say=lambda message: log(self.proc, message))
         resume = self.save_dir.open(self.proc.world_size, self.digests)
@@ -821,8 +820,8 @@ def load_splits(cfg, tokenizer):
     # longer sequences than the model has positions would crash the first forward pass, mid-run
     if cfg["module"]["max_seq_len"] > tokenizer.model_max_length:
         # a checkpoint's tokenizer stops at the length it was trained at (model.save_pretrained)
-        ours = cfg["model"]["tokenizer_path"] is None and cfg["model"]["model_path"] is not None and \
-            (Path(cfg["model"]["model_path"]) / "checkpoint.json").is_file()
+        ours = (cfg["model"]["tokenizer_path"] is None and cfg["model"]["model_path"] is not None
+                and read_manifest(cfg["model"]["model_path"]) is not None)
         hint = ("; to train it further on longer texts, pass --model.tokenizer_path with the encoder's own "
                 "tokenizer (model.hf_model)" if ours else "; lower it")
         raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the "

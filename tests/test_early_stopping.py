@@ -108,3 +108,12 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(job):
     assert out.returncode == 0, out.stderr[-2000:]
     result = last_json_line(out.stdout)
     assert result["stopped_early_at_step"] == 6 and result["best_step"] in (2, 4, 6)
+
+
+def test_a_small_gain_at_the_stopping_validation_is_the_best_it_names(job, scripted, monkeypatch, capsys):
+    import test_early_stopping
+    monkeypatch.setattr(test_early_stopping, "SCRIPT", {2: 0.5, 4: 0.6, 6: 0.605})  # +0.005 < min_delta
+    assert trainer.main(job["args"]("small-gain", **{"trainer.early_stopping_patience": 1})) == 0
+    out = capsys.readouterr().out
+    assert "early stopping at step 6" in out and "the result is the best checkpoint, of step 6" in out
+    assert last_json_line(out)["best_step"] == 6
