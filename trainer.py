@@ -739,20 +739,26 @@ def scalar_metrics(metrics):
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def prediction_header(names):
+    """The columns predictions add after the input columns."""
+    return ["prediction"] if names is None else ["predicted_label"] + [f"prob_{n}" for n in names]
+
+
+def prediction_cells(logits, names):
+    """One list of output cells per row of logits (a chunk of examples), matching prediction_header."""
+    if names is None:
+        return [[f"{score:.6g}"] for score in logits[:, 0]]
+    probs = softmax(logits)
+    return [[names[int(row.argmax())]] + [f"{p:.6f}" for p in row] for row in probs]
+
+
 def write_predictions(path, examples, logits, names):
     """The input columns, the predicted label and every class probability, in input order."""
-    extra = ["prediction"] if names is None else ["predicted_label"] + [f"prob_{n}" for n in names]
-    probs = None if names is None else softmax(logits)
     with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([str(c) for c in examples.columns] + extra)
-        for i, row in enumerate(examples.rows):
-            values = ["" if row.get(c) is None else row.get(c) for c in examples.columns]
-            if names is None:
-                values.append(f"{logits[i, 0]:.6g}")
-            else:
-                values += [names[int(probs[i].argmax())]] + [f"{p:.6f}" for p in probs[i]]
-            writer.writerow(values)
+        writer.writerow([str(c) for c in examples.columns] + prediction_header(names))
+        for row, cells in zip(examples.rows, prediction_cells(logits, names)):
+            writer.writerow(["" if row.get(c) is None else row.get(c) for c in examples.columns] + cells)
 
 
 # ---------------------------------------------------------------------------------------------
