@@ -118,6 +118,7 @@ class Trainer:
         self.window = new_window(device)
         self.run_dir, self.session, self.digests, self.save_dir = None, new_session(), None, None
         self.signals, self.stop_signal = 0, None
+        self.writer = None  # the main process's TensorBoard writer, from open_logs
 
     def epoch_batches(self, epoch):
         return train_batches(self.train_split.encoded.lengths, self.cfg["trainer"]["train_batch_size"],
@@ -169,6 +170,8 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             progress.close()
+            if self.writer is not None:  # ends its writer thread, not left to interpreter exit
+                self.writer.close()
         self.check_updates(int(self.skipped))
         return self.finish()
 

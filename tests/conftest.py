@@ -6,6 +6,7 @@ built from the word list below, so the real code paths run in seconds on a CPU.
 """
 import csv
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -21,6 +22,18 @@ POSITIVE = ["good", "great", "happy", "love", "excellent", "nice", "wonderful", 
 NEGATIVE = ["bad", "awful", "sad", "hate", "terrible", "poor", "worst", "boring"]
 NEUTRAL = ["the", "a", "movie", "film", "is", "was", "it", "and", "this", "plot", "very", "so"]
 WORDS = POSITIVE + NEGATIVE + NEUTRAL
+
+# a trainer.py subprocess killed by a signal of its own (SIGABRT, SIGSEGV) prints every thread's
+# Python stack first, so a rare crash in CI leaves its cause in the test's failure message
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
+
+def stderr_tail(text, limit=4000):
+    """The end of a subprocess's stderr for an assertion message, without the progress bars'
+    redraws, which would otherwise push a crash's own lines out of the message."""
+    lines = [line for line in text.splitlines() if "\r" not in line and "it/s]" not in line
+             and "step/s" not in line and "batch/s" not in line]
+    return "\n".join(lines)[-limit:]
 
 
 @pytest.fixture(autouse=True, scope="session")

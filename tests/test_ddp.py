@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
+from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
 
 TRAINER = str(ROOT / "trainer.py")
 pytestmark = pytest.mark.slow
@@ -72,14 +72,14 @@ def setup(tmp_path_factory):
     overrides = {"trainer.gpu_batch_size_limit": 3, "trainer.log_steps": 1}
     args = lambda name, **more: base_args(tmp / name, model, train, val, **{**overrides, **more})
     sp = single(args("sp"), tmp)
-    assert sp.returncode == 0, sp.stderr[-2000:]
+    assert sp.returncode == 0, stderr_tail(sp.stderr)
     return {"tmp": tmp, "args": args, "sp": sp, "model": model, "val": val}
 
 
 def test_ddp_trains_like_one_process(setup):
     tmp = setup["tmp"]
     ddp = torchrun(setup["args"]("ddp", **{"trainer.backend": "ddp"}), tmp)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, stderr_tail(ddp.stderr)
     # same loss curve (mean over all examples of each step, reduced over ranks) and weights
     sp_curve, ddp_curve = loss_curve(tmp / "sp" / "runs"), loss_curve(tmp / "ddp" / "runs")
     assert len(sp_curve) == len(ddp_curve) == 21  # 3 epochs x ceil(100 / 16) steps
@@ -109,7 +109,7 @@ def test_ddp_evaluation_and_predictions_match_one_process(setup):
                            "--data.predict_output", str(tmp / "p1.csv")], tmp)
     two = torchrun(common + ["--trainer.backend", "ddp", "--trainer.log_dir", str(tmp / "ev2"),
                              "--data.predict_output", str(tmp / "p2.csv")], tmp)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    assert one.returncode == 0 and two.returncode == 0, stderr_tail(two.stderr)
     one_metrics, two_metrics = last_json_line(one.stdout), last_json_line(two.stdout)
     assert {k: v for k, v in two_metrics.items() if k != "predictions"} == pytest.approx(
         {k: v for k, v in one_metrics.items() if k != "predictions"})
@@ -140,7 +140,7 @@ def test_two_nodes_on_one_machine_train_like_one_process(setup):
 def test_ddp_without_torchrun_runs_as_a_world_of_one(setup):
     tmp = setup["tmp"]
     out = single(setup["args"]("ddp1", **{"trainer.backend": "ddp", "trainer.epochs": 1}), tmp)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, stderr_tail(out.stderr)
     assert "world of one process" in out.stdout
 
 
@@ -166,7 +166,7 @@ def test_global_batch_that_does_not_divide_is_refused(setup):
 def test_amp_on_cpu_defaults_to_float32_and_says_so(setup):
     tmp = setup["tmp"]
     out = single(setup["args"]("amp-auto", **{"trainer.backend": "sp-amp"}), tmp)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, stderr_tail(out.stderr)
     assert "mixed precision: off on a CPU; training in float32" in out.stdout
     # float32 really: the same weights as the plain sp run
     assert_same_weights(weights(tmp / "amp-auto" / "ckpt" / "last"), weights(tmp / "sp" / "ckpt" / "last"),
@@ -178,7 +178,7 @@ def test_forced_cpu_autocast_trains_and_checkpoints_the_scaler(setup, dtype):
     tmp = setup["tmp"]
     out = single(setup["args"](f"amp-{dtype}", **{"trainer.backend": "sp-amp", "trainer.amp_dtype": dtype,
                                                   "trainer.epochs": 1}), tmp)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, stderr_tail(out.stderr)
     assert f"mixed precision: autocast {dtype} on the CPU" in out.stdout
     state = torch.load(tmp / f"amp-{dtype}" / "ckpt" / "last" / "training_state.pt", weights_only=True)
     # GradScaler runs (and is checkpointed) for float16 only; bfloat16 needs no loss scaling
@@ -199,7 +199,7 @@ def test_cuda_amp(setup, dtype):
     tmp = setup["tmp"]
     out = single(setup["args"](f"cuda-{dtype}", **{"trainer.backend": "sp-amp", "trainer.amp_dtype": dtype,
                                                    "trainer.device": "cuda"}), tmp)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, stderr_tail(out.stderr)
     assert f"mixed precision: autocast {dtype}" in out.stdout
     sp = last_json_line(setup["sp"].stdout)
     assert last_json_line(out.stdout)["acc"] == pytest.approx(sp["acc"], abs=0.1)
@@ -210,6 +210,6 @@ def test_cuda_amp(setup, dtype):
 def test_nccl_ddp_matches_one_process(setup):
     tmp = setup["tmp"]
     out = torchrun(setup["args"]("nccl", **{"trainer.backend": "ddp", "trainer.device": "cuda"}), tmp)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, stderr_tail(out.stderr)
     assert_same_weights(weights(tmp / "nccl" / "ckpt" / "last"), weights(tmp / "sp" / "ckpt" / "last"),
                         atol=1e-3)

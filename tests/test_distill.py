@@ -16,7 +16,7 @@ import config
 import distill
 import speedups
 import trainer
-from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
+from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
 from data import DataError
 from model import ModelError, build_model
 from speedups import CPUDropout
@@ -391,7 +391,7 @@ def test_depth_cut_distillation_under_torchrun_with_two_processes(tmp_path, tiny
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc_per_node=2", str(ROOT / "distill.py"), *args],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 0, stderr_tail(out.stderr)
     result = last_json_line(out.stdout)
     student_dir = tmp_path / "ckpt" / "best"
     student = AutoModelForSequenceClassification.from_pretrained(student_dir)

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
+from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
 from safetensors.torch import load_file
 
 import trainer
@@ -105,7 +105,7 @@ def test_under_torchrun_every_rank_stops_at_the_same_step(job):
          str(ROOT / "trainer.py"), *job["args"]("ddp", **{"trainer.backend": "ddp", "trainer.early_stopping_patience": 2,
                                                          "trainer.early_stopping_min_delta": 1.0})],
         capture_output=True, text=True, cwd=job["tmp"], timeout=300, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, stderr_tail(out.stderr)
     result = last_json_line(out.stdout)
     assert result["stopped_early_at_step"] == 6 and result["best_step"] in (2, 4, 6)
 

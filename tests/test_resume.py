@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 import trainer
-from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
+from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
 
 TRAINER = str(ROOT / "trainer.py")
 
@@ -83,7 +83,7 @@ def checkpoint_steps(ckpt_dir):
 def resume(job, name, **more):
     out = subprocess.run([sys.executable, TRAINER, *job["args"](name, **{"ckpt.resume": "auto", **more})],
                          capture_output=True, text=True, cwd=job["tmp"], timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, stderr_tail(out.stderr)
     return out
 
 
@@ -232,7 +232,7 @@ def test_sigterm_under_torchrun_stops_every_rank_and_resumes_exactly(job):
              *job["args"](name, **{"trainer.backend": "ddp", "ckpt.save_steps": 0, **more})],
             cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     reference = launch("ddp-reference")
-    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
+    assert reference.wait(timeout=300) == 0, stderr_tail(reference.stderr.read())
 
     process = launch("ddp-terminated")
     runs = tmp / "ddp-terminated" / "runs"
@@ -247,5 +247,5 @@ def test_sigterm_under_torchrun_stops_every_rank_and_resumes_exactly(job):
     assert len(state["ranks"]) == 2  # every rank's RNG state and logging window
 
     resumed = launch("ddp-terminated", **{"ckpt.resume": "auto"})
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
+    assert resumed.wait(timeout=300) == 0, stderr_tail(resumed.stderr.read())
     assert_bitwise_equal(final_weights(tmp / "ddp-terminated"), final_weights(tmp / "ddp-reference"))

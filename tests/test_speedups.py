@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, base_args, save_tiny_encoder, sentiment_rows, tiny_config, write_csv
+from conftest import ROOT, base_args, save_tiny_encoder, sentiment_rows, stderr_tail, tiny_config, write_csv
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 from transformers.models.bert.modeling_bert import BertLayer
 
@@ -286,7 +286,7 @@ with torch.no_grad():
 assert torch.allclose(logits, saved["logits"], atol=1e-6)
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, stderr_tail(done.stderr)
 
 
 def test_apply_twice_is_apply_once(tiny_bert):
