@@ -40,7 +40,7 @@ YamlLoader.add_implicit_resolver(
 CHOICES = {
     "data.file_format": ["csv", "tsv", "jsonl"],
     "data.quoting": ["auto", "csv", "none"],
-    "module.metric": ["acc", "acc_and_f1", "mcc", "pcc_and_scc"],
+    "module.metric": ["acc", "acc_and_f1", "mcc", "pcc_and_scc", "f1_macro", "f1_micro", "f1_samples", "subset_acc"],
     "trainer.backend": ["sp", "sp-amp", "ddp", "ddp-amp"],
     "trainer.amp_dtype": ["auto", "bf16", "fp16"],
     "trainer.device": ["auto", "cpu", "cuda"],
@@ -54,7 +54,7 @@ TYPES = {
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.early_stopping_patience": (int, None),
-    "module.class_weights": (str, list, None),
+    "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
     "distill.student_layers": (list, None), "distill.student_model": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
 }
@@ -194,16 +194,34 @@ def load_config(argv, golden_path=GOLDEN_CONFIG):
     return cfg
 
 
+# the module.metric choices of each task, its default first (hamming_loss is lower-better: not one)
+TASK_METRICS = {"single_label": ["acc_and_f1", "acc", "f1_macro", "mcc"],
+                "multi_label": ["f1_micro", "f1_macro", "f1_samples", "subset_acc"],
+                "regression": ["pcc_and_scc"]}
+TASK_NAMES = {"single_label": "single-label classification", "multi_label": "multi-label classification",
+              "regression": "regression"}
+
+
+def task_of(data_cfg):
+    """multi_label when data.multi_label says so, else regression for one label, else single_label."""
+    if data_cfg["multi_label"]:
+        return "multi_label"
+    return "regression" if len(data_cfg["labels_list"]) == 1 else "single_label"
+
+
 def fit_metric_to_task(cfg):
-    """module.metric, where the user did not set it, follows the task: pcc_and_scc for regression
-    (one label), acc_and_f1 (config.yaml's) for classification. Returns what to say, or None when
-    it is config.yaml's choice; a metric the user set is check_config's to refuse if it does not fit."""
-    regression = len(cfg["data"]["labels_list"]) == 1
+    """module.metric, where the user did not set it, follows the task (TASK_METRICS' first choice:
+    pcc_and_scc for regression, f1_micro for multi-label, config.yaml's acc_and_f1 for single-label).
+    Returns what to say, or None when it is config.yaml's choice; a metric the user set is
+    check_config's to refuse if it does not fit."""
+    task = task_of(cfg["data"])
     if "module.metric" in cfg.user_keys:
         return None
-    if regression != (cfg["module"]["metric"] == "pcc_and_scc"):
-        cfg["module"]["metric"] = "pcc_and_scc" if regression else "acc_and_f1"
-    return "module.metric pcc_and_scc (the metric of regression: one label)" if regression else None
+    if cfg["module"]["metric"] not in TASK_METRICS[task]:
+        cfg["module"]["metric"] = TASK_METRICS[task][0]
+    if task == "single_label":
+        return None
+    return f"module.metric {cfg['module']['metric']} (the metric of {TASK_NAMES[task]}{': one label' * (task == 'regression')})"
 
 
 def check_config(cfg):
@@ -237,11 +255,21 @@ def check_config(cfg):
     if not labels or len(set(labels)) != len(labels):
         raise ConfigError(f"data.labels_list {data['labels_list']} must be non-empty without duplicates")
     check_columns(data)
-    regression = len(labels) == 1
-    if regression != (module["metric"] == "pcc_and_scc"):
-        raise ConfigError(f"module.metric {module['metric']} does not fit "
-                          f"{'regression (one label)' if regression else 'classification'}; use "
-                          f"{'pcc_and_scc' if regression else 'acc, acc_and_f1 or mcc'}")
+    task = task_of(data)
+    if module["metric"] not in TASK_METRICS[task]:
+        *others, last = TASK_METRICS[task]
+        raise ConfigError(f"module.metric {module['metric']} does not fit {TASK_NAMES[task]}"
+                          f"{' (one label)' * (task == 'regression')}; use "
+                          f"{', '.join(others) + ' or ' if others else ''}{last}")
+    check_threshold(module["threshold"], labels)
+    if data["multi_label"] and module["threshold"] == "tune" and data["val_filepath"] is None:
+        raise ConfigError("module.threshold tune chooses each label's threshold on data.val_filepath, which "
+                          "is null; set a validation file, or give the thresholds")
+    if data["train_filepath"] is not None:  # evaluation may learn its task from the checkpoint first
+        check_threshold_fits(cfg)
+    if data["multi_label"] and (not data["label_sep"] or data["label_sep"].strip() != data["label_sep"]):
+        raise ConfigError(f"data.label_sep is {data['label_sep']!r}; it must be a non-empty separator "
+                          f"without surrounding spaces, e.g. \"|\"")
     if data["train_filepath"] is None:
         if cfg["model"]["model_path"] is None:
             raise ConfigError("data.train_filepath is null (evaluate / predict only), so "
@@ -249,7 +277,7 @@ def check_config(cfg):
         if data["val_filepath"] is None and data["predict_filepath"] is None:
             raise ConfigError("nothing to do: set data.train_filepath, data.val_filepath or "
                               "data.predict_filepath")
-    check_class_weights(module["class_weights"], labels)
+    check_class_weights(module["class_weights"], labels, task)
     check_predict_output(cfg)
     keep = cfg["ckpt"]["keep_last"]
     if keep is not None and keep < 1:
@@ -257,11 +285,12 @@ def check_config(cfg):
     check_checkpoint_names(cfg["ckpt"])
 
 
-def check_class_weights(weights, labels):
-    """null, balanced, or one positive weight per class; a regression has no classes to weigh."""
+def check_class_weights(weights, labels, task):
+    """null, balanced, or one positive weight per class (per label's positives in multi-label); a
+    regression has no classes to weigh."""
     if weights is None:
         return
-    if len(labels) == 1:
+    if task == "regression":
         raise ConfigError("module.class_weights is set, but one label means regression, which has no classes; "
                           "set it to null")
     if isinstance(weights, str):
@@ -272,6 +301,27 @@ def check_class_weights(weights, labels):
     if len(weights) != len(labels) or not all(type_ok(w, (float,)) and w > 0 for w in weights):
         raise ConfigError(f"module.class_weights {weights} must be {len(labels)} positive numbers, one per "
                           f"data.labels_list entry {labels}")
+
+
+def check_threshold_fits(cfg):
+    """A threshold the user set is for multi-label classification only."""
+    if task_of(cfg["data"]) != "multi_label" and "module.threshold" in getattr(cfg, "user_keys", ()):
+        raise ConfigError("module.threshold is for multi-label classification (data.multi_label true); leave it out")
+
+
+def check_threshold(threshold, labels):
+    """module.threshold: one probability in (0, 1), one per label, or tune."""
+    if isinstance(threshold, str):
+        if threshold != "tune":
+            raise ConfigError(f"module.threshold is {threshold!r}; use a probability such as 0.5, a list of "
+                              f"{len(labels)} (one per label), or tune")
+        return
+    values = threshold if isinstance(threshold, list) else [threshold]
+    if isinstance(threshold, list) and len(threshold) != len(labels):
+        raise ConfigError(f"module.threshold {threshold} must have {len(labels)} entries, one per "
+                          f"data.labels_list entry {labels}")
+    if not all(type_ok(t, (float,)) and 0 < t < 1 for t in values):
+        raise ConfigError(f"module.threshold {threshold}: thresholds are probabilities between 0 and 1")
 
 
 def check_finite(key, value):

@@ -15,6 +15,10 @@ a NUL byte, a quote never closed or one that swallows the rows below it, missing
 label, regression label not a finite number, empty text, ragged row, empty file) raises DataError
 with one line naming the file and line, before any training starts.
 
+Multi-label data (data.multi_label) gives each text any number of labels: a csv / tsv cell holds
+them joined by data.label_sep ("sports|tech", or empty for none); a jsonl value is a list of
+labels (or a string joined the same way). Its labels are an (examples, labels) array of 0 / 1.
+
 Batching is a pure function of (seed, epoch, rank, world_size), so every DDP rank computes the same
 global order and takes its own share of each global batch, and a resumed run finds its place again.
 """
@@ -49,7 +53,7 @@ class Examples:
     rows: list             # one dict per row: column -> raw value, for predictions output
     texts_a: list
     texts_b: list | None
-    labels: np.ndarray | None   # class ids (int64) or regression targets (float32)
+    labels: np.ndarray | None   # class ids (int64), regression targets (float32) or multi-label 0/1 rows (float32)
 
 
 @dataclass
@@ -191,8 +195,32 @@ def parse_label(path, line, value, label_ids):
     key = str(value).strip()
     if key not in label_ids:
         raise DataError(f"{path}:{line}: label {key!r} is not in data.labels_list "
-                        f"{list(label_ids)}")
+                        f"{list(label_ids)}{several_labels_hint(key)}")
     return label_ids[key]
+
+
+def several_labels_hint(key):
+    """A hint for a single-label file whose cell looks like a list of labels."""
+    if any(sep in key for sep in "|;,") or key.startswith("["):
+        return "; if a text may have several labels, set data.multi_label true (and data.label_sep)"
+    return ""
+
+
+def parse_label_set(path, line, value, label_ids, sep):
+    """A multi-label row: 1 at each label of the cell (a list, or names joined by sep), else 0."""
+    if isinstance(value, list):
+        names = [str(name).strip() for name in value]
+    elif value is None or isinstance(value, str):
+        names = [name.strip() for name in (value or "").split(sep)]
+    else:
+        raise DataError(f"{path}:{line}: labels {value!r} are neither a list nor names joined by {sep!r}")
+    row = np.zeros(len(label_ids), dtype=np.float32)
+    for name in filter(None, names):  # an empty cell, or an empty item, is no label
+        if name not in label_ids:
+            raise DataError(f"{path}:{line}: label {name!r} is not in data.labels_list {list(label_ids)}"
+                            f"{'' if isinstance(value, list) else f' (labels are split at {sep!r}, data.label_sep)'}")
+        row[label_ids[name]] = 1
+    return row
 
 
 def text_of(path, line, row, column):
@@ -217,16 +245,20 @@ def read_examples(path, data_cfg, labels_list, need_labels):
     labels = None
     if need_labels:
         col_label = resolve_column(path, "data.label_col", data_cfg["label_col"], columns, header)
-        label_ids = label_to_id(labels_list)
-        labels = np.array([parse_label(path, line, row.get(col_label), label_ids)
-                           for line, row in rows],
-                          dtype=np.int64 if label_ids is not None else np.float32)
+        multi_label = data_cfg["multi_label"]
+        label_ids = label_to_id(labels_list, multi_label)
+        if multi_label:
+            labels = np.stack([parse_label_set(path, line, row.get(col_label), label_ids, data_cfg["label_sep"])
+                               for line, row in rows])
+        else:
+            labels = np.array([parse_label(path, line, row.get(col_label), label_ids) for line, row in rows],
+                              dtype=np.int64 if label_ids is not None else np.float32)
     return Examples(path, columns, [row for _, row in rows], texts_a, texts_b, labels)
 
 
-def label_to_id(labels_list):
-    """Label string -> class id in labels_list order; None for regression (one entry)."""
-    if len(labels_list) == 1:
+def label_to_id(labels_list, multi_label=False):
+    """Label string -> class id in labels_list order; None for regression (one entry, not multi-label)."""
+    if len(labels_list) == 1 and not multi_label:
         return None
     return {str(label).strip(): i for i, label in enumerate(labels_list)}
 

@@ -52,12 +52,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import speedups
-from config import ConfigError
+from config import ConfigError, task_of
 from data import Encoded, encode, read_examples
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
 from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, load_splits, log, on_main,
-                     predict_logits, seed_everything)
+                     predict_logits, seed_everything, task_loss)
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -104,7 +104,7 @@ def build_teacher(cfg, eager, device):
         print("note: model.model_path is null, so the teacher is model.hf_model as it is; "
               "distil from a fine-tuned checkpoint (python trainer.py first)")
     kwargs = {"attn_implementation": "eager"} if eager else {}
-    teacher = build_model(cfg["model"], cfg["data"]["labels_list"], **kwargs)
+    teacher = build_model(cfg["model"], cfg["data"]["labels_list"], multi_label=cfg["data"]["multi_label"], **kwargs)
     teacher.eval().requires_grad_(False)
     return teacher.to(device)
 
@@ -160,7 +160,7 @@ def other_student(cfg, teacher, student_kwargs):
     """distill.student_model (pretrained or a random init from its config) with distill.student_config
     overrides; without student_model, the teacher's config resized by those overrides, random init."""
     d, labels = cfg["distill"], cfg["data"]["labels_list"]
-    overrides = {**label_config(labels), **d["student_config"], **student_kwargs}
+    overrides = {**label_config(labels, cfg["data"]["multi_label"]), **d["student_config"], **student_kwargs}
     attn_kwargs = {"attn_implementation": "eager"} if "attentions" in d["loss_types"] else {}
     if d["student_model"] is not None and d["student_pretrained"]:
         return from_pretrained(d["student_model"], "distill.student_model", **overrides, **attn_kwargs)
@@ -235,10 +235,18 @@ class DistillModule(nn.Module):
 # losses: each returns the sum over the batch's examples (Trainer divides by the step's count)
 
 
-def logits_loss(student_logits, teacher_logits, temperature):
+def logits_loss(student_logits, teacher_logits, temperature, multi_label=False):
     """T^2 * KL(p_teacher || p_student) summed over examples (= batchmean x batch size); the T^2
-    keeps the gradient scale independent of T. Regression (one output): squared error."""
+    keeps the gradient scale independent of T. Regression (one output): squared error.
+    Multi-label: each label is a yes / no question, p = sigmoid(logit / T), and the KL of the two
+    Bernoulli distributions is averaged over the labels (as the labels loss averages its BCE)."""
     s, t = student_logits.float(), teacher_logits.float()
+    if multi_label:
+        p_teacher = torch.sigmoid(t / temperature)
+        # KL(p || q) = BCE(q; p) - BCE(p; p): cross-entropy minus the teacher's own entropy
+        kl = (F.binary_cross_entropy_with_logits(s / temperature, p_teacher, reduction="none")
+              - F.binary_cross_entropy_with_logits(t / temperature, p_teacher, reduction="none"))
+        return temperature ** 2 * kl.mean(dim=1).sum()
     if s.shape[-1] == 1:
         return F.mse_loss(s, t, reduction="sum")
     log_p_student = F.log_softmax(s / temperature, dim=-1)
@@ -248,13 +256,14 @@ def logits_loss(student_logits, teacher_logits, temperature):
 
 
 def labels_loss(student_logits, labels, class_weights=None):
-    """Cross-entropy (or squared error for regression) with the gold labels, weighted by class as
-    module.class_weights says; rows without a label (-1, or NaN for regression) contribute nothing."""
+    """The supervised loss with the gold labels (trainer.task_loss: cross-entropy, BCE for
+    multi-label, squared error for regression), weighted as module.class_weights says; rows without a
+    label (-1, or NaN for regression and multi-label) contribute nothing."""
     logits = student_logits.float()
-    if logits.shape[-1] == 1:
-        known = ~torch.isnan(labels)
-        return F.mse_loss(logits.squeeze(-1)[known], labels[known].float(), reduction="sum")
-    return F.cross_entropy(logits, labels, weight=class_weights, ignore_index=-1, reduction="sum")
+    known = labels >= 0 if labels.dtype == torch.int64 else ~torch.isnan(labels)
+    if labels.dim() == 2:
+        known = known.all(dim=1)
+    return task_loss(logits[known], labels[known], class_weights)
 
 
 def hidden_state_loss(student_hidden, teacher_hidden, attention_mask):
@@ -315,6 +324,7 @@ class DistillLoss:
         self.attention_map = layer_map(d["attention_map"], s_depth, t_depth, "attentions")
         self.needs_teacher = set(self.weights) != {"labels"}
         self.teacher_logits, self.class_weights = teacher_logits, class_weights
+        self.multi_label = cfg["data"]["multi_label"]
 
     def __call__(self, model, batch, indices=None):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -326,7 +336,7 @@ class DistillLoss:
             teacher = self.teacher_outputs(inputs)
         terms, mask = {}, inputs["attention_mask"]
         if "logits" in self.weights:
-            terms["logits"] = logits_loss(student["logits"], teacher["logits"], self.temperature)
+            terms["logits"] = logits_loss(student["logits"], teacher["logits"], self.temperature, self.multi_label)
         if "labels" in self.weights:
             terms["labels"] = labels_loss(student["logits"], batch["labels"], self.class_weights)
         if "hidden_states" in self.weights:
@@ -376,11 +386,12 @@ def add_unlabeled(cfg, tokenizer, train):
     if not paths:
         return train
     encoded = [train.encoded]
-    regression = len(cfg["data"]["labels_list"]) == 1
+    task, shape = task_of(cfg["data"]), train.encoded.labels.shape[1:]  # multi-label: (labels,) per row
     for path in paths:
         examples = read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels=False)
-        examples.labels = (np.full(len(examples.texts_a), np.nan, dtype=np.float32) if regression
-                           else np.full(len(examples.texts_a), -1, dtype=np.int64))
+        rows = (len(examples.texts_a), *shape)
+        examples.labels = (np.full(rows, -1, dtype=np.int64) if task == "single_label"
+                           else np.full(rows, np.nan, dtype=np.float32))
         encoded.append(encode(tokenizer, examples, cfg["module"]["max_seq_len"]))
     with_types = all(e.token_type_ids is not None for e in encoded)
     merged = Encoded(input_ids=[ids for e in encoded for ids in e.input_ids],

@@ -13,9 +13,11 @@ save_pretrained directory), or a plain state-dict file (`.safetensors`, `.bin`, 
 directory plus `model.model_file`. Prefixes left by wrappers (`model.`, `module.`, `_orig_mod.`)
 are stripped, so nobody has to edit a state dict by hand.
 A checkpoint names its classes (config.json's id2label, also the one name of a regression) and its
-tokenizer truncates at the training max_seq_len, so pipeline("text-classification", model=CKPT,
+task (problem_type: multi_label_classification gives a sigmoid per label), and its tokenizer
+truncates at the training max_seq_len, so pipeline("text-classification", model=CKPT,
 truncation=True) scores a text as evaluation here does; evaluating or predicting with it takes
-these settings (and checkpoint.json's max_seq_len) where the user did not set them.
+these settings (and checkpoint.json's max_seq_len, thresholds.json's multi-label thresholds) where
+the user did not set them.
 Models come back as plain transformers objects; the speed tricks are speedups.py's (trainer.speedups).
 """
 import json
@@ -31,12 +33,16 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from checkpoint import MANIFEST, read_manifest
-from config import ConfigError, check_config, fit_metric_to_task
+from config import TASK_NAMES, ConfigError, check_config, check_threshold_fits, fit_metric_to_task, task_of
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
 hf_logging.disable_progress_bar()
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+# a multi-label checkpoint's decision thresholds, beside its weights: {"thresholds": {label: t}, ...}
+THRESHOLDS_FILE = "thresholds.json"
+PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+                 "regression": "regression"}
 
 
 class ModelError(Exception):
@@ -62,20 +68,21 @@ def weights_file(model_cfg):
     return path
 
 
-def label_config(labels_list):
-    """num_labels, id2label and label2id, so saved models name their classes (or their one score)."""
+def label_config(labels_list, multi_label=False):
+    """num_labels, id2label, label2id and problem_type, so saved models name their classes (or their
+    one score) and plain transformers applies softmax or, for multi-label, a sigmoid per label."""
     names = [str(label) for label in labels_list]
+    task = task_of({"labels_list": names, "multi_label": multi_label})
     return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-            "label2id": {name: i for i, name in enumerate(names)},
-            "problem_type": "regression" if len(names) == 1 else "single_label_classification"}
-
-
-def task_of(labels_list):
-    return "regression" if len(labels_list) == 1 else "single-label classification"
+            "label2id": {name: i for i, name in enumerate(names)}, "problem_type": PROBLEM_TYPES[task]}
 
 
 def saved_labels(config):
     return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def saved_multi_label(config):
+    return config.problem_type == "multi_label_classification"
 
 
 def same_labels(found, labels_list):
@@ -85,12 +92,18 @@ def same_labels(found, labels_list):
     return found == [str(label) for label in labels_list]
 
 
-def check_labels(path, labels_list):
-    """A fine-tuned checkpoint must have been trained on the same classes, in the same order."""
-    found = saved_labels(AutoConfig.from_pretrained(path))
+def check_labels(path, labels_list, multi_label):
+    """A fine-tuned checkpoint must have been trained on the same classes, in the same order, for
+    the same task (a softmax head is no multi-label head)."""
+    config = AutoConfig.from_pretrained(path)
+    found = saved_labels(config)
     if not same_labels(found, labels_list):
         raise ModelError(f"{path} was trained with labels {found}, but data.labels_list is "
                          f"{labels_list}: use the labels_list of that training run")
+    if saved_multi_label(config) != multi_label:
+        raise ModelError(f"{path} was {'' if saved_multi_label(config) else 'not '}trained for multi-label "
+                         f"classification, but data.multi_label is {str(multi_label).lower()}: leave "
+                         f"data.multi_label out to use the checkpoint's")
 
 
 def first_line(error):
@@ -185,19 +198,20 @@ def report_loading(model, info, source, new_head):
             f"pretrained ({source})")
 
 
-def build_model(model_cfg, labels_list, say=print, **kwargs):
+def build_model(model_cfg, labels_list, say=print, multi_label=False, **kwargs):
     """The classifier to train or evaluate, with fine-tuned weights when model.model_path is set.
 
     say: where the note of a new head goes (trainer.run: the main process's log; print here, so
-    once per process). Extra keyword arguments go to from_pretrained (attn_implementation="eager").
+    once per process). multi_label: one sigmoid output per label (data.multi_label). Extra keyword
+    arguments go to from_pretrained (attn_implementation="eager").
     """
     checkpoint_dir = model_cfg["model_path"] if weights_file(model_cfg) is None else None
     if is_pretrained_dir(checkpoint_dir):
-        check_labels(checkpoint_dir, labels_list)
+        check_labels(checkpoint_dir, labels_list, multi_label)
         model = from_pretrained(checkpoint_dir, "model.model_path", say=say, **kwargs)
     else:
         model = from_pretrained(model_cfg["hf_model"], "model.hf_model", say=say,
-                                **label_config(labels_list), **kwargs)
+                                **label_config(labels_list, multi_label), **kwargs)
         path = weights_file(model_cfg)
         if path is not None:
             load_weights(model, path)
@@ -206,18 +220,40 @@ def build_model(model_cfg, labels_list, say=print, **kwargs):
 
 def checkpoint_settings(path):
     """What a fine-tuned classifier directory says of its training, {config key: (value, where)}:
-    data.labels_list from config.json's id2label, module.max_seq_len from the checkpoint.json this
-    project writes beside it. Empty for anything else (a state-dict file, a bare encoder)."""
+    data.multi_label and data.labels_list from config.json's problem_type and id2label,
+    module.max_seq_len from the checkpoint.json this project writes beside it, module.threshold
+    from its thresholds.json. Empty for anything else (a state-dict file, a bare encoder)."""
     try:
         if not is_pretrained_dir(path) or head_labels(path) is None:
             return {}
-        settings = {"data.labels_list": (saved_labels(AutoConfig.from_pretrained(path)), "config.json")}
+        config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError):
         return {}  # build_model says what is wrong with it
+    settings = {"data.multi_label": (saved_multi_label(config), "config.json's problem_type"),
+                "data.labels_list": (saved_labels(config), "config.json")}
     trained = ((read_manifest(path) or {}).get("config") or {}).get("module", {}).get("max_seq_len")
     if isinstance(trained, int):
         settings["module.max_seq_len"] = (trained, MANIFEST)
+    thresholds = saved_thresholds(path, settings["data.labels_list"][0])
+    if thresholds is not None and saved_multi_label(config):
+        settings["module.threshold"] = (thresholds, THRESHOLDS_FILE)
     return settings
+
+
+def saved_thresholds(path, names):
+    """The per-label thresholds of thresholds.json in labels_list order, or None without a readable one."""
+    try:
+        saved = json.loads((Path(path) / THRESHOLDS_FILE).read_text(encoding="utf-8"))["thresholds"]
+        values = [float(saved[name]) for name in names]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return values if all(0 < t < 1 for t in values) else None
+
+
+def save_thresholds(directory, names, thresholds, how):
+    """thresholds.json: each label's threshold, and how it was chosen (a line for the reader)."""
+    content = {"thresholds": {name: float(t) for name, t in zip(names, thresholds)}, "chosen": how}
+    (Path(directory) / THRESHOLDS_FILE).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
 def tokenizer_limit(path):
@@ -246,15 +282,22 @@ def use_checkpoint_settings(cfg):
         given = cfg[section][name]
         if key not in cfg.user_keys:
             cfg[section][name] = value
-            taken.append(f"{key} {value}" + (f" ({task_of(value)})" if name == "labels_list" else ""))
+            if name != "multi_label":  # said with the labels, as their task
+                taken.append(f"{key} {value}")
+        elif name == "threshold":
+            continue  # the user's thresholds are a choice of decisions, not a contradiction
         elif not (same_labels(value, given) if name == "labels_list" else value == given):
+            given, value = (str(v).lower() if isinstance(v, bool) else v for v in (given, value))  # as YAML writes them
             raise ConfigError(f"{key} is {given}, but {path} was trained with {value} ({where}); leave "
                               f"{key} out to use the checkpoint's")
+    task = TASK_NAMES[task_of(cfg["data"])]
+    taken = [f"{item} ({task})" if item.startswith("data.labels_list") else item for item in taken]
     metric = fit_metric_to_task(cfg)
     try:
         check_config(cfg)  # a metric the user set may not fit the checkpoint's task
+        check_threshold_fits(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{e} ({path} was trained for {task_of(cfg['data']['labels_list'])})") from None
+        raise ConfigError(f"{e} ({path} was trained for {task})") from None
     if metric is not None:
         taken.append(metric)
     return f"from the checkpoint {path}: {', '.join(taken)}" if taken else None
@@ -346,7 +389,8 @@ def unwrap_model(model):
 
 
 def save_pretrained(model, tokenizer, directory, max_seq_len=None):
-    """A directory that AutoModelForSequenceClassification / AutoTokenizer load directly.
+    """A directory that AutoModelForSequenceClassification / AutoTokenizer load directly (and
+    pipeline("text-classification", model=directory), with top_k=None for every label's score).
 
     With max_seq_len, the saved tokenizer's model_max_length is max_seq_len, so that truncation=True
     in plain transformers (pipeline included) cuts where training did; the run's tokenizer keeps its own.

@@ -53,10 +53,11 @@ from tqdm import tqdm
 import speedups
 from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,
                         load_checkpoint, new_session, point_link, prune, read_manifest, sees_lock_of, write_checkpoint)
-from config import ConfigError, fit_metric_to_task, load_config, print_help
+from config import ConfigError, fit_metric_to_task, load_config, print_help, task_of
 from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
-from metrics import compute_metrics, format_report
-from model import ModelError, build_model, load_tokenizer, load_weights, save_pretrained, use_checkpoint_settings
+from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
+from model import (ModelError, build_model, load_tokenizer, load_weights, save_pretrained, save_thresholds,
+                   saved_thresholds, use_checkpoint_settings)
 
 
 class TrainingError(Exception):
@@ -115,6 +116,8 @@ class Trainer:
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # non-finite gradients
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.bad_validations = 0  # in a row, without an improvement of more than min_delta
+        # multi-label decisions: module.threshold's, or those tuned at the latest validation
+        self.thresholds = fixed_thresholds(cfg)
         self.window = new_window(device)
         self.run_dir, self.session, self.digests, self.save_dir = None, new_session(), None, None
         self.signals, self.stop_signal = 0, None
@@ -255,6 +258,8 @@ class Trainer:
                                 self.tokenizer.pad_token_id, self.proc, self.amp_dtype, desc="validate")
         # the main process has the logits; every rank gets the metrics, to agree on the best
         metrics = on_main(self.proc, split_metrics, logits, self.val_split, self.cfg, f"at step {self.step}")
+        if self.cfg["data"]["multi_label"]:  # tuned (module.threshold tune) on this validation, or fixed
+            self.thresholds = thresholds_of(metrics)
         self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
         # the per-class table too: a minority class at F1 0.1 shows here, not only in a JSON file
         log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): {format_report(metrics)}")
@@ -287,6 +292,8 @@ class Trainer:
             load_weights(classifier_of(self.model), str(Path(self.best["path"]) / "model.safetensors"))
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
                   "best_checkpoint": self.best["path"]}
+        if self.cfg["data"]["multi_label"]:  # predictions after training decide as the best model did
+            self.thresholds = thresholds_of(self.best["metrics"])
         if self.stop_early():
             result["stopped_early_at_step"] = self.step
         on_main(self.proc, write_json, Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
@@ -392,6 +399,8 @@ class Trainer:
             def write_files(folder):
                 save_pretrained(classifier_of(self.model), self.tokenizer, folder,
                                 max_seq_len=self.cfg["module"]["max_seq_len"])  # truncates as trained
+                if self.cfg["data"]["multi_label"]:  # the decisions that go with these weights
+                    self.write_thresholds(folder)
                 torch.save(state, folder / f"training_state{ckpt['file_ext']}")
             manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                         "best": self.best, "bad_validations": self.bad_validations,
@@ -407,6 +416,16 @@ class Trainer:
         if ckpt["keep_last"] is not None:
             prune(save_dir, ckpt["file_prefix"], ckpt["keep_last"], [self.best and self.best["path"], path])
         return str(path)
+
+    def write_thresholds(self, folder):
+        tuned = self.cfg["module"]["threshold"] == "tune"
+        if self.thresholds is None:  # tune, before the first validation: the usual 0.5 for now
+            thresholds, how = [0.5] * len(label_names(self.cfg)), "0.5, not yet tuned (no validation yet)"
+        else:
+            thresholds = self.thresholds
+            how = (f"tuned on {self.cfg['data']['val_filepath']} (each label's F1-best) at the validation "
+                   f"before step {self.step + 1}" if tuned else "module.threshold")
+        save_thresholds(folder, label_names(self.cfg), thresholds, how)
 
     def resume_from(self, path):
         """Restore weights, optimizer, schedule, scaler, position, logging window and RNG."""
@@ -425,6 +444,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         self.best, self.run_dir = manifest["best"], manifest["run_dir"]
         self.bad_validations = manifest["bad_validations"]
+        if self.cfg["data"]["multi_label"] and self.cfg["module"]["threshold"] == "tune":
+            self.thresholds = saved_thresholds(path, label_names(self.cfg))  # those of the latest validation
         mine = state["ranks"][self.proc.rank]
         set_rng_state(mine["rng"], device)
         self.window = {**new_window(device), "loss": mine["window"]["loss"].to(device),
@@ -483,20 +504,37 @@ def supervised_loss(model, batch, indices=None, class_weights=None):
     """
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()  # losses in float32, also under autocast
+    return task_loss(logits, batch["labels"], class_weights), {}
+
+
+def task_loss(logits, labels, class_weights=None):
+    """The loss of float32 logits, summed over examples: squared error (regression: one output),
+    binary cross-entropy averaged over the labels (multi-label: labels are 0/1 rows; class_weights
+    are then each label's positive weight), or cross-entropy."""
+    if labels.dim() == 2:
+        per_label = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=class_weights,
+                                                       reduction="none")
+        return per_label.mean(dim=1).sum()  # per example the mean over labels, as BCEWithLogitsLoss
     if logits.shape[-1] == 1:
-        loss = F.mse_loss(logits.squeeze(-1), batch["labels"].float(), reduction="sum")
-    else:
-        loss = F.cross_entropy(logits, batch["labels"], weight=class_weights, reduction="sum")
-    return loss, {}
+        return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
+    return F.cross_entropy(logits, labels, weight=class_weights, reduction="sum")
+
+
+MAX_POS_WEIGHT = 100.0  # a label seen twice in 10,000 texts would otherwise weigh 5,000 times
 
 
 def class_weights(cfg, train, device):
     """module.class_weights as a tensor on device: balanced = n / (k * count of each class) over the
-    labelled training rows; None when unset."""
+    labelled training rows (multi-label: negatives / positives of each label, at most
+    MAX_POS_WEIGHT); None when unset."""
     spec, names = cfg["module"]["class_weights"], label_names(cfg)
     if spec is None:
         return None
-    if spec == "balanced":
+    if spec == "balanced" and cfg["data"]["multi_label"]:
+        labels = train.encoded.labels[~np.isnan(train.encoded.labels).any(axis=1)]  # unlabelled rows are NaN
+        positives = labels.sum(axis=0)
+        spec = np.minimum((len(labels) - positives) / np.maximum(positives, 1), MAX_POS_WEIGHT).tolist()
+    elif spec == "balanced":
         labels = train.encoded.labels[train.encoded.labels >= 0]  # unlabelled transfer rows are -1
         counts = np.bincount(labels, minlength=len(names))
         if not counts.all():
@@ -673,8 +711,23 @@ def load_split(cfg, tokenizer, path, need_labels):
 
 
 def label_names(cfg):
-    labels = cfg["data"]["labels_list"]
-    return None if len(labels) == 1 else [str(label) for label in labels]
+    """The class (or label) names; None for regression."""
+    if task_of(cfg["data"]) == "regression":
+        return None
+    return [str(label) for label in cfg["data"]["labels_list"]]
+
+
+def fixed_thresholds(cfg):
+    """Multi-label: module.threshold as one threshold per label; None for tune (or another task)."""
+    threshold, names = cfg["module"]["threshold"], label_names(cfg)
+    if not cfg["data"]["multi_label"] or threshold == "tune":
+        return None
+    return np.asarray(threshold if isinstance(threshold, list) else [threshold] * len(names), dtype=np.float64)
+
+
+def thresholds_of(metrics):
+    """The per-label thresholds that multi-label metrics were computed with."""
+    return np.array([row["threshold"] for row in metrics["per_label"].values()])
 
 
 @torch.inference_mode()
@@ -717,11 +770,25 @@ def logits_to_predictions(logits, names):
 def split_metrics(logits, split, cfg, where):
     """Metrics of a labelled split's logits, and a warning line if the model predicts one class."""
     names = label_names(cfg)
+    if cfg["data"]["multi_label"]:
+        return multilabel_split_metrics(logits, split.encoded.labels, names, fixed_thresholds(cfg))
     predictions = logits_to_predictions(logits, names)
     collapse = one_class_warning(predictions, names)
     if collapse:
         print(f"warning: {where}, {collapse}")
     return compute_metrics(predictions, split.encoded.labels, names)
+
+
+def multilabel_split_metrics(logits, labels, names, thresholds=None):
+    """Multi-label metrics at the given per-label thresholds, or (None) at each label's F1-best
+    threshold on these very examples (module.threshold tune); the thresholds go in per_label."""
+    probabilities = sigmoid(logits)
+    if thresholds is None:
+        thresholds = best_thresholds(probabilities, labels)
+    metrics = multilabel_metrics(probabilities >= thresholds, labels, names)
+    for row, threshold in zip(metrics["per_label"].values(), thresholds):
+        row["threshold"] = float(threshold)
+    return metrics
 
 
 def one_class_warning(predictions, names):
@@ -733,6 +800,10 @@ def one_class_warning(predictions, names):
             f"class; lower module.max_lr, train longer, or check the balance of the labels")
 
 
+def sigmoid(logits):
+    return 1 / (1 + np.exp(-logits.astype(np.float64)))
+
+
 def softmax(logits):
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -742,25 +813,33 @@ def scalar_metrics(metrics):
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def prediction_header(names):
-    """The columns predictions add after the input columns."""
-    return ["prediction"] if names is None else ["predicted_label"] + [f"prob_{n}" for n in names]
+def prediction_header(names, thresholds=None):
+    """The columns predictions add after the input columns (thresholds: multi-label's, per label)."""
+    if names is None:
+        return ["prediction"]
+    return ["predicted_labels" if thresholds is not None else "predicted_label"] + [f"prob_{n}" for n in names]
 
 
-def prediction_cells(logits, names):
-    """One list of output cells per row of logits (a chunk of examples), matching prediction_header."""
+def prediction_cells(logits, names, thresholds=None, sep="|"):
+    """One list of output cells per row of logits (a chunk of examples), matching prediction_header:
+    the score (regression), the likeliest class and each class's softmax probability, or (multi-label)
+    the labels at or above their thresholds joined by sep, and each label's sigmoid probability."""
     if names is None:
         return [[f"{score:.6g}"] for score in logits[:, 0]]
+    if thresholds is not None:
+        probs = sigmoid(logits)
+        return [[sep.join(n for n, p, t in zip(names, row, thresholds) if p >= t)] + [f"{p:.6f}" for p in row]
+                for row in probs]
     probs = softmax(logits)
     return [[names[int(row.argmax())]] + [f"{p:.6f}" for p in row] for row in probs]
 
 
-def write_predictions(path, examples, logits, names):
-    """The input columns, the predicted label and every class probability, in input order."""
+def write_predictions(path, examples, logits, names, thresholds=None, sep="|"):
+    """The input columns, the prediction and every class (label) probability, in input order."""
     with atomic_write(path, newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([str(c) for c in examples.columns] + prediction_header(names))
-        for row, cells in zip(examples.rows, prediction_cells(logits, names)):
+        writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds))
+        for row, cells in zip(examples.rows, prediction_cells(logits, names, thresholds, sep)):
             writer.writerow(["" if row.get(c) is None else row.get(c) for c in examples.columns] + cells)
 
 
@@ -889,7 +968,8 @@ def write_eval_metrics(cfg, metrics):
     return run_dir
 
 
-def predict_file(cfg, proc, model, tokenizer, predict, run_dir):
+def predict_file(cfg, proc, model, tokenizer, predict, run_dir, thresholds=None):
+    """Predictions for data.predict_filepath; thresholds: multi-label's, per label."""
     logits = predict_logits(model, predict.encoded, cfg["trainer"]["val_batch_size"],
                             tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc), desc="predict")
     if not proc.is_main:
@@ -898,7 +978,7 @@ def predict_file(cfg, proc, model, tokenizer, predict, run_dir):
     if path is None:
         run_dir = run_dir or new_run_dir(cfg["trainer"]["log_dir"], "predict")
         path = str(Path(run_dir) / "predictions.csv")
-    write_predictions(path, predict.examples, logits, label_names(cfg))
+    write_predictions(path, predict.examples, logits, label_names(cfg), thresholds, cfg["data"]["label_sep"])
     log(proc, f"predictions for {len(predict.encoded)} texts written to {path}")
     return path
 
@@ -913,28 +993,32 @@ def run(cfg, proc):
         log(proc, f"note: {note}")
     tokenizer = load_tokenizer(cfg["model"])
     train, val, predict = load_splits(cfg, tokenizer)
-    model = build_model(cfg["model"], cfg["data"]["labels_list"], say=lambda message: log(proc, message))
+    model = build_model(cfg["model"], cfg["data"]["labels_list"], say=lambda message: log(proc, message),
+                        multi_label=cfg["data"]["multi_label"])
     if cfg["trainer"]["speedups"]:
         speedups.apply(model, proc.device)  # the same arithmetic, less of it (speedups.py)
     on_main(proc, check_outputs, cfg)
     # ranks draw different dropout masks; the initial weights were already the same on all
     seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
-    result, run_dir = {}, None
+    result, run_dir, thresholds = {}, None, fixed_thresholds(cfg)
     if train:
         weights = class_weights(cfg, train, proc.device)
         if weights is not None:
-            log(proc, "class weights: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(label_names(cfg), weights.tolist())))
+            kind = "positive weights per label" if cfg["data"]["multi_label"] else "class weights"
+            log(proc, f"{kind}: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(label_names(cfg), weights.tolist())))
         trainer, result = fit(cfg, proc, model, tokenizer, train, val,
                               loss_fn=functools.partial(supervised_loss, class_weights=weights))
         if result is None:
             return None
-        model, run_dir = classifier_of(trainer.model), trainer.run_dir
+        model, run_dir, thresholds = classifier_of(trainer.model), trainer.run_dir, trainer.thresholds
     elif val:
         metrics = evaluate_only(cfg, proc, model.to(proc.device), tokenizer, val)
         result = scalar_metrics(metrics)
         run_dir = on_main(proc, write_eval_metrics, cfg, metrics)
+        if cfg["data"]["multi_label"]:  # tune: predictions decide at the thresholds tuned on this file
+            thresholds = thresholds_of(metrics)
     if predict:
-        result["predictions"] = predict_file(cfg, proc, model.to(proc.device), tokenizer, predict, run_dir)
+        result["predictions"] = predict_file(cfg, proc, model.to(proc.device), tokenizer, predict, run_dir, thresholds)
     return result
 
 

@@ -207,7 +207,7 @@ def test_negative_numbers_and_equals_form_are_values():
     (["--data.labels_list", "[]"], "non-empty"),
     (["--data.text_b_col", "text"], "text_b_col equals data.text_a_col"),
     (["--data.labels_list", "[score]", "--module.metric", "acc_and_f1"], "pcc_and_scc"),  # a set metric must fit
-    (["--module.metric", "pcc_and_scc"], "acc, acc_and_f1 or mcc"),
+    (["--module.metric", "pcc_and_scc"], "does not fit single-label classification; use acc_and_f1, acc, f1_macro or mcc"),
     (["--data.train_filepath", "null"], "model.model_path"),
     (["--data.train_filepath", "null", "--data.val_filepath", "null", "--model.model_path", "m"],
      "nothing to do"),

@@ -15,7 +15,7 @@ ROWS = [{"text": "good movie", "label": "positive"},
 
 def data_cfg(**overrides):
     cfg = {"file_format": "csv", "quoting": "auto", "header": 0, "encoding": "utf-8",
-           "text_a_col": "text", "text_b_col": None, "label_col": "label"}
+           "text_a_col": "text", "text_b_col": None, "label_col": "label", "multi_label": False, "label_sep": "|"}
     return {**cfg, **overrides}
 
 
