@@ -192,8 +192,9 @@ def format_report(metrics):
     table = metrics.get(f"per_{kind}")
     if table:
         width = max(10, *(len(name) for name in table))
-        lines.append(f"{kind:<{width}} precision  recall      f1  support")
+        thresholds = all("threshold" in row for row in table.values())  # multi-label decisions
+        lines.append(f"{kind:<{width}} precision  recall      f1  support" + "  threshold" * thresholds)
         for name, row in table.items():
             lines.append(f"{name:<{width}} {row['precision']:9.4f} {row['recall']:7.4f} "
-                         f"{row['f1']:7.4f} {row['support']:8d}")
+                         f"{row['f1']:7.4f} {row['support']:8d}" + f"  {row['threshold']:9.2f}" * thresholds)
     return "\n".join(lines)

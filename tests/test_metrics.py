@@ -299,3 +299,12 @@ def test_report_has_a_row_per_label():
     assert "f1_micro 0.7692" in lines[0] and "hamming_loss 0.2000" in lines[0]
     assert lines[1].split() == ["label", "precision", "recall", "f1", "support"]
     assert lines[3].split() == ["politics", "1.0000", "0.5000", "0.6667", "2"]
+
+
+def test_report_shows_the_thresholds_the_decisions_were_made_at():
+    metrics = multilabel_metrics(ML_PREDS, ML_LABELS, TOPICS)
+    for row, threshold in zip(metrics["per_label"].values(), [0.35, 0.5, 0.9]):
+        row["threshold"] = threshold
+    lines = format_report(metrics).splitlines()
+    assert lines[1].split() == ["label", "precision", "recall", "f1", "support", "threshold"]
+    assert lines[3].split() == ["politics", "1.0000", "0.5000", "0.6667", "2", "0.50"]
