@@ -196,5 +196,5 @@ def format_report(metrics):
         lines.append(f"{kind:<{width}} precision  recall      f1  support" + "  threshold" * thresholds)
         for name, row in table.items():
             lines.append(f"{name:<{width}} {row['precision']:9.4f} {row['recall']:7.4f} "
-                         f"{row['f1']:7.4f} {row['support']:8d}" + f"  {row['threshold']:9.2f}" * thresholds)
+                         f"{row['f1']:7.4f} {row['support']:8d}" + (f"  {row['threshold']:9.2f}" if thresholds else ""))
     return "\n".join(lines)
