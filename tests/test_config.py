@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from config import GOLDEN_CONFIG, ConfigError, check_config, load_config, parse_args, read_yaml
+from config import GOLDEN_CONFIG, ConfigError, check_config, golden_keys, load_config, parse_args, read_yaml
 
 
 def config_error(argv):
@@ -323,3 +323,10 @@ def test_help_prints_usage_and_every_key_without_importing_torch(script):
                          keys, re.MULTILINE), key
     if script == "trainer.py":
         assert "--data.val_filepath null \\\n        --data.predict_filepath new.csv" in usage
+
+
+def test_every_key_of_config_yaml_is_in_the_readme_table():
+    readme = (GOLDEN_CONFIG.parent / "README.md").read_text(encoding="utf-8")
+    missing = [f"{section}.{key}" for section, _, keys in golden_keys() for key, _, _ in keys
+               if f"| `{section}.{key}` |" not in readme]
+    assert not missing
