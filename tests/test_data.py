@@ -29,7 +29,10 @@ def test_csv_reads_texts_labels_and_columns(tmp_path):
     assert examples.texts_a == ["good movie", "bad plot", "the film was great"]
     assert examples.texts_b is None
     assert examples.labels.tolist() == [1, 0, 1] and examples.labels.dtype == np.int64
-    assert examples.rows[2] == {"id": "2", "text": "the film was great", "label": "positive"}
+    # the raw rows are for prediction output only: kept when asked for
+    assert examples.rows is None
+    kept = read_examples(path, data_cfg(), LABELS, need_labels=True, keep_rows=True)
+    assert kept.rows[2] == {"id": "2", "text": "the film was great", "label": "positive"}
 
 
 def test_tsv_keeps_commas_inside_texts(tmp_path):
@@ -88,7 +91,7 @@ def test_sentence_pairs_read_both_texts_and_tokenize_as_pairs(tmp_path):
     assert examples.texts_b == ["good", "very bad"]
     encoded = encode(make_tokenizer(), examples, max_seq_len=16)
     # [CLS] it was [SEP] very bad [SEP]: the second text is segment 1
-    assert encoded.token_type_ids[1] == [0, 0, 0, 0, 1, 1, 1]
+    assert encoded.token_type_ids[encoded.offsets[1]:].tolist() == [0, 0, 0, 0, 1, 1, 1]
     assert encoded.lengths.tolist() == [6, 7]
 
 
@@ -219,7 +222,7 @@ def test_tsv_reads_quotes_as_text_by_default(tmp_path):
     # GLUE's tsv files are unquoted: before, '"bad" plot' was an error and '"good"' read as 'good'
     lines = ["text\tlabel"] + [f"{text}\tpositive" for text in QUOTED_TEXTS]
     (tmp_path / "a.tsv").write_text("\n".join(lines) + "\n")
-    examples = read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv"), LABELS, True)
+    examples = read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv"), LABELS, True, keep_rows=True)
     assert examples.texts_a == QUOTED_TEXTS
     assert examples.rows[0] == {"text": '"bad" plot', "label": "positive"}
     # the file of a quote never closed, read as text: every row, the 11th with its quote
@@ -279,7 +282,8 @@ def test_encode_truncates_to_max_seq_len_without_padding(tmp_path):
     examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), LABELS, True)
     encoded = encode(make_tokenizer(), examples, max_seq_len=10, chunk_size=1)
     assert encoded.lengths.tolist() == [10, 3]
-    assert [len(ids) for ids in encoded.input_ids] == [10, 3]
+    assert [len(encoded.tokens(i)) for i in range(2)] == [10, 3]
+    assert encoded.ids.dtype == np.int32 and encoded.offsets.tolist() == [0, 10, 13]
     assert encoded.labels.tolist() == [1, 0]
 
 
@@ -367,7 +371,7 @@ def test_micro_batches_split_a_batch_for_accumulation():
 
 def test_collate_pads_to_a_multiple_when_asked_for_compiled_models():
     input_ids = [[2, 10, 3], [2, 10, 11, 12, 13, 3], [2, 3]]
-    encoded = Encoded(input_ids, None, None, np.array([len(ids) for ids in input_ids]))
+    encoded = Encoded.from_lists(input_ids)
     batch = collate(encoded, np.array([0, 1, 2]), pad_token_id=0, pad_to_multiple_of=8)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 8)
     assert batch["attention_mask"].sum(dim=1).tolist() == [3, 6, 2]  # padding is masked
@@ -376,8 +380,7 @@ def test_collate_pads_to_a_multiple_when_asked_for_compiled_models():
 
 def test_collate_pads_only_to_the_batch_longest():
     input_ids = [[2, 10, 3], [2, 10, 11, 12, 13, 3], [2, 3], [2, 14, 15, 16, 3]]
-    encoded = Encoded(input_ids, [[0] * len(ids) for ids in input_ids], np.array([0, 1, 1, 0]),
-                      np.array([len(ids) for ids in input_ids]))
+    encoded = Encoded.from_lists(input_ids, [[0] * len(ids) for ids in input_ids], np.array([0, 1, 1, 0]))
     batch = collate(encoded, np.array([0, 2, 3]), pad_token_id=0)
     assert batch["input_ids"].shape == (3, 5)  # not 6 (example 1 is not in it), not max_seq_len
     assert batch["input_ids"].tolist() == [[2, 10, 3, 0, 0], [2, 3, 0, 0, 0], [2, 14, 15, 16, 3]]
@@ -389,7 +392,7 @@ def test_collate_pads_only_to_the_batch_longest():
 
 def test_collate_uses_the_tokenizer_pad_id_and_no_labels_for_unlabelled_data():
     input_ids = [[0, 5, 2], [0, 2]]
-    encoded = Encoded(input_ids, None, None, np.array([3, 2]))
+    encoded = Encoded.from_lists(input_ids)
     batch = collate(encoded, np.array([0, 1]), pad_token_id=1)  # RoBERTa pads with 1
     assert batch["input_ids"].tolist() == [[0, 5, 2], [0, 2, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
