@@ -67,7 +67,8 @@ class Encoded:
     ids[offsets[i]:offsets[i + 1]]. A few bytes a token instead of a Python int each, and arrays
     the token cache (cache.py) can memory-map, so the ranks of a machine share one copy.
 
-    token_type_ids lie beside ids, only where the tokenizer gives them; labels are any array whose
+    token_type_ids lie beside ids, only where the tokenizer gives them and some are not 0 (sentence
+    pairs); labels are any array whose
     first axis is the examples (class ids, targets, one row of label columns), or None.
     """
     ids: np.ndarray                     # int32
@@ -109,13 +110,16 @@ class Encoded:
 
     @staticmethod
     def concat(parts):
-        """The examples of every part, in order; token types only if every part has them."""
+        """The examples of every part, in order. Token types if any part has them: a part without
+        them is all segment 0 (encode stores none then)."""
         bases = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
         offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + b for p, b in zip(parts, bases)])
-        with_types = all(p.token_type_ids is not None for p in parts)
+        types = None
+        if any(p.token_type_ids is not None for p in parts):
+            types = np.concatenate([np.zeros(len(p.ids), np.uint8) if p.token_type_ids is None else p.token_type_ids
+                                    for p in parts])
         with_labels = all(p.labels is not None for p in parts)
-        return Encoded(np.concatenate([p.ids for p in parts]), offsets,
-                       np.concatenate([p.token_type_ids for p in parts]) if with_types else None,
+        return Encoded(np.concatenate([p.ids for p in parts]), offsets, types,
                        np.concatenate([p.labels for p in parts]) if with_labels else None)
 
 
@@ -385,6 +389,8 @@ def encode(tokenizer, examples, max_seq_len, chunk_size=ENCODE_CHUNK, progress=F
             types.append(np.fromiter(itertools.chain.from_iterable(out["token_type_ids"]), np.uint8))
         bar.update(len(chunk))
     bar.close()
+    if types and not any(t.any() for t in types):
+        types = []  # all segment 0 (single texts): what the model assumes without them, so not stored
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
     return Encoded(np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets,
