@@ -138,18 +138,34 @@ def write_entry(folder, key, source, encoded, path):
             f.flush()
             os.fsync(f.fileno())
         fsync_path(tmp)
-        if folder.exists():
-            remove_entry(folder)  # torn or stale: ours to replace
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not folder.exists():
-                raise
-            remove_entry(tmp)  # another machine's builder renamed its own first: same key, same ids
+        publish(tmp, folder, key, len(encoded))
         fsync_path(folder.parent)
     except BaseException:
         remove_entry(tmp)
         raise
+
+
+def publish(tmp, folder, key, rows):
+    """Rename a complete entry onto its name. The rename fails where an entry is there: one that
+    another builder (another machine's local rank 0, on a shared cache folder) just wrote has
+    the same ids, so ours is dropped; a torn one is set aside and deleted first."""
+    try:
+        os.rename(tmp, folder)
+        return
+    except OSError:
+        if not folder.exists():
+            raise
+    if open_entry(folder, key, rows)[0] is None:
+        aside = folder.with_name(f".torn-{folder.name[:16]}-{uuid.uuid4().hex[:8]}")
+        os.rename(folder, aside)
+        remove_entry(aside)
+        try:
+            os.rename(tmp, folder)
+            return
+        except OSError:
+            if not folder.exists():
+                raise
+    remove_entry(tmp)
 
 
 def remove_entry(folder):
@@ -208,8 +224,9 @@ def build(folder, key, source, tokenizer, examples, max_seq_len, proc, say):
         raise DataError(f"data.cache_dir {folder.parent}: cannot write the token cache ({e.strerror or e}); "
                         f"give a writable folder, or null for no cache") from None
     encoded, why = open_entry(folder, key, len(fresh))
-    if encoded is None:
-        raise DataError(f"data.cache_dir {folder.parent}: the token cache just written does not read back ({why})")
+    if encoded is None:  # another builder is replacing it this moment: the same ids, held here instead
+        say(f"note: token cache {folder} changed while it was read back ({why}); this process keeps its own copy")
+        return fresh
     return encoded
 
 
@@ -224,6 +241,6 @@ def wait_for(folder, failed, key, rows, proc):
             raise DataError(f"rank {proc.rank}: local rank 0 failed to build the token cache {folder} "
                             f"({failed.read_text(encoding='utf-8').strip()})")
         if time.monotonic() > deadline:
-            raise DataError(f"rank {proc.rank}: waited {WAIT_SECONDS // 3600} hours for local rank 0 to "
+            raise DataError(f"rank {proc.rank}: waited {WAIT_SECONDS / 3600:g} hours for local rank 0 to "
                             f"build the token cache {folder}; is it still tokenizing, or did it stop?")
         time.sleep(POLL_SECONDS)

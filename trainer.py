@@ -22,7 +22,8 @@ the host reads them once per log interval.
 
 Reading order: Trainer (set-up, train, train_step, validate, checkpoints), then the pieces it uses
 (schedule, optimizer, loss; processes and devices; evaluation), then the run and the command line.
-Configuration is config.py, files on disk checkpoint.py, data data.py, models model.py.
+Configuration is config.py, files on disk checkpoint.py, data data.py (its token cache
+cache.py), models model.py.
 """
 import sys
 

@@ -169,3 +169,16 @@ def test_no_cache_dir_tokenizes_every_time(tmp_path, tokenizer, counted):
     assert not (tmp_path / "cache").exists()
     assert cache.cache_folder({"data": {"cache_dir": "auto"}, "trainer": {"log_dir": "some/runs"}}).as_posix() \
         == "some/.token_cache"
+
+
+def test_a_second_builder_of_the_same_entry_leaves_the_first_one_whole(tmp_path, tokenizer):
+    """Two machines' local rank 0 on one shared cache folder both build an entry: the later
+    rename finds the entry there, drops its own copy and never deletes the files being mapped."""
+    path = write_csv(tmp_path / "train.csv", sentiment_rows(20))
+    first = load(tmp_path, tokenizer, path)
+    key, source = cache.cache_key(path, tokenizer, data_cfg(), 16)
+    entry = tmp_path / "cache" / key
+    inode = (entry / "ids.npy").stat().st_ino
+    cache.write_entry(entry, key, source, encode(tokenizer, read_examples(path, data_cfg(), LABELS, True), 16), path)
+    assert entries(tmp_path) == [key] and (entry / "ids.npy").stat().st_ino == inode
+    assert np.array_equal(first.ids, cache.open_entry(entry, key, 20)[0].ids)
