@@ -68,8 +68,8 @@ class Encoded:
     the token cache (cache.py) can memory-map, so the ranks of a machine share one copy.
 
     token_type_ids lie beside ids, only where the tokenizer gives them and some are not 0 (sentence
-    pairs); labels are any array whose
-    first axis is the examples (class ids, targets, one row of label columns), or None.
+    pairs); labels are any array whose first axis is the examples (class ids, targets, one row of
+    label columns), or None.
     """
     ids: np.ndarray                     # int32
     offsets: np.ndarray                 # int64, one more than there are examples
