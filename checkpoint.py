@@ -320,7 +320,8 @@ def check_writable_dir(path, key):
 # predictions written at the end, never the arithmetic of training
 RESUME_MAY_CHANGE = {"trainer.log_steps", "trainer.log_dir", "trainer.num_threads", "trainer.debug",
                      "ckpt.checkpoint", "ckpt.period", "ckpt.save_steps", "ckpt.keep_last",
-                     "ckpt.resume", "ckpt.overwrite", "data.predict_filepath", "data.predict_output"}
+                     "ckpt.resume", "ckpt.overwrite", "data.predict_filepath", "data.predict_output",
+                     "data.cache_dir"}
 # data files are compared by content (a moved file is the same data; an edited one is not)
 DATA_FILE_KEYS = ("data.train_filepath", "data.val_filepath", "distill.unlabeled_filepaths")
 

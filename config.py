@@ -50,7 +50,7 @@ TYPES = {
     "data.train_filepath": (str, None), "data.val_filepath": (str, None),
     "data.predict_filepath": (str, None), "data.predict_output": (str, None),
     "data.header": (int, None), "data.text_a_col": (str, int), "data.text_b_col": (str, int, None),
-    "data.label_col": (str, int),
+    "data.label_col": (str, int), "data.cache_dir": (str, None),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.early_stopping_patience": (int, None),

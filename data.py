@@ -5,7 +5,11 @@ Usage:
     encoded = encode(tokenizer, examples, max_seq_len)
     for rank_indices, global_size in train_batches(encoded.lengths, 32, seed, epoch, rank, world_size):
         batch = collate(encoded, rank_indices, tokenizer.pad_token_id)
+    for chunk in example_chunks(path, data_cfg, labels_list, 10_000):   # a predict file, streamed
+        ...
 
+Files are read line by line, never held whole; the token ids of a split are flat numpy arrays
+(Encoded), which cache.py keeps on disk for later runs and for the other ranks of a machine.
 Files are csv, tsv or jsonl. `data.header` is the index of the header row (rows above it are
 skipped) or null, in which case columns are named by position (0, 1, ...). `data.quoting` says
 whether a `"` opens a quoted field, which may hold delimiters, newlines and any length of text: by
@@ -23,12 +27,14 @@ Batching is a pure function of (seed, epoch, rank, world_size), so every DDP ran
 global order and takes its own share of each global batch, and a resumed run finds its place again.
 """
 import csv
-import io
+import itertools
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 # long texts are legitimate: lift the csv module's 131,072-character field limit to the largest
@@ -40,6 +46,10 @@ csv.field_size_limit(2**31 - 1)
 # below it
 MAX_FIELD_LINES = 10_000
 
+# rows per call of the tokenizer: enough for its threads to share; its outputs are held as Python
+# lists until copied, so a larger chunk raises the peak memory without tokenizing faster
+ENCODE_CHUNK = 2048
+
 
 class DataError(Exception):
     """A problem with an input file, reported to the user as one line."""
@@ -50,7 +60,7 @@ class Examples:
     """The rows of one file, checked, with the text and label columns pulled out."""
     path: str
     columns: list          # column names (header) or positions (header null)
-    rows: list             # one dict per row: column -> raw value, for predictions output
+    rows: list | None      # one dict per row: column -> raw value, kept for prediction output only
     texts_a: list
     texts_b: list | None
     labels: np.ndarray | None   # class ids (int64), regression targets (float32) or multi-label 0/1 rows (float32)
@@ -58,51 +68,113 @@ class Examples:
 
 @dataclass
 class Encoded:
-    """Token ids of every example, ready for batching; lengths drive the length grouping."""
-    input_ids: list
-    token_type_ids: list | None
+    """Token ids of every example, ready for batching, stored flat: example i's tokens are
+    ids[offsets[i]:offsets[i + 1]]. A few bytes a token instead of a Python int each, and arrays
+    the token cache (cache.py) can memory-map, so the ranks of a machine share one copy.
+
+    token_type_ids lie beside ids, only where the tokenizer gives them and some are not 0 (sentence
+    pairs); labels are any array whose first axis is the examples (class ids, targets, one row of
+    label columns), or None.
+    """
+    ids: np.ndarray                     # int32
+    offsets: np.ndarray                 # int64, one more than there are examples
+    token_type_ids: np.ndarray | None   # uint8
     labels: np.ndarray | None
-    lengths: np.ndarray
 
     def __len__(self):
-        return len(self.input_ids)
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self):
+        """Tokens per example: they drive the length grouping."""
+        return np.diff(self.offsets)
+
+    def tokens(self, i):
+        """Example i's token ids as a list."""
+        return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    @classmethod
+    def from_lists(cls, input_ids, token_type_ids=None, labels=None):
+        """From one list of token ids per example (and of token types, if given)."""
+        offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
+        np.cumsum([len(ids) for ids in input_ids], out=offsets[1:])
+        flat = lambda lists, dtype: np.fromiter(itertools.chain.from_iterable(lists), dtype, offsets[-1])
+        return cls(flat(input_ids, np.int32), offsets,
+                   None if token_type_ids is None else flat(token_type_ids, np.uint8), labels)
+
+    def subset(self, indices):
+        """The examples at indices, in that order, as a new Encoded in memory."""
+        indices = np.asarray(indices, dtype=np.int64)
+        starts, lengths = self.offsets[indices], self.lengths[indices]
+        offsets = np.zeros(len(indices) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        take = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return Encoded(self.ids[take], offsets,
+                       None if self.token_type_ids is None else self.token_type_ids[take],
+                       None if self.labels is None else self.labels[indices])
+
+    @staticmethod
+    def concat(parts):
+        """The examples of every part, in order. Token types if any part has them: a part without
+        them is all segment 0 (encode stores none then)."""
+        bases = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
+        offsets = np.concatenate([parts[0].offsets[:1]] + [p.offsets[1:] + b for p, b in zip(parts, bases)])
+        types = None
+        if any(p.token_type_ids is not None for p in parts):
+            types = np.concatenate([np.zeros(len(p.ids), np.uint8) if p.token_type_ids is None else p.token_type_ids
+                                    for p in parts])
+        with_labels = all(p.labels is not None for p in parts)
+        return Encoded(np.concatenate([p.ids for p in parts]), offsets, types,
+                       np.concatenate([p.labels for p in parts]) if with_labels else None)
 
 
 # ---------------------------------------------------------------------------------------------
-# reading files
+# reading files: line by line, so that a file of any size is never held whole
 
 
-def decode_file(path, encoding):
-    """The file's text, or a DataError naming the line of the first undecodable byte."""
+def undecodable(path, encoding):
+    """The DataError for a file that does not decode: it names the line of the first bad byte."""
+    with open(path, "rb") as f:
+        raw = f.read()  # only on this error path: the line number needs the bytes before it
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        return DataError(f"{path}:{line}: bytes that are not valid {encoding}; set data.encoding "
+                         f"to the file's encoding (for example --data.encoding latin-1)")
+    return DataError(f"{path}: bytes that are not valid {encoding}; set data.encoding to the file's encoding")
+
+
+def text_lines(path, encoding):
+    """The file's lines, decoded as they are read, line endings kept (as csv wants them); a
+    DataError names the line of the first undecodable byte or NUL byte."""
+    try:
+        f = open(path, encoding=encoding, newline="")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a data file") from None
-    try:
-        text = raw.decode(encoding)
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: bytes that are not valid {encoding}; set data.encoding "
-                        f"to the file's encoding (for example --data.encoding latin-1)") from None
     except LookupError:
         raise DataError(f"data.encoding: unknown encoding {encoding!r}") from None
-    if "\0" in text:  # no text holds one: the file is binary, or UTF-16 read as another encoding
-        line = text.count("\n", 0, text.index("\0")) + 1
-        raise DataError(f"{path}:{line}: a NUL byte, which no text holds; set data.encoding to "
-                        f"the file's encoding (for example --data.encoding utf-16)")
-    return text.removeprefix("\ufeff")  # a byte-order mark is not part of the first column name
+    with f:
+        try:
+            for number, line in enumerate(f, start=1):
+                if "\0" in line:  # no text holds one: the file is binary, or UTF-16 read as another encoding
+                    raise DataError(f"{path}:{number}: a NUL byte, which no text holds; set data.encoding "
+                                    f"to the file's encoding (for example --data.encoding utf-16)")
+                # a byte-order mark is not part of the first column name
+                yield line.removeprefix("\ufeff") if number == 1 else line
+        except UnicodeDecodeError:
+            raise undecodable(path, encoding) from None
 
 
-def read_delimited(path, text, delimiter, header, quoting):
-    """Rows of a csv/tsv file as (line number, dict) pairs, plus the column names."""
+def delimited_records(path, lines, delimiter, quoting):
+    """The non-empty records of a csv/tsv file as (line number, fields) pairs."""
     # strict: a quote left open to the end, or text after a closing quote, is an error, not text
-    # read wrongly; a row is named by its first line, where such a quote opened
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True,
+    # read wrongly; a record is named by its first line, where such a quote opened
+    reader = csv.reader(lines, delimiter=delimiter, strict=True,
                         quoting=csv.QUOTE_MINIMAL if quoting == "csv" else csv.QUOTE_NONE)
-    records, start = [], 1
+    start = 1
     try:
         for fields in reader:
             if reader.line_num - start >= MAX_FIELD_LINES:
@@ -111,33 +183,42 @@ def read_delimited(path, text, delimiter, header, quoting):
                                 f"quotes inside it twice (\"\"), or read quotes as text with "
                                 f"--data.quoting none")
             if fields:  # blank lines carry no example
-                records.append((start, fields))
+                yield start, fields
             start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path}:{start}: a quoted field is not closed properly ({e}); close the "
                         f"quote it opens and write quotes inside it twice (\"\"), or read quotes "
                         f"as text with --data.quoting none") from None
+
+
+def read_delimited(path, lines, delimiter, header, quoting):
+    """(columns, iterator of (line number, row dict)) of a csv/tsv file."""
+    records = delimited_records(path, lines, delimiter, quoting)
+    columns = None
     if header is not None:
-        if len(records) <= header:
+        above = list(itertools.islice(records, header + 1))
+        if len(above) <= header:
             raise DataError(f"{path}: data.header is {header} but the file has only "
-                            f"{len(records)} non-empty rows")
-        columns = records[header][1]
-        records = records[header + 1:]
+                            f"{len(above)} non-empty rows")
+        columns = above[header][1]
     else:
-        columns = list(range(len(records[0][1]))) if records else []
-    rows = []
-    for line, fields in records:
-        if len(fields) != len(columns):
-            raise DataError(f"{path}:{line}: row has {len(fields)} fields, expected {len(columns)} "
-                            f"(a stray delimiter or quote?)")
-        rows.append((line, dict(zip(columns, fields))))
-    return columns, rows
+        first = next(records, None)
+        if first is not None:
+            columns = list(range(len(first[1])))
+            records = itertools.chain([first], records)
+
+    def rows():
+        for line, fields in records:
+            if len(fields) != len(columns):
+                raise DataError(f"{path}:{line}: row has {len(fields)} fields, expected {len(columns)} "
+                                f"(a stray delimiter or quote?)")
+            yield line, dict(zip(columns, fields))
+    return columns or [], rows()
 
 
-def read_jsonl(path, text):
-    rows, columns = [], {}
-    # lines end at \n, \r\n or \r only: splitlines() also cuts at U+2028, which JSON text may hold
-    for line, raw in enumerate(io.StringIO(text, newline=None), start=1):
+def jsonl_rows(path, lines):
+    """(line number, row dict) of each non-blank line of a jsonl file."""
+    for line, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
@@ -146,26 +227,38 @@ def read_jsonl(path, text):
             raise DataError(f"{path}:{line}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{line}: expected a JSON object per line")
-        columns.update(dict.fromkeys(row))
-        rows.append((line, row))
-    return list(columns), rows
+        yield line, row
 
 
 def read_table(path, file_format, header, encoding, quoting):
-    """(columns, [(line, row dict), ...]) of a csv, tsv or jsonl file."""
-    text = decode_file(path, encoding)
-    if not text.strip():  # said plainly, not as a header row that is missing
-        raise DataError(f"{path}: the file is empty; expected examples")
+    """(columns, iterator of (line, row dict)) of a csv, tsv or jsonl file, read as it is consumed.
+
+    A jsonl file's columns are the keys of all its rows, so it is read twice: once for them.
+    """
+    lines = text_lines(path, encoding)
     if file_format == "jsonl":
-        columns, rows = read_jsonl(path, text)
+        columns = {}
+        for _, row in jsonl_rows(path, lines):
+            columns.update(dict.fromkeys(row))
+        columns, rows = list(columns), jsonl_rows(path, text_lines(path, encoding))
     else:
         if quoting == "auto":
             quoting = "csv" if file_format == "csv" else "none"
-        columns, rows = read_delimited(path, text, "," if file_format == "csv" else "\t", header,
-                                       quoting)
-    if not rows:
+        try:
+            columns, rows = read_delimited(path, lines, "," if file_format == "csv" else "\t", header, quoting)
+        except DataError:
+            check_not_blank(path, encoding)  # said plainly, not as a header row that is missing
+            raise
+    first = next(rows, None)
+    if first is None:
+        check_not_blank(path, encoding)
         raise DataError(f"{path}: no examples in the file")
-    return columns, rows
+    return columns, itertools.chain([first], rows)
+
+
+def check_not_blank(path, encoding):
+    if all(not line.strip() for line in text_lines(path, encoding)):
+        raise DataError(f"{path}: the file is empty; expected examples")
 
 
 def resolve_column(path, key, spec, columns, header):
@@ -231,8 +324,9 @@ def text_of(path, line, row, column):
     return text
 
 
-def read_examples(path, data_cfg, labels_list, need_labels):
-    """Read and check one data file; labels are required for training and evaluation only."""
+def checked_rows(path, data_cfg, labels_list, need_labels):
+    """(columns, iterator of (row dict, text_a, text_b, label)) of one data file, each row checked
+    as it is read; labels are required for training and evaluation only (None otherwise)."""
     header = data_cfg["header"] if data_cfg["file_format"] != "jsonl" else 0
     columns, rows = read_table(path, data_cfg["file_format"], data_cfg["header"],
                                data_cfg["encoding"], data_cfg["quoting"])
@@ -240,20 +334,61 @@ def read_examples(path, data_cfg, labels_list, need_labels):
     col_b = None
     if data_cfg["text_b_col"] is not None:
         col_b = resolve_column(path, "data.text_b_col", data_cfg["text_b_col"], columns, header)
-    texts_a = [text_of(path, line, row, col_a) for line, row in rows]
-    texts_b = [text_of(path, line, row, col_b) for line, row in rows] if col_b is not None else None
-    labels = None
+    col_label, label_ids = None, None
     if need_labels:
         col_label = resolve_column(path, "data.label_col", data_cfg["label_col"], columns, header)
-        multi_label = data_cfg["multi_label"]
-        label_ids = label_to_id(labels_list, multi_label)
-        if multi_label:
-            labels = np.stack([parse_label_set(path, line, row.get(col_label), label_ids, data_cfg["label_sep"])
-                               for line, row in rows])
-        else:
-            labels = np.array([parse_label(path, line, row.get(col_label), label_ids) for line, row in rows],
-                              dtype=np.int64 if label_ids is not None else np.float32)
-    return Examples(path, columns, [row for _, row in rows], texts_a, texts_b, labels)
+        label_ids = label_to_id(labels_list, data_cfg["multi_label"])
+
+    def label_of(line, row):
+        if data_cfg["multi_label"]:
+            return parse_label_set(path, line, row.get(col_label), label_ids, data_cfg["label_sep"])
+        return parse_label(path, line, row.get(col_label), label_ids)
+
+    def checked():
+        for line, row in rows:
+            yield (row, text_of(path, line, row, col_a),
+                   text_of(path, line, row, col_b) if col_b is not None else None,
+                   label_of(line, row) if need_labels else None)
+    return columns, checked()
+
+
+def gather(path, columns, items, data_cfg, labels_list, need_labels, keep_rows):
+    """Examples of (row, text_a, text_b, label) items."""
+    rows, texts_a, texts_b, labels = [], [], [], []
+    for row, text_a, text_b, label in items:
+        if keep_rows:
+            rows.append(row)
+        texts_a.append(text_a)
+        texts_b.append(text_b)
+        labels.append(label)
+    if need_labels and data_cfg["multi_label"]:  # one 0/1 row per example
+        labels = np.stack(labels) if labels else np.zeros((0, len(labels_list)), dtype=np.float32)
+    elif need_labels:
+        regression = label_to_id(labels_list) is None
+        labels = np.array(labels, dtype=np.float32 if regression else np.int64)
+    return Examples(path, columns, rows if keep_rows else None, texts_a,
+                    texts_b if data_cfg["text_b_col"] is not None else None, labels if need_labels else None)
+
+
+def read_examples(path, data_cfg, labels_list, need_labels, keep_rows=False):
+    """Read and check one data file. The raw rows are kept only when asked (keep_rows): only
+    prediction output needs the input columns, and they are most of a file's memory."""
+    columns, items = checked_rows(path, data_cfg, labels_list, need_labels)
+    return gather(path, columns, items, data_cfg, labels_list, need_labels, keep_rows)
+
+
+def example_chunks(path, data_cfg, labels_list, chunk_rows):
+    """The rows of a prediction file as Examples of at most chunk_rows rows each (raw rows kept),
+    read as they are consumed: memory follows the chunk, not the file."""
+    columns, items = checked_rows(path, data_cfg, labels_list, need_labels=False)
+    while chunk := list(itertools.islice(items, chunk_rows)):
+        yield gather(path, columns, chunk, data_cfg, labels_list, False, keep_rows=True)
+
+
+def count_examples(path, data_cfg, labels_list):
+    """Read and check every row of a prediction file (keeping none): the number of examples."""
+    _, items = checked_rows(path, data_cfg, labels_list, need_labels=False)
+    return sum(1 for _ in items)
 
 
 def label_to_id(labels_list, multi_label=False):
@@ -267,17 +402,35 @@ def label_to_id(labels_list, multi_label=False):
 # tokenizing and batching
 
 
-def encode(tokenizer, examples, max_seq_len, chunk_size=2048):
-    """Tokenize every example once, up front, truncated to max_seq_len (no padding yet)."""
-    input_ids, token_type_ids = [], []
-    for start in range(0, len(examples.texts_a), chunk_size):
+def encode(tokenizer, examples, max_seq_len, chunk_size=ENCODE_CHUNK, progress=False):
+    """Tokenize every example once, up front, truncated to max_seq_len (no padding yet).
+
+    Chunks of rows go to the tokenizer whole: a fast (Rust) tokenizer spreads a batch over the
+    cores itself. Each chunk's lists become flat arrays at once, so a file's worth of Python ints
+    never exists. progress: a bar for files that take more than a few seconds.
+    """
+    n = len(examples.texts_a)
+    ids, types, lengths = [], [], []
+    bar = tqdm(total=n, desc=f"tokenize {examples.path}", unit="row", disable=not progress, delay=3,
+               leave=False, dynamic_ncols=True, file=sys.stderr)
+    for start in range(0, n, chunk_size):
         end = start + chunk_size
         pair = examples.texts_b[start:end] if examples.texts_b is not None else None
-        out = tokenizer(examples.texts_a[start:end], pair, truncation=True, max_length=max_seq_len)
-        input_ids += out["input_ids"]
-        token_type_ids += out.get("token_type_ids") or []
-    lengths = np.array([len(ids) for ids in input_ids], dtype=np.int64)
-    return Encoded(input_ids, token_type_ids or None, examples.labels, lengths)
+        out = tokenizer(examples.texts_a[start:end], pair, truncation=True, max_length=max_seq_len,
+                        return_attention_mask=False)
+        chunk = out["input_ids"]
+        lengths.append(np.fromiter(map(len, chunk), np.int64, len(chunk)))
+        ids.append(np.fromiter(itertools.chain.from_iterable(chunk), np.int32))
+        if out.get("token_type_ids") is not None:
+            types.append(np.fromiter(itertools.chain.from_iterable(out["token_type_ids"]), np.uint8))
+        bar.update(len(chunk))
+    bar.close()
+    if types and not any(t.any() for t in types):
+        types = []  # all segment 0 (single texts): what the model assumes without them, so not stored
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
+    return Encoded(np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets,
+                   np.concatenate(types) if types else None, examples.labels)
 
 
 def train_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, group_size=50):
@@ -314,22 +467,26 @@ def eval_batches(lengths, batch_size, rank=0, world_size=1):
     return [batch for batch in np.split(order, range(batch_size, len(order), batch_size)) if len(batch)]
 
 
-def pad(sequences, value, multiple=1):
-    width = -(-max(len(s) for s in sequences) // multiple) * multiple  # rounded up to the multiple
-    out = np.full((len(sequences), width), value, dtype=np.int64)
-    for i, seq in enumerate(sequences):
-        out[i, :len(seq)] = seq
-    return torch.from_numpy(out)
+def padded(flat, offsets, indices, width, value):
+    """Rows `indices` of a flat token array as one (rows, width) int64 array, padded with value,
+    and the mask of its real tokens; gathered with one index array, not row by row."""
+    starts, lengths = offsets[indices], offsets[indices + 1] - offsets[indices]
+    real = np.arange(width) < lengths[:, None]
+    out = np.full((len(indices), width), value, dtype=np.int64)
+    out[real] = flat[(starts[:, None] + np.arange(width))[real]]
+    return out, real
 
 
 def collate(encoded, indices, pad_token_id, pad_to_multiple_of=1):
     """A batch padded to its own longest sequence (rounded up to pad_to_multiple_of: a compiled
     model then sees few distinct shapes); labels included when the data has them."""
-    input_ids = [encoded.input_ids[i] for i in indices]
-    batch = {"input_ids": pad(input_ids, pad_token_id, pad_to_multiple_of),
-             "attention_mask": pad([[1] * len(ids) for ids in input_ids], 0, pad_to_multiple_of)}
+    indices = np.asarray(indices, dtype=np.int64)
+    longest = int((encoded.offsets[indices + 1] - encoded.offsets[indices]).max())
+    width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of  # rounded up to the multiple
+    input_ids, real = padded(encoded.ids, encoded.offsets, indices, width, pad_token_id)
+    batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(real.astype(np.int64))}
     if encoded.token_type_ids is not None:
-        batch["token_type_ids"] = pad([encoded.token_type_ids[i] for i in indices], 0, pad_to_multiple_of)
+        batch["token_type_ids"] = torch.from_numpy(padded(encoded.token_type_ids, encoded.offsets, indices, width, 0)[0])
     if encoded.labels is not None:
-        batch["labels"] = torch.from_numpy(encoded.labels[indices])
+        batch["labels"] = torch.from_numpy(np.ascontiguousarray(encoded.labels[indices]))
     return batch

@@ -56,8 +56,8 @@ from config import ConfigError, task_of
 from data import Encoded, encode, read_examples
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
-from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, load_splits, log, on_main,
-                     predict_logits, seed_everything, task_loss)
+from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, log, on_main, predict_logits,
+                     read_splits, seed_everything, task_loss, tokenize)
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -380,25 +380,29 @@ def teacher_logits_of(cfg, proc, teacher, tokenizer, train):
 # unlabelled transfer data
 
 
-def add_unlabeled(cfg, tokenizer, train):
-    """The training split plus the rows of distill.unlabeled_filepaths, labelled -1 (NaN)."""
-    paths = cfg["distill"]["unlabeled_filepaths"]
-    if not paths:
-        return train
-    encoded = [train.encoded]
-    task, shape = task_of(cfg["data"]), train.encoded.labels.shape[1:]  # multi-label: (labels,) per row
-    for path in paths:
+def read_unlabeled(cfg):
+    """The rows of distill.unlabeled_filepaths, read and checked, labelled -1 (single-label) or NaN
+    (regression, and every label of a multi-label row)."""
+    unlabeled, task = [], task_of(cfg["data"])
+    shape = (len(cfg["data"]["labels_list"]),) if task == "multi_label" else ()
+    for path in cfg["distill"]["unlabeled_filepaths"]:
         examples = read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels=False)
         rows = (len(examples.texts_a), *shape)
         examples.labels = (np.full(rows, -1, dtype=np.int64) if task == "single_label"
                            else np.full(rows, np.nan, dtype=np.float32))
-        encoded.append(encode(tokenizer, examples, cfg["module"]["max_seq_len"]))
-    with_types = all(e.token_type_ids is not None for e in encoded)
-    merged = Encoded(input_ids=[ids for e in encoded for ids in e.input_ids],
-                     token_type_ids=[t for e in encoded for t in e.token_type_ids] if with_types else None,
-                     labels=np.concatenate([e.labels for e in encoded]),
-                     lengths=np.concatenate([e.lengths for e in encoded]))
-    return Split(train.examples, merged)
+        unlabeled.append(examples)
+    return unlabeled
+
+
+def add_unlabeled(cfg, tokenizer, train, unlabeled=None, proc=None):
+    """The training split plus the rows of distill.unlabeled_filepaths (read here unless given);
+    tokenized through the token cache when proc (the run's processes) is given."""
+    unlabeled = read_unlabeled(cfg) if unlabeled is None else unlabeled
+    if not unlabeled:
+        return train
+    parts = [tokenize(cfg, proc, tokenizer, e).encoded if proc is not None
+             else encode(tokenizer, e, cfg["module"]["max_seq_len"]) for e in unlabeled]
+    return Split(train.path, Encoded.concat([train.encoded] + parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,12 +415,16 @@ def run(cfg, proc):
     seed_everything(cfg["trainer"]["seed"])
     d = cfg["distill"]
     tokenizer = load_tokenizer(cfg["model"])
-    train, val, _ = load_splits(cfg, tokenizer)
-    train = add_unlabeled(cfg, tokenizer, train)
+    train, val = read_splits(cfg, tokenizer)
+    unlabeled = read_unlabeled(cfg)
     want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
     teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
     student = build_student(cfg, teacher, tokenizer)
     module = DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
+    on_main(proc, check_outputs, cfg)
+    # tokenized once everything is checked: the token cache is the run's first write
+    train, val = [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in (train, val)]
+    train = add_unlabeled(cfg, tokenizer, train, unlabeled, proc)
     cached = teacher_logits_of(cfg, proc, teacher, tokenizer, train) if caches_teacher_logits(cfg) else None
     loss_fn = DistillLoss(cfg, teacher, student, teacher_logits=cached,
                           class_weights=class_weights(cfg, train, proc.device))
@@ -430,7 +438,6 @@ def run(cfg, proc):
                   + (f", hidden map {loss_fn.hidden_map}" if want_hidden else "")
                   + (f", attention map {loss_fn.attention_map}" if want_attn else "")
                   + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
-    on_main(proc, check_outputs, cfg)
     seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)  # dropout differs by rank, weights do not
     _, result = fit(cfg, proc, module, tokenizer, train, val, loss_fn=loss_fn)
     return result

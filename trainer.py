@@ -22,7 +22,8 @@ the host reads them once per log interval.
 
 Reading order: Trainer (set-up, train, train_step, validate, checkpoints), then the pieces it uses
 (schedule, optimizer, loss; processes and devices; evaluation), then the run and the command line.
-Configuration is config.py, files on disk checkpoint.py, data data.py, models model.py.
+Configuration is config.py, files on disk checkpoint.py, data data.py (its token cache
+cache.py), models model.py.
 """
 import sys
 
@@ -51,13 +52,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import speedups
+from cache import cache_folder, cached_encode
 from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,
                         load_checkpoint, new_session, point_link, prune, read_manifest, sees_lock_of, write_checkpoint)
 from config import ConfigError, fit_metric_to_task, load_config, print_help, task_of
-from data import DataError, collate, encode, eval_batches, micro_batches, read_examples, train_batches
+from data import (DataError, collate, count_examples, encode, eval_batches, example_chunks, micro_batches,
+                  read_examples, train_batches)
 from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
 from model import (ModelError, build_model, load_tokenizer, load_weights, save_pretrained, save_thresholds,
                    saved_thresholds, use_checkpoint_settings)
+
+
+# rows of a predict file read, tokenized, run and written at a time: what prediction holds
+PREDICT_CHUNK = 10_000
 
 
 class TrainingError(Exception):
@@ -700,14 +707,23 @@ def set_rng_state(state, device):
 
 @dataclass
 class Split:
-    """One data file: its checked rows and their token ids."""
-    examples: object
+    """One data file's token ids and labels (encoded.labels); its texts are not kept."""
+    path: str
     encoded: object
 
 
+def tokenize(cfg, proc, tokenizer, examples):
+    """A read and checked file's Split: its token ids from the token cache (data.cache_dir),
+    tokenized there first if need be, by one process per machine (cache.py)."""
+    encoded = cached_encode(cache_folder(cfg), tokenizer, examples, cfg["data"], cfg["module"]["max_seq_len"],
+                            proc, say=lambda message: log(proc, message))
+    return Split(examples.path, encoded)
+
+
 def load_split(cfg, tokenizer, path, need_labels):
+    """One file read, checked and tokenized in this process, without the cache (tests, tools)."""
     examples = read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels)
-    return Split(examples, encode(tokenizer, examples, cfg["module"]["max_seq_len"]))
+    return Split(path, encode(tokenizer, examples, cfg["module"]["max_seq_len"]))
 
 
 def label_names(cfg):
@@ -834,13 +850,10 @@ def prediction_cells(logits, names, thresholds=None, sep="|"):
     return [[names[int(row.argmax())]] + [f"{p:.6f}" for p in row] for row in probs]
 
 
-def write_predictions(path, examples, logits, names, thresholds=None, sep="|"):
-    """The input columns, the prediction and every class (label) probability, in input order."""
-    with atomic_write(path, newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds))
-        for row, cells in zip(examples.rows, prediction_cells(logits, names, thresholds, sep)):
-            writer.writerow(["" if row.get(c) is None else row.get(c) for c in examples.columns] + cells)
+def write_prediction_rows(writer, examples, logits, names, thresholds=None, sep="|"):
+    """A chunk's rows: the input columns, then the prediction and every class (label) probability."""
+    for row, cells in zip(examples.rows, prediction_cells(logits, names, thresholds, sep)):
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in examples.columns] + cells)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -902,8 +915,10 @@ def truncate_jsonl(path, step):
 # the run: check everything, then train, evaluate, predict
 
 
-def load_splits(cfg, tokenizer):
-    """Read and check every file of the run up front, so a bad row fails before training."""
+def read_splits(cfg, tokenizer):
+    """Read and check every file of the run up front, so a bad row fails before anything is
+    loaded or written: (training examples, validation examples), None where there is no file.
+    The predict file is read and checked too, but not kept: predict_file streams it."""
     data = cfg["data"]
     # longer sequences than the model has positions would crash the first forward pass, mid-run
     if cfg["module"]["max_seq_len"] > tokenizer.model_max_length:
@@ -915,15 +930,28 @@ def load_splits(cfg, tokenizer):
         raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the "
                           f"{'checkpoint was trained at' if ours else 'model takes at most'} "
                           f"{tokenizer.model_max_length} tokens{hint}")
-    train = load_split(cfg, tokenizer, data["train_filepath"], True) if data["train_filepath"] else None
-    val = load_split(cfg, tokenizer, data["val_filepath"], True) if data["val_filepath"] else None
-    predict = load_split(cfg, tokenizer, data["predict_filepath"], False) if data["predict_filepath"] else None
-    return train, val, predict
+    read = lambda key: read_examples(data[key], data, data["labels_list"], need_labels=True) if data[key] else None
+    train, val = read("train_filepath"), read("val_filepath")
+    if data["predict_filepath"]:
+        count_examples(data["predict_filepath"], data, data["labels_list"])
+    return train, val
+
+
+def load_splits(cfg, tokenizer, proc=None):
+    """(training, validation) Splits, every file read and checked before any is tokenized;
+    through the token cache when proc (the run's processes) is given."""
+    examples = read_splits(cfg, tokenizer)
+    if proc is None:
+        return [None if e is None else Split(e.path, encode(tokenizer, e, cfg["module"]["max_seq_len"]))
+                for e in examples]
+    return [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in examples]
 
 
 def check_outputs(cfg):
     """Every folder the run will write in, checked (and created) before the first step."""
     check_writable_dir(cfg["trainer"]["log_dir"], "trainer.log_dir")
+    if cache_folder(cfg) is not None:
+        check_writable_dir(cache_folder(cfg), "data.cache_dir")
     if cfg["data"]["predict_filepath"] and cfg["data"]["predict_output"]:
         output = Path(cfg["data"]["predict_output"])
         if output.is_dir():
@@ -968,19 +996,38 @@ def write_eval_metrics(cfg, metrics):
     return run_dir
 
 
-def predict_file(cfg, proc, model, tokenizer, predict, run_dir, thresholds=None):
-    """Predictions for data.predict_filepath; thresholds: multi-label's, per label."""
-    logits = predict_logits(model, predict.encoded, cfg["trainer"]["val_batch_size"],
-                            tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc), desc="predict")
-    if not proc.is_main:
-        return None
+def predict_output(cfg, run_dir):
     path = cfg["data"]["predict_output"]
     if path is None:
         run_dir = run_dir or new_run_dir(cfg["trainer"]["log_dir"], "predict")
         path = str(Path(run_dir) / "predictions.csv")
-    write_predictions(path, predict.examples, logits, label_names(cfg), thresholds, cfg["data"]["label_sep"])
-    log(proc, f"predictions for {len(predict.encoded)} texts written to {path}")
     return path
+
+
+def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, thresholds=None):
+    """Label data.predict_filepath, a file of any size, chunk_rows rows (PREDICT_CHUNK) at a time:
+    read, tokenize, run (sharded over the ranks, gathered on the main process) and write each
+    chunk in turn, so memory follows the chunk, not the file. The output is written under a
+    temporary name and renamed when complete; read_splits checked every row before, so no bad
+    row can turn up after the first prediction is written. thresholds: multi-label's, per label.
+    The output path (main process)."""
+    data, names, dtype = cfg["data"], label_names(cfg), autocast_dtype(cfg["trainer"], proc)
+    path = on_main(proc, predict_output, cfg, run_dir)
+    rows = 0
+    with atomic_write(path, newline="") if proc.is_main else nullcontext() as f:
+        writer = csv.writer(f) if proc.is_main else None
+        for examples in example_chunks(data["predict_filepath"], data, data["labels_list"], chunk_rows or PREDICT_CHUNK):
+            if rows == 0 and writer is not None:
+                writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds))
+            # a predict file is read once: tokenized chunk by chunk, not cached
+            encoded = encode(tokenizer, examples, cfg["module"]["max_seq_len"])
+            logits = predict_logits(model, encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
+                                    proc, dtype, desc="predict")
+            if writer is not None:
+                write_prediction_rows(writer, examples, logits, names, thresholds, data["label_sep"])
+            rows += len(encoded)
+    log(proc, f"predictions for {rows} texts written to {path}")
+    return path if proc.is_main else None
 
 
 def run(cfg, proc):
@@ -992,12 +1039,14 @@ def run(cfg, proc):
     if note is not None:
         log(proc, f"note: {note}")
     tokenizer = load_tokenizer(cfg["model"])
-    train, val, predict = load_splits(cfg, tokenizer)
+    train, val = read_splits(cfg, tokenizer)
     model = build_model(cfg["model"], cfg["data"]["labels_list"], say=lambda message: log(proc, message),
                         multi_label=cfg["data"]["multi_label"])
     if cfg["trainer"]["speedups"]:
         speedups.apply(model, proc.device)  # the same arithmetic, less of it (speedups.py)
     on_main(proc, check_outputs, cfg)
+    # tokenized once everything is checked: the token cache is the run's first write
+    train, val = [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in (train, val)]
     # ranks draw different dropout masks; the initial weights were already the same on all
     seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
     result, run_dir, thresholds = {}, None, fixed_thresholds(cfg)
@@ -1017,8 +1066,9 @@ def run(cfg, proc):
         run_dir = on_main(proc, write_eval_metrics, cfg, metrics)
         if cfg["data"]["multi_label"]:  # tune: predictions decide at the thresholds tuned on this file
             thresholds = thresholds_of(metrics)
-    if predict:
-        result["predictions"] = predict_file(cfg, proc, model.to(proc.device), tokenizer, predict, run_dir, thresholds)
+    if cfg["data"]["predict_filepath"]:
+        result["predictions"] = predict_file(cfg, proc, model.to(proc.device), tokenizer, run_dir,
+                                             thresholds=thresholds)
     return result
 
 

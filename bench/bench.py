@@ -170,7 +170,7 @@ def run_ours(job):
     proc = trainer.setup_distributed(cfg["trainer"])
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
-    train, val, _ = trainer.load_splits(cfg, tokenizer)
+    train, val = trainer.load_splits(cfg, tokenizer)
     if job["random_roberta"]:
         model = build_random_roberta(job)
     else:

@@ -42,7 +42,7 @@ def bench_trainer(device="auto"):
     proc = trainer.setup_distributed(cfg["trainer"])
     trainer.seed_everything(cfg["trainer"]["seed"])
     tokenizer = trainer.load_tokenizer(cfg["model"])
-    train, _, _ = trainer.load_splits(cfg, tokenizer)
+    train, _ = trainer.load_splits(cfg, tokenizer)
     model = speedups.apply(trainer.build_model(cfg["model"], bench.LABELS), proc.device)
     run = trainer.Trainer(cfg, proc, model, tokenizer, train, None)
     run.model.train()

@@ -44,11 +44,7 @@ def main():
     tokenizer = load_tokenizer({**cfg["model"], "model_path": args.models[0]})
     split = load_split(cfg, tokenizer, args.data, True)
     keep = list(range(min(args.examples, len(split.encoded))))
-    split.encoded.input_ids = [split.encoded.input_ids[i] for i in keep]
-    split.encoded.token_type_ids = ([split.encoded.token_type_ids[i] for i in keep]
-                                    if split.encoded.token_type_ids else None)
-    split.encoded.lengths = split.encoded.lengths[keep]
-    split.encoded.labels = split.encoded.labels[keep]
+    split.encoded = split.encoded.subset(keep)
     names = list(models)
     for name in names:  # warm-up: first calls allocate and pick kernels
         predict_logits(models[name], split.encoded, args.batch, tokenizer.pad_token_id, ctx, None)

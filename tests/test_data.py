@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import make_tokenizer, write_csv, write_jsonl
 
-from data import (DataError, Encoded, collate, encode, eval_batches, micro_batches, read_examples,
-                  train_batches)
+from data import (DataError, Encoded, collate, count_examples, encode, eval_batches, example_chunks,
+                  micro_batches, read_examples, train_batches)
 
 LABELS = ["negative", "positive"]
 ROWS = [{"text": "good movie", "label": "positive"},
@@ -29,7 +29,10 @@ def test_csv_reads_texts_labels_and_columns(tmp_path):
     assert examples.texts_a == ["good movie", "bad plot", "the film was great"]
     assert examples.texts_b is None
     assert examples.labels.tolist() == [1, 0, 1] and examples.labels.dtype == np.int64
-    assert examples.rows[2] == {"id": "2", "text": "the film was great", "label": "positive"}
+    # the raw rows are for prediction output only: kept when asked for
+    assert examples.rows is None
+    kept = read_examples(path, data_cfg(), LABELS, need_labels=True, keep_rows=True)
+    assert kept.rows[2] == {"id": "2", "text": "the film was great", "label": "positive"}
 
 
 def test_tsv_keeps_commas_inside_texts(tmp_path):
@@ -88,7 +91,7 @@ def test_sentence_pairs_read_both_texts_and_tokenize_as_pairs(tmp_path):
     assert examples.texts_b == ["good", "very bad"]
     encoded = encode(make_tokenizer(), examples, max_seq_len=16)
     # [CLS] it was [SEP] very bad [SEP]: the second text is segment 1
-    assert encoded.token_type_ids[1] == [0, 0, 0, 0, 1, 1, 1]
+    assert encoded.token_type_ids[encoded.offsets[1]:].tolist() == [0, 0, 0, 0, 1, 1, 1]
     assert encoded.lengths.tolist() == [6, 7]
 
 
@@ -219,7 +222,7 @@ def test_tsv_reads_quotes_as_text_by_default(tmp_path):
     # GLUE's tsv files are unquoted: before, '"bad" plot' was an error and '"good"' read as 'good'
     lines = ["text\tlabel"] + [f"{text}\tpositive" for text in QUOTED_TEXTS]
     (tmp_path / "a.tsv").write_text("\n".join(lines) + "\n")
-    examples = read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv"), LABELS, True)
+    examples = read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv"), LABELS, True, keep_rows=True)
     assert examples.texts_a == QUOTED_TEXTS
     assert examples.rows[0] == {"text": '"bad" plot', "label": "positive"}
     # the file of a quote never closed, read as text: every row, the 11th with its quote
@@ -279,7 +282,8 @@ def test_encode_truncates_to_max_seq_len_without_padding(tmp_path):
     examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), LABELS, True)
     encoded = encode(make_tokenizer(), examples, max_seq_len=10, chunk_size=1)
     assert encoded.lengths.tolist() == [10, 3]
-    assert [len(ids) for ids in encoded.input_ids] == [10, 3]
+    assert [len(encoded.tokens(i)) for i in range(2)] == [10, 3]
+    assert encoded.ids.dtype == np.int32 and encoded.offsets.tolist() == [0, 10, 13]
     assert encoded.labels.tolist() == [1, 0]
 
 
@@ -367,7 +371,7 @@ def test_micro_batches_split_a_batch_for_accumulation():
 
 def test_collate_pads_to_a_multiple_when_asked_for_compiled_models():
     input_ids = [[2, 10, 3], [2, 10, 11, 12, 13, 3], [2, 3]]
-    encoded = Encoded(input_ids, None, None, np.array([len(ids) for ids in input_ids]))
+    encoded = Encoded.from_lists(input_ids)
     batch = collate(encoded, np.array([0, 1, 2]), pad_token_id=0, pad_to_multiple_of=8)
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (3, 8)
     assert batch["attention_mask"].sum(dim=1).tolist() == [3, 6, 2]  # padding is masked
@@ -376,8 +380,7 @@ def test_collate_pads_to_a_multiple_when_asked_for_compiled_models():
 
 def test_collate_pads_only_to_the_batch_longest():
     input_ids = [[2, 10, 3], [2, 10, 11, 12, 13, 3], [2, 3], [2, 14, 15, 16, 3]]
-    encoded = Encoded(input_ids, [[0] * len(ids) for ids in input_ids], np.array([0, 1, 1, 0]),
-                      np.array([len(ids) for ids in input_ids]))
+    encoded = Encoded.from_lists(input_ids, [[0] * len(ids) for ids in input_ids], np.array([0, 1, 1, 0]))
     batch = collate(encoded, np.array([0, 2, 3]), pad_token_id=0)
     assert batch["input_ids"].shape == (3, 5)  # not 6 (example 1 is not in it), not max_seq_len
     assert batch["input_ids"].tolist() == [[2, 10, 3, 0, 0], [2, 3, 0, 0, 0], [2, 14, 15, 16, 3]]
@@ -389,7 +392,7 @@ def test_collate_pads_only_to_the_batch_longest():
 
 def test_collate_uses_the_tokenizer_pad_id_and_no_labels_for_unlabelled_data():
     input_ids = [[0, 5, 2], [0, 2]]
-    encoded = Encoded(input_ids, None, None, np.array([3, 2]))
+    encoded = Encoded.from_lists(input_ids)
     batch = collate(encoded, np.array([0, 1]), pad_token_id=1)  # RoBERTa pads with 1
     assert batch["input_ids"].tolist() == [[0, 5, 2], [0, 2, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
@@ -412,3 +415,99 @@ def test_eval_batches_cover_every_example_exactly_once_over_ranks(n, world_size)
         assert lengths[flat].tolist() == sorted(lengths[flat].tolist(), reverse=True)
         seen += flat.tolist()
     assert sorted(seen) == list(range(n))
+
+
+# -- the flat layout (issue 17) ------------------------------------------------------------------
+
+
+def list_collate(input_ids, token_types, labels, indices, pad_token_id, multiple=1):
+    """The padding of before the flat layout, row by row from lists: the reference collate must equal."""
+    rows = [input_ids[i] for i in indices]
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
+    pad = lambda seqs, value: torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.int64)
+    batch = {"input_ids": pad(rows, pad_token_id), "attention_mask": pad([[1] * len(r) for r in rows], 0)}
+    if token_types is not None:
+        batch["token_type_ids"] = pad([token_types[i] for i in indices], 0)
+    if labels is not None:
+        batch["labels"] = torch.from_numpy(labels[indices])
+    return batch
+
+
+@pytest.mark.parametrize("multiple, with_types", [(1, False), (1, True), (8, True)])
+def test_flat_layout_gives_the_same_batches_as_lists(multiple, with_types):
+    rng = np.random.default_rng(0)
+    input_ids = [rng.integers(5, 30_000, size=rng.integers(1, 40)).tolist() for _ in range(300)]
+    token_types = [rng.integers(0, 2, size=len(ids)).tolist() for ids in input_ids] if with_types else None
+    # multi-label targets: a 2-D float array with NaN rows for unlabelled ones; labels stay opaque
+    labels = rng.random((300, 3)).astype(np.float32)
+    labels[::7] = np.nan
+    encoded = Encoded.from_lists(input_ids, token_types, labels)
+    assert encoded.ids.dtype == np.int32 and encoded.offsets.dtype == np.int64
+    assert encoded.lengths.tolist() == [len(ids) for ids in input_ids]
+    assert with_types == (encoded.token_type_ids is not None and encoded.token_type_ids.dtype == np.uint8)
+    for indices, _ in train_batches(encoded.lengths, 16, seed=0, epoch=0):
+        ours = collate(encoded, indices, pad_token_id=1, pad_to_multiple_of=multiple)
+        reference = list_collate(input_ids, token_types, labels, indices, 1, multiple)
+        assert ours.keys() == reference.keys()
+        for key in ours:
+            assert ours[key].dtype == reference[key].dtype and ours[key].shape == reference[key].shape
+            assert torch.equal(ours[key].nan_to_num(-9), reference[key].nan_to_num(-9)), key
+
+
+def test_encode_gives_each_text_the_tokenizer_own_ids_over_several_chunks(tmp_path):
+    rows = [{"premise": "the movie " * (i % 5 + 1), "hypothesis": "good" if i % 2 else "very bad",
+             "label": LABELS[i % 2]} for i in range(11)]
+    examples = read_examples(write_csv(tmp_path / "a.csv", rows),
+                             data_cfg(text_a_col="premise", text_b_col="hypothesis"), LABELS, True)
+    tokenizer = make_tokenizer()
+    encoded = encode(tokenizer, examples, max_seq_len=9, chunk_size=4)  # 3 chunks, the last short
+    for i, row in enumerate(rows):
+        expected = tokenizer(row["premise"], row["hypothesis"], truncation=True, max_length=9)
+        assert encoded.tokens(i) == expected["input_ids"]
+        start, end = encoded.offsets[i], encoded.offsets[i + 1]
+        assert encoded.token_type_ids[start:end].tolist() == expected["token_type_ids"]
+    assert encoded.labels.tolist() == [i % 2 for i in range(11)]
+
+
+def test_subset_and_concat_keep_each_example_whole():
+    a = Encoded.from_lists([[2, 5, 3], [2, 3], [2, 6, 7, 8, 3]], [[0, 0, 0], [0, 0], [0, 1, 1, 1, 1]],
+                           np.array([1, 0, 1]))
+    b = Encoded.from_lists([[2, 9, 3]], [[0, 0, 0]], np.array([-1]))
+    both = Encoded.concat([a, b])
+    assert [both.tokens(i) for i in range(4)] == [[2, 5, 3], [2, 3], [2, 6, 7, 8, 3], [2, 9, 3]]
+    assert both.labels.tolist() == [1, 0, 1, -1] and both.token_type_ids[5:10].tolist() == [0, 1, 1, 1, 1]
+    picked = both.subset([3, 0, 2])
+    assert [picked.tokens(i) for i in range(3)] == [[2, 9, 3], [2, 5, 3], [2, 6, 7, 8, 3]]
+    assert picked.labels.tolist() == [-1, 1, 1] and picked.lengths.tolist() == [3, 3, 5]
+    assert picked.token_type_ids.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
+    # a part without token types is segment 0 throughout (encode stores none for single texts)
+    mixed = Encoded.concat([a, Encoded.from_lists([[2, 3]], None, np.array([0]))])
+    assert mixed.token_type_ids.tolist() == a.token_type_ids.tolist() + [0, 0]
+    assert Encoded.concat([b.subset([0]), b]).token_type_ids.tolist() == [0] * 6
+
+
+def test_single_texts_store_no_token_types_and_batch_as_with_zeros(tmp_path):
+    examples = read_examples(write_csv(tmp_path / "a.csv", ROWS), data_cfg(), LABELS, True)
+    tokenizer = make_tokenizer()
+    encoded = encode(tokenizer, examples, max_seq_len=16)
+    assert encoded.token_type_ids is None  # BERT's tokenizer gave zeros, BERT's default without them
+    batch = collate(encoded, np.arange(3), tokenizer.pad_token_id)
+    padded = tokenizer([r["text"] for r in ROWS], padding=True, return_tensors="pt")
+    assert torch.equal(batch["input_ids"], padded["input_ids"]) and (padded["token_type_ids"] == 0).all()
+
+
+def test_prediction_chunks_are_the_rows_of_the_file_in_order(tmp_path):
+    rows = [{"id": str(i), "text": f"good movie {i}"} for i in range(23)]
+    path = write_csv(tmp_path / "a.csv", rows)
+    chunks = list(example_chunks(path, data_cfg(), LABELS, chunk_rows=5))
+    assert [len(c.texts_a) for c in chunks] == [5, 5, 5, 5, 3]
+    assert [row for c in chunks for row in c.rows] == rows
+    assert all(c.columns == ["id", "text"] and c.labels is None for c in chunks)
+    assert count_examples(path, data_cfg(), LABELS) == 23
+
+
+def test_a_bad_row_late_in_a_prediction_file_is_found_by_the_check_pass(tmp_path):
+    rows = [{"text": "good"}] * 30 + [{"text": " "}] + [{"text": "bad"}] * 5
+    path = write_csv(tmp_path / "a.csv", rows)
+    with pytest.raises(DataError, match=r"a\.csv:32: empty text"):
+        count_examples(path, data_cfg(), LABELS)

@@ -213,3 +213,56 @@ def test_nccl_ddp_matches_one_process(setup):
     assert out.returncode == 0, stderr_tail(out.stderr)
     assert_same_weights(weights(tmp / "nccl" / "ckpt" / "last"), weights(tmp / "sp" / "ckpt" / "last"),
                         atol=1e-3)
+
+
+# -- the token cache and streaming prediction under DDP (issue 17) ---------------------------
+
+
+COUNTING_TRAINER = """
+import os, sys
+sys.path.insert(0, {root!r})
+import cache, trainer
+real_encode = cache.encode
+
+def counted(*args, **kwargs):  # the cache tokenizing a file: which rank did it
+    with open({log!r}, "a") as f:
+        f.write(os.environ.get("RANK", "0") + "\\n")
+    return real_encode(*args, **kwargs)
+
+cache.encode = counted
+trainer.PREDICT_CHUNK = 7  # the predict file spans several chunks
+sys.exit(trainer.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_ranks_share_one_token_cache_and_predict_in_input_order(setup):
+    tmp = setup["tmp"]
+    log = tmp / "tokenized-by.txt"
+    script = tmp / "counting_trainer.py"
+    script.write_text(COUNTING_TRAINER.format(root=str(ROOT), log=str(log)))
+    rows = sentiment_rows(23, seed=3)
+    predict = write_csv(tmp / "predict-cached.csv", [{"id": f"r{i}", "text": r["text"]} for i, r in enumerate(rows)])
+    common = {"trainer.backend": "ddp", "data.cache_dir": str(tmp / "cache"), "trainer.val_batch_size": 4,
+              "data.predict_filepath": predict}
+    cmd = lambda *args: run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), *args], tmp)
+    first = cmd(*setup["args"]("cached", **common, **{"trainer.epochs": 1, "data.predict_output": str(tmp / "c1.csv")}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    # the training and validation files were tokenized once each, by local rank 0; rank 1 mapped them
+    assert log.read_text().split() == ["0", "0"]
+    assert len(list((tmp / "cache").iterdir())) == 2  # two entries, no temporary folder, no failure note
+    # a second run (evaluate + predict) maps the validation file's entry: nothing is tokenized again
+    second = cmd("--data.train_filepath", "null", "--data.val_filepath", setup["val"], "--data.predict_filepath", predict,
+                 "--data.labels_list", "[negative, positive]", "--data.text_a_col", "text", "--data.label_col", "label",
+                 "--module.metric", "acc", "--module.max_seq_len", "16", "--trainer.val_batch_size", "4",
+                 "--model.model_path", str(tmp / "cached" / "ckpt" / "best"), "--trainer.backend", "ddp",
+                 "--data.cache_dir", str(tmp / "cache"), "--trainer.log_dir", str(tmp / "cached-eval"),
+                 "--data.predict_output", str(tmp / "c2.csv"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert log.read_text().split() == ["0", "0"]
+    assert last_json_line(second.stdout)["acc"] == pytest.approx(last_json_line(first.stdout)["acc"])
+    # predictions: every row once, in input order, over 4 chunks sharded on 2 ranks; both runs agree
+    p1, p2 = (list(csv.DictReader(open(tmp / name))) for name in ("c1.csv", "c2.csv"))
+    assert [r["id"] for r in p1] == [r["id"] for r in p2] == [f"r{i}" for i in range(23)]
+    assert [r["text"] for r in p1] == [r["text"] for r in rows]
+    assert [r["predicted_label"] for r in p1] == [r["predicted_label"] for r in p2]

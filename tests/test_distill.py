@@ -225,7 +225,7 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
     before_projection = module.projection.weight.detach().clone()
     tokenizer = trainer.load_tokenizer(cfg["model"])
-    train_split, val_split, _ = trainer.load_splits(cfg, tokenizer)
+    train_split, val_split = trainer.load_splits(cfg, tokenizer)
     ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
     speedups.apply(teacher, ctx.device)  # as distill.run does with trainer.speedups on
     speedups.apply(module, ctx.device)

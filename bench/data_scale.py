@@ -1,0 +1,147 @@
+"""Data at scale: the memory a tokenized training file holds, and the time a run takes to its first step.
+
+    python bench/data_scale.py                       # 100,000 and 300,000 rows, then the first step at 300,000
+    python bench/data_scale.py --rows 1000 100000 --first-step-rows 0
+
+Synthetic files: data/tweets/train.csv replicated to N rows (the header once), in a scratch folder.
+Every measurement is its own subprocess, so its peak RSS (resource.getrusage) is its own:
+- encode: data.read_examples + data.encode with the tokenizer of --model at max length 64; reports
+  the peak RSS, the RSS still held after loading (above the process after its imports and the
+  tokenizer), per row, and the rows/s of reading + tokenizing.
+- first step: trainer.py training on the file (validation off, no checkpoints, one log line per step)
+  with data.cache_dir a fresh folder (cold: it tokenizes and writes the cache), then again with the
+  same folder (warm: it maps the cache); the time from the process start to the first logged step,
+  then the process is killed.
+Prints one JSON line with every figure.
+"""
+import argparse
+import csv
+import ctypes
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def replicate(src, dst, rows):
+    """src's data rows repeated (in order) to `rows` rows, under src's header."""
+    with open(src, encoding="utf-8", newline="") as f:
+        header, *data = list(csv.reader(f))
+    with open(dst, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for i in range(rows):
+            writer.writerow(data[i % len(data)])
+    return str(dst)
+
+
+def rss_mib():
+    """This process's resident set now (not the peak), from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def release_free_memory():
+    """Hand freed heap pages back to the OS (glibc malloc_trim), so the RSS after loading counts
+    what is held, not what the allocator keeps for later."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def encode_worker(path, model, max_seq_len):
+    sys.path.insert(0, str(ROOT))
+    from transformers import AutoTokenizer
+    from config import load_config
+    from data import encode, read_examples
+    cfg = load_config([])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer("warm up the tokenizer", truncation=True, max_length=max_seq_len)
+    base = rss_mib()
+    start = time.perf_counter()
+    examples = read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels=True)
+    encoded = encode(tokenizer, examples, max_seq_len)
+    seconds = time.perf_counter() - start
+    del examples  # what a training run holds is the encoded split (and the labels inside it)
+    release_free_memory()
+    held = rss_mib() - base
+    arrays = sum(getattr(encoded, name).nbytes for name in ("ids", "offsets", "labels")
+                 if getattr(encoded, name, None) is not None and hasattr(getattr(encoded, name), "nbytes"))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rows": len(encoded), "seconds": seconds, "rows_per_s": len(encoded) / seconds,
+                      "peak_rss_mib": peak, "base_rss_mib": base, "held_mib": held,
+                      "held_bytes_per_row": held * 2**20 / len(encoded),
+                      "array_bytes_per_row": arrays / len(encoded) if arrays else None}))
+
+
+def measure_encode(path, model, max_seq_len):
+    out = subprocess.run([sys.executable, __file__, "--worker", path, "--model", model,
+                          "--max_seq_len", str(max_seq_len)], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def has_cache_key():
+    return "cache_dir:" in (ROOT / "config.yaml").read_text()
+
+
+def time_to_first_step(path, model, max_seq_len, log_dir, cache_dir):
+    """Seconds from starting trainer.py to its first logged step (then it is killed)."""
+    args = [sys.executable, str(ROOT / "trainer.py"), "--data.train_filepath", path, "--data.val_filepath", "null",
+            "--model.hf_model", model, "--module.max_seq_len", str(max_seq_len), "--trainer.log_steps", "1",
+            "--trainer.log_dir", str(log_dir), "--ckpt.checkpoint", "false",
+            "--ckpt.model_state_save_dir", str(Path(log_dir) / "ckpt"), "--trainer.device", "cpu"]
+    if has_cache_key():
+        args += ["--data.cache_dir", str(cache_dir)]
+    start = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None:
+            logs = list(Path(log_dir).glob("*/metrics.jsonl"))
+            if logs and logs[0].read_text().strip():
+                return time.perf_counter() - start
+            time.sleep(0.1)
+        sys.exit(f"trainer.py ended before its first step:\n{proc.stderr.read()[-3000:]}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, nargs="*", default=[100_000, 300_000])
+    parser.add_argument("--first-step-rows", type=int, default=300_000, help="0 = skip")
+    parser.add_argument("--model", default=str(ROOT / "models" / "all-MiniLM-L6-v2"))
+    parser.add_argument("--max_seq_len", type=int, default=64)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return encode_worker(args.worker, args.model, args.max_seq_len)
+    src = ROOT / "data" / "tweets" / "train.csv"
+    result = {"encode": {}, "first_step_s": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        for rows in args.rows:
+            path = replicate(src, Path(scratch) / f"tweets-{rows}.csv", rows)
+            result["encode"][rows] = measure_encode(path, args.model, args.max_seq_len)
+        if args.first_step_rows:
+            path = replicate(src, Path(scratch) / f"tweets-{args.first_step_rows}.csv", args.first_step_rows)
+            cache = Path(scratch) / "cache"
+            for name in ("cold", "warm"):
+                result["first_step_s"][name] = time_to_first_step(
+                    path, args.model, args.max_seq_len, Path(scratch) / f"logs-{name}", cache)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

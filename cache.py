@@ -1,0 +1,246 @@
+"""Token cache: a data file's token ids kept on disk, for later runs and for the other ranks of a machine.
+
+Usage:
+    encoded = cached_encode(cache_folder(cfg), tokenizer, examples, cfg["data"], max_seq_len, proc, say)
+
+An entry is a folder <data.cache_dir>/<key>. The key is the sha256 of everything the ids follow from:
+the file's bytes, the tokenizer (its serialized state), max_seq_len, and the data options that pick
+and split the texts (columns, format, header, encoding, quoting). It holds ids.npy, offsets.npy
+(token_type_ids.npy where the tokenizer gives them) and manifest.json, naming each array's dtype,
+shape and size. Later runs open the arrays with np.load(mmap_mode="r"): pages are read as batches
+touch them, and every process that maps them shares one copy.
+
+Only token ids are cached. The file is still read and checked on every run (labels, empty texts,
+ragged rows name their file and line), which takes seconds; tokenizing took most of the time.
+
+An entry is written into a temporary folder beside it, every file fsynced, the manifest last, and
+renamed onto its name only when complete: a crash never leaves half an entry. An entry that does
+not match its manifest (a torn or truncated file, a missing manifest, another layout version) is
+rebuilt with a one-line note. The cache deletes only the files it writes itself.
+
+Under DDP the process of local rank 0 builds an entry while the others of its machine wait for it
+(up to WAIT_SECONDS, or until local rank 0 leaves a note that it failed), then every rank maps it.
+"""
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch.distributed as dist
+
+from checkpoint import file_digest, fsync_path
+from data import DataError, Encoded, encode
+
+VERSION = 1  # of the layout below: an entry of another version is rebuilt
+ARRAYS = ["ids", "offsets", "token_type_ids"]
+ENTRY_FILES = [f"{name}.npy" for name in ARRAYS] + ["manifest.json"]
+# data options that change which texts a row gives, and so its ids (labels are not cached)
+KEY_OPTIONS = ["text_a_col", "text_b_col", "file_format", "header", "encoding", "quoting"]
+# a big file takes long to tokenize on one process; the other ranks wait this long for it
+WAIT_SECONDS = 2 * 60 * 60
+POLL_SECONDS = 0.5
+
+
+def cache_folder(cfg):
+    """data.cache_dir as a path: auto = .token_cache beside trainer.log_dir (runs -> .token_cache:
+    not inside it, whose folders are runs); None = no cache."""
+    folder = cfg["data"]["cache_dir"]
+    if folder == "auto":
+        return Path(cfg["trainer"]["log_dir"]).parent / ".token_cache"
+    return None if folder is None else Path(folder)
+
+
+def tokenizer_state(tokenizer):
+    """What a tokenizer's ids follow from, as text: a fast tokenizer's serialized state, else the
+    vocabulary and settings of a Python one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # each call sets these to its own arguments: they say nothing about the tokenizer
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = {"vocab": sorted(tokenizer.get_vocab().items()), "settings": tokenizer.init_kwargs}
+    state["class"], state["truncation_side"] = type(tokenizer).__name__, tokenizer.truncation_side
+    return json.dumps(state, sort_keys=True, default=str)
+
+
+def cache_key(path, tokenizer, data_cfg, max_seq_len):
+    """(key, what it is made of): the sha256 of the file's bytes, the tokenizer, max_seq_len and
+    the options that change the ids."""
+    source = {"version": VERSION, "file_sha256": file_digest(path), "max_seq_len": max_seq_len,
+              "tokenizer_sha256": sha256_text(tokenizer_state(tokenizer)),
+              "options": {name: data_cfg[name] for name in KEY_OPTIONS}}
+    return sha256_text(json.dumps(source, sort_keys=True)), source
+
+
+def sha256_text(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and writing an entry
+
+
+def open_entry(folder, key, rows):
+    """(Encoded without labels, None) from a complete entry, or (None, why it cannot be used)."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "no manifest" if folder.exists() else "absent"
+    except (OSError, ValueError) as e:
+        return None, f"unreadable manifest ({e})"
+    if manifest.get("version") != VERSION or manifest.get("key") != key:
+        return None, "written by another version"
+    if manifest.get("rows") != rows:
+        return None, f"{manifest.get('rows')} rows, the file has {rows}"
+    arrays = {}
+    for name, spec in manifest["arrays"].items():
+        file = folder / f"{name}.npy"
+        try:
+            if file.stat().st_size != spec["bytes"]:
+                return None, f"{file.name} has {file.stat().st_size} bytes, not {spec['bytes']}"
+            arrays[name] = np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            return None, f"{file.name} unreadable ({e})"
+        if str(arrays[name].dtype) != spec["dtype"] or list(arrays[name].shape) != spec["shape"]:
+            return None, f"{file.name} is not the {spec['dtype']} {spec['shape']} array of the manifest"
+    ids, offsets, types = arrays.get("ids"), arrays.get("offsets"), arrays.get("token_type_ids")
+    if ids is None or offsets is None or len(offsets) != rows + 1 or offsets[0] != 0 or offsets[-1] != len(ids) \
+            or (types is not None and len(types) != len(ids)):
+        return None, "arrays that do not fit together"
+    return Encoded(ids, offsets, types, None), None
+
+
+def write_entry(folder, key, source, encoded, path):
+    """Write an entry: into a temporary folder beside it, then renamed onto its name when complete."""
+    tmp = folder.with_name(f".tmp-{folder.name[:16]}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        arrays = {}
+        for name in ARRAYS:
+            array = getattr(encoded, name)
+            if array is None:
+                continue
+            with open(tmp / f"{name}.npy", "wb") as f:
+                np.save(f, np.ascontiguousarray(array))
+                f.flush()
+                os.fsync(f.fileno())
+            arrays[name] = {"dtype": str(array.dtype), "shape": list(array.shape),
+                            "bytes": (tmp / f"{name}.npy").stat().st_size}
+        manifest = {"version": VERSION, "key": key, "file": str(path), "rows": len(encoded),
+                    "source": source, "arrays": arrays}
+        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:  # last: it marks the entry complete
+            f.write(json.dumps(manifest, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(tmp)
+        publish(tmp, folder, key, len(encoded))
+        fsync_path(folder.parent)
+    except BaseException:
+        remove_entry(tmp)
+        raise
+
+
+def publish(tmp, folder, key, rows):
+    """Rename a complete entry onto its name. The rename fails where an entry is there: one that
+    another builder (another machine's local rank 0, on a shared cache folder) just wrote has
+    the same ids, so ours is dropped; a torn one is set aside and deleted first."""
+    try:
+        os.rename(tmp, folder)
+        return
+    except OSError:
+        if not folder.exists():
+            raise
+    if open_entry(folder, key, rows)[0] is None:
+        aside = folder.with_name(f".torn-{folder.name[:16]}-{uuid.uuid4().hex[:8]}")
+        os.rename(folder, aside)
+        remove_entry(aside)
+        try:
+            os.rename(tmp, folder)
+            return
+        except OSError:
+            if not folder.exists():
+                raise
+    remove_entry(tmp)
+
+
+def remove_entry(folder):
+    """Delete an entry folder's files that the cache writes, then the folder; a folder that also
+    holds other files is renamed aside instead (the cache deletes nothing it did not write)."""
+    for name in ENTRY_FILES:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        folder.rename(folder.with_name(f".aside-{folder.name[:16]}-{uuid.uuid4().hex[:8]}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# one build per machine
+
+
+def cached_encode(cache_dir, tokenizer, examples, data_cfg, max_seq_len, proc, say=print):
+    """examples' token ids (with their labels): mapped from the cache, else tokenized and cached
+    by local rank 0 while the other ranks of its machine wait. cache_dir None: tokenized here."""
+    if cache_dir is None:
+        return encode(tokenizer, examples, max_seq_len, progress=proc.is_main)
+    key, source = cache_key(examples.path, tokenizer, data_cfg, max_seq_len)
+    folder, failed = Path(cache_dir) / key, Path(cache_dir) / f"{key}.failed"
+    builder = proc.local_rank == 0
+    if builder:
+        failed.unlink(missing_ok=True)  # an earlier run's; ours is written below if we fail
+    if proc.ddp:  # no rank looks for a failure note before an old one is gone
+        dist.barrier(group=proc.cpu_group)
+    if builder:
+        try:
+            encoded = build(folder, key, source, tokenizer, examples, max_seq_len, proc, say)
+        except BaseException as e:
+            if proc.ddp:
+                failed.write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
+            raise
+    else:
+        encoded = wait_for(folder, failed, key, len(examples.texts_a), proc)
+    encoded.labels = examples.labels
+    return encoded
+
+
+def build(folder, key, source, tokenizer, examples, max_seq_len, proc, say):
+    """The entry's arrays, tokenizing and writing them unless a complete entry is there."""
+    encoded, why = open_entry(folder, key, len(examples.texts_a))
+    if encoded is not None:
+        return encoded
+    if why != "absent":
+        say(f"note: token cache {folder} is incomplete or stale ({why}); tokenizing {examples.path} again")
+    fresh = encode(tokenizer, examples, max_seq_len, progress=proc.is_main)
+    try:
+        write_entry(folder, key, source, fresh, examples.path)
+    except OSError as e:
+        raise DataError(f"data.cache_dir {folder.parent}: cannot write the token cache ({e.strerror or e}); "
+                        f"give a writable folder, or null for no cache") from None
+    encoded, why = open_entry(folder, key, len(fresh))
+    if encoded is None:  # another builder is replacing it this moment: the same ids, held here instead
+        say(f"note: token cache {folder} changed while it was read back ({why}); this process keeps its own copy")
+        return fresh
+    return encoded
+
+
+def wait_for(folder, failed, key, rows, proc):
+    """The entry local rank 0 builds, once complete: polled, up to WAIT_SECONDS."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        encoded, _ = open_entry(folder, key, rows)
+        if encoded is not None:
+            return encoded
+        if failed.exists():
+            raise DataError(f"rank {proc.rank}: local rank 0 failed to build the token cache {folder} "
+                            f"({failed.read_text(encoding='utf-8').strip()})")
+        if time.monotonic() > deadline:
+            raise DataError(f"rank {proc.rank}: waited {WAIT_SECONDS / 3600:g} hours for local rank 0 to "
+                            f"build the token cache {folder}; is it still tokenizing, or did it stop?")
+        time.sleep(POLL_SECONDS)

@@ -1,0 +1,73 @@
+"""Streaming prediction (trainer.predict_file): chunk by chunk, the same CSV as the whole file at once."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from conftest import base_args, sentiment_rows, write_csv
+
+import trainer
+from config import load_config
+from data import DataError, encode, read_examples
+
+MAIN = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
+
+
+@pytest.fixture
+def job(tmp_path, tiny_bert):
+    rows = [{"id": f"r{i}", "text": row["text"]} for i, row in enumerate(sentiment_rows(30, seed=5))]
+    path = write_csv(tmp_path / "new.csv", rows)
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(4))
+    cfg = load_config(base_args(tmp_path, tiny_bert, train, "null", **{"data.predict_filepath": path}))
+    torch.manual_seed(0)
+    model = trainer.build_model(cfg["model"], cfg["data"]["labels_list"]).eval()
+    return cfg, model, trainer.load_tokenizer(cfg["model"]), rows
+
+
+def whole_file_csv(cfg, model, tokenizer, out):
+    """What prediction wrote before it streamed: every row read, tokenized and run at once."""
+    data, names = cfg["data"], trainer.label_names(cfg)
+    examples = read_examples(data["predict_filepath"], data, data["labels_list"], need_labels=False, keep_rows=True)
+    logits = trainer.predict_logits(model, encode(tokenizer, examples, cfg["module"]["max_seq_len"]),
+                                    cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id, MAIN, None)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(examples.columns + trainer.prediction_header(names))
+        for row, cells in zip(examples.rows, trainer.prediction_cells(logits, names)):
+            writer.writerow([row[c] for c in examples.columns] + cells)
+    return out
+
+
+def test_chunks_write_the_same_csv_as_the_whole_file(job, tmp_path):
+    cfg, model, tokenizer, rows = job
+    # batches of one: every example sees the same arithmetic however the file is cut
+    cfg["trainer"]["val_batch_size"] = 1
+    reference = whole_file_csv(cfg, model, tokenizer, tmp_path / "reference.csv")
+    cfg["data"]["predict_output"] = str(tmp_path / "streamed.csv")
+    path = trainer.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=7)  # 5 chunks, the last short
+    assert path == str(tmp_path / "streamed.csv")
+    assert (tmp_path / "streamed.csv").read_bytes() == reference.read_bytes()
+    with open(path, newline="", encoding="utf-8") as f:
+        assert [r["id"] for r in csv.DictReader(f)] == [r["id"] for r in rows]
+
+
+def test_chunks_of_length_sorted_batches_give_the_same_predictions(job, tmp_path):
+    cfg, model, tokenizer, _ = job
+    cfg["trainer"]["val_batch_size"] = 4  # other batches than the whole file's: padding differs
+    reference = list(csv.DictReader(open(whole_file_csv(cfg, model, tokenizer, tmp_path / "reference.csv"))))
+    cfg["data"]["predict_output"] = str(tmp_path / "streamed.csv")
+    streamed = list(csv.DictReader(open(trainer.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=7))))
+    assert [r["id"] for r in streamed] == [r["id"] for r in reference]
+    assert [r["predicted_label"] for r in streamed] == [r["predicted_label"] for r in reference]
+    np.testing.assert_allclose([float(r["prob_positive"]) for r in streamed],
+                               [float(r["prob_positive"]) for r in reference], atol=2e-6)
+
+
+def test_a_bad_row_in_a_later_chunk_leaves_no_output(job, tmp_path):
+    cfg, model, tokenizer, rows = job
+    path = write_csv(tmp_path / "bad.csv", rows[:20] + [{"id": "x", "text": ""}] + rows[20:])
+    cfg["data"].update(predict_filepath=path, predict_output=str(tmp_path / "out" / "p.csv"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DataError, match=r"bad\.csv:22: empty text"):
+        trainer.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=7)
+    assert list((tmp_path / "out").iterdir()) == []  # neither the file nor its temporary
