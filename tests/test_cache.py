@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from config import GOLDEN_CONFIG, read_yaml
 from conftest import POSITIVE, save_tiny_encoder, sentiment_rows, write_csv
 from transformers import AutoTokenizer
 
@@ -17,9 +18,8 @@ MAIN = Process(0, 0, 1, torch.device("cpu"), True, False)
 
 
 def data_cfg(**overrides):
-    cfg = {"file_format": "csv", "quoting": "auto", "header": 0, "encoding": "utf-8",
-           "text_a_col": "text", "text_b_col": None, "label_col": "label", "multi_label": False, "label_sep": "|"}
-    return {**cfg, **overrides}
+    """config.yaml's data section for a file of text / label columns."""
+    return {**read_yaml(GOLDEN_CONFIG)["data"], "text_a_col": "text", "label_col": "label", **overrides}
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from config import GOLDEN_CONFIG, read_yaml
 from conftest import make_tokenizer, write_csv, write_jsonl
 
 from data import (DataError, Encoded, collate, count_examples, encode, eval_batches, example_chunks,
@@ -14,9 +15,8 @@ ROWS = [{"text": "good movie", "label": "positive"},
 
 
 def data_cfg(**overrides):
-    cfg = {"file_format": "csv", "quoting": "auto", "header": 0, "encoding": "utf-8",
-           "text_a_col": "text", "text_b_col": None, "label_col": "label", "multi_label": False, "label_sep": "|"}
-    return {**cfg, **overrides}
+    """config.yaml's data section for a file of text / label columns."""
+    return {**read_yaml(GOLDEN_CONFIG)["data"], "text_a_col": "text", "label_col": "label", **overrides}
 
 
 # -- file formats --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, pipeline
 
 import distill
 import trainer
-from config import ConfigError, load_config
+from config import GOLDEN_CONFIG, ConfigError, load_config, read_yaml
 from conftest import (NEGATIVE, NEUTRAL, POSITIVE, ROOT, base_args, last_json_line, save_tiny_encoder,
                       stderr_tail, write_csv, write_jsonl)
 from data import DataError, read_examples
@@ -52,8 +52,8 @@ def multilabel_args(tmp_path, model, train, val, **more):
 
 
 def data_cfg(**overrides):
-    return {"file_format": "csv", "quoting": "auto", "header": 0, "encoding": "utf-8", "text_a_col": "text",
-            "text_b_col": None, "label_col": "label", "multi_label": True, "label_sep": "|", **overrides}
+    return {**read_yaml(GOLDEN_CONFIG)["data"], "text_a_col": "text", "label_col": "label", "multi_label": True,
+            **overrides}
 
 
 @pytest.fixture(scope="module")
