@@ -32,13 +32,13 @@ import numpy as np
 import torch.distributed as dist
 
 from checkpoint import file_digest, fsync_path
-from data import DataError, Encoded, encode
+from data import DataError, Encoded, encode, window_stride
 
 VERSION = 1  # of the layout below: an entry of another version is rebuilt
-ARRAYS = ["ids", "offsets", "token_type_ids"]
+ARRAYS = ["ids", "offsets", "token_type_ids", "documents"]
 ENTRY_FILES = [f"{name}.npy" for name in ARRAYS] + ["manifest.json"]
 # data options that change which texts a row gives, and so its ids (labels are not cached)
-KEY_OPTIONS = ["text_a_col", "text_b_col", "file_format", "header", "encoding", "quoting"]
+KEY_OPTIONS = ["text_a_col", "text_b_col", "file_format", "header", "encoding", "quoting", "long_texts", "window_stride"]
 # a big file takes long to tokenize on one process; the other ranks wait this long for it
 WAIT_SECONDS = 2 * 60 * 60
 POLL_SECONDS = 0.5
@@ -109,10 +109,13 @@ def open_entry(folder, key, rows):
         if str(arrays[name].dtype) != spec["dtype"] or list(arrays[name].shape) != spec["shape"]:
             return None, f"{file.name} is not the {spec['dtype']} {spec['shape']} array of the manifest"
     ids, offsets, types = arrays.get("ids"), arrays.get("offsets"), arrays.get("token_type_ids")
-    if ids is None or offsets is None or len(offsets) != rows + 1 or offsets[0] != 0 or offsets[-1] != len(ids) \
-            or (types is not None and len(types) != len(ids)):
+    documents = arrays.get("documents")  # windows: rows are the file's documents, cut into windows
+    windows = rows if documents is None else len(documents)
+    if ids is None or offsets is None or len(offsets) != windows + 1 or offsets[0] != 0 or offsets[-1] != len(ids) \
+            or (types is not None and len(types) != len(ids)) \
+            or (documents is not None and (windows and documents[-1] != rows - 1)):
         return None, "arrays that do not fit together"
-    return Encoded(ids, offsets, types, None), None
+    return Encoded(ids, offsets, types, None, documents), None
 
 
 def write_entry(folder, key, source, encoded, path):
@@ -131,14 +134,14 @@ def write_entry(folder, key, source, encoded, path):
                 os.fsync(f.fileno())
             arrays[name] = {"dtype": str(array.dtype), "shape": list(array.shape),
                             "bytes": (tmp / f"{name}.npy").stat().st_size}
-        manifest = {"version": VERSION, "key": key, "file": str(path), "rows": len(encoded),
+        manifest = {"version": VERSION, "key": key, "file": str(path), "rows": encoded.num_documents,
                     "source": source, "arrays": arrays}
         with open(tmp / "manifest.json", "w", encoding="utf-8") as f:  # last: it marks the entry complete
             f.write(json.dumps(manifest, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
         fsync_path(tmp)
-        publish(tmp, folder, key, len(encoded))
+        publish(tmp, folder, key, encoded.num_documents)
         fsync_path(folder.parent)
     except BaseException:
         remove_entry(tmp)
@@ -189,7 +192,7 @@ def cached_encode(cache_dir, tokenizer, examples, data_cfg, max_seq_len, proc, s
     """examples' token ids (with their labels): mapped from the cache, else tokenized and cached
     by local rank 0 while the other ranks of its machine wait. cache_dir None: tokenized here."""
     if cache_dir is None:
-        return encode(tokenizer, examples, max_seq_len, progress=proc.is_main)
+        return encode(tokenizer, examples, max_seq_len, progress=proc.is_main, stride=window_stride(data_cfg))
     key, source = cache_key(examples.path, tokenizer, data_cfg, max_seq_len)
     folder, failed = Path(cache_dir) / key, Path(cache_dir) / f"{key}.failed"
     builder = proc.local_rank == 0
@@ -199,31 +202,30 @@ def cached_encode(cache_dir, tokenizer, examples, data_cfg, max_seq_len, proc, s
         dist.barrier(group=proc.cpu_group)
     if builder:
         try:
-            encoded = build(folder, key, source, tokenizer, examples, max_seq_len, proc, say)
+            encoded = build(folder, key, source, tokenizer, examples, max_seq_len, window_stride(data_cfg), proc, say)
         except BaseException as e:
             if proc.ddp:
                 failed.write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
             raise
     else:
         encoded = wait_for(folder, failed, key, len(examples.texts_a), proc)
-    encoded.labels = examples.labels
-    return encoded
+    return encoded.with_document_labels(examples.labels)
 
 
-def build(folder, key, source, tokenizer, examples, max_seq_len, proc, say):
+def build(folder, key, source, tokenizer, examples, max_seq_len, stride, proc, say):
     """The entry's arrays, tokenizing and writing them unless a complete entry is there."""
     encoded, why = open_entry(folder, key, len(examples.texts_a))
     if encoded is not None:
         return encoded
     if why != "absent":
         say(f"note: token cache {folder} is incomplete or stale ({why}); tokenizing {examples.path} again")
-    fresh = encode(tokenizer, examples, max_seq_len, progress=proc.is_main)
+    fresh = encode(tokenizer, examples, max_seq_len, progress=proc.is_main, stride=stride)
     try:
         write_entry(folder, key, source, fresh, examples.path)
     except OSError as e:
         raise DataError(f"data.cache_dir {folder.parent}: cannot write the token cache ({e.strerror or e}); "
                         f"give a writable folder, or null for no cache") from None
-    encoded, why = open_entry(folder, key, len(fresh))
+    encoded, why = open_entry(folder, key, fresh.num_documents)
     if encoded is None:  # another builder is replacing it this moment: the same ids, held here instead
         say(f"note: token cache {folder} changed while it was read back ({why}); this process keeps its own copy")
         return fresh

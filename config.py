@@ -40,6 +40,8 @@ YamlLoader.add_implicit_resolver(
 CHOICES = {
     "data.file_format": ["csv", "tsv", "jsonl"],
     "data.quoting": ["auto", "csv", "none"],
+    "data.long_texts": ["truncate", "windows"],
+    "data.window_pool": ["mean", "max"],
     "module.metric": ["acc", "acc_and_f1", "mcc", "pcc_and_scc", "f1_macro", "f1_micro", "f1_samples", "subset_acc"],
     "trainer.backend": ["sp", "sp-amp", "ddp", "ddp-amp"],
     "trainer.amp_dtype": ["auto", "bf16", "fp16"],
@@ -50,7 +52,7 @@ TYPES = {
     "data.train_filepath": (str, None), "data.val_filepath": (str, None),
     "data.predict_filepath": (str, None), "data.predict_output": (str, None),
     "data.header": (int, None), "data.text_a_col": (str, int), "data.text_b_col": (str, int, None),
-    "data.label_col": (str, int), "data.cache_dir": (str, None),
+    "data.label_col": (str, int), "data.cache_dir": (str, None), "data.max_windows": (int, None),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.early_stopping_patience": (int, None),
@@ -236,12 +238,19 @@ def check_config(cfg):
         section, name = key.split(".")
         if cfg[section][name] <= 0:
             raise ConfigError(f"{key} is {cfg[section][name]}; it must be positive")
-    for key in ["trainer.eval_steps", "trainer.num_threads", "module.weight_decay",
+    for key in ["trainer.eval_steps", "trainer.num_threads", "module.weight_decay", "data.window_stride",
                 "trainer.max_grad_norm", "ckpt.period", "ckpt.save_steps",
                 "trainer.early_stopping_patience", "trainer.early_stopping_min_delta"]:
         section, name = key.split(".")
         if cfg[section][name] is not None and cfg[section][name] < 0:  # early_stopping_patience may be null
             raise ConfigError(f"{key} is {cfg[section][name]}; it must not be negative")
+    if data["max_windows"] is not None and data["max_windows"] < 1:
+        raise ConfigError(f"data.max_windows is {data['max_windows']}; it must be at least 1, or null for all")
+    if data["long_texts"] == "windows" and data["window_stride"] >= module["max_seq_len"] // 2:
+        # each window moves on by max_seq_len - stride - special tokens: a stride near the window
+        # would make as many windows as tokens
+        raise ConfigError(f"data.window_stride {data['window_stride']} must be less than half of module.max_seq_len "
+                          f"{module['max_seq_len']}, so each window moves on by more than it repeats")
     if tcfg["clip_grads"] and tcfg["max_grad_norm"] <= 0:
         # clipping to norm 0 scales every gradient to zero: the model would never change
         raise ConfigError(f"trainer.max_grad_norm is {tcfg['max_grad_norm']} with trainer.clip_grads "

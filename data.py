@@ -80,9 +80,28 @@ class Encoded:
     offsets: np.ndarray                 # int64, one more than there are examples
     token_type_ids: np.ndarray | None   # uint8
     labels: np.ndarray | None
+    # data.long_texts windows: the document (file row) of each window, ascending; None = one row each
+    documents: np.ndarray | None = None
 
     def __len__(self):
         return len(self.offsets) - 1
+
+    @property
+    def num_documents(self):
+        if self.documents is None:
+            return len(self)
+        return int(self.documents[-1]) + 1 if len(self.documents) else 0
+
+    def with_document_labels(self, labels):
+        """Itself, labelled: one label per document, repeated for each of its windows."""
+        self.labels = labels if labels is None or self.documents is None else labels[self.documents]
+        return self
+
+    def document_labels(self):
+        """One label per document (its first window's)."""
+        if self.documents is None:
+            return self.labels
+        return self.labels[np.searchsorted(self.documents, np.arange(self.num_documents))]
 
     @property
     def lengths(self):
@@ -111,7 +130,8 @@ class Encoded:
         take = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
         return Encoded(self.ids[take], offsets,
                        None if self.token_type_ids is None else self.token_type_ids[take],
-                       None if self.labels is None else self.labels[indices])
+                       None if self.labels is None else self.labels[indices],
+                       None if self.documents is None else self.documents[indices])
 
     @staticmethod
     def concat(parts):
@@ -124,8 +144,13 @@ class Encoded:
             types = np.concatenate([np.zeros(len(p.ids), np.uint8) if p.token_type_ids is None else p.token_type_ids
                                     for p in parts])
         with_labels = all(p.labels is not None for p in parts)
+        documents = None
+        if any(p.documents is not None for p in parts):  # numbered on from the parts before
+            starts = np.cumsum([0] + [p.num_documents for p in parts[:-1]])
+            documents = np.concatenate([(np.arange(len(p)) if p.documents is None else p.documents) + start
+                                        for p, start in zip(parts, starts)])
         return Encoded(np.concatenate([p.ids for p in parts]), offsets, types,
-                       np.concatenate([p.labels for p in parts]) if with_labels else None)
+                       np.concatenate([p.labels for p in parts]) if with_labels else None, documents)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,23 +427,33 @@ def label_to_id(labels_list, multi_label=False):
 # tokenizing and batching
 
 
-def encode(tokenizer, examples, max_seq_len, chunk_size=ENCODE_CHUNK, progress=False):
+def encode(tokenizer, examples, max_seq_len, chunk_size=ENCODE_CHUNK, progress=False, stride=None):
     """Tokenize every example once, up front, truncated to max_seq_len (no padding yet).
 
     Chunks of rows go to the tokenizer whole: a fast (Rust) tokenizer spreads a batch over the
     cores itself. Each chunk's lists become flat arrays at once, so a file's worth of Python ints
     never exists. progress: a bar for files that take more than a few seconds.
+
+    stride (data.long_texts windows): instead of truncating, cut each text into windows of
+    max_seq_len tokens, each sharing `stride` tokens with the one before, by the fast tokenizer's
+    own overflow (return_overflowing_tokens). A sentence pair's windows run over the second text,
+    the first kept whole in every window. `documents` then maps each window to its row.
     """
     n = len(examples.texts_a)
-    ids, types, lengths = [], [], []
+    ids, types, lengths, documents = [], [], [], []
+    if stride is not None:
+        check_window_room(tokenizer, examples, max_seq_len, stride)
+    windows = {} if stride is None else {"stride": stride, "return_overflowing_tokens": True}
     bar = tqdm(total=n, desc=f"tokenize {examples.path}", unit="row", disable=not progress, delay=3,
                leave=False, dynamic_ncols=True, file=sys.stderr)
     for start in range(0, n, chunk_size):
         end = start + chunk_size
         pair = examples.texts_b[start:end] if examples.texts_b is not None else None
-        out = tokenizer(examples.texts_a[start:end], pair, truncation=True, max_length=max_seq_len,
-                        return_attention_mask=False)
+        out = tokenizer(examples.texts_a[start:end], pair, max_length=max_seq_len, return_attention_mask=False,
+                        truncation="only_second" if pair is not None and windows else True, **windows)
         chunk = out["input_ids"]
+        if windows:
+            documents.append(np.asarray(out["overflow_to_sample_mapping"], dtype=np.int64) + start)
         lengths.append(np.fromiter(map(len, chunk), np.int64, len(chunk)))
         ids.append(np.fromiter(itertools.chain.from_iterable(chunk), np.int32))
         if out.get("token_type_ids") is not None:
@@ -427,10 +462,64 @@ def encode(tokenizer, examples, max_seq_len, chunk_size=ENCODE_CHUNK, progress=F
     bar.close()
     if types and not any(t.any() for t in types):
         types = []  # all segment 0 (single texts): what the model assumes without them, so not stored
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.concatenate(lengths) if lengths else [], out=offsets[1:])
-    return Encoded(np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets,
-                   np.concatenate(types) if types else None, examples.labels)
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    encoded = Encoded(np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets,
+                      np.concatenate(types) if types else None, None,
+                      (np.concatenate(documents) if documents else np.zeros(0, np.int64)) if windows else None)
+    return encoded.with_document_labels(examples.labels)
+
+
+def window_stride(data_cfg):
+    """data.window_stride when data.long_texts is windows, else None (truncate)."""
+    return data_cfg["window_stride"] if data_cfg["long_texts"] == "windows" else None
+
+
+def check_window_room(tokenizer, examples, max_seq_len, stride):
+    """Each window must hold more than `stride` tokens of text beside the special tokens (and, in
+    a pair, the whole first text), or it could never move on (the tokenizer would panic)."""
+    pair = examples.texts_b is not None
+    room = max_seq_len - tokenizer.num_special_tokens_to_add(pair=pair)
+    if not pair:
+        if room <= stride:
+            raise DataError(f"data.window_stride {stride} leaves a window of module.max_seq_len {max_seq_len} "
+                            f"no room to move on ({room} tokens for text); lower the stride")
+        return
+    for start in range(0, len(examples.texts_a), ENCODE_CHUNK):
+        firsts = tokenizer(examples.texts_a[start:start + ENCODE_CHUNK], add_special_tokens=False)["input_ids"]
+        for i, first in enumerate(firsts, start=start):
+            if room - len(first) <= stride:
+                raise DataError(f"{examples.path}: example {i + 1}: its first text ({len(first)} tokens) leaves "
+                                f"{max(0, room - len(first))} of module.max_seq_len {max_seq_len} for windows of "
+                                f"the second text, which must be more than data.window_stride {stride}; "
+                                f"raise module.max_seq_len or lower the stride")
+
+
+def dropped_by_truncation(encoded, stride, specials):
+    """The share of a windowed split's text tokens that truncation at the same max_seq_len would
+    not have kept: a document's first window is what truncation keeps, each later window adds its
+    length less the specials and the stride it repeats. (A pair's first text, repeated in every
+    window, counts as new text in each: the share is a lower bound there.)"""
+    lengths = encoded.lengths.astype(np.float64)
+    first = np.r_[True, encoded.documents[1:] != encoded.documents[:-1]]
+    kept = (lengths[first] - specials).sum()
+    total = kept + (lengths[~first] - specials - stride).sum()
+    return float(1 - kept / total) if total > 0 else 0.0
+
+
+def cap_windows(encoded, max_windows):
+    """A training split with at most max_windows windows per document, spread evenly over it
+    (its first and last among them), so a huge document cannot fill an epoch."""
+    if encoded.documents is None or max_windows is None:
+        return encoded
+    starts = np.searchsorted(encoded.documents, np.arange(encoded.num_documents))
+    counts = np.diff(np.r_[starts, len(encoded)])
+    if counts.max(initial=0) <= max_windows:
+        return encoded
+    keep = [start + np.unique(np.round(np.linspace(0, count - 1, min(count, max_windows))).astype(np.int64))
+            for start, count in zip(starts, counts)]
+    return encoded.subset(np.concatenate(keep))
 
 
 def train_batches(lengths, batch_size, seed, epoch, rank=0, world_size=1, group_size=50):

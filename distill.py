@@ -53,11 +53,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import speedups
 from config import ConfigError, task_of
-from data import Encoded, encode, read_examples
+from data import Encoded, encode, read_examples, window_stride
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
 from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, log, on_main, predict_logits,
-                     read_splits, seed_everything, task_loss, tokenize)
+                     read_splits, seed_everything, task_loss, tokenize, training_split)
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -401,7 +401,7 @@ def add_unlabeled(cfg, tokenizer, train, unlabeled=None, proc=None):
     if not unlabeled:
         return train
     parts = [tokenize(cfg, proc, tokenizer, e).encoded if proc is not None
-             else encode(tokenizer, e, cfg["module"]["max_seq_len"]) for e in unlabeled]
+             else encode(tokenizer, e, cfg["module"]["max_seq_len"], stride=window_stride(cfg["data"])) for e in unlabeled]
     return Split(train.path, Encoded.concat([train.encoded] + parts))
 
 
@@ -424,7 +424,7 @@ def run(cfg, proc):
     on_main(proc, check_outputs, cfg)
     # tokenized once everything is checked: the token cache is the run's first write
     train, val = [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in (train, val)]
-    train = add_unlabeled(cfg, tokenizer, train, unlabeled, proc)
+    train = training_split(cfg, proc, add_unlabeled(cfg, tokenizer, train, unlabeled, proc))
     cached = teacher_logits_of(cfg, proc, teacher, tokenizer, train) if caches_teacher_logits(cfg) else None
     loss_fn = DistillLoss(cfg, teacher, student, teacher_logits=cached,
                           class_weights=class_weights(cfg, train, proc.device))

@@ -56,8 +56,8 @@ from cache import cache_folder, cached_encode
 from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,
                         load_checkpoint, new_session, point_link, prune, read_manifest, sees_lock_of, write_checkpoint)
 from config import ConfigError, fit_metric_to_task, load_config, print_help, task_of
-from data import (DataError, collate, count_examples, encode, eval_batches, example_chunks, micro_batches,
-                  read_examples, train_batches)
+from data import (DataError, cap_windows, collate, count_examples, dropped_by_truncation, encode, eval_batches,
+                  example_chunks, micro_batches, read_examples, train_batches, window_stride)
 from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
 from model import (ModelError, build_model, load_tokenizer, load_weights, save_pretrained, save_thresholds,
                    saved_thresholds, use_checkpoint_settings)
@@ -717,13 +717,28 @@ def tokenize(cfg, proc, tokenizer, examples):
     tokenized there first if need be, by one process per machine (cache.py)."""
     encoded = cached_encode(cache_folder(cfg), tokenizer, examples, cfg["data"], cfg["module"]["max_seq_len"],
                             proc, say=lambda message: log(proc, message))
+    if encoded.documents is not None:
+        stride = cfg["data"]["window_stride"]
+        dropped = dropped_by_truncation(encoded, stride, tokenizer.num_special_tokens_to_add(examples.texts_b is not None))
+        log(proc, f"windows: {examples.path}: {encoded.num_documents} documents in {len(encoded)} windows of <= "
+                  f"{cfg['module']['max_seq_len']} tokens (stride {stride}); truncation would have dropped "
+                  f"{dropped:.1%} of their text tokens")
     return Split(examples.path, encoded)
+
+
+def training_split(cfg, proc, split):
+    """The training split with at most data.max_windows windows per document (windows only)."""
+    capped = cap_windows(split.encoded, cfg["data"]["max_windows"])
+    if capped is not split.encoded:
+        log(proc, f"windows: {len(capped)} of the {len(split.encoded)} training windows kept, at most "
+                  f"{cfg['data']['max_windows']} per document (data.max_windows)")
+    return Split(split.path, capped)
 
 
 def load_split(cfg, tokenizer, path, need_labels):
     """One file read, checked and tokenized in this process, without the cache (tests, tools)."""
     examples = read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels)
-    return Split(path, encode(tokenizer, examples, cfg["module"]["max_seq_len"]))
+    return Split(path, encode(tokenizer, examples, cfg["module"]["max_seq_len"], stride=window_stride(cfg["data"])))
 
 
 def label_names(cfg):
@@ -779,20 +794,42 @@ def predict_logits(model, encoded, batch_size, pad_token_id, proc, amp_dtype, de
     return logits
 
 
+def pool_windows(logits, documents, num_documents, how="mean"):
+    """Per-document logits from per-window ones (data.long_texts windows): documents[i] is the
+    document of window i; a document's logits are the mean or the max of its windows'."""
+    pooled = np.zeros((num_documents, logits.shape[1]), dtype=np.float32)
+    if how == "max":
+        pooled[:] = -np.inf
+        np.maximum.at(pooled, documents, logits)
+    else:
+        np.add.at(pooled, documents, logits)
+        pooled /= np.bincount(documents, minlength=num_documents)[:, None]
+    return pooled
+
+
 def logits_to_predictions(logits, names):
     return logits[:, 0] if names is None else logits.argmax(axis=1)
 
 
 def split_metrics(logits, split, cfg, where):
-    """Metrics of a labelled split's logits, and a warning line if the model predicts one class."""
-    names = label_names(cfg)
+    """Metrics of a labelled split's logits (windows: pooled per document, so metrics count
+    documents), and a warning line if the model predicts one class."""
+    names, labels = label_names(cfg), split.encoded.document_labels()
+    logits = document_logits(logits, split.encoded, cfg)
     if cfg["data"]["multi_label"]:
-        return multilabel_split_metrics(logits, split.encoded.labels, names, fixed_thresholds(cfg))
+        return multilabel_split_metrics(logits, labels, names, fixed_thresholds(cfg))
     predictions = logits_to_predictions(logits, names)
     collapse = one_class_warning(predictions, names)
     if collapse:
         print(f"warning: {where}, {collapse}")
-    return compute_metrics(predictions, split.encoded.labels, names)
+    return compute_metrics(predictions, labels, names)
+
+
+def document_logits(logits, encoded, cfg):
+    """One row of logits per document: its windows' pooled by data.window_pool (windows only)."""
+    if encoded.documents is None:
+        return logits
+    return pool_windows(logits, encoded.documents, encoded.num_documents, cfg["data"]["window_pool"])
 
 
 def multilabel_split_metrics(logits, labels, names, thresholds=None):
@@ -942,7 +979,8 @@ def load_splits(cfg, tokenizer, proc=None):
     through the token cache when proc (the run's processes) is given."""
     examples = read_splits(cfg, tokenizer)
     if proc is None:
-        return [None if e is None else Split(e.path, encode(tokenizer, e, cfg["module"]["max_seq_len"]))
+        return [None if e is None else Split(e.path, encode(tokenizer, e, cfg["module"]["max_seq_len"],
+                                                            stride=window_stride(cfg["data"])))
                 for e in examples]
     return [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in examples]
 
@@ -985,7 +1023,7 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
                             tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc))
     metrics = on_main(proc, split_metrics, logits, val, cfg, f"on {cfg['data']['val_filepath']}")
     log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
-              f"({len(val.encoded)} examples)\n{format_report(metrics)}")
+              f"({val.encoded.num_documents} examples)\n{format_report(metrics)}")
     return metrics
 
 
@@ -1020,12 +1058,13 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, threshol
             if rows == 0 and writer is not None:
                 writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds))
             # a predict file is read once: tokenized chunk by chunk, not cached
-            encoded = encode(tokenizer, examples, cfg["module"]["max_seq_len"])
+            encoded = encode(tokenizer, examples, cfg["module"]["max_seq_len"], stride=window_stride(data))
             logits = predict_logits(model, encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
                                     proc, dtype, desc="predict")
-            if writer is not None:
+            if writer is not None:  # one row per input row: a document's windows pooled
+                logits = document_logits(logits, encoded, cfg)
                 write_prediction_rows(writer, examples, logits, names, thresholds, data["label_sep"])
-            rows += len(encoded)
+            rows += encoded.num_documents
     log(proc, f"predictions for {rows} texts written to {path}")
     return path if proc.is_main else None
 
@@ -1047,6 +1086,7 @@ def run(cfg, proc):
     on_main(proc, check_outputs, cfg)
     # tokenized once everything is checked: the token cache is the run's first write
     train, val = [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in (train, val)]
+    train = train and training_split(cfg, proc, train)
     # ranks draw different dropout masks; the initial weights were already the same on all
     seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
     result, run_dir, thresholds = {}, None, fixed_thresholds(cfg)
