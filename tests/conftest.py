@@ -146,3 +146,16 @@ def base_args(tmp_path, model_dir, train, val, **overrides):
 
 def last_json_line(stdout):
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def one_and_two_processes(args):
+    """trainer.py's final JSON line run as one process and as two under torchrun (gloo, CPU)."""
+    import subprocess
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args], capture_output=True, text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "trainer.py"), *args, "--trainer.backend", "ddp"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, stderr_tail(one.stderr)
+    assert two.returncode == 0, stderr_tail(two.stderr)
+    return last_json_line(one.stdout), last_json_line(two.stdout)

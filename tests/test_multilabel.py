@@ -5,12 +5,11 @@ the prediction CSV, plain transformers' pipeline on our checkpoint, resume, DDP 
 The task: a text gets "good" when it has a positive word, "bad" when it has a negative one, "film"
 when it names a film or a movie; any, several or none of them.
 """
+import contextlib
 import csv
+import io
 import json
-import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,8 +21,8 @@ from transformers import AutoModelForSequenceClassification, pipeline
 import distill
 import trainer
 from config import GOLDEN_CONFIG, ConfigError, load_config, read_yaml
-from conftest import (NEGATIVE, NEUTRAL, POSITIVE, ROOT, base_args, last_json_line, save_tiny_encoder,
-                      stderr_tail, write_csv, write_jsonl)
+from conftest import (NEGATIVE, NEUTRAL, POSITIVE, base_args, last_json_line, one_and_two_processes,
+                      save_tiny_encoder, write_csv, write_jsonl)
 from data import DataError, read_examples
 from metrics import best_thresholds, multilabel_metrics
 
@@ -74,8 +73,6 @@ def tuned(job):
 
 
 def run_main(args, expect=0):
-    import contextlib
-    import io
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = trainer.main(args)
@@ -307,13 +304,8 @@ def test_two_processes_evaluate_exactly_as_one(job, tuned, tmp_path):
     args = ["--data.train_filepath", "null", "--data.val_filepath", job["val"], "--model.model_path", str(best),
             "--data.label_col", "label", "--trainer.device", "cpu", "--trainer.val_batch_size", "8",
             "--trainer.log_dir", str(tmp_path / "runs")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args], capture_output=True, text=True, env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "trainer.py"), *args, "--trainer.backend", "ddp"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, stderr_tail(two.stderr)
-    assert last_json_line(one.stdout) == last_json_line(two.stdout)
+    one, two = one_and_two_processes(args)
+    assert one == two
 
 
 # -- distillation ----------------------------------------------------------------------------------
@@ -348,8 +340,6 @@ def test_distilling_a_multilabel_teacher_gives_a_multilabel_student(job, tuned):
     args = multilabel_args(tmp, job["model"], job["train"], job["val"], **{
         "model.model_path": str(teacher), "distill.student_layers": "[0]", "trainer.epochs": 2,
         "module.threshold": "tune", "distill.unlabeled_filepaths": f"[{unlabeled}]"})
-    import contextlib
-    import io
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert distill.main(args) == 0

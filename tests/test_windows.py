@@ -1,9 +1,22 @@
 """Long documents as sliding windows (data.long_texts windows): windows from the fast tokenizer's
 overflow, a cap on a training document's windows, per-document pooling in evaluation and prediction."""
+import contextlib
+import csv
+import io
+import json
+import random
+
 import numpy as np
 import pytest
+import torch
 
+import distill
 import trainer
+from cache import cached_encode
+from config import GOLDEN_CONFIG, read_yaml
+from conftest import (NEGATIVE, NEUTRAL, POSITIVE, base_args, last_json_line, make_tokenizer, one_and_two_processes,
+                      save_tiny_encoder, write_csv)
+from data import DataError, Examples, cap_windows, dropped_by_truncation, encode, eval_batches, read_examples
 
 
 def test_pooling_takes_the_mean_or_the_max_of_each_documents_windows():
@@ -20,23 +33,6 @@ def test_pooling_takes_the_mean_or_the_max_of_each_documents_windows():
 
 # -- windows from the tokenizer's overflow ---------------------------------------------------------
 
-import contextlib
-import io
-import json
-import os
-import random
-import subprocess
-import sys
-
-import torch
-from safetensors.torch import load_file
-
-import distill
-from cache import cached_encode
-from config import GOLDEN_CONFIG, read_yaml
-from conftest import (NEGATIVE, NEUTRAL, POSITIVE, ROOT, base_args, last_json_line, make_tokenizer,
-                      save_tiny_encoder, stderr_tail, write_csv)
-from data import DataError, Examples, cap_windows, dropped_by_truncation, encode, eval_batches, read_examples
 
 WORDS = (NEUTRAL * 3)[:30]
 
@@ -97,11 +93,10 @@ def test_a_training_document_keeps_at_most_max_windows_spread_over_it():
 
 
 def test_the_token_cache_keeps_windows_apart_from_truncation(tmp_path):
-    from trainer import Process
     tokenizer, path = make_tokenizer(), write_csv(tmp_path / "docs.csv", [{"text": " ".join(WORDS[:20]), "label": "positive"}])
     data = {**read_yaml(GOLDEN_CONFIG)["data"], "text_a_col": "text", "label_col": "label"}
     rows = read_examples(path, data, ["negative", "positive"], True)
-    main = Process(0, 0, 1, torch.device("cpu"), True, False)
+    main = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
     cut = cached_encode(tmp_path / "cache", tokenizer, rows, data, 8, main)
     windowed = {**data, "long_texts": "windows", "window_stride": 2}
     first = cached_encode(tmp_path / "cache", tokenizer, rows, windowed, 8, main)
@@ -170,7 +165,6 @@ def test_predictions_have_one_row_per_document(job, windowed):
               "--data.predict_output", str(output), "--model.model_path", str(tmp / "ckpt" / "best"),
               "--trainer.device", "cpu", "--trainer.log_dir", str(job["tmp"] / "predict"), *sum(
                   ([f"--{k}", str(v)] for k, v in WINDOWS.items()), [])])
-    import csv
     with open(output, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     expected = late_cue_rows(7, 3)
@@ -201,10 +195,5 @@ def test_two_processes_evaluate_windowed_documents_exactly_as_one(job, windowed,
             "--model.model_path", str(windowed[0] / "ckpt" / "best"), "--trainer.device", "cpu",
             "--trainer.val_batch_size", "8", "--trainer.log_dir", str(tmp_path / "runs"),
             *sum(([f"--{k}", str(v)] for k, v in WINDOWS.items()), [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args], capture_output=True, text=True, env=env)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "trainer.py"), *args, "--trainer.backend", "ddp"],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, stderr_tail(two.stderr)
-    assert last_json_line(one.stdout) == last_json_line(two.stdout)
+    one, two = one_and_two_processes(args)
+    assert one == two
