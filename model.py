@@ -240,14 +240,17 @@ def checkpoint_settings(path):
     return settings
 
 
-def saved_thresholds(path, names):
-    """The per-label thresholds of thresholds.json in labels_list order, or None without a readable one."""
+def saved_thresholds(path, names, chosen=False):
+    """The per-label thresholds of thresholds.json in labels_list order, or None without a readable
+    one; with chosen, (thresholds, how they were chosen)."""
     try:
-        saved = json.loads((Path(path) / THRESHOLDS_FILE).read_text(encoding="utf-8"))["thresholds"]
-        values = [float(saved[name]) for name in names]
+        content = json.loads((Path(path) / THRESHOLDS_FILE).read_text(encoding="utf-8"))
+        values = [float(content["thresholds"][name]) for name in names]
+        how = str(content.get("chosen", ""))
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return values if all(0 < t < 1 for t in values) else None
+        values, how = None, ""
+    values = values if values is not None and all(0 < t < 1 for t in values) else None
+    return (values, how) if chosen else values
 
 
 def save_thresholds(directory, names, thresholds, how):

@@ -124,7 +124,7 @@ class Trainer:
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.bad_validations = 0  # in a row, without an improvement of more than min_delta
         # multi-label decisions: module.threshold's, or those tuned at the latest validation
-        self.thresholds = fixed_thresholds(cfg)
+        self.thresholds, self.thresholds_chosen = fixed_thresholds(cfg), "module.threshold"
         self.window = new_window(device)
         self.run_dir, self.session, self.digests, self.save_dir = None, new_session(), None, None
         self.signals, self.stop_signal = 0, None
@@ -267,6 +267,9 @@ class Trainer:
         metrics = on_main(self.proc, split_metrics, logits, self.val_split, self.cfg, f"at step {self.step}")
         if self.cfg["data"]["multi_label"]:  # tuned (module.threshold tune) on this validation, or fixed
             self.thresholds = thresholds_of(metrics)
+            if self.cfg["module"]["threshold"] == "tune":
+                self.thresholds_chosen = (f"tuned on {self.cfg['data']['val_filepath']} (each label's F1-best) "
+                                          f"at the validation of step {self.step}")
         self.write_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
         # the per-class table too: a minority class at F1 0.1 shows here, not only in a JSON file
         log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): {format_report(metrics)}")
@@ -425,14 +428,11 @@ class Trainer:
         return str(path)
 
     def write_thresholds(self, folder):
-        tuned = self.cfg["module"]["threshold"] == "tune"
         if self.thresholds is None:  # tune, before the first validation: the usual 0.5 for now
-            thresholds, how = [0.5] * len(label_names(self.cfg)), "0.5, not yet tuned (no validation yet)"
+            save_thresholds(folder, label_names(self.cfg), [0.5] * len(label_names(self.cfg)),
+                            "0.5, not yet tuned (no validation yet)")
         else:
-            thresholds = self.thresholds
-            how = (f"tuned on {self.cfg['data']['val_filepath']} (each label's F1-best) at the validation "
-                   f"before step {self.step + 1}" if tuned else "module.threshold")
-        save_thresholds(folder, label_names(self.cfg), thresholds, how)
+            save_thresholds(folder, label_names(self.cfg), self.thresholds, self.thresholds_chosen)
 
     def resume_from(self, path):
         """Restore weights, optimizer, schedule, scaler, position, logging window and RNG."""
@@ -452,7 +452,8 @@ class Trainer:
         self.best, self.run_dir = manifest["best"], manifest["run_dir"]
         self.bad_validations = manifest["bad_validations"]
         if self.cfg["data"]["multi_label"] and self.cfg["module"]["threshold"] == "tune":
-            self.thresholds = saved_thresholds(path, label_names(self.cfg))  # those of the latest validation
+            # those of the latest validation, and how they were chosen
+            self.thresholds, self.thresholds_chosen = saved_thresholds(path, label_names(self.cfg), chosen=True)
         mine = state["ranks"][self.proc.rank]
         set_rng_state(mine["rng"], device)
         self.window = {**new_window(device), "loss": mine["window"]["loss"].to(device),

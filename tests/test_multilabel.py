@@ -198,7 +198,8 @@ def test_a_tuned_run_learns_and_saves_problem_type_and_thresholds(tuned):
     saved = json.loads((best / "thresholds.json").read_text())
     final = json.loads(next((tmp / "runs").glob("*/final_metrics.json")).read_text())
     assert saved["thresholds"] == {name: final["per_label"][name]["threshold"] for name in LABELS}
-    assert saved["chosen"].startswith("tuned on ")
+    assert saved["chosen"] == (f"tuned on {tmp.parent / 'val.csv'} (each label's F1-best) at the validation of "
+                               f"step {result['best_step']}")
 
 
 def test_evaluation_from_the_checkpoint_uses_its_thresholds_and_repeats_the_validation(job, tuned, capsys):
@@ -293,8 +294,9 @@ def test_a_stopped_and_resumed_tuned_run_ends_as_the_uninterrupted_one(job, tune
     ours = load_file(tmp / "ckpt" / "last" / "model.safetensors")
     theirs = load_file(reference_dir / "ckpt" / "last" / "model.safetensors")
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    assert (json.loads((tmp / "ckpt" / "best" / "thresholds.json").read_text())["thresholds"]
-            == json.loads((reference_dir / "ckpt" / "best" / "thresholds.json").read_text())["thresholds"])
+    for link in ("best", "last"):  # thresholds and how they were chosen, also in checkpoints after the resume
+        assert (json.loads((tmp / "ckpt" / link / "thresholds.json").read_text())
+                == json.loads((reference_dir / "ckpt" / link / "thresholds.json").read_text()))
 
 
 @pytest.mark.slow
