@@ -41,6 +41,8 @@ hf_logging.disable_progress_bar()
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 # a multi-label checkpoint's decision thresholds, beside its weights: {"thresholds": {label: t}, ...}
 THRESHOLDS_FILE = "thresholds.json"
+# the data keys of long documents that a checkpoint trained in windows passes on to its evaluation
+WINDOW_KEYS = ("long_texts", "window_stride", "window_pool")
 PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                  "regression": "regression"}
 
@@ -231,9 +233,13 @@ def checkpoint_settings(path):
         return {}  # build_model says what is wrong with it
     settings = {"data.multi_label": (saved_multi_label(config), "config.json's problem_type"),
                 "data.labels_list": (saved_labels(config), "config.json")}
-    trained = ((read_manifest(path) or {}).get("config") or {}).get("module", {}).get("max_seq_len")
-    if isinstance(trained, int):
-        settings["module.max_seq_len"] = (trained, MANIFEST)
+    trained = (read_manifest(path) or {}).get("config") or {}
+    if isinstance(trained.get("module", {}).get("max_seq_len"), int):
+        settings["module.max_seq_len"] = (trained["module"]["max_seq_len"], MANIFEST)
+    if trained.get("data", {}).get("long_texts") == "windows":  # read as it was trained: in windows
+        for name in WINDOW_KEYS:
+            if name in trained["data"]:
+                settings[f"data.{name}"] = (trained["data"][name], MANIFEST)
     thresholds = saved_thresholds(path, settings["data.labels_list"][0])
     if thresholds is not None and saved_multi_label(config):
         settings["module.threshold"] = (thresholds, THRESHOLDS_FILE)
@@ -287,8 +293,8 @@ def use_checkpoint_settings(cfg):
             cfg[section][name] = value
             if name != "multi_label":  # said with the labels, as their task
                 taken.append(f"{key} {value}")
-        elif name == "threshold":
-            continue  # the user's thresholds are a choice of decisions, not a contradiction
+        elif name == "threshold" or name in WINDOW_KEYS:
+            continue  # the user's thresholds or windows are a choice of how to decide, not a contradiction
         elif not (same_labels(value, given) if name == "labels_list" else value == given):
             given, value = (str(v).lower() if isinstance(v, bool) else v for v in (given, value))  # as YAML writes them
             raise ConfigError(f"{key} is {given}, but {path} was trained with {value} ({where}); leave "

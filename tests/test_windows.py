@@ -197,3 +197,16 @@ def test_two_processes_evaluate_windowed_documents_exactly_as_one(job, windowed,
             *sum(([f"--{k}", str(v)] for k, v in WINDOWS.items()), [])]
     one, two = one_and_two_processes(args)
     assert one == two
+
+
+def test_evaluation_from_a_windows_checkpoint_reads_in_windows(job, windowed, capsys):
+    best = windowed[0] / "ckpt" / "best"
+    args = ["--data.train_filepath", "null", "--data.val_filepath", job["val"], "--data.label_col", "label",
+            "--model.model_path", str(best), "--trainer.device", "cpu", "--trainer.log_dir", str(job["tmp"] / "eval")]
+    assert trainer.main(args) == 0
+    out = capsys.readouterr().out
+    assert "data.long_texts windows, data.window_stride 4, data.window_pool mean" in out and "41 documents in" in out
+    assert last_json_line(out)["acc"] == last_json_line(windowed[1])["acc"]
+    # a user's choice wins: truncated, the cue past the cut is lost
+    assert trainer.main(args + ["--data.long_texts", "truncate"]) == 0
+    assert last_json_line(capsys.readouterr().out)["acc"] < 0.75
