@@ -23,6 +23,10 @@ Multi-label data (data.multi_label) gives each text any number of labels: a csv 
 them joined by data.label_sep ("sports|tech", or empty for none); a jsonl value is a list of
 labels (or a string joined the same way). Its labels are an (examples, labels) array of 0 / 1.
 
+Long documents (data.long_texts windows) become overlapping windows of max_seq_len tokens, cut by
+the fast tokenizer's own overflow; Encoded.documents says which row each window came from, so
+evaluation can pool a document's windows and training can cap them (cap_windows).
+
 Batching is a pure function of (seed, epoch, rank, world_size), so every DDP rank computes the same
 global order and takes its own share of each global batch, and a resumed run finds its place again.
 """
