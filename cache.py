@@ -152,23 +152,26 @@ def publish(tmp, folder, key, rows):
     """Rename a complete entry onto its name. The rename fails where an entry is there: one that
     another builder (another machine's local rank 0, on a shared cache folder) just wrote has
     the same ids, so ours is dropped; a torn one is set aside and deleted first."""
-    try:
-        os.rename(tmp, folder)
+    if renamed_onto(tmp, folder):
         return
-    except OSError:
-        if not folder.exists():
-            raise
     if open_entry(folder, key, rows)[0] is None:
         aside = folder.with_name(f".torn-{folder.name[:16]}-{uuid.uuid4().hex[:8]}")
         os.rename(folder, aside)
         remove_entry(aside)
-        try:
-            os.rename(tmp, folder)
+        if renamed_onto(tmp, folder):
             return
-        except OSError:
-            if not folder.exists():
-                raise
     remove_entry(tmp)
+
+
+def renamed_onto(tmp, folder):
+    """True once tmp is renamed onto folder; False where a folder of that name is in the way."""
+    try:
+        os.rename(tmp, folder)
+        return True
+    except OSError:
+        if not folder.exists():
+            raise
+        return False
 
 
 def remove_entry(folder):
