@@ -51,6 +51,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+# no tqdm monitor thread: a daemon thread that writes to stderr on its own, on the main process
+# only, where the rare SIGABRT at the end of CI's torchrun runs struck; the bars still update
+tqdm.monitor_interval = 0
+
 import speedups
 from cache import cache_folder, cached_encode
 from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,

@@ -31,8 +31,9 @@ os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 def stderr_tail(text, limit=4000):
     """The end of a subprocess's stderr for an assertion message, without the progress bars'
     redraws, which would otherwise push a crash's own lines out of the message."""
+    # faulthandler's one-line list of extension modules would fill the message instead of the stacks
     lines = [line for line in text.splitlines() if "\r" not in line and "it/s]" not in line
-             and "step/s" not in line and "batch/s" not in line]
+             and "step/s" not in line and "batch/s" not in line and not line.startswith("Extension modules")]
     return "\n".join(lines)[-limit:]
 
 
