@@ -80,7 +80,7 @@ class Encoded:
     pairs); labels are any array whose first axis is the examples (class ids, targets, one row of
     label columns), or None.
     """
-    ids: np.ndarray                     # int32
+    ids: np.ndarray                     # uint16 where the vocabulary fits (id_dtype), else int32
     offsets: np.ndarray                 # int64, one more than there are examples
     token_type_ids: np.ndarray | None   # uint8
     labels: np.ndarray | None
@@ -445,6 +445,7 @@ def encode(tokenizer, examples, max_seq_len, chunk_size=ENCODE_CHUNK, progress=F
     """
     n = len(examples.texts_a)
     ids, types, lengths, documents = [], [], [], []
+    dtype = id_dtype(tokenizer)
     if stride is not None:
         check_window_room(tokenizer, examples, max_seq_len, stride)
     windows = {} if stride is None else {"stride": stride, "return_overflowing_tokens": True}
@@ -453,15 +454,18 @@ def encode(tokenizer, examples, max_seq_len, chunk_size=ENCODE_CHUNK, progress=F
     for start in range(0, n, chunk_size):
         end = start + chunk_size
         pair = examples.texts_b[start:end] if examples.texts_b is not None else None
-        out = tokenizer(examples.texts_a[start:end], pair, max_length=max_seq_len, return_attention_mask=False,
-                        truncation="only_second" if pair is not None and windows else True, **windows)
-        chunk = out["input_ids"]
-        if windows:
-            documents.append(np.asarray(out["overflow_to_sample_mapping"], dtype=np.int64) + start)
+        if windows or not tokenizer.is_fast:
+            out = tokenizer(examples.texts_a[start:end], pair, max_length=max_seq_len, return_attention_mask=False,
+                            truncation="only_second" if pair is not None and windows else True, **windows)
+            chunk, chunk_types = out["input_ids"], out.get("token_type_ids")
+            if windows:
+                documents.append(np.asarray(out["overflow_to_sample_mapping"], dtype=np.int64) + start)
+        else:
+            chunk, chunk_types = backend_encode(tokenizer, examples.texts_a[start:end], pair, max_seq_len)
         lengths.append(np.fromiter(map(len, chunk), np.int64, len(chunk)))
-        ids.append(np.fromiter(itertools.chain.from_iterable(chunk), np.int32))
-        if out.get("token_type_ids") is not None:
-            types.append(np.fromiter(itertools.chain.from_iterable(out["token_type_ids"]), np.uint8))
+        ids.append(np.fromiter(itertools.chain.from_iterable(chunk), dtype))
+        if chunk_types is not None:
+            types.append(np.fromiter(itertools.chain.from_iterable(chunk_types), np.uint8))
         bar.update(len(chunk))
     bar.close()
     if types and not any(t.any() for t in types):
@@ -469,10 +473,31 @@ def encode(tokenizer, examples, max_seq_len, chunk_size=ENCODE_CHUNK, progress=F
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    encoded = Encoded(np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets,
+    encoded = Encoded(np.concatenate(ids) if ids else np.zeros(0, dtype), offsets,
                       np.concatenate(types) if types else None, None,
                       (np.concatenate(documents) if documents else np.zeros(0, np.int64)) if windows else None)
     return encoded.with_document_labels(examples.labels)
+
+
+def id_dtype(tokenizer):
+    """The narrowest array type that holds every id of the vocabulary: uint16 for vocabularies up to
+    65,536 entries (BERT's 30,522 among them), else int32."""
+    return np.uint16 if len(tokenizer) <= 2 ** 16 else np.int32
+
+
+def backend_encode(tokenizer, texts_a, texts_b, max_seq_len):
+    """(ids, token types) of a chunk, one list per row, straight from a fast tokenizer's Rust
+    backend: what tokenizer(..., truncation=True) gives (the same call underneath, longest_first
+    truncation, special tokens added), without building the Python dicts and attention masks, and
+    without character offsets (encode_batch_fast)."""
+    backend = tokenizer.backend_tokenizer
+    backend.enable_truncation(max_seq_len, strategy="longest_first", direction=tokenizer.truncation_side)
+    backend.no_padding()
+    batch = texts_a if texts_b is None else list(zip(texts_a, texts_b))
+    encodings = backend.encode_batch_fast(batch, add_special_tokens=True)
+    # as transformers does: token types only for models that take them (DistilBERT does not)
+    with_types = "token_type_ids" in tokenizer.model_input_names
+    return [e.ids for e in encodings], [e.type_ids for e in encodings] if with_types else None
 
 
 def window_stride(data_cfg):

@@ -57,7 +57,7 @@ def test_a_hit_maps_the_same_arrays_without_tokenizing(tmp_path, tokenizer, coun
     assert len(counted) == 1
     (key,) = entries(tmp_path)
     manifest = json.loads((tmp_path / "cache" / key / "manifest.json").read_text())
-    assert manifest["rows"] == 50 and manifest["arrays"]["ids"]["dtype"] == "int32"
+    assert manifest["rows"] == 50 and manifest["arrays"]["ids"]["dtype"] == "uint16"
     second = load(tmp_path, tokenizer, path)
     assert len(counted) == 1  # not tokenized again
     assert isinstance(second.ids, np.memmap) and isinstance(second.offsets, np.memmap)

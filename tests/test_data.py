@@ -5,8 +5,8 @@ import torch
 from config import GOLDEN_CONFIG, read_yaml
 from conftest import make_tokenizer, write_csv, write_jsonl
 
-from data import (DataError, Encoded, collate, count_examples, encode, eval_batches, example_chunks,
-                  micro_batches, read_examples, train_batches)
+from data import (DataError, Encoded, backend_encode, collate, count_examples, encode, eval_batches, example_chunks,
+                  id_dtype, micro_batches, read_examples, train_batches)
 
 LABELS = ["negative", "positive"]
 ROWS = [{"text": "good movie", "label": "positive"},
@@ -283,8 +283,28 @@ def test_encode_truncates_to_max_seq_len_without_padding(tmp_path):
     encoded = encode(make_tokenizer(), examples, max_seq_len=10, chunk_size=1)
     assert encoded.lengths.tolist() == [10, 3]
     assert [len(encoded.tokens(i)) for i in range(2)] == [10, 3]
-    assert encoded.ids.dtype == np.int32 and encoded.offsets.tolist() == [0, 10, 13]
+    assert encoded.ids.dtype == np.uint16 and encoded.offsets.tolist() == [0, 10, 13]  # a small vocabulary
     assert encoded.labels.tolist() == [1, 0]
+
+
+def test_ids_take_the_narrowest_type_that_holds_the_vocabulary():
+    tokenizer = make_tokenizer()
+    assert id_dtype(tokenizer) == np.uint16
+    tokenizer.add_tokens([f"word{i}" for i in range(2 ** 16 - len(tokenizer) + 1)])  # one id past uint16
+    assert len(tokenizer) == 2 ** 16 + 1 and id_dtype(tokenizer) == np.int32
+
+
+def test_the_backend_path_gives_what_the_tokenizer_call_gives(tmp_path):
+    # single texts and pairs, truncated at both sides of the pair, and a model without token types
+    texts = ["the movie was good " * (i % 4 + 1) for i in range(9)]
+    seconds = ["bad " * (i % 3 * 4) or "fine" for i in range(9)]
+    tokenizer = make_tokenizer()
+    for pair in (None, seconds):
+        ids, types = backend_encode(tokenizer, texts, pair, 12)
+        expected = tokenizer(texts, pair, truncation=True, max_length=12)
+        assert ids == expected["input_ids"] and types == expected["token_type_ids"]
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]  # as DistilBERT's
+    assert backend_encode(tokenizer, texts, seconds, 12)[1] is None
 
 
 # -- training batches ----------------------------------------------------------------------------
