@@ -53,6 +53,19 @@ def bench_job(tmp_path):
             "random_roberta": False, "device": "cpu", "log_dir": str(tmp_path / "runs")}
 
 
+def acc_and_macro_f1(predicted, truth):
+    """Accuracy and macro F1 of class ids, written out: what a worker must report for them."""
+    f1 = [2 * np.sum((predicted == c) & (truth == c)) / max(1, np.sum(predicted == c) + np.sum(truth == c))
+          for c in range(len(bench.LABELS))]
+    return np.mean(predicted == truth), np.mean(f1)
+
+
+def no_psutil(monkeypatch):
+    """The time to step 1 reads the process start from psutil, which requirements.txt leaves out:
+    a stand-in clock, so that the worker tests run in CI too."""
+    monkeypatch.setattr(bench, "since_process_start", lambda: 1.0)
+
+
 @pytest.fixture
 def keep_threads():
     """The workers set the thread count as a fresh process would; the rest of the session keeps its own."""
@@ -62,7 +75,7 @@ def keep_threads():
 
 
 def test_ours_worker_trains_and_reports_on_a_tiny_model(tmp_path, monkeypatch, keep_threads):
-    pytest.importorskip("psutil")
+    no_psutil(monkeypatch)
     job, rows = bench_job(tmp_path), bench_rows()
     evaluated, predict_logits = [], trainer.predict_logits
 
@@ -84,10 +97,8 @@ def test_ours_worker_trains_and_reports_on_a_tiny_model(tmp_path, monkeypatch, k
         np.testing.assert_allclose(logits, model.eval()(**inputs).logits.numpy(), atol=1e-5)
     predicted = logits.argmax(axis=1)
     truth = np.array([bench.LABELS.index(row["sentiment"]) for row in rows[32:]])
-    assert result["acc"] == np.mean(predicted == truth)
-    f1 = [2 * np.sum((predicted == c) & (truth == c)) / max(1, np.sum(predicted == c) + np.sum(truth == c))
-          for c in range(len(bench.LABELS))]
-    assert result["f1_macro"] == pytest.approx(np.mean(f1))
+    acc, f1_macro = acc_and_macro_f1(predicted, truth)
+    assert result["acc"] == acc and result["f1_macro"] == pytest.approx(f1_macro)
     assert len(result["train_lengths"]) == 32 and len(result["eval_lengths"]) == 16
     assert max(result["train_lengths"]) <= 16
     json.dumps(result)  # the worker hands its result to the driver as JSON
@@ -181,18 +192,28 @@ def test_a_bf16_gpu_job_measures_a_bf16_matmul_on_the_gpu(tmp_path, monkeypatch,
 
 def test_hf_worker_trains_on_the_job_device(tmp_path, monkeypatch, keep_threads):
     pytest.importorskip("datasets")
-    pytest.importorskip("psutil")
+    no_psutil(monkeypatch)
     import transformers
-    trained_on = []
+    trained_on, predicted = [], []
 
     class SeenTrainer(transformers.Trainer):
         def train(self, *args, **kwargs):
             trained_on.append((self.args.device.type, self.args.use_cpu))
             return super().train(*args, **kwargs)
+
+        def predict(self, *args, **kwargs):  # the peer's evaluation, seen on its way through
+            predicted.append(super().predict(*args, **kwargs))
+            return predicted[-1]
     monkeypatch.setattr(transformers, "Trainer", SeenTrainer)
     result = bench.run_hf(bench_job(tmp_path))
     assert trained_on == [("cpu", True)]
-    assert result["train_s"] > 0 and 0 <= result["acc"] <= 1
+    assert result["train_s"] > 0 and result["eval_s"] > 0
+    # the metrics are those of the peer's own predictions on every row of val.csv, in file order
+    (out,) = predicted
+    truth = np.array([bench.LABELS.index(row["sentiment"]) for row in bench_rows()[32:]])
+    assert out.label_ids.tolist() == truth.tolist()
+    acc, f1_macro = acc_and_macro_f1(out.predictions.argmax(axis=1), truth)
+    assert result["acc"] == acc and result["f1_macro"] == pytest.approx(f1_macro)
 
 
 @pytest.mark.parametrize("device, visible", [("cuda", "2"), ("cpu", "2,3")])

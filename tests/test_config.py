@@ -304,6 +304,7 @@ def test_every_golden_key_has_a_one_line_meaning():
         f"{section}.{name}" for section, values in golden.items() for name in values]
 
 
+@pytest.mark.slow  # a fresh Python process, as every subprocess test
 @pytest.mark.parametrize("script", ["trainer.py", "distill.py"])
 def test_help_prints_usage_and_every_key_without_importing_torch(script):
     repo = GOLDEN_CONFIG.parent
