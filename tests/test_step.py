@@ -171,3 +171,37 @@ def test_a_training_step_on_a_gpu_does_not_synchronize(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(run.updates) == 3
+
+
+def zero_loss(seen):
+    """A loss function that records each micro-batch's width and never runs the model."""
+    def loss_fn(model, batch, indices):
+        seen.append(batch["input_ids"].shape[1])
+        return sum(p.sum() for p in model.parameters()) * 0.0, {}
+    return loss_fn
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_compiled_model_gets_batches_padded_to_multiples_of_8(tmp_path, compiled):
+    seen = []  # free lengths would make torch.compile(dynamic=True) recompile as new shapes arrive
+    run = make_trainer(tmp_path, **{"trainer.compile": str(compiled).lower()})
+    run.loss_fn = zero_loss(seen)
+    for indices, size in run.epoch_batches(0):
+        run.train_step(indices, size)
+    assert all(width % 8 == 0 for width in seen) if compiled else any(width % 8 for width in seen)
+
+
+def test_ddp_wraps_the_model_without_broadcasting_its_buffers_every_step(tmp_path, monkeypatch):
+    wrapped = {}
+
+    class RecordingDDP(torch.nn.Module):
+        def __init__(self, module, **kwargs):
+            super().__init__()
+            self.module = module
+            wrapped.update(kwargs)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+    run = make_trainer(tmp_path)
+    proc = trainer.Process(0, 0, 2, torch.device("cpu"), True, True)
+    trainer.Trainer(run.cfg, proc, run.model, run.tokenizer, run.train_split, None)
+    # the buffers (position ids) never change; on a GPU, DDP gets this rank's device alone
+    assert wrapped == {"device_ids": None, "broadcast_buffers": False}
