@@ -7,6 +7,7 @@ The model is a bag-of-words classifier in plain torch, so the step's own code is
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import base_args, make_tokenizer, sentiment_rows, write_csv
@@ -205,3 +206,22 @@ def test_ddp_wraps_the_model_without_broadcasting_its_buffers_every_step(tmp_pat
     trainer.Trainer(run.cfg, proc, run.model, run.tokenizer, run.train_split, None)
     # the buffers (position ids) never change; on a GPU, DDP gets this rank's device alone
     assert wrapped == {"device_ids": None, "broadcast_buffers": False}
+
+
+def test_evaluation_copies_the_logits_to_the_host_once_per_split(tmp_path, monkeypatch):
+    run = make_trainer(tmp_path)
+    copies, cpu = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda tensor, *args: copies.append(tuple(tensor.shape)) or cpu(tensor, *args))
+    logits = trainer.predict_logits(run.model, run.train_split.encoded, 8, 0, run.proc, None)
+    assert copies == [(64, 2)] and logits.shape == (64, 2)  # 8 batches, one copy at the end
+
+
+def test_predictions_are_gathered_on_the_main_process_only(tmp_path, monkeypatch):
+    run, gathers = make_trainer(tmp_path), []
+
+    def gather_object(shards, gathered, dst, group):  # rank 1's call: it receives nothing
+        gathers.append((dst, gathered, group, len(np.concatenate([s[0] for s in shards]))))
+    monkeypatch.setattr(torch.distributed, "gather_object", gather_object)
+    rank1 = trainer.Process(1, 1, 2, torch.device("cpu"), False, True, cpu_group="gloo group")
+    assert trainer.predict_logits(run.model, run.train_split.encoded, 8, 0, rank1, None) is None
+    assert gathers == [(0, None, "gloo group", 32)]  # its half of 64 examples, to rank 0 over gloo
