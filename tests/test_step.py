@@ -3,6 +3,8 @@ counts only the updates made, and the step never reads a value back to the host 
 read would stall the queue every step).
 
 The model is a bag-of-words classifier in plain torch, so the step's own code is what is tested.
+Also here, as they concern the device too: a distillation step, the padding of compiled batches,
+DDP's construction, and evaluation's one copy of the logits to the host.
 """
 import sys
 from types import SimpleNamespace
