@@ -57,7 +57,7 @@ from data import Encoded, encode, read_examples, window_stride
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
 from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, log, on_main, predict_logits,
-                     read_splits, seed_everything, task_loss, tokenize, training_split)
+                     read_splits, seed_everything, tokenize, training_split)
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -258,12 +258,22 @@ def logits_loss(student_logits, teacher_logits, temperature, multi_label=False):
 def labels_loss(student_logits, labels, class_weights=None):
     """The supervised loss with the gold labels (trainer.task_loss: cross-entropy, BCE for
     multi-label, squared error for regression), weighted as module.class_weights says; rows without a
-    label (-1, or NaN for regression and multi-label) contribute nothing."""
+    label (-1, or NaN for regression and multi-label) contribute nothing.
+
+    The unlabelled rows are weighed 0, not indexed out: a boolean mask's size is read back to the
+    host, which on a GPU would wait for the queue at every micro-batch.
+    """
     logits = student_logits.float()
-    known = labels >= 0 if labels.dtype == torch.int64 else ~torch.isnan(labels)
+    if labels.dtype == torch.int64:  # single-label: cross-entropy skips the -1 rows itself
+        return F.cross_entropy(logits, labels, weight=class_weights, reduction="sum", ignore_index=-1)
+    known = ~torch.isnan(labels)
     if labels.dim() == 2:
-        known = known.all(dim=1)
-    return task_loss(logits[known], labels[known], class_weights)
+        known = known.all(dim=1, keepdim=True)
+    labels = torch.where(known, labels, 0.0)  # any label: the row weighs 0
+    if labels.dim() == 2:
+        per_label = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=class_weights, reduction="none")
+        return (per_label.mean(dim=1) * known.squeeze(1)).sum()  # as task_loss, over the known rows
+    return ((logits.squeeze(-1) - labels) ** 2 * known).sum()
 
 
 def hidden_state_loss(student_hidden, teacher_hidden, attention_mask):
@@ -331,7 +341,9 @@ class DistillLoss:
         student = model(**inputs)
         teacher = None
         if self.teacher_logits is not None and indices is not None:  # looked up by example, on the device
-            teacher = {"logits": self.teacher_logits[torch.from_numpy(indices).to(self.teacher_logits.device)]}
+            # a non-blocking copy: a blocking one to the GPU waits for its queue to drain
+            rows = torch.from_numpy(indices).to(self.teacher_logits.device, non_blocking=True)
+            teacher = {"logits": self.teacher_logits[rows]}
         elif self.needs_teacher:
             teacher = self.teacher_outputs(inputs)
         terms, mask = {}, inputs["attention_mask"]

@@ -419,3 +419,29 @@ def test_a_rank_sees_the_save_folder_only_if_it_holds_the_main_process_lock(tmp_
         assert not checkpoint.sees_lock_of(tmp_path / "missing", "s-main")
     finally:
         lock.release()
+
+
+@pytest.mark.parametrize("this_rank_sees, other_rank_sees", [(True, True), (True, False), (False, True)])
+def test_a_save_folder_not_shared_by_every_machine_is_refused_before_step_1(tmp_path, monkeypatch,
+                                                                            this_rank_sees, other_rank_sees):
+    """Every rank reads rank 0's checkpoints (to resume, the best at the end): each checks that it
+    sees rank 0's lock, and all agree (MIN over the ranks) before step 1, with one line if not."""
+    main_dir, own_dir = tmp_path / "main", tmp_path / "machine-2"
+    main_dir.mkdir(), own_dir.mkdir()
+    lock = checkpoint.SaveDirLock(main_dir, "s-main")
+
+    def all_reduce(tensor, op, group):  # the other rank's answer joins this one's
+        assert op == torch.distributed.ReduceOp.MIN and group == "gloo group"
+        tensor.copy_(torch.minimum(tensor, torch.tensor([float(other_rank_sees)])))
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    cfg = {"ckpt": {"model_state_save_dir": str(main_dir if this_rank_sees else own_dir)}}
+    rank = trainer.Process(1, 0, 2, torch.device("cpu"), False, True, cpu_group="gloo group")
+    run = type("Run", (), {"cfg": cfg, "proc": rank})()
+    try:
+        if this_rank_sees and other_rank_sees:
+            trainer.Trainer.check_shared_save_dir(run, "s-main")
+        else:
+            with pytest.raises(trainer.ConfigError, match="is not shared by every machine of the run"):
+                trainer.Trainer.check_shared_save_dir(run, "s-main")
+    finally:
+        lock.release()

@@ -104,7 +104,7 @@ def test_ddp_evaluation_and_predictions_match_one_process(setup):
               "--data.predict_filepath", predict, "--data.labels_list", "[negative, positive]",
               "--data.text_a_col", "text", "--data.label_col", "label", "--module.metric", "acc",
               "--module.max_seq_len", "16", "--model.model_path", checkpoint,
-              "--trainer.val_batch_size", "4"]
+              "--trainer.val_batch_size", "4", "--trainer.device", "cpu"]
     one = single(common + ["--trainer.log_dir", str(tmp / "ev1"),
                            "--data.predict_output", str(tmp / "p1.csv")], tmp)
     two = torchrun(common + ["--trainer.backend", "ddp", "--trainer.log_dir", str(tmp / "ev2"),
@@ -257,7 +257,7 @@ def test_ddp_ranks_share_one_token_cache_and_predict_in_input_order(setup):
                  "--module.metric", "acc", "--module.max_seq_len", "16", "--trainer.val_batch_size", "4",
                  "--model.model_path", str(tmp / "cached" / "ckpt" / "best"), "--trainer.backend", "ddp",
                  "--data.cache_dir", str(tmp / "cache"), "--trainer.log_dir", str(tmp / "cached-eval"),
-                 "--data.predict_output", str(tmp / "c2.csv"))
+                 "--data.predict_output", str(tmp / "c2.csv"), "--trainer.device", "cpu")
     assert second.returncode == 0, second.stderr[-3000:]
     assert log.read_text().split() == ["0", "0"]
     assert last_json_line(second.stdout)["acc"] == pytest.approx(last_json_line(first.stdout)["acc"])

@@ -69,3 +69,23 @@ def test_tf32_on_cuda_follows_trainer_tf32(monkeypatch, tf32):
         assert torch.backends.cuda.matmul.allow_tf32 is tf32 and torch.backends.cudnn.allow_tf32 is tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_a_gpu_rank_saves_and_restores_its_own_device_rng_only(monkeypatch):
+    """Rank 3 of a machine with 8 GPUs, resumed as rank 3 of machines with 1 each (cuda:0): the
+    checkpoint holds cuda:3's state alone (the *_all functions would list 8 GPUs and the restore
+    with fewer would raise IndexError), and it is restored onto the resuming rank's own device."""
+    saved, restored = [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: saved.append(device) or torch.full((8,), 3, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+
+    def every_gpu(*args):
+        raise AssertionError("the state of every visible GPU")
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
+    state = trainer.rng_state(torch.device("cuda", 3))
+    assert saved == [torch.device("cuda", 3)] and state["cuda"].tolist() == [3] * 8
+    trainer.set_rng_state(state, torch.device("cuda", 0))
+    assert [(s.tolist(), d) for s, d in restored] == [([3] * 8, torch.device("cuda", 0))]
+    trainer.set_rng_state(state, torch.device("cpu"))  # a GPU checkpoint resumed on a CPU: no GPU to seed
+    assert len(restored) == 1

@@ -374,6 +374,46 @@ def test_distilled_random_student_beats_the_untrained_one(tmp_path, tiny_teacher
     assert evaluate(tmp_path, str(tmp_path / "ckpt" / "best"), t["val"], capsys) == result["acc"]
 
 
+LOOKUP_RECORDING_DISTILL = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import torch, distill, trainer
+rank, forwards, steps, used = os.environ["RANK"], [0], [], []
+real_build, real_call, real_step = distill.build_teacher, distill.DistillLoss.__call__, trainer.Trainer.train_step
+real_logits_loss = distill.logits_loss
+
+def logits_loss(student_logits, teacher_logits, *args):  # the teacher's logits the loss was given
+    used.append(teacher_logits.detach())
+    return real_logits_loss(student_logits, teacher_logits, *args)
+
+def build_teacher(*args, **kwargs):  # every forward of the teacher is counted
+    teacher = real_build(*args, **kwargs)
+    teacher.register_forward_hook(lambda *a: forwards.__setitem__(0, forwards[0] + 1))
+    return teacher
+
+def train_step(self, rank_indices, global_size):
+    steps.append({{"epoch": self.epoch, "rows": rank_indices.tolist(), "teacher_runs": 0, "table_error": None}})
+    return real_step(self, rank_indices, global_size)
+
+def call(self, model, batch, indices=None):  # a lookup hits when the teacher need not run for it
+    before = forwards[0]
+    out = real_call(self, model, batch, indices)
+    steps[-1]["teacher_runs"] += forwards[0] - before
+    if self.teacher_logits is not None:  # what the loss looked up is the teacher's logits of those examples
+        with torch.no_grad():
+            live = self.teacher(**{{k: v for k, v in batch.items() if k != "labels"}}).logits
+        steps[-1]["table_error"] = (live - used[-1]).abs().max().item()
+    return out
+
+distill.build_teacher, distill.logits_loss = build_teacher, logits_loss
+distill.DistillLoss.__call__, trainer.Trainer.train_step = call, train_step
+code = distill.main(sys.argv[1:])
+with open(os.path.join({out!r}, f"rank{{rank}}.json"), "w") as f:
+    json.dump(steps, f)
+sys.exit(code)
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("losses", [("[logits, labels, attentions]", "[0.5, 0.5, 1.0]"),
                                     ("[logits, labels]", "[0.5, 0.5]")],  # the teacher's logits shared by ranks
@@ -387,11 +427,27 @@ def test_depth_cut_distillation_under_torchrun_with_two_processes(tmp_path, tiny
                      **{"model.model_path": t["dir"], "distill.student_layers": "[1]",
                         "distill.loss_types": losses[0], "distill.loss_weights": losses[1],
                         "trainer.backend": "ddp", "trainer.epochs": 2})
+    script = tmp_path / "recording_distill.py"
+    script.write_text(LOOKUP_RECORDING_DISTILL.format(root=str(ROOT), out=str(tmp_path)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", str(ROOT / "distill.py"), *args],
+                          "--nproc_per_node=2", str(script), *args],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
     assert out.returncode == 0, stderr_tail(out.stderr)
+    steps = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [len(s) for s in steps] == [20, 20]  # 2 epochs x 160 rows / global batch 16, on each rank
+    cached = losses[0] == "[logits, labels]"
+    for epoch in (0, 1):
+        rows = [row for rank in steps for step in rank if step["epoch"] == epoch for row in step["rows"]]
+        assert sorted(rows) == list(range(160))  # every example once an epoch, on one rank or the other
+        runs = [step["teacher_runs"] for rank in steps for step in rank if step["epoch"] == epoch]
+        # cached: every lookup hits, in the first epoch and the second, on both ranks; else a miss a step
+        assert runs == [0] * 20 if cached else all(runs)
+    # a rank sees other examples each epoch, which a cache of each rank's own batches never reused
+    assert {r for s in steps[0] if s["epoch"] == 0 for r in s["rows"]} != {
+        r for s in steps[0] if s["epoch"] == 1 for r in s["rows"]}
+    if cached:  # keyed by example index: the row looked up is the teacher's logits of that example
+        assert max(step["table_error"] for rank in steps for step in rank) < 1e-4
     result = last_json_line(out.stdout)
     student_dir = tmp_path / "ckpt" / "best"
     student = AutoModelForSequenceClassification.from_pretrained(student_dir)

@@ -3,14 +3,19 @@ counts only the updates made, and the step never reads a value back to the host 
 read would stall the queue every step).
 
 The model is a bag-of-words classifier in plain torch, so the step's own code is what is tested.
+Also here, as they concern the device too: a distillation step, the padding of compiled batches,
+DDP's construction, and evaluation's one copy of the logits to the host.
 """
+import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import base_args, make_tokenizer, sentiment_rows, write_csv
 
 import config
+import distill
 import trainer
 
 
@@ -95,6 +100,66 @@ def test_a_training_step_never_reads_a_tensor_back_to_the_host(tmp_path, monkeyp
     assert int(run.updates) == 3 and int(run.skipped) == 0
 
 
+def distillation_trainer(tmp_path, device):
+    """A Trainer of a bag-of-words student on distillation's logits + labels losses, the teacher's
+    logits looked up by example; a third of the rows unlabelled (transfer data)."""
+    run = make_trainer(tmp_path, **{"trainer.gpu_batch_size_limit": 4})
+    run.train_split.encoded.labels[::3] = -1
+    proc = trainer.Process(0, 0, 1, device, True, False)
+    vocab, layers = len(run.tokenizer), SimpleNamespace(num_hidden_layers=1, hidden_size=8)
+    teacher, student = BagOfWords(vocab).to(device).eval(), BagOfWords(vocab)
+    teacher.config, student.config = layers, layers
+    cfg = {**run.cfg, "distill": {**run.cfg["distill"], "loss_types": ["logits", "labels"], "loss_weights": [0.5, 0.5]}}
+    table = distill.teacher_logits_of(cfg, proc, teacher, run.tokenizer, run.train_split)
+    module = distill.DistillModule(student, 8, False, False)
+    return trainer.Trainer(cfg, proc, module, run.tokenizer, run.train_split, None,
+                           loss_fn=distill.DistillLoss(cfg, teacher, student, teacher_logits=table))
+
+
+def test_a_distillation_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """The teacher-logit lookup and the labels loss add no host sync: nothing read back, no boolean
+    mask (its size is read back), no blocking copy towards the device (a GPU one drains the queue)."""
+    run = distillation_trainer(tmp_path, torch.device("cpu"))
+    batches = run.epoch_batches(0)
+    assert any((run.train_split.encoded.labels[indices] == -1).any() for indices, _ in batches[:3])
+
+    def host_read(*args):
+        raise AssertionError("a device value was read on the host inside train_step")
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    getitem, to = torch.Tensor.__getitem__, torch.Tensor.to
+
+    def no_mask(tensor, index):
+        assert not (isinstance(index, torch.Tensor) and index.dtype == torch.bool), "a boolean mask inside train_step"
+        return getitem(tensor, index)
+
+    def no_blocking_copy(tensor, *args, **kwargs):  # ours: torch's own calls move within the device
+        ours = sys._getframe(1).f_code.co_filename.endswith(("trainer.py", "distill.py"))
+        assert kwargs.get("non_blocking") or not ours, "a blocking .to() inside train_step"
+        return to(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.Tensor, "__getitem__", no_mask)
+    monkeypatch.setattr(torch.Tensor, "to", no_blocking_copy)
+    for indices, size in batches[:3]:
+        run.train_step(indices, size)
+    monkeypatch.undo()
+    assert int(run.updates) == 3 and int(run.skipped) == 0
+    assert set(run.window["terms"]) == {"logits", "labels"} and float(run.window["terms"]["labels"]) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_distillation_step_on_a_gpu_does_not_synchronize(tmp_path):
+    run = distillation_trainer(tmp_path, torch.device("cuda", 0))
+    batches = run.epoch_batches(0)
+    run.train_step(*batches[0])  # warm-up: lazy initialisation may synchronize once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for indices, size in batches[1:3]:
+            run.train_step(indices, size)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(run.updates) == 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_training_step_on_a_gpu_does_not_synchronize(tmp_path):
     run = make_trainer(tmp_path)
@@ -109,3 +174,56 @@ def test_a_training_step_on_a_gpu_does_not_synchronize(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(run.updates) == 3
+
+
+def zero_loss(seen):
+    """A loss function that records each micro-batch's width and never runs the model."""
+    def loss_fn(model, batch, indices):
+        seen.append(batch["input_ids"].shape[1])
+        return sum(p.sum() for p in model.parameters()) * 0.0, {}
+    return loss_fn
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_compiled_model_gets_batches_padded_to_multiples_of_8(tmp_path, compiled):
+    seen = []  # free lengths would make torch.compile(dynamic=True) recompile as new shapes arrive
+    run = make_trainer(tmp_path, **{"trainer.compile": str(compiled).lower()})
+    run.loss_fn = zero_loss(seen)
+    for indices, size in run.epoch_batches(0):
+        run.train_step(indices, size)
+    assert all(width % 8 == 0 for width in seen) if compiled else any(width % 8 for width in seen)
+
+
+def test_ddp_wraps_the_model_without_broadcasting_its_buffers_every_step(tmp_path, monkeypatch):
+    wrapped = {}
+
+    class RecordingDDP(torch.nn.Module):
+        def __init__(self, module, **kwargs):
+            super().__init__()
+            self.module = module
+            wrapped.update(kwargs)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+    run = make_trainer(tmp_path)
+    proc = trainer.Process(0, 0, 2, torch.device("cpu"), True, True)
+    trainer.Trainer(run.cfg, proc, run.model, run.tokenizer, run.train_split, None)
+    # the buffers (position ids) never change; on a GPU, DDP gets this rank's device alone
+    assert wrapped == {"device_ids": None, "broadcast_buffers": False}
+
+
+def test_evaluation_copies_the_logits_to_the_host_once_per_split(tmp_path, monkeypatch):
+    run = make_trainer(tmp_path)
+    copies, cpu = [], torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda tensor, *args: copies.append(tuple(tensor.shape)) or cpu(tensor, *args))
+    logits = trainer.predict_logits(run.model, run.train_split.encoded, 8, 0, run.proc, None)
+    assert copies == [(64, 2)] and logits.shape == (64, 2)  # 8 batches, one copy at the end
+
+
+def test_predictions_are_gathered_on_the_main_process_only(tmp_path, monkeypatch):
+    run, gathers = make_trainer(tmp_path), []
+
+    def gather_object(shards, gathered, dst, group):  # rank 1's call: it receives nothing
+        gathers.append((dst, gathered, group, len(np.concatenate([s[0] for s in shards]))))
+    monkeypatch.setattr(torch.distributed, "gather_object", gather_object)
+    rank1 = trainer.Process(1, 1, 2, torch.device("cpu"), False, True, cpu_group="gloo group")
+    assert trainer.predict_logits(run.model, run.train_split.encoded, 8, 0, rank1, None) is None
+    assert gathers == [(0, None, "gloo group", 32)]  # its half of 64 examples, to rank 0 over gloo
