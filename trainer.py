@@ -826,7 +826,7 @@ def split_metrics(logits, split, cfg, where):
     predictions = logits_to_predictions(logits, names)
     collapse = one_class_warning(predictions, names)
     if collapse:
-        print(f"warning: {where}, {collapse}")
+        tqdm.write(f"warning: {where}, {collapse}", file=sys.stdout)  # the train bar stays intact
     return compute_metrics(predictions, labels, names)
 
 
