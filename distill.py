@@ -156,14 +156,15 @@ def depth_cut(teacher, keep, encoder_key, student_kwargs):
     return student
 
 
-def other_student(cfg, teacher, student_kwargs):
+def other_student(cfg, teacher, student_kwargs, say=print):
     """distill.student_model (pretrained or a random init from its config) with distill.student_config
-    overrides; without student_model, the teacher's config resized by those overrides, random init."""
+    overrides; without student_model, the teacher's config resized by those overrides, random init.
+    say: where the note of its new head goes (run: the main process's log)."""
     d, labels = cfg["distill"], cfg["data"]["labels_list"]
     overrides = {**label_config(labels, cfg["data"]["multi_label"]), **d["student_config"], **student_kwargs}
     attn_kwargs = {"attn_implementation": "eager"} if "attentions" in d["loss_types"] else {}
     if d["student_model"] is not None and d["student_pretrained"]:
-        return from_pretrained(d["student_model"], "distill.student_model", **overrides, **attn_kwargs)
+        return from_pretrained(d["student_model"], "distill.student_model", say=say, **overrides, **attn_kwargs)
     if d["student_model"] is None:
         config = copy.deepcopy(teacher.config)
         for name, value in overrides.items():
@@ -176,7 +177,7 @@ def other_student(cfg, teacher, student_kwargs):
     return AutoModelForSequenceClassification.from_config(config, **attn_kwargs)
 
 
-def build_student(cfg, teacher, tokenizer):
+def build_student(cfg, teacher, tokenizer, say=print):
     """The student: a depth cut of the teacher or another model; attention dropout off for the
     attentions loss (the saved config keeps the original value, for later fine-tuning)."""
     d = cfg["distill"]
@@ -187,7 +188,7 @@ def build_student(cfg, teacher, tokenizer):
         student = depth_cut(teacher, d["student_layers"], cfg["model"]["encoder_key"], student_kwargs)
         original = teacher.config
     else:
-        student = other_student(cfg, teacher, student_kwargs)
+        student = other_student(cfg, teacher, student_kwargs, say)
         original = None
         check_vocabulary(d["student_model"], student, tokenizer)
     for name in student_kwargs:  # the modules are built with dropout 0; the saved config keeps its value
@@ -431,7 +432,7 @@ def run(cfg, proc):
     unlabeled = read_unlabeled(cfg)
     want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
     teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
-    student = build_student(cfg, teacher, tokenizer)
+    student = build_student(cfg, teacher, tokenizer, say=lambda message: log(proc, message))  # once, not per rank
     module = DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
     on_main(proc, check_outputs, cfg)
     # tokenized once everything is checked: the token cache is the run's first write

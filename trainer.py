@@ -826,7 +826,7 @@ def split_metrics(logits, split, cfg, where):
     predictions = logits_to_predictions(logits, names)
     collapse = one_class_warning(predictions, names)
     if collapse:
-        print(f"warning: {where}, {collapse}")
+        tqdm.write(f"warning: {where}, {collapse}", file=sys.stdout)  # the train bar stays intact
     return compute_metrics(predictions, labels, names)
 
 
@@ -1024,11 +1024,13 @@ def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None):
 
 def evaluate_only(cfg, proc, model, tokenizer, val):
     """Metrics of a fine-tuned model on a labelled file, with a per-class table."""
+    # said before the wait, with the device, as training's first line is
+    log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
+              f"({val.encoded.num_documents} examples), device {proc.device}")
     logits = predict_logits(model, val.encoded, cfg["trainer"]["val_batch_size"],
                             tokenizer.pad_token_id, proc, autocast_dtype(cfg["trainer"], proc))
     metrics = on_main(proc, split_metrics, logits, val, cfg, f"on {cfg['data']['val_filepath']}")
-    log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
-              f"({val.encoded.num_documents} examples)\n{format_report(metrics)}")
+    log(proc, format_report(metrics))
     return metrics
 
 
@@ -1056,6 +1058,7 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, threshol
     The output path (main process)."""
     data, names, dtype = cfg["data"], label_names(cfg), autocast_dtype(cfg["trainer"], proc)
     path = on_main(proc, predict_output, cfg, run_dir)
+    log(proc, f"prediction of {data['predict_filepath']}, device {proc.device}")
     rows = 0
     with atomic_write(path, newline="") if proc.is_main else nullcontext() as f:
         writer = csv.writer(f) if proc.is_main else None

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from config import GOLDEN_CONFIG, ConfigError, check_config, golden_keys, load_config, parse_args, read_yaml
+from config import (GOLDEN_CONFIG, ConfigError, check_config, golden_keys, load_config, parse_args, print_help,
+                    read_yaml)
 
 
 def config_error(argv):
@@ -304,7 +305,21 @@ def test_every_golden_key_has_a_one_line_meaning():
         f"{section}.{name}" for section, values in golden.items() for name in values]
 
 
-@pytest.mark.slow  # a fresh Python process, as every subprocess test
+def help_lists_every_key(keys):
+    for key, default, meaning in golden_key_lines():
+        assert re.search(rf"^  --{re.escape(key)} {re.escape(default)} +{re.escape(meaning)}$",
+                         keys, re.MULTILINE), key
+
+
+def test_help_lists_every_key_with_its_default_and_meaning(capsys):
+    # in this process, for the quick loop; the test below runs the scripts themselves
+    print_help("usage: the docstring")
+    usage, _, keys = capsys.readouterr().out.partition("\nOptions: ")
+    assert usage == "usage: the docstring\n"
+    help_lists_every_key(keys)
+
+
+@pytest.mark.slow  # a fresh Python process per script
 @pytest.mark.parametrize("script", ["trainer.py", "distill.py"])
 def test_help_prints_usage_and_every_key_without_importing_torch(script):
     repo = GOLDEN_CONFIG.parent
@@ -319,9 +334,7 @@ def test_help_prints_usage_and_every_key_without_importing_torch(script):
     assert usage.splitlines()[0] in (repo / script).read_text().splitlines()[0]
     # a backslash at the end of an example line stays there, not a gap inside the command
     assert not re.search(r"\S {3,}--", usage)
-    for key, default, meaning in golden_key_lines():
-        assert re.search(rf"^  --{re.escape(key)} {re.escape(default)} +{re.escape(meaning)}$",
-                         keys, re.MULTILINE), key
+    help_lists_every_key(keys)
     if script == "trainer.py":
         assert "--data.val_filepath null \\\n        --data.predict_filepath new.csv" in usage
 

@@ -414,6 +414,21 @@ sys.exit(code)
 """
 
 
+def test_a_pretrained_students_new_head_is_said_through_the_main_process_log(tmp_path, tiny_teacher, capsys,
+                                                                             monkeypatch):
+    # under torchrun every rank printed it; log() says it on the main process only
+    logged = []
+    monkeypatch.setattr(distill, "log", lambda proc, message: logged.append(message))
+    student = save_tiny_encoder(tmp_path / "student", layers=1)
+    args = base_args(tmp_path, tiny_teacher["base"], tiny_teacher["train"], "null", **{
+        "model.model_path": tiny_teacher["dir"], "distill.student_model": student, "trainer.epochs": 1})
+    assert distill.main(args) == 0
+    note = (f"note: a new classification head (classifier.*) for 2 labels; the encoder is pretrained "
+            f"(distill.student_model {student!r})")
+    assert logged.count(note) == 1
+    assert note not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("losses", [("[logits, labels, attentions]", "[0.5, 0.5, 1.0]"),
                                     ("[logits, labels]", "[0.5, 0.5]")],  # the teacher's logits shared by ranks

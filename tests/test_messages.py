@@ -41,8 +41,14 @@ def test_evaluation_and_prediction_show_progress_with_the_device(trained, capsys
         "model.model_path": str(trained / "ckpt" / "best"), "trainer.val_batch_size": 4,
         "data.predict_filepath": str(trained / "val.csv"), "data.predict_output": str(trained / "p2.csv")})
     assert trainer.main(args) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "evaluate on cpu" in err and "predict on cpu" in err and "/10 " in err  # 40 rows / 4 a batch
+    # the first line of each says the device, before the wait, as training's does
+    lines = out.splitlines()
+    assert lines[0] == f"evaluation of {trained / 'ckpt' / 'best'} on {trained / 'val.csv'} (40 examples), device cpu"
+    assert f"prediction of {trained / 'val.csv'}, device cpu" in lines
+    assert lines.index(f"prediction of {trained / 'val.csv'}, device cpu") < lines.index(
+        f"predictions for 40 texts written to {trained / 'p2.csv'}")
 
 
 def test_a_classifier_predicting_one_class_everywhere_is_warned_about():
