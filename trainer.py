@@ -402,8 +402,11 @@ class Trainer:
         ckpt = self.cfg["ckpt"]
         save_dir, name = Path(ckpt["model_state_save_dir"]), self.checkpoint_name()
         existing = read_manifest(save_dir / name)
-        if existing is not None and existing.get("session") == self.session:
-            path = save_dir / name  # this launch already saved this step (validation did)
+        # this launch already saved this step (validation did); one saved just before the epoch's
+        # closing validation (ckpt.save_steps) is saved again, so that it holds that validation's best
+        if existing is not None and existing.get("session") == self.session and \
+                (existing["epoch"], existing["batch_in_epoch"]) == (self.epoch, self.batch_in_epoch):
+            path = save_dir / name
         else:
             state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}

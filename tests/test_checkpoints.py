@@ -323,6 +323,23 @@ def test_resume_message_names_the_epoch_of_the_checkpoint(job, capsys):
     assert "at step 21 (epoch 2, batch 8 of 13)" in capsys.readouterr().out
 
 
+def test_a_step_checkpoint_on_the_last_step_of_an_epoch_holds_that_epochs_validation(job, capsys):
+    """ckpt.save_steps 13 saves each epoch's last step before the epoch's validation: the folder is
+    written again after it, so it records its own best, and a resume has nothing left to redo."""
+    ckpt, args = ckpt_dir(job, "epoch-end"), {"ckpt.save_steps": 13}
+    assert trainer.main(job["args"]("epoch-end", **args)) == 0
+    best = json.loads((ckpt / "best" / checkpoint.MANIFEST).read_text())
+    last = json.loads((ckpt / "last" / checkpoint.MANIFEST).read_text())
+    assert best["best"]["step"] == best["step"] and last["best"]["step"] == best["step"]
+    assert (last["step"], last["epoch"], last["batch_in_epoch"]) == (26, 2, 0)  # after epoch 2's validation
+    log = next((job["tmp"] / "epoch-end" / "runs").glob("*/metrics.jsonl"))
+    logged = log.read_text()
+    capsys.readouterr()
+    assert trainer.main(job["args"]("epoch-end", **{**args, "ckpt.resume": "auto"})) == 0
+    assert "validation at step" not in capsys.readouterr().out
+    assert log.read_text() == logged  # no second validation line at step 26
+
+
 # -- what a crash leaves, and every output location before step 1 -----------------------------------
 
 
