@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 MANIFEST = "checkpoint.json"
 WRITTEN_BY = "trainer.py checkpoint"  # what marks a folder as ours
@@ -174,7 +175,7 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
 
     write_files(folder) writes the model and the training state. An existing folder of that name is
     replaced only if it is ours (a stale checkpoint of an earlier launch); a full disk or any other
-    OSError removes the temporary folder and raises CheckpointError.
+    write error removes the temporary folder and raises CheckpointError.
     """
     save_dir = Path(save_dir)
     final, tmp = save_dir / name, save_dir / f".tmp-{name}-{session}"
@@ -200,11 +201,13 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
         else:
             os.rename(tmp, final)
         fsync_path(save_dir)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk is no OSError in torch.save, safetensors
+        # they do not say why either: under 1 MiB left before the partial files go means a full disk
+        full = e.errno == errno.ENOSPC if isinstance(e, OSError) else shutil.disk_usage(save_dir).free < 2**20
         shutil.rmtree(tmp, ignore_errors=True)
-        hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{hint}; free space "
-                              f"or choose another ckpt.model_state_save_dir") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}{' (the disk is full)' * full}; "
+                              f"free space or choose another ckpt.model_state_save_dir") from e
     return final
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -357,6 +358,33 @@ def test_checkpoint_files_and_folders_are_fsynced(tmp_path, monkeypatch):
     tmp = str(tmp_path / ".tmp-checkpoint-epoch1-step1-s1")
     assert synced == [f"{tmp}/a.bin", f"{tmp}/{checkpoint.MANIFEST}", tmp, str(tmp_path)]
     assert checkpoint.incomplete_reason(path, checkpoint.read_manifest(path)) is None
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "save_pretrained"])
+def test_a_full_disk_in_torch_save_or_safetensors_removes_the_partial_checkpoint(job, monkeypatch, capsys, writer):
+    """On a full disk torch.save raises RuntimeError and safetensors SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+    name, calls = f"full-{writer}", []
+    real = {"torch.save": torch.save, "save_pretrained": trainer.save_pretrained}[writer]
+
+    def fails_third(*a, **k):  # torch.save(state, path) or save_pretrained(model, tokenizer, folder)
+        calls.append(1)
+        if len(calls) < 3:
+            return real(*a, **k)
+        if writer == "torch.save":  # what torch says when the disk fills under it
+            Path(a[1]).write_bytes(b"PK half a zip")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        (Path(a[2]) / "model.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(*((trainer.torch, "save") if writer == "torch.save" else (trainer, "save_pretrained")),
+                        fails_third)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
+    assert trainer.main(job["args"](name)) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: cannot write checkpoint {ckpt_dir(job, name) / 'checkpoint-epoch1-step9'}: ")
+    assert "(the disk is full)" in line
+    assert steps(ckpt_dir(job, name)) == [3, 6]
+    assert not [p for p in ckpt_dir(job, name).iterdir() if p.name.startswith(".tmp-")]
 
 
 @pytest.mark.parametrize("setup, key, expected", [
