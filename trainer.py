@@ -466,8 +466,9 @@ class Trainer:
         self.window = {**new_window(device), "loss": mine["window"]["loss"].to(device),
                        "examples": mine["window"]["examples"],
                        "terms": {k: v.to(device) for k, v in mine["window"]["terms"].items()}}
+        # as in epoch_number, the batch of the last step: at an epoch's end its last, not the next's 0
         log(self.proc, f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
-                       f"batch {self.batch_in_epoch} of {self.steps_per_epoch})")
+                       f"batch {self.batch_in_epoch or self.steps_per_epoch} of {self.steps_per_epoch})")
 
 
 def new_window(device):

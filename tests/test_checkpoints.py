@@ -316,6 +316,28 @@ def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(j
     assert {row["epoch"] for row in rows if row["step"] in (15, 16)} == {2}
 
 
+def test_a_run_killed_after_logging_past_its_checkpoint_resumes_to_the_same_logs(job, monkeypatch, capsys):
+    """The kill comes after step 17: step 15's train line and TensorBoard event were written after
+    the last checkpoint (step 13), so the resume must drop them (purge_step) and log them again."""
+    args = {"trainer.log_steps": 5, "ckpt.save_steps": 0}
+    assert trainer.main(job["args"]("killed-reference", **args)) == 0
+    real_step = trainer.Trainer.train_step
+
+    def killed_at_18(self, *a):
+        if self.step == 17:
+            raise trainer.TrainingError("killed")
+        return real_step(self, *a)
+    monkeypatch.setattr(trainer.Trainer, "train_step", killed_at_18)
+    assert trainer.main(job["args"]("killed", **{**args, "ckpt.save_steps": 6})) == 2
+    monkeypatch.undo()
+    rows, _ = scalars_of(job["tmp"] / "killed")
+    assert max(row["step"] for row in rows) == 15 and steps(ckpt_dir(job, "killed"))[-1] == 13
+    capsys.readouterr()
+    assert trainer.main(job["args"]("killed", **{**args, "ckpt.save_steps": 6, "ckpt.resume": "auto"})) == 0
+    assert "at step 13 (epoch 1, batch 13 of 13)" in capsys.readouterr().out
+    assert scalars_of(job["tmp"] / "killed") == scalars_of(job["tmp"] / "killed-reference")
+
+
 def test_resume_message_names_the_epoch_of_the_checkpoint(job, capsys):
     ckpt = run_copy(job, "epochs")
     capsys.readouterr()
