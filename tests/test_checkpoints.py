@@ -222,6 +222,10 @@ def test_resuming_an_older_checkpoint_needs_overwrite_and_then_saves_its_own(job
     ({"trainer.train_batch_size": 8, "trainer.gpu_batch_size_limit": 8}, "trainer.train_batch_size 16 -> 8"),
     ({"trainer.epochs": 1}, "trainer.epochs 2 -> 1 (may only grow)"),
     ({"data.train_filepath": "EDITED"}, "data.train_filepath: the file's content differs"),
+    ({"module.weight_decay": 0.1}, "module.weight_decay 0.01 -> 0.1"),
+    ({"data.labels_list": "[negative, neutral, positive]"},
+     "data.labels_list ['negative', 'positive'] -> ['negative', 'neutral', 'positive']"),
+    ({"model.hf_model": "WIDER"}, "model.hf_model '{tmp}/bert' -> '{tmp}/wider-bert'"),
 ])
 def test_resume_with_a_changed_config_or_data_stops_before_step_one(job, capsys, change, expected):
     name = "changed"
@@ -231,11 +235,13 @@ def test_resume_with_a_changed_config_or_data_stops_before_step_one(job, capsys,
         rows = sentiment_rows(200, seed=3)
         rows[0]["text"] = "edited " + rows[0]["text"]
         change = {"data.train_filepath": write_csv(job["tmp"] / "edited.csv", rows)}
+    if change.get("model.hf_model") == "WIDER":  # another model, whose weights the state would not fit
+        change = {"model.hf_model": save_tiny_encoder(job["tmp"] / "wider-bert", hidden=64)}
     before = sorted(p.name for p in ckpt_dir(job, name).iterdir())
     capsys.readouterr()
     assert trainer.main(job["args"](name, **{"ckpt.resume": "auto", **change})) == 2
     line = error_line(capsys)
-    assert line.startswith("error: cannot resume") and expected in line
+    assert line.startswith("error: cannot resume") and expected.format(tmp=job["tmp"]) in line
     assert "--model.model_path" in line
     assert sorted(p.name for p in ckpt_dir(job, name).iterdir()) == before
 
