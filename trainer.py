@@ -996,6 +996,8 @@ def load_splits(cfg, tokenizer, proc=None):
 
 def check_outputs(cfg):
     """Every folder the run will write in, checked (and created) before the first step."""
+    if cfg["data"]["train_filepath"]:  # before the token cache is written (SaveDir's other rules come later)
+        check_writable_dir(cfg["ckpt"]["model_state_save_dir"], "ckpt.model_state_save_dir")
     check_writable_dir(cfg["trainer"]["log_dir"], "trainer.log_dir")
     if cache_folder(cfg) is not None:
         check_writable_dir(cache_folder(cfg), "data.cache_dir")
