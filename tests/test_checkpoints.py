@@ -486,6 +486,24 @@ def test_a_failure_on_rank_zero_alone_ends_every_rank_promptly(job):
     assert "the main process (rank 0) failed" in stderr  # rank 1's own line, not torchrun's kill
 
 
+@pytest.mark.slow
+def test_a_save_folder_that_cannot_be_written_under_torchrun_is_one_line_per_rank(job, tmp_path):
+    """Rank 0 finds the folder unusable (a file here; a read-only one takes the same path, and
+    root may write anywhere): every rank ends with exit 2 and its one line, none with a traceback."""
+    (tmp_path / "ckpt").write_text("a file")
+    args = base_args(tmp_path, job["model"], job["train"], job["val"], **{"trainer.backend": "ddp"})
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "trainer.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    reason = f"ckpt.model_state_save_dir: {tmp_path / 'ckpt'} is a file, not a folder"
+    assert sorted(lines) == [f"error: {reason}; choose a folder",
+                             f"error: the main process (rank 0) failed: {reason}; choose a folder"]
+    assert "exitcode: 2" in out.stderr and f'File "{ROOT / "trainer.py"}"' not in out.stderr  # torchrun's own only
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_rank_sees_the_save_folder_only_if_it_holds_the_main_process_lock(tmp_path):
     lock = checkpoint.SaveDirLock(tmp_path, "s-main")
     try:
