@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -154,6 +155,8 @@ def load_checkpoint(path, file_ext):
         state = torch.load(path / f"training_state{file_ext}", map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal, a torn file, a wrong format: all mean "not usable"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):  # torch's own line would advise weights_only=False
+            first = "it is not tensors and plain data alone: damaged, or holding objects that could run code"
         raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({first[:200]})") from None
     return state, manifest
 

@@ -76,19 +76,31 @@ class Evil:
 # -- security ----------------------------------------------------------------------------------
 
 
+def plant(folder, marker):
+    with open(folder / "training_state.pt", "wb") as f:
+        pickle.dump({"optimizer": Evil(marker)}, f)
+    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    manifest["files"]["training_state.pt"] = (folder / "training_state.pt").stat().st_size
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))  # a forger can write this too
+
+
 def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(job, capsys):
     ckpt = run_copy(job, "evil")
     marker = job["tmp"] / "pwned"
     target = ckpt / "checkpoint-epoch1-step3"
-    with open(target / "training_state.pt", "wb") as f:
-        pickle.dump({"optimizer": Evil(marker)}, f)
-    manifest = json.loads((target / checkpoint.MANIFEST).read_text())
-    manifest["files"]["training_state.pt"] = (target / "training_state.pt").stat().st_size
-    (target / checkpoint.MANIFEST).write_text(json.dumps(manifest))  # a forger can write this too
+    plant(target, marker)
     capsys.readouterr()
     assert trainer.main(job["args"]("evil", **{"ckpt.resume": str(target)})) == 2
     line = error_line(capsys)
     assert line.startswith(f"error: {target}: training_state.pt does not load as data")
+    assert "could run code" in line and "weights_only" not in line  # torch's advice to load it unsafely
+    assert not marker.exists()
+    # resume auto, planted in the newest: skipped with that reason, the one before is resumed
+    plant(ckpt / "checkpoint-epoch2-step26", marker)
+    assert trainer.main(job["args"]("evil", **{"ckpt.resume": "auto"})) == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint-epoch2-step26" in out and "could run code" in out
+    assert "resumed from" in out and "checkpoint-epoch2-step24" in out
     assert not marker.exists()
 
 
