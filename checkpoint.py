@@ -177,7 +177,8 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
     """Write save_dir/name atomically: files into a temporary folder, fsync, manifest, rename.
 
     write_files(folder) writes the model and the training state. An existing folder of that name is
-    replaced only if it is ours (a stale checkpoint of an earlier launch); a full disk or any other
+    replaced only if it is ours (a stale checkpoint of an earlier launch, or this launch's from
+    before the validation of its step); a full disk or any other
     write error removes the temporary folder and raises CheckpointError.
     """
     save_dir = Path(save_dir)
