@@ -76,6 +76,11 @@ def name_pattern(prefix):
     return rf"{re.escape(prefix)}-epoch(\d+)-step(\d+)"
 
 
+def first_line(error):
+    """An exception's message cut to one line (a library's may run to many), for our one-line errors."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0][:200]
+
+
 def file_digest(path):
     """sha256 of a file's bytes: resume compares data files by content, not by name."""
     with open(path, "rb") as f:
@@ -154,10 +159,10 @@ def load_checkpoint(path, file_ext):
     try:
         state = torch.load(path / f"training_state{file_ext}", map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal, a torn file, a wrong format: all mean "not usable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if isinstance(e, pickle.UnpicklingError):  # torch's own line would advise weights_only=False
             first = "it is not tensors and plain data alone: damaged, or holding objects that could run code"
-        raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({first[:200]})") from None
+        raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({first})") from None
     return state, manifest
 
 
@@ -178,8 +183,8 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
 
     write_files(folder) writes the model and the training state. An existing folder of that name is
     replaced only if it is ours (a stale checkpoint of an earlier launch, or this launch's from
-    before the validation of its step); a full disk or any other
-    write error removes the temporary folder and raises CheckpointError.
+    before the validation of its step); a full disk or any other write error removes the temporary
+    folder and raises CheckpointError.
     """
     save_dir = Path(save_dir)
     final, tmp = save_dir / name, save_dir / f".tmp-{name}-{session}"
@@ -205,11 +210,11 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
         else:
             os.rename(tmp, final)
         fsync_path(save_dir)
-    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk is no OSError in torch.save, safetensors
-        # they do not say why either: under 1 MiB left before the partial files go means a full disk
+    except (OSError, RuntimeError, SafetensorError) as e:  # what torch.save and safetensors raise on a full disk
+        # neither says why: under 1 MiB left, before the partial files go, is a full disk
         full = e.errno == errno.ENOSPC if isinstance(e, OSError) else shutil.disk_usage(save_dir).free < 2**20
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         raise CheckpointError(f"cannot write checkpoint {final}: {reason}{' (the disk is full)' * full}; "
                               f"free space or choose another ckpt.model_state_save_dir") from e
     return final
