@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 MANIFEST = "checkpoint.json"
 WRITTEN_BY = "trainer.py checkpoint"  # what marks a folder as ours
@@ -72,6 +74,11 @@ def checkpoint_name(prefix, epoch, step):
 def name_pattern(prefix):
     """The regular expression of checkpoint_name's names, the step as its second group."""
     return rf"{re.escape(prefix)}-epoch(\d+)-step(\d+)"
+
+
+def first_line(error):
+    """An exception's message cut to one line (a library's may run to many), for our one-line errors."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0][:200]
 
 
 def file_digest(path):
@@ -152,8 +159,10 @@ def load_checkpoint(path, file_ext):
     try:
         state = torch.load(path / f"training_state{file_ext}", map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal, a torn file, a wrong format: all mean "not usable"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({first[:200]})") from None
+        first = first_line(e)
+        if isinstance(e, pickle.UnpicklingError):  # torch's own line would advise weights_only=False
+            first = "it is not tensors and plain data alone: damaged, or holding objects that could run code"
+        raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({first})") from None
     return state, manifest
 
 
@@ -173,8 +182,9 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
     """Write save_dir/name atomically: files into a temporary folder, fsync, manifest, rename.
 
     write_files(folder) writes the model and the training state. An existing folder of that name is
-    replaced only if it is ours (a stale checkpoint of an earlier launch); a full disk or any other
-    OSError removes the temporary folder and raises CheckpointError.
+    replaced only if it is ours (a stale checkpoint of an earlier launch, or this launch's from
+    before the validation of its step); a full disk or any other write error removes the temporary
+    folder and raises CheckpointError.
     """
     save_dir = Path(save_dir)
     final, tmp = save_dir / name, save_dir / f".tmp-{name}-{session}"
@@ -200,11 +210,13 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
         else:
             os.rename(tmp, final)
         fsync_path(save_dir)
-    except OSError as e:
+    except (OSError, RuntimeError, SafetensorError) as e:  # what torch.save and safetensors raise on a full disk
+        # neither says why: under 1 MiB left, before the partial files go, is a full disk
+        full = e.errno == errno.ENOSPC if isinstance(e, OSError) else shutil.disk_usage(save_dir).free < 2**20
         shutil.rmtree(tmp, ignore_errors=True)
-        hint = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}{hint}; free space "
-                              f"or choose another ckpt.model_state_save_dir") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}{' (the disk is full)' * full}; "
+                              f"free space or choose another ckpt.model_state_save_dir") from e
     return final
 
 

@@ -367,6 +367,13 @@ def checked_rows(path, data_cfg, labels_list, need_labels):
     if need_labels:
         col_label = resolve_column(path, "data.label_col", data_cfg["label_col"], columns, header)
         label_ids = label_to_id(labels_list, data_cfg["multi_label"])
+    # config.py refuses equal values; a name and a position can still be one column
+    for key, col, other_key, other in [("data.text_b_col", col_b, "data.text_a_col", col_a),
+                                       ("data.text_a_col", col_a, "data.label_col", col_label),
+                                       ("data.text_b_col", col_b, "data.label_col", col_label)]:
+        if col is not None and col == other:
+            raise DataError(f"{path}: {key} and {other_key} are the same column {col!r}; a text column "
+                            f"must be neither the other text nor the label")
 
     def label_of(line, row):
         if data_cfg["multi_label"]:

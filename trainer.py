@@ -402,8 +402,11 @@ class Trainer:
         ckpt = self.cfg["ckpt"]
         save_dir, name = Path(ckpt["model_state_save_dir"]), self.checkpoint_name()
         existing = read_manifest(save_dir / name)
-        if existing is not None and existing.get("session") == self.session:
-            path = save_dir / name  # this launch already saved this step (validation did)
+        # this launch already saved this step (validation did); one saved just before the epoch's
+        # closing validation (ckpt.save_steps) is saved again, so that it holds that validation's best
+        if existing is not None and existing.get("session") == self.session and \
+                (existing["epoch"], existing["batch_in_epoch"]) == (self.epoch, self.batch_in_epoch):
+            path = save_dir / name
         else:
             state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
@@ -463,8 +466,9 @@ class Trainer:
         self.window = {**new_window(device), "loss": mine["window"]["loss"].to(device),
                        "examples": mine["window"]["examples"],
                        "terms": {k: v.to(device) for k, v in mine["window"]["terms"].items()}}
+        # as in epoch_number, the batch of the last step: at an epoch's end its last, not the next's 0
         log(self.proc, f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
-                       f"batch {self.batch_in_epoch} of {self.steps_per_epoch})")
+                       f"batch {self.batch_in_epoch or self.steps_per_epoch} of {self.steps_per_epoch})")
 
 
 def new_window(device):
@@ -992,6 +996,8 @@ def load_splits(cfg, tokenizer, proc=None):
 
 def check_outputs(cfg):
     """Every folder the run will write in, checked (and created) before the first step."""
+    if cfg["data"]["train_filepath"]:  # before the token cache is written (SaveDir's other rules come later)
+        check_writable_dir(cfg["ckpt"]["model_state_save_dir"], "ckpt.model_state_save_dir")
     check_writable_dir(cfg["trainer"]["log_dir"], "trainer.log_dir")
     if cache_folder(cfg) is not None:
         check_writable_dir(cache_folder(cfg), "data.cache_dir")

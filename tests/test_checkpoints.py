@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,19 +76,31 @@ class Evil:
 # -- security ----------------------------------------------------------------------------------
 
 
+def plant(folder, marker):
+    with open(folder / "training_state.pt", "wb") as f:
+        pickle.dump({"optimizer": Evil(marker)}, f)
+    manifest = json.loads((folder / checkpoint.MANIFEST).read_text())
+    manifest["files"]["training_state.pt"] = (folder / "training_state.pt").stat().st_size
+    (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))  # a forger can write this too
+
+
 def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(job, capsys):
     ckpt = run_copy(job, "evil")
     marker = job["tmp"] / "pwned"
     target = ckpt / "checkpoint-epoch1-step3"
-    with open(target / "training_state.pt", "wb") as f:
-        pickle.dump({"optimizer": Evil(marker)}, f)
-    manifest = json.loads((target / checkpoint.MANIFEST).read_text())
-    manifest["files"]["training_state.pt"] = (target / "training_state.pt").stat().st_size
-    (target / checkpoint.MANIFEST).write_text(json.dumps(manifest))  # a forger can write this too
+    plant(target, marker)
     capsys.readouterr()
     assert trainer.main(job["args"]("evil", **{"ckpt.resume": str(target)})) == 2
     line = error_line(capsys)
     assert line.startswith(f"error: {target}: training_state.pt does not load as data")
+    assert "could run code" in line and "weights_only" not in line  # torch's advice to load it unsafely
+    assert not marker.exists()
+    # resume auto, planted in the newest: skipped with that reason, the one before is resumed
+    plant(ckpt / "checkpoint-epoch2-step26", marker)
+    assert trainer.main(job["args"]("evil", **{"ckpt.resume": "auto"})) == 0
+    out = capsys.readouterr().out
+    assert "skipping checkpoint-epoch2-step26" in out and "could run code" in out
+    assert "resumed from" in out and "checkpoint-epoch2-step24" in out
     assert not marker.exists()
 
 
@@ -221,6 +234,10 @@ def test_resuming_an_older_checkpoint_needs_overwrite_and_then_saves_its_own(job
     ({"trainer.train_batch_size": 8, "trainer.gpu_batch_size_limit": 8}, "trainer.train_batch_size 16 -> 8"),
     ({"trainer.epochs": 1}, "trainer.epochs 2 -> 1 (may only grow)"),
     ({"data.train_filepath": "EDITED"}, "data.train_filepath: the file's content differs"),
+    ({"module.weight_decay": 0.1}, "module.weight_decay 0.01 -> 0.1"),
+    ({"data.labels_list": "[negative, neutral, positive]"},
+     "data.labels_list ['negative', 'positive'] -> ['negative', 'neutral', 'positive']"),
+    ({"model.hf_model": "WIDER"}, "model.hf_model '{tmp}/bert' -> '{tmp}/wider-bert'"),
 ])
 def test_resume_with_a_changed_config_or_data_stops_before_step_one(job, capsys, change, expected):
     name = "changed"
@@ -230,11 +247,13 @@ def test_resume_with_a_changed_config_or_data_stops_before_step_one(job, capsys,
         rows = sentiment_rows(200, seed=3)
         rows[0]["text"] = "edited " + rows[0]["text"]
         change = {"data.train_filepath": write_csv(job["tmp"] / "edited.csv", rows)}
+    if change.get("model.hf_model") == "WIDER":  # another model, whose weights the state would not fit
+        change = {"model.hf_model": save_tiny_encoder(job["tmp"] / "wider-bert", hidden=64)}
     before = sorted(p.name for p in ckpt_dir(job, name).iterdir())
     capsys.readouterr()
     assert trainer.main(job["args"](name, **{"ckpt.resume": "auto", **change})) == 2
     line = error_line(capsys)
-    assert line.startswith("error: cannot resume") and expected in line
+    assert line.startswith("error: cannot resume") and expected.format(tmp=job["tmp"]) in line
     assert "--model.model_path" in line
     assert sorted(p.name for p in ckpt_dir(job, name).iterdir()) == before
 
@@ -315,12 +334,51 @@ def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(j
     assert {row["epoch"] for row in rows if row["step"] in (15, 16)} == {2}
 
 
+def test_a_run_killed_after_logging_past_its_checkpoint_resumes_to_the_same_logs(job, monkeypatch, capsys):
+    """The kill comes after step 17: step 15's train line and TensorBoard event were written after
+    the last checkpoint (step 13), so the resume must drop them (purge_step) and log them again."""
+    args = {"trainer.log_steps": 5, "ckpt.save_steps": 0}
+    assert trainer.main(job["args"]("killed-reference", **args)) == 0
+    real_step = trainer.Trainer.train_step
+
+    def killed_at_18(self, *a):
+        if self.step == 17:
+            raise trainer.TrainingError("killed")
+        return real_step(self, *a)
+    monkeypatch.setattr(trainer.Trainer, "train_step", killed_at_18)
+    assert trainer.main(job["args"]("killed", **{**args, "ckpt.save_steps": 6})) == 2
+    monkeypatch.undo()
+    rows, _ = scalars_of(job["tmp"] / "killed")
+    assert max(row["step"] for row in rows) == 15 and steps(ckpt_dir(job, "killed"))[-1] == 13
+    capsys.readouterr()
+    assert trainer.main(job["args"]("killed", **{**args, "ckpt.save_steps": 6, "ckpt.resume": "auto"})) == 0
+    assert "at step 13 (epoch 1, batch 13 of 13)" in capsys.readouterr().out
+    assert scalars_of(job["tmp"] / "killed") == scalars_of(job["tmp"] / "killed-reference")
+
+
 def test_resume_message_names_the_epoch_of_the_checkpoint(job, capsys):
     ckpt = run_copy(job, "epochs")
     capsys.readouterr()
     assert trainer.main(job["args"]("epochs", **{"ckpt.resume": str(ckpt / "checkpoint-epoch2-step21"),
                                                   "ckpt.overwrite": "true"})) == 0
     assert "at step 21 (epoch 2, batch 8 of 13)" in capsys.readouterr().out
+
+
+def test_a_step_checkpoint_on_the_last_step_of_an_epoch_holds_that_epochs_validation(job, capsys):
+    """ckpt.save_steps 13 saves each epoch's last step before the epoch's validation: the folder is
+    written again after it, so it records its own best, and a resume has nothing left to redo."""
+    ckpt, args = ckpt_dir(job, "epoch-end"), {"ckpt.save_steps": 13}
+    assert trainer.main(job["args"]("epoch-end", **args)) == 0
+    best = json.loads((ckpt / "best" / checkpoint.MANIFEST).read_text())
+    last = json.loads((ckpt / "last" / checkpoint.MANIFEST).read_text())
+    assert best["best"]["step"] == best["step"] and last["best"]["step"] == best["step"]
+    assert (last["step"], last["epoch"], last["batch_in_epoch"]) == (26, 2, 0)  # after epoch 2's validation
+    log = next((job["tmp"] / "epoch-end" / "runs").glob("*/metrics.jsonl"))
+    logged = log.read_text()
+    capsys.readouterr()
+    assert trainer.main(job["args"]("epoch-end", **{**args, "ckpt.resume": "auto"})) == 0
+    assert "validation at step" not in capsys.readouterr().out
+    assert log.read_text() == logged  # no second validation line at step 26
 
 
 # -- what a crash leaves, and every output location before step 1 -----------------------------------
@@ -342,6 +400,33 @@ def test_checkpoint_files_and_folders_are_fsynced(tmp_path, monkeypatch):
     assert checkpoint.incomplete_reason(path, checkpoint.read_manifest(path)) is None
 
 
+@pytest.mark.parametrize("writer", ["torch.save", "save_pretrained"])
+def test_a_full_disk_in_torch_save_or_safetensors_removes_the_partial_checkpoint(job, monkeypatch, capsys, writer):
+    """On a full disk torch.save raises RuntimeError and safetensors SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+    name, calls = f"full-{writer}", []
+    real = {"torch.save": torch.save, "save_pretrained": trainer.save_pretrained}[writer]
+
+    def fails_third(*a, **k):  # torch.save(state, path) or save_pretrained(model, tokenizer, folder)
+        calls.append(1)
+        if len(calls) < 3:
+            return real(*a, **k)
+        if writer == "torch.save":  # what torch says when the disk fills under it
+            Path(a[1]).write_bytes(b"PK half a zip")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        (Path(a[2]) / "model.safetensors").write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(*((trainer.torch, "save") if writer == "torch.save" else (trainer, "save_pretrained")),
+                        fails_third)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
+    assert trainer.main(job["args"](name)) == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: cannot write checkpoint {ckpt_dir(job, name) / 'checkpoint-epoch1-step9'}: ")
+    assert "(the disk is full)" in line
+    assert steps(ckpt_dir(job, name)) == [3, 6]
+    assert not [p for p in ckpt_dir(job, name).iterdir() if p.name.startswith(".tmp-")]
+
+
 @pytest.mark.parametrize("setup, key, expected", [
     (lambda t: (t / "ckpt").write_text("a file"), None, "ckpt.model_state_save_dir: {t}/ckpt is a file"),
     (lambda t: (t / "runs").write_text("a file"), None, "trainer.log_dir: {t}/runs is a file"),
@@ -355,6 +440,8 @@ def test_bad_output_locations_stop_the_run_before_step_one(job, tmp_path, capsys
     assert trainer.main(args) == 2
     assert expected.format(t=tmp_path) in error_line(capsys)
     assert not (tmp_path / "runs").is_dir() or not list((tmp_path / "runs").iterdir())
+    if "best" not in expected:  # a folder that cannot be written stops the run before tokenization too
+        assert not [p for p in tmp_path.glob(".token_cache/**/*") if p.is_file()]
     assert not (tmp_path / "ckpt").is_dir() or steps(tmp_path / "ckpt") == []
 
 
@@ -409,6 +496,24 @@ def test_a_failure_on_rank_zero_alone_ends_every_rank_promptly(job):
     assert process.returncode != 0
     assert time.time() - started < 60
     assert "the main process (rank 0) failed" in stderr  # rank 1's own line, not torchrun's kill
+
+
+@pytest.mark.slow
+def test_a_save_folder_that_cannot_be_written_under_torchrun_is_one_line_per_rank(job, tmp_path):
+    """Rank 0 finds the folder unusable (a file here; a read-only one takes the same path, and
+    root may write anywhere): every rank ends with exit 2 and its one line, none with a traceback."""
+    (tmp_path / "ckpt").write_text("a file")
+    args = base_args(tmp_path, job["model"], job["train"], job["val"], **{"trainer.backend": "ddp"})
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "trainer.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    reason = f"ckpt.model_state_save_dir: {tmp_path / 'ckpt'} is a file, not a folder"
+    assert sorted(lines) == [f"error: {reason}; choose a folder",
+                             f"error: the main process (rank 0) failed: {reason}; choose a folder"]
+    assert "exitcode: 2" in out.stderr and f'File "{ROOT / "trainer.py"}"' not in out.stderr  # torchrun's own only
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_rank_sees_the_save_folder_only_if_it_holds_the_main_process_lock(tmp_path):

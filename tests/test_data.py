@@ -66,6 +66,18 @@ def test_windows_line_endings(tmp_path):
         assert examples.texts_a == ["good", "bad"] and examples.labels.tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("columns, message", [
+    ({"text_a_col": 1}, "data.text_a_col and data.label_col are the same column 'label'"),
+    ({"text_b_col": 1}, "data.text_b_col and data.label_col are the same column 'label'"),
+    ({"text_b_col": 0}, "data.text_b_col and data.text_a_col are the same column 'text'"),
+])
+def test_a_column_named_once_by_name_and_once_by_position_is_refused(tmp_path, columns, message):
+    # config.py refuses text_a_col: label with label_col: label; a position can name it too
+    path = write_csv(tmp_path / "a.csv", ROWS)
+    with pytest.raises(DataError, match=f"a.csv: {message}"):
+        read_examples(path, data_cfg(**columns), LABELS, need_labels=True)
+
+
 def test_header_row_index_skips_the_rows_above(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("exported by some tool,\ntext,label\ngood,positive\nbad,negative\n")
