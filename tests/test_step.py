@@ -146,9 +146,8 @@ def test_a_distillation_step_never_waits_for_the_device(tmp_path, monkeypatch):
     assert set(run.window["terms"]) == {"logits", "labels"} and float(run.window["terms"]["labels"]) > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_distillation_step_on_a_gpu_does_not_synchronize(tmp_path):
-    run = distillation_trainer(tmp_path, torch.device("cuda", 0))
+def updates_without_a_sync(run):
+    """Three steps on a GPU, the last two with any synchronization an error: the updates made."""
     batches = run.epoch_batches(0)
     run.train_step(*batches[0])  # warm-up: lazy initialisation may synchronize once
     torch.cuda.set_sync_debug_mode("error")
@@ -157,7 +156,13 @@ def test_a_distillation_step_on_a_gpu_does_not_synchronize(tmp_path):
             run.train_step(indices, size)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert int(run.updates) == 3
+    return int(run.updates)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_distillation_step_on_a_gpu_does_not_synchronize(tmp_path):
+    run = distillation_trainer(tmp_path, torch.device("cuda", 0))
+    assert updates_without_a_sync(run) == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -165,15 +170,7 @@ def test_a_training_step_on_a_gpu_does_not_synchronize(tmp_path):
     run = make_trainer(tmp_path)
     run.proc = trainer.Process(0, 0, 1, torch.device("cuda", 0), True, False)
     run = trainer.Trainer(run.cfg, run.proc, run.model, run.tokenizer, run.train_split, None)
-    batches = run.epoch_batches(0)
-    run.train_step(*batches[0])  # warm-up: lazy initialisation may synchronize once
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for indices, size in batches[1:3]:
-            run.train_step(indices, size)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert int(run.updates) == 3
+    assert updates_without_a_sync(run) == 3
 
 
 def zero_loss(seen):
