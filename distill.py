@@ -56,8 +56,8 @@ from config import ConfigError, task_of
 from data import Encoded, encode, read_examples, window_stride
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
-from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, log, on_main, predict_logits,
-                     read_splits, seed_everything, tokenize, training_split)
+from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, log, on_main, per_rank_batch,
+                     predict_logits, read_splits, seed_everything, tokenize, training_split)
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -425,6 +425,7 @@ def add_unlabeled(cfg, tokenizer, train, unlabeled=None, proc=None):
 def run(cfg, proc):
     """Build teacher and student, then train the student with trainer.py's loop."""
     check_distill_config(cfg)
+    per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
     seed_everything(cfg["trainer"]["seed"])
     d = cfg["distill"]
     tokenizer = load_tokenizer(cfg["model"])

@@ -106,10 +106,7 @@ class Trainer:
         self.pad_to_multiple_of = 8 if tcfg["compile"] else 1
 
         # batches: global batch = world_size ranks x grad_accum_steps micro-batches of <= the limit
-        if tcfg["train_batch_size"] % proc.world_size:
-            raise ConfigError(f"trainer.train_batch_size {tcfg['train_batch_size']} does not divide "
-                              f"among {proc.world_size} processes; use a multiple of {proc.world_size}")
-        per_rank = tcfg["train_batch_size"] // proc.world_size
+        per_rank = per_rank_batch(tcfg, proc.world_size)
         self.grad_accum_steps = -(-per_rank // tcfg["gpu_batch_size_limit"])  # ceiling division
         self.steps_per_epoch = len(self.epoch_batches(0))
         self.total_steps = max(1, self.steps_per_epoch * tcfg["epochs"])
@@ -994,6 +991,15 @@ def load_splits(cfg, tokenizer, proc=None):
     return [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in examples]
 
 
+def per_rank_batch(tcfg, world_size):
+    """Examples each rank takes per step; a global batch that does not divide among the ranks is
+    a config error (checked again at the start of a run, before anything is written)."""
+    if tcfg["train_batch_size"] % world_size:
+        raise ConfigError(f"trainer.train_batch_size {tcfg['train_batch_size']} does not divide "
+                          f"among {world_size} processes; use a multiple of {world_size}")
+    return tcfg["train_batch_size"] // world_size
+
+
 def check_outputs(cfg):
     """Every folder the run will write in, checked (and created) before the first step."""
     if cfg["data"]["train_filepath"]:  # before the token cache is written (SaveDir's other rules come later)
@@ -1085,6 +1091,8 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, threshol
 
 def run(cfg, proc):
     """Everything a config asks for; returns the final metrics (main process)."""
+    if cfg["data"]["train_filepath"]:
+        per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
     seed_everything(cfg["trainer"]["seed"])
     # evaluate / predict as the checkpoint was trained (labels, task, max_seq_len); a training run
     # says here, on the main process, the metric that load_config fitted to its task
