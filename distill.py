@@ -57,7 +57,7 @@ from data import Encoded, encode, read_examples, window_stride
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
 from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, log, on_main, per_rank_batch,
-                     predict_logits, read_splits, seed_everything, tokenize, training_split)
+                     predict_logits, read_splits, seed_everything, task_loss, tokenize, training_split)
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -259,22 +259,14 @@ def logits_loss(student_logits, teacher_logits, temperature, multi_label=False):
 def labels_loss(student_logits, labels, class_weights=None):
     """The supervised loss with the gold labels (trainer.task_loss: cross-entropy, BCE for
     multi-label, squared error for regression), weighted as module.class_weights says; rows without a
-    label (-1, or NaN for regression and multi-label) contribute nothing.
-
-    The unlabelled rows are weighed 0, not indexed out: a boolean mask's size is read back to the
-    host, which on a GPU would wait for the queue at every micro-batch.
-    """
+    label (-1, or NaN for regression and multi-label) contribute nothing."""
     logits = student_logits.float()
     if labels.dtype == torch.int64:  # single-label: cross-entropy skips the -1 rows itself
-        return F.cross_entropy(logits, labels, weight=class_weights, reduction="sum", ignore_index=-1)
+        return task_loss(logits, labels, class_weights)
     known = ~torch.isnan(labels)
     if labels.dim() == 2:
-        known = known.all(dim=1, keepdim=True)
-    labels = torch.where(known, labels, 0.0)  # any label: the row weighs 0
-    if labels.dim() == 2:
-        per_label = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=class_weights, reduction="none")
-        return (per_label.mean(dim=1) * known.squeeze(1)).sum()  # as task_loss, over the known rows
-    return ((logits.squeeze(-1) - labels) ** 2 * known).sum()
+        known = known.all(dim=1)
+    return task_loss(logits, torch.nan_to_num(labels), class_weights, known=known)  # any label: the row weighs 0
 
 
 def hidden_state_loss(student_hidden, teacher_hidden, attention_mask):

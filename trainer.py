@@ -520,17 +520,24 @@ def supervised_loss(model, batch, indices=None, class_weights=None):
     return task_loss(logits, batch["labels"], class_weights), {}
 
 
-def task_loss(logits, labels, class_weights=None):
+def task_loss(logits, labels, class_weights=None, known=None):
     """The loss of float32 logits, summed over examples: squared error (regression: one output),
     binary cross-entropy averaged over the labels (multi-label: labels are 0/1 rows; class_weights
-    are then each label's positive weight), or cross-entropy."""
+    are then each label's positive weight), or cross-entropy (a label of -1 counts nothing).
+
+    known (distillation's unlabelled rows): a bool per example, the rows that count; the others
+    weigh 0 rather than being indexed out, since a boolean index reads its size back to the host.
+    """
     if labels.dim() == 2:
         per_label = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=class_weights,
                                                        reduction="none")
-        return per_label.mean(dim=1).sum()  # per example the mean over labels, as BCEWithLogitsLoss
+        per_example = per_label.mean(dim=1)  # the mean over labels, as BCEWithLogitsLoss
+        return (per_example if known is None else per_example * known).sum()
     if logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
-    return F.cross_entropy(logits, labels, weight=class_weights, reduction="sum")
+        if known is None:
+            return F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
+        return (F.mse_loss(logits.squeeze(-1), labels.float(), reduction="none") * known).sum()
+    return F.cross_entropy(logits, labels, weight=class_weights, reduction="sum", ignore_index=-1)
 
 
 MAX_POS_WEIGHT = 100.0  # a label seen twice in 10,000 texts would otherwise weigh 5,000 times
