@@ -77,8 +77,10 @@ def name_pattern(prefix):
 
 
 def first_line(error):
-    """An exception's message cut to one line (a library's may run to many), for our one-line errors."""
-    return (str(error).strip() or type(error).__name__).splitlines()[0][:200]
+    """An exception's first line (a library's message may run to many), for our one-line errors;
+    its class name where it has no message."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def file_digest(path):
@@ -159,7 +161,7 @@ def load_checkpoint(path, file_ext):
     try:
         state = torch.load(path / f"training_state{file_ext}", map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal, a torn file, a wrong format: all mean "not usable"
-        first = first_line(e)
+        first = first_line(e)[:200]
         if isinstance(e, pickle.UnpicklingError):  # torch's own line would advise weights_only=False
             first = "it is not tensors and plain data alone: damaged, or holding objects that could run code"
         raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({first})") from None
@@ -214,7 +216,7 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
         # neither says why: under 1 MiB left, before the partial files go, is a full disk
         full = e.errno == errno.ENOSPC if isinstance(e, OSError) else shutil.disk_usage(save_dir).free < 2**20
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)[:200]
         raise CheckpointError(f"cannot write checkpoint {final}: {reason}{' (the disk is full)' * full}; "
                               f"free space or choose another ckpt.model_state_save_dir") from e
     return final

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from checkpoint import MANIFEST, read_manifest
+from checkpoint import MANIFEST, first_line, read_manifest
 from config import TASK_NAMES, ConfigError, check_config, check_threshold_fits, fit_metric_to_task, task_of
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
@@ -106,11 +106,6 @@ def check_labels(path, labels_list, multi_label):
         raise ModelError(f"{path} was {'' if saved_multi_label(config) else 'not '}trained for multi-label "
                          f"classification, but data.multi_label is {str(multi_label).lower()}: leave "
                          f"data.multi_label out to use the checkpoint's")
-
-
-def first_line(error):
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def corrupt_weights(name, error):
