@@ -1,25 +1,32 @@
-"""Token cache: a data file's token ids kept on disk, for later runs and for the other ranks of a machine.
+"""Token cache: a data file's token ids and labels kept on disk, for later runs and for the other ranks of a machine.
 
 Usage:
+    encoded = mapped(cache_folder(cfg), tokenizer, path, cfg["data"], max_seq_len, labelled, proc)  # a hit, or None
     encoded = cached_encode(cache_folder(cfg), tokenizer, examples, cfg["data"], max_seq_len, proc, say)
 
-An entry is a folder <data.cache_dir>/<key>. The key is the sha256 of everything the ids follow from:
-the file's bytes, the tokenizer (its serialized state), max_seq_len, and the data options that pick
-and split the texts (columns, format, header, encoding, quoting). It holds ids.npy, offsets.npy
-(token_type_ids.npy where the tokenizer gives them) and manifest.json, naming each array's dtype,
-shape and size. Later runs open the arrays with np.load(mmap_mode="r"): pages are read as batches
-touch them, and every process that maps them shares one copy.
+An entry is a folder <data.cache_dir>/<key>. The key is the sha256 of everything the arrays follow
+from: the file's bytes, the tokenizer (its serialized state), max_seq_len, the data options that pick
+and split the texts (columns, format, header, encoding, quoting, windows) and, for a labelled file,
+those that read its labels (label column, labels_list, multi_label, label_sep). It holds ids.npy,
+offsets.npy, labels.npy (token_type_ids.npy and documents.npy where there are any) and
+manifest.json, naming each array's dtype, shape and size. Later runs open the arrays with
+np.load(mmap_mode="r"): pages are read as batches touch them, and every process that maps them
+shares one copy.
 
-Only token ids are cached. The file is still read and checked on every run (labels, empty texts,
-ragged rows name their file and line), which takes seconds; tokenizing took most of the time.
+A hit is not read again: the file's checks (labels, empty texts, ragged rows, each naming its file
+and line) passed when the entry was built, and they follow from the same bytes and options as the
+key. So a second run on a file only hashes it. A file without an entry is read, checked and
+tokenized, and its entry written.
 
 An entry is written into a temporary folder beside it, every file fsynced, the manifest last, and
 renamed onto its name only when complete: a crash never leaves half an entry. An entry that does
 not match its manifest (a torn or truncated file, a missing manifest, another layout version) is
 rebuilt with a one-line note. The cache deletes only the files it writes itself.
 
-Under DDP the process of local rank 0 builds an entry while the others of its machine wait for it
-(up to WAIT_SECONDS, or until local rank 0 leaves a note that it failed), then every rank maps it.
+Under DDP every rank looks for the entry and the run uses it only if all of them find it (else they
+would part ways at the build's barrier). The process of local rank 0 builds an entry while the
+others of its machine wait for it (up to WAIT_SECONDS, or until local rank 0 leaves a note that it
+failed), then every rank maps it.
 """
 import hashlib
 import json
@@ -29,16 +36,19 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from checkpoint import file_digest, fsync_path
 from data import DataError, Encoded, encode, window_stride
 
-VERSION = 1  # of the layout below: an entry of another version is rebuilt
-ARRAYS = ["ids", "offsets", "token_type_ids", "documents"]
+VERSION = 2  # of the layout below: an entry of another version is rebuilt
+ARRAYS = ["ids", "offsets", "token_type_ids", "documents", "labels"]
 ENTRY_FILES = [f"{name}.npy" for name in ARRAYS] + ["manifest.json"]
-# data options that change which texts a row gives, and so its ids (labels are not cached)
+# data options that change which texts a row gives, and so its ids
 KEY_OPTIONS = ["text_a_col", "text_b_col", "file_format", "header", "encoding", "quoting", "long_texts", "window_stride"]
+# and those that change a labelled file's labels
+LABEL_OPTIONS = ["label_col", "labels_list", "multi_label", "label_sep"]
 # a big file takes long to tokenize on one process; the other ranks wait this long for it
 WAIT_SECONDS = 2 * 60 * 60
 POLL_SECONDS = 0.5
@@ -68,12 +78,13 @@ def tokenizer_state(tokenizer):
     return json.dumps(state, sort_keys=True, default=str)
 
 
-def cache_key(path, tokenizer, data_cfg, max_seq_len):
+def cache_key(path, tokenizer, data_cfg, max_seq_len, labelled):
     """(key, what it is made of): the sha256 of the file's bytes, the tokenizer, max_seq_len and
-    the options that change the ids."""
+    the options that change the ids (and, labelled, the labels)."""
+    options = KEY_OPTIONS + (LABEL_OPTIONS if labelled else [])
     source = {"version": VERSION, "file_sha256": file_digest(path), "max_seq_len": max_seq_len,
-              "tokenizer_sha256": sha256_text(tokenizer_state(tokenizer)),
-              "options": {name: data_cfg[name] for name in KEY_OPTIONS}}
+              "tokenizer_sha256": sha256_text(tokenizer_state(tokenizer)), "labelled": labelled,
+              "options": {name: data_cfg[name] for name in options}}
     return sha256_text(json.dumps(source, sort_keys=True)), source
 
 
@@ -85,8 +96,9 @@ def sha256_text(text):
 # reading and writing an entry
 
 
-def open_entry(folder, key, rows):
-    """(Encoded without labels, None) from a complete entry, or (None, why it cannot be used)."""
+def open_entry(folder, key, rows=None):
+    """(Encoded with its labels, None) from a complete entry, or (None, why it cannot be used).
+    rows: the file's row count where it was read (an entry of another count is stale)."""
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -95,7 +107,7 @@ def open_entry(folder, key, rows):
         return None, f"unreadable manifest ({e})"
     if manifest.get("version") != VERSION or manifest.get("key") != key:
         return None, "written by another version"
-    if manifest.get("rows") != rows:
+    if rows is not None and manifest.get("rows") != rows:
         return None, f"{manifest.get('rows')} rows, the file has {rows}"
     arrays = {}
     for name, spec in manifest["arrays"].items():
@@ -108,14 +120,24 @@ def open_entry(folder, key, rows):
             return None, f"{file.name} unreadable ({e})"
         if str(arrays[name].dtype) != spec["dtype"] or list(arrays[name].shape) != spec["shape"]:
             return None, f"{file.name} is not the {spec['dtype']} {spec['shape']} array of the manifest"
-    ids, offsets, types = arrays.get("ids"), arrays.get("offsets"), arrays.get("token_type_ids")
-    documents = arrays.get("documents")  # windows: rows are the file's documents, cut into windows
-    windows = rows if documents is None else len(documents)
-    if ids is None or offsets is None or len(offsets) != windows + 1 or offsets[0] != 0 or offsets[-1] != len(ids) \
-            or (types is not None and len(types) != len(ids)) \
-            or (documents is not None and (windows and documents[-1] != rows - 1)):
+    encoded = Encoded(arrays.get("ids"), arrays.get("offsets"), arrays.get("token_type_ids"),
+                      arrays.get("labels"), arrays.get("documents"))  # documents: windows of the file's rows
+    if not fits_together(encoded, manifest["rows"], manifest["source"]["labelled"]):
         return None, "arrays that do not fit together"
-    return Encoded(ids, offsets, types, None, documents), None
+    return encoded, None
+
+
+def fits_together(encoded, rows, labelled):
+    """Whether an entry's arrays describe one split of `rows` file rows (labelled: a label each)."""
+    ids, offsets, types, labels, documents = (encoded.ids, encoded.offsets, encoded.token_type_ids,
+                                              encoded.labels, encoded.documents)
+    if ids is None or offsets is None or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(ids):
+        return False
+    windows = len(offsets) - 1
+    return ((types is None or len(types) == len(ids))
+            and (labels is not None) == labelled and (labels is None or len(labels) == windows)
+            and (windows == rows if documents is None
+                 else len(documents) == windows and (not windows or documents[-1] == rows - 1)))
 
 
 def write_entry(folder, key, source, encoded, path):
@@ -191,12 +213,34 @@ def remove_entry(folder):
 # one build per machine
 
 
+def mapped(cache_dir, tokenizer, path, data_cfg, max_seq_len, labelled, proc):
+    """A file's Encoded (ids, and labels where labelled) mapped from its complete entry, without
+    reading the file, when every rank of the run finds one; else None (the file is read, checked
+    and tokenized through cached_encode). A file that cannot be hashed (missing, unreadable) is
+    left for reading, which names the problem."""
+    encoded = None
+    if cache_dir is not None:
+        try:
+            key, _ = cache_key(path, tokenizer, data_cfg, max_seq_len, labelled)
+        except OSError:
+            key = None
+        if key is not None:
+            encoded, _ = open_entry(Path(cache_dir) / key, key)
+    if proc.ddp:  # a rank that maps while another builds would wait alone at the build's barrier
+        found = torch.tensor([encoded is not None], dtype=torch.int32)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN, group=proc.cpu_group)
+        if not found.item():
+            return None
+    return encoded
+
+
 def cached_encode(cache_dir, tokenizer, examples, data_cfg, max_seq_len, proc, say=print):
-    """examples' token ids (with their labels): mapped from the cache, else tokenized and cached
-    by local rank 0 while the other ranks of its machine wait. cache_dir None: tokenized here."""
+    """examples' token ids and labels: mapped from the cache, else tokenized and cached by local
+    rank 0 while the other ranks of its machine wait. cache_dir None: tokenized here."""
     if cache_dir is None:
         return encode(tokenizer, examples, max_seq_len, progress=proc.is_main, stride=window_stride(data_cfg))
-    key, source = cache_key(examples.path, tokenizer, data_cfg, max_seq_len)
+    labelled = examples.labels is not None
+    key, source = cache_key(examples.path, tokenizer, data_cfg, max_seq_len, labelled)
     folder, failed = Path(cache_dir) / key, Path(cache_dir) / f"{key}.failed"
     builder = proc.local_rank == 0
     if builder:
@@ -205,14 +249,12 @@ def cached_encode(cache_dir, tokenizer, examples, data_cfg, max_seq_len, proc, s
         dist.barrier(group=proc.cpu_group)
     if builder:
         try:
-            encoded = build(folder, key, source, tokenizer, examples, max_seq_len, window_stride(data_cfg), proc, say)
+            return build(folder, key, source, tokenizer, examples, max_seq_len, window_stride(data_cfg), proc, say)
         except BaseException as e:
             if proc.ddp:
                 failed.write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
             raise
-    else:
-        encoded = wait_for(folder, failed, key, len(examples.texts_a), proc)
-    return encoded.with_document_labels(examples.labels)
+    return wait_for(folder, failed, key, len(examples.texts_a), proc)
 
 
 def build(folder, key, source, tokenizer, examples, max_seq_len, stride, proc, say):

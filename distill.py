@@ -53,11 +53,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import speedups
 from config import ConfigError, task_of
-from data import Encoded, encode, read_examples, window_stride
+from data import Encoded, encode, window_stride
 from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
                    load_tokenizer)
 from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, log, on_main, per_rank_batch,
-                     predict_logits, read_splits, seed_everything, task_loss, tokenize, training_split)
+                     predict_logits, read_split, read_splits, seed_everything, task_loss, tokenize, training_split)
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -385,28 +385,26 @@ def teacher_logits_of(cfg, proc, teacher, tokenizer, train):
 # unlabelled transfer data
 
 
-def read_unlabeled(cfg):
-    """The rows of distill.unlabeled_filepaths, read and checked, labelled -1 (single-label) or NaN
-    (regression, and every label of a multi-label row)."""
-    unlabeled, task = [], task_of(cfg["data"])
-    shape = (len(cfg["data"]["labels_list"]),) if task == "multi_label" else ()
-    for path in cfg["distill"]["unlabeled_filepaths"]:
-        examples = read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels=False)
-        rows = (len(examples.texts_a), *shape)
-        examples.labels = (np.full(rows, -1, dtype=np.int64) if task == "single_label"
-                           else np.full(rows, np.nan, dtype=np.float32))
-        unlabeled.append(examples)
-    return unlabeled
+def read_unlabeled(cfg, tokenizer, proc=None):
+    """The files of distill.unlabeled_filepaths, each read and checked (its Examples, no labels) or,
+    where the token cache holds it already (proc given), mapped from there (its Split)."""
+    return [read_split(cfg, proc, tokenizer, path, need_labels=False) for path in cfg["distill"]["unlabeled_filepaths"]]
 
 
 def add_unlabeled(cfg, tokenizer, train, unlabeled=None, proc=None):
-    """The training split plus the rows of distill.unlabeled_filepaths (read here unless given);
+    """The training split plus the rows of distill.unlabeled_filepaths (read here unless given),
+    labelled -1 (single-label) or NaN (regression, and every label of a multi-label row);
     tokenized through the token cache when proc (the run's processes) is given."""
-    unlabeled = read_unlabeled(cfg) if unlabeled is None else unlabeled
+    unlabeled = read_unlabeled(cfg, tokenizer, proc) if unlabeled is None else unlabeled
     if not unlabeled:
         return train
     parts = [tokenize(cfg, proc, tokenizer, e).encoded if proc is not None
              else encode(tokenizer, e, cfg["module"]["max_seq_len"], stride=window_stride(cfg["data"])) for e in unlabeled]
+    task = task_of(cfg["data"])
+    shape = (len(cfg["data"]["labels_list"]),) if task == "multi_label" else ()
+    for part in parts:
+        part.labels = (np.full((len(part), *shape), -1, dtype=np.int64) if task == "single_label"
+                       else np.full((len(part), *shape), np.nan, dtype=np.float32))
     return Split(train.path, Encoded.concat([train.encoded] + parts))
 
 
@@ -421,8 +419,8 @@ def run(cfg, proc):
     seed_everything(cfg["trainer"]["seed"])
     d = cfg["distill"]
     tokenizer = load_tokenizer(cfg["model"])
-    train, val = read_splits(cfg, tokenizer)
-    unlabeled = read_unlabeled(cfg)
+    train, val = read_splits(cfg, tokenizer, proc)
+    unlabeled = read_unlabeled(cfg, tokenizer, proc)
     want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
     teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
     student = build_student(cfg, teacher, tokenizer, say=lambda message: log(proc, message))  # once, not per rank

@@ -56,7 +56,7 @@ from tqdm import tqdm
 tqdm.monitor_interval = 0
 
 import speedups
-from cache import cache_folder, cached_encode
+from cache import cache_folder, cached_encode, mapped
 from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,
                         load_checkpoint, new_session, point_link, prune, read_manifest, sees_lock_of, write_checkpoint)
 from config import ConfigError, fit_metric_to_task, load_config, print_help, task_of
@@ -725,18 +725,34 @@ class Split:
     encoded: object
 
 
-def tokenize(cfg, proc, tokenizer, examples):
-    """A read and checked file's Split: its token ids from the token cache (data.cache_dir),
-    tokenized there first if need be, by one process per machine (cache.py)."""
-    encoded = cached_encode(cache_folder(cfg), tokenizer, examples, cfg["data"], cfg["module"]["max_seq_len"],
-                            proc, say=lambda message: log(proc, message))
+def tokenize(cfg, proc, tokenizer, source):
+    """The Split of one of read_splits' files: mapped from the token cache already, or its read
+    and checked Examples tokenized through the cache (data.cache_dir), by one process per machine
+    (cache.py)."""
+    if isinstance(source, Split):
+        split = source
+    else:
+        split = Split(source.path, cached_encode(cache_folder(cfg), tokenizer, source, cfg["data"],
+                                                 cfg["module"]["max_seq_len"], proc, say=lambda message: log(proc, message)))
+    encoded = split.encoded
     if encoded.documents is not None:
         stride = cfg["data"]["window_stride"]
-        dropped = dropped_by_truncation(encoded, stride, tokenizer.num_special_tokens_to_add(examples.texts_b is not None))
-        log(proc, f"windows: {examples.path}: {encoded.num_documents} documents in {len(encoded)} windows of <= "
+        dropped = dropped_by_truncation(encoded, stride, tokenizer.num_special_tokens_to_add(cfg["data"]["text_b_col"] is not None))
+        log(proc, f"windows: {split.path}: {encoded.num_documents} documents in {len(encoded)} windows of <= "
                   f"{cfg['module']['max_seq_len']} tokens (stride {stride}); truncation would have dropped "
                   f"{dropped:.1%} of their text tokens")
-    return Split(examples.path, encoded)
+    return split
+
+
+def read_split(cfg, proc, tokenizer, path, need_labels):
+    """One file's Split mapped from the token cache, where every rank finds it there (proc given),
+    without reading the file again: its checks passed when the entry was made from the same bytes
+    and options. Otherwise its Examples, read and checked, for tokenize."""
+    if proc is not None:
+        encoded = mapped(cache_folder(cfg), tokenizer, path, cfg["data"], cfg["module"]["max_seq_len"], need_labels, proc)
+        if encoded is not None:
+            return Split(path, encoded)
+    return read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels)
 
 
 def training_split(cfg, proc, split):
@@ -965,9 +981,10 @@ def truncate_jsonl(path, step):
 # the run: check everything, then train, evaluate, predict
 
 
-def read_splits(cfg, tokenizer):
+def read_splits(cfg, tokenizer, proc=None):
     """Read and check every file of the run up front, so a bad row fails before anything is
-    loaded or written: (training examples, validation examples), None where there is no file.
+    loaded or written: (training, validation), None where there is no file, each its Examples or,
+    where the token cache holds it already (proc given), its Split (read_split).
     The predict file is read and checked too, but not kept: predict_file streams it."""
     data = cfg["data"]
     # longer sequences than the model has positions would crash the first forward pass, mid-run
@@ -980,7 +997,7 @@ def read_splits(cfg, tokenizer):
         raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the "
                           f"{'checkpoint was trained at' if ours else 'model takes at most'} "
                           f"{tokenizer.model_max_length} tokens{hint}")
-    read = lambda key: read_examples(data[key], data, data["labels_list"], need_labels=True) if data[key] else None
+    read = lambda key: read_split(cfg, proc, tokenizer, data[key], need_labels=True) if data[key] else None
     train, val = read("train_filepath"), read("val_filepath")
     if data["predict_filepath"]:
         count_examples(data["predict_filepath"], data, data["labels_list"])
@@ -990,7 +1007,7 @@ def read_splits(cfg, tokenizer):
 def load_splits(cfg, tokenizer, proc=None):
     """(training, validation) Splits, every file read and checked before any is tokenized;
     through the token cache when proc (the run's processes) is given."""
-    examples = read_splits(cfg, tokenizer)
+    examples = read_splits(cfg, tokenizer, proc)
     if proc is None:
         return [None if e is None else Split(e.path, encode(tokenizer, e, cfg["module"]["max_seq_len"],
                                                             stride=window_stride(cfg["data"])))
@@ -1107,7 +1124,7 @@ def run(cfg, proc):
     if note is not None:
         log(proc, f"note: {note}")
     tokenizer = load_tokenizer(cfg["model"])
-    train, val = read_splits(cfg, tokenizer)
+    train, val = read_splits(cfg, tokenizer, proc)
     model = build_model(cfg["model"], cfg["data"]["labels_list"], say=lambda message: log(proc, message),
                         multi_label=cfg["data"]["multi_label"])
     if cfg["trainer"]["speedups"]:

@@ -5,11 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from config import GOLDEN_CONFIG, read_yaml
+from config import GOLDEN_CONFIG, load_config, read_yaml
 from conftest import POSITIVE, save_tiny_encoder, sentiment_rows, write_csv
 from transformers import AutoTokenizer
 
 import cache
+import trainer
 from data import DataError, encode, read_examples
 from trainer import Process
 
@@ -67,18 +68,22 @@ def test_a_hit_maps_the_same_arrays_without_tokenizing(tmp_path, tokenizer, coun
     assert same_arrays(second, fresh) and second.labels.tolist() == fresh.labels.tolist()
 
 
-def test_the_key_follows_what_changes_the_ids_and_nothing_else(tmp_path, tokenizer):
+def test_the_key_follows_what_changes_the_ids_and_labels_and_nothing_else(tmp_path, tokenizer):
     path = write_csv(tmp_path / "a.csv", [{"text": "good movie", "other": "bad", "label": "positive"}])
-    key = lambda path=path, tok=tokenizer, n=16, **options: cache.cache_key(path, tok, data_cfg(**options), n)[0]
+    key = lambda path=path, tok=tokenizer, n=16, labelled=True, **options: \
+        cache.cache_key(path, tok, data_cfg(**options), n, labelled)[0]
     base = key()
     tokenizer("some text", truncation=True, max_length=5)  # a call sets the backend's truncation
     assert key() == base
-    assert key(label_col="other") == base  # labels are read from the file every run, not cached
     same = write_csv(tmp_path / "b.csv", [{"text": "good movie", "other": "bad", "label": "positive"}])
     assert key(path=same) == base  # the content counts, not the name
+    unlabelled = key(labelled=False)  # a file read without labels: their options change nothing
+    assert key(labelled=False, label_col="other", labels_list=["x", "y"], multi_label=True) == unlabelled
     changed = [key(n=8), key(text_a_col="other"), key(text_b_col="other"), key(encoding="latin-1"),
-               key(quoting="none"), key(header=None), key(file_format="tsv"),
-               key(path=write_csv(tmp_path / "c.csv", [{"text": "good film", "other": "bad", "label": "positive"}]))]
+               key(quoting="none"), key(header=None), key(file_format="tsv"), key(long_texts="windows"),
+               key(path=write_csv(tmp_path / "c.csv", [{"text": "good film", "other": "bad", "label": "positive"}])),
+               unlabelled, key(label_col="other"), key(labels_list=["positive", "negative"]),
+               key(multi_label=True), key(label_sep=";")]
     other = AutoTokenizer.from_pretrained(save_tiny_encoder(tmp_path / "other"))
     other.add_tokens(["wonderfully"])
     changed.append(key(tok=other))
@@ -155,7 +160,7 @@ def test_a_waiting_rank_maps_the_entry_or_reports_the_builder_failure(tmp_path, 
         load(tmp_path, tokenizer, path, proc=waiter)
     built = load(tmp_path, tokenizer, path)
     assert same_arrays(load(tmp_path, tokenizer, path, proc=waiter), built)
-    key = cache.cache_key(path, tokenizer, data_cfg(), 8)[0]
+    key = cache.cache_key(path, tokenizer, data_cfg(), 8, True)[0]
     (tmp_path / "cache" / f"{key}.failed").write_text("DataError: disk full\n")
     with pytest.raises(DataError, match=r"rank 1: local rank 0 failed to build the token cache .*\(DataError: disk full\)"):
         load(tmp_path, tokenizer, path, max_seq_len=8, proc=waiter)
@@ -176,9 +181,81 @@ def test_a_second_builder_of_the_same_entry_leaves_the_first_one_whole(tmp_path,
     rename finds the entry there, drops its own copy and never deletes the files being mapped."""
     path = write_csv(tmp_path / "train.csv", sentiment_rows(20))
     first = load(tmp_path, tokenizer, path)
-    key, source = cache.cache_key(path, tokenizer, data_cfg(), 16)
+    key, source = cache.cache_key(path, tokenizer, data_cfg(), 16, True)
     entry = tmp_path / "cache" / key
     inode = (entry / "ids.npy").stat().st_ino
     cache.write_entry(entry, key, source, encode(tokenizer, read_examples(path, data_cfg(), LABELS, True), 16), path)
     assert entries(tmp_path) == [key] and (entry / "ids.npy").stat().st_ino == inode
     assert np.array_equal(first.ids, cache.open_entry(entry, key, 20)[0].ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# a hit is not read again
+
+
+def run_cfg(tmp_path, train, **overrides):
+    """A run's config training on `train` (text / label columns) with the cache in tmp_path/cache."""
+    args = {"data.train_filepath": train, "data.val_filepath": "null", "data.text_a_col": "text",
+            "data.label_col": "label", "data.labels_list": "[negative, positive]", "module.max_seq_len": "16",
+            "data.cache_dir": str(tmp_path / "cache"), **overrides}
+    return load_config([item for key, value in args.items() for item in (f"--{key}", str(value))])
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The files the run read and checked (trainer.read_examples)."""
+    calls = []
+    monkeypatch.setattr(trainer, "read_examples", lambda path, *args, **kwargs:
+                        calls.append(path) or read_examples(path, *args, **kwargs))
+    return calls
+
+
+def test_a_second_run_maps_ids_and_labels_without_reading_the_file(tmp_path, tokenizer, reads):
+    path = write_csv(tmp_path / "train.csv", sentiment_rows(30))
+    first = trainer.load_splits(run_cfg(tmp_path, path), tokenizer, MAIN)[0].encoded
+    assert reads == [path]
+    second = trainer.load_splits(run_cfg(tmp_path, path), tokenizer, MAIN)[0].encoded
+    assert reads == [path]  # hashed, not read
+    assert isinstance(second.labels, np.memmap) and same_arrays(first, second)
+    # another labels_list gives other labels from the same ids: read again, into a new entry
+    swapped = trainer.load_splits(run_cfg(tmp_path, path, **{"data.labels_list": "[positive, negative]"}),
+                                  tokenizer, MAIN)[0].encoded
+    assert reads == [path, path] and len(entries(tmp_path)) == 2
+    assert np.array_equal(swapped.ids, first.ids) and swapped.labels.tolist() == (1 - first.labels).tolist()
+
+
+def test_a_mapped_window_split_keeps_a_label_per_window(tmp_path, tokenizer, reads):
+    path = write_csv(tmp_path / "train.csv", [{"text": "good movie " * 12, "label": "positive"},
+                                              {"text": "bad", "label": "negative"}])
+    windows = {"data.long_texts": "windows", "data.window_stride": "2"}
+    first = trainer.load_splits(run_cfg(tmp_path, path, **windows), tokenizer, MAIN)[0].encoded
+    second = trainer.load_splits(run_cfg(tmp_path, path, **windows), tokenizer, MAIN)[0].encoded
+    assert reads == [path] and len(first) > 2
+    assert second.documents.tolist() == first.documents.tolist() and second.labels.tolist() == first.labels.tolist()
+    assert second.labels.tolist() == [1] * (len(first) - 1) + [0]
+
+
+def test_an_entry_not_found_by_every_rank_is_used_by_none(tmp_path, tokenizer, monkeypatch):
+    """A rank that mapped the entry while another read and built would wait alone at the build's
+    barrier: the ranks agree (MIN) and all read the file unless all found it."""
+    path = write_csv(tmp_path / "train.csv", sentiment_rows(10))
+    load(tmp_path, tokenizer, path)  # the entry this rank finds
+    other_found = []
+
+    def all_reduce(tensor, op, group):  # the other rank's answer joins this one's
+        assert op == torch.distributed.ReduceOp.MIN and group == "gloo group"
+        tensor.copy_(torch.minimum(tensor, torch.tensor([int(other_found[-1])], dtype=tensor.dtype)))
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    rank = Process(0, 0, 2, torch.device("cpu"), True, True, cpu_group="gloo group")
+    found = lambda: cache.mapped(tmp_path / "cache", tokenizer, path, data_cfg(), 16, True, rank)
+    other_found.append(True)
+    assert found() is not None
+    other_found.append(False)
+    assert found() is None
+
+
+def test_an_unreadable_file_is_left_for_reading_to_report(tmp_path, tokenizer):
+    assert cache.mapped(tmp_path / "cache", tokenizer, str(tmp_path / "missing.csv"), data_cfg(), 16, True, MAIN) is None
+    cfg = run_cfg(tmp_path, tmp_path / "missing.csv")
+    with pytest.raises(DataError, match="missing.csv: file not found"):
+        trainer.load_splits(cfg, tokenizer, MAIN)

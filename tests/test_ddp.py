@@ -73,7 +73,7 @@ def setup(tmp_path_factory):
     args = lambda name, **more: base_args(tmp / name, model, train, val, **{**overrides, **more})
     sp = single(args("sp"), tmp)
     assert sp.returncode == 0, stderr_tail(sp.stderr)
-    return {"tmp": tmp, "args": args, "sp": sp, "model": model, "val": val}
+    return {"tmp": tmp, "args": args, "sp": sp, "model": model, "train": train, "val": val}
 
 
 def test_ddp_trains_like_one_process(setup):
@@ -229,7 +229,15 @@ def counted(*args, **kwargs):  # the cache tokenizing a file: which rank did it
         f.write(os.environ.get("RANK", "0") + "\\n")
     return real_encode(*args, **kwargs)
 
+real_read = trainer.read_examples
+
+def read(path, *args, **kwargs):  # a file read and checked: which rank, which file
+    with open({reads!r}, "a") as f:
+        f.write(os.environ.get("RANK", "0") + ":" + os.path.basename(path) + "\\n")
+    return real_read(path, *args, **kwargs)
+
 cache.encode = counted
+trainer.read_examples = read
 trainer.PREDICT_CHUNK = 7  # the predict file spans several chunks
 sys.exit(trainer.main(sys.argv[1:]))
 """
@@ -239,7 +247,8 @@ def test_ddp_ranks_share_one_token_cache_and_predict_in_input_order(setup):
     tmp = setup["tmp"]
     log = tmp / "tokenized-by.txt"
     script = tmp / "counting_trainer.py"
-    script.write_text(COUNTING_TRAINER.format(root=str(ROOT), log=str(log)))
+    reads = tmp / "read-by.txt"
+    script.write_text(COUNTING_TRAINER.format(root=str(ROOT), log=str(log), reads=str(reads)))
     rows = sentiment_rows(23, seed=3)
     predict = write_csv(tmp / "predict-cached.csv", [{"id": f"r{i}", "text": r["text"]} for i, r in enumerate(rows)])
     common = {"trainer.backend": "ddp", "data.cache_dir": str(tmp / "cache"), "trainer.val_batch_size": 4,
@@ -250,6 +259,8 @@ def test_ddp_ranks_share_one_token_cache_and_predict_in_input_order(setup):
     assert first.returncode == 0, first.stderr[-3000:]
     # the training and validation files were tokenized once each, by local rank 0; rank 1 mapped them
     assert log.read_text().split() == ["0", "0"]
+    train_name, val_name = os.path.basename(setup["train"]), os.path.basename(setup["val"])
+    assert sorted(reads.read_text().split()) == sorted(f"{rank}:{name}" for rank in "01" for name in (train_name, val_name))
     assert len(list((tmp / "cache").iterdir())) == 2  # two entries, no temporary folder, no failure note
     # a second run (evaluate + predict) maps the validation file's entry: nothing is tokenized again
     second = cmd("--data.train_filepath", "null", "--data.val_filepath", setup["val"], "--data.predict_filepath", predict,
@@ -260,6 +271,7 @@ def test_ddp_ranks_share_one_token_cache_and_predict_in_input_order(setup):
                  "--data.predict_output", str(tmp / "c2.csv"), "--trainer.device", "cpu")
     assert second.returncode == 0, second.stderr[-3000:]
     assert log.read_text().split() == ["0", "0"]
+    assert len(reads.read_text().split()) == 4  # nor read: both ranks found the entry, ids and labels
     assert last_json_line(second.stdout)["acc"] == pytest.approx(last_json_line(first.stdout)["acc"])
     # predictions: every row once, in input order, over 4 chunks sharded on 2 ranks; both runs agree
     p1, p2 = (list(csv.DictReader(open(tmp / name))) for name in ("c1.csv", "c2.csv"))

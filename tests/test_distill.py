@@ -317,6 +317,24 @@ def test_unlabelled_file_needs_only_a_text_column(tmp_path):
     assert merged.encoded.labels.tolist() == [2, -1, -1] and len(merged.encoded.lengths) == 3
 
 
+def test_a_cached_unlabelled_file_is_mapped_unread_and_labelled_unknown(tmp_path, monkeypatch):
+    unlabeled = write_csv(tmp_path / "u.csv", [{"text": "sad"}, {"text": "nice"}, {"text": "fine"}])
+    cfg = distill_cfg(**{"distill.unlabeled_filepaths": f"[{unlabeled}]", "data.cache_dir": str(tmp_path / "cache"),
+                         "module.max_seq_len": 16})
+    tokenizer = trainer.load_tokenizer({**cfg["model"], "hf_model": save_tiny_encoder(tmp_path / "t")})
+    labelled = write_csv(tmp_path / "l.csv", [{"text": "good", "sentiment": "positive"}])
+    train = trainer.Split(None, trainer.encode(tokenizer, trainer.read_examples(
+        labelled, cfg["data"], cfg["data"]["labels_list"], True), 16))
+    ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
+    first = distill.add_unlabeled(cfg, tokenizer, train, proc=ctx)
+    reads = []
+    monkeypatch.setattr(trainer, "read_examples", lambda path, *a, **k: reads.append(path))
+    second = distill.add_unlabeled(cfg, tokenizer, train, proc=ctx)
+    assert reads == []  # the entry, made without labels, is mapped
+    assert second.encoded.labels.tolist() == first.encoded.labels.tolist() == [2, -1, -1, -1]
+    assert second.encoded.ids.tolist() == first.encoded.ids.tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # whole runs
 
