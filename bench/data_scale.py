@@ -2,6 +2,8 @@
 
     python bench/data_scale.py                       # 100,000 and 300,000 rows, then the first step at 300,000
     python bench/data_scale.py --rows 1000 100000 --first-step-rows 0
+    python bench/data_scale.py --rows --first-step-rows 0 --ready-rows 1000000      # data ready, cold and warm
+    python bench/data_scale.py --rows --first-step-rows 0 --ddp-rows 10000000       # 2-process torchrun start
 
 Synthetic files: data/tweets/train.csv replicated to N rows (the header once), in a scratch folder.
 Every measurement is its own subprocess, so its peak RSS (resource.getrusage) is its own:
@@ -12,6 +14,10 @@ Every measurement is its own subprocess, so its peak RSS (resource.getrusage) is
   with data.cache_dir a fresh folder (cold: it tokenizes and writes the cache), then again with the
   same folder (warm: it maps the cache); the time from the process start to the first logged step,
   then the process is killed.
+- ready: trainer.load_splits (the run's read, check, tokenize and cache) on the file, timed inside
+  the process, with a fresh cache folder (cold), then again with it (warm: the entry is mapped).
+- ddp: the first step as above under `torchrun --nproc_per_node 2` (gloo), with each rank's peak
+  RSS (VmHWM) read from /proc when the first step is logged.
 Prints one JSON line with every figure.
 """
 import argparse
@@ -84,6 +90,32 @@ def encode_worker(path, model, max_seq_len):
                       "array_bytes_per_row": arrays / len(encoded) if arrays else None}))
 
 
+def ready_worker(path, model, max_seq_len, cache_dir):
+    sys.path.insert(0, str(ROOT))
+    from transformers import AutoTokenizer
+    from config import load_config
+    from trainer import Process, load_splits
+    import torch
+    cfg = load_config(["--data.train_filepath", path, "--data.val_filepath", "null", "--data.cache_dir", cache_dir,
+                       "--module.max_seq_len", str(max_seq_len), "--model.hf_model", model])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    start = time.perf_counter()
+    train, _ = load_splits(cfg, tokenizer, Process(0, 0, 1, torch.device("cpu"), True, False))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"rows": len(train.encoded), "seconds": seconds, "peak_rss_mib": peak,
+                      "mapped": isinstance(train.encoded.ids, __import__("numpy").memmap)}))
+
+
+def measure_ready(path, model, max_seq_len, cache_dir):
+    out = subprocess.run([sys.executable, __file__, "--ready-worker", path, "--model", model,
+                          "--max_seq_len", str(max_seq_len), "--cache", str(cache_dir)],
+                         capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def measure_encode(path, model, max_seq_len):
     out = subprocess.run([sys.executable, __file__, "--worker", path, "--model", model,
                           "--max_seq_len", str(max_seq_len)], capture_output=True, text=True, cwd=ROOT)
@@ -96,26 +128,62 @@ def has_cache_key():
     return "cache_dir:" in (ROOT / "config.yaml").read_text()
 
 
-def time_to_first_step(path, model, max_seq_len, log_dir, cache_dir):
-    """Seconds from starting trainer.py to its first logged step (then it is killed)."""
-    args = [sys.executable, str(ROOT / "trainer.py"), "--data.train_filepath", path, "--data.val_filepath", "null",
+def time_to_first_step(path, model, max_seq_len, log_dir, cache_dir, nproc=1):
+    """Seconds from starting trainer.py (under torchrun for nproc > 1) to its first logged step,
+    and each rank's peak RSS in MiB then (the process is killed after)."""
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc_per_node={nproc}"]
+    args = launcher + [str(ROOT / "trainer.py"), "--data.train_filepath", path, "--data.val_filepath", "null",
             "--model.hf_model", model, "--module.max_seq_len", str(max_seq_len), "--trainer.log_steps", "1",
             "--trainer.log_dir", str(log_dir), "--ckpt.checkpoint", "false",
             "--ckpt.model_state_save_dir", str(Path(log_dir) / "ckpt"), "--trainer.device", "cpu"]
+    if nproc > 1:
+        args += ["--trainer.backend", "ddp"]
     if has_cache_key():
         args += ["--data.cache_dir", str(cache_dir)]
     start = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         while proc.poll() is None:
             logs = list(Path(log_dir).glob("*/metrics.jsonl"))
             if logs and logs[0].read_text().strip():
-                return time.perf_counter() - start
+                return time.perf_counter() - start, ranks_peak_rss(proc.pid)
             time.sleep(0.1)
         sys.exit(f"trainer.py ended before its first step:\n{proc.stderr.read()[-3000:]}")
     finally:
-        proc.kill()
+        os.killpg(proc.pid, 9)
         proc.wait()
+
+
+def ranks_peak_rss(root):
+    """{rank: peak RSS in MiB} of the trainer processes at or under pid root (torchrun's workers,
+    or the one plain process), from /proc."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    family, grew = {root}, True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in family} - family
+        family |= more
+        grew = bool(more)
+    peaks = {}
+    for pid in family:
+        folder = Path("/proc") / str(pid)
+        try:
+            cmdline = (folder / "cmdline").read_bytes()
+            environ = (folder / "environ").read_bytes().split(b"\0")
+            status = (folder / "status").read_text()
+        except OSError:
+            continue
+        if b"trainer.py" not in cmdline or b"torch.distributed.run" in cmdline:
+            continue  # not a trainer, or the launcher
+        rank = next((e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"RANK=")), "0")
+        peaks[rank] = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    return peaks
 
 
 def main():
@@ -124,12 +192,18 @@ def main():
     parser.add_argument("--first-step-rows", type=int, default=300_000, help="0 = skip")
     parser.add_argument("--model", default=str(ROOT / "models" / "all-MiniLM-L6-v2"))
     parser.add_argument("--max_seq_len", type=int, default=64)
+    parser.add_argument("--ready-rows", type=int, default=0, help="0 = skip")
+    parser.add_argument("--ddp-rows", type=int, default=0, help="0 = skip")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return encode_worker(args.worker, args.model, args.max_seq_len)
+    if args.ready_worker:
+        return ready_worker(args.ready_worker, args.model, args.max_seq_len, args.cache)
     src = ROOT / "data" / "tweets" / "train.csv"
-    result = {"encode": {}, "first_step_s": {}}
+    result = {"encode": {}, "first_step_s": {}, "first_step_peak_rss_mib": {}, "ready": {}, "ddp": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for rows in args.rows:
             path = replicate(src, Path(scratch) / f"tweets-{rows}.csv", rows)
@@ -138,8 +212,18 @@ def main():
             path = replicate(src, Path(scratch) / f"tweets-{args.first_step_rows}.csv", args.first_step_rows)
             cache = Path(scratch) / "cache"
             for name in ("cold", "warm"):
-                result["first_step_s"][name] = time_to_first_step(
+                result["first_step_s"][name], result["first_step_peak_rss_mib"][name] = time_to_first_step(
                     path, args.model, args.max_seq_len, Path(scratch) / f"logs-{name}", cache)
+        if args.ready_rows:
+            path = replicate(src, Path(scratch) / f"tweets-{args.ready_rows}.csv", args.ready_rows)
+            for name in ("cold", "warm"):
+                result["ready"][name] = measure_ready(path, args.model, args.max_seq_len, Path(scratch) / "ready-cache")
+        if args.ddp_rows:
+            path = replicate(src, Path(scratch) / f"tweets-{args.ddp_rows}.csv", args.ddp_rows)
+            for name in ("cold", "warm"):
+                seconds, peaks = time_to_first_step(path, args.model, args.max_seq_len, Path(scratch) / f"ddp-{name}",
+                                                    Path(scratch) / "ddp-cache", nproc=2)
+                result["ddp"][name] = {"first_step_s": seconds, "peak_rss_mib_by_rank": peaks}
     print(json.dumps(result))
 
 
