@@ -419,7 +419,7 @@ def run(cfg, proc):
     seed_everything(cfg["trainer"]["seed"])
     d = cfg["distill"]
     tokenizer = load_tokenizer(cfg["model"])
-    train, val = read_splits(cfg, tokenizer, proc)
+    train, val, _ = read_splits(cfg, tokenizer, proc)  # distill.py writes no predictions
     unlabeled = read_unlabeled(cfg, tokenizer, proc)
     want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
     teacher = build_teacher(cfg, eager=want_attn, device=proc.device)

@@ -983,9 +983,10 @@ def truncate_jsonl(path, step):
 
 def read_splits(cfg, tokenizer, proc=None):
     """Read and check every file of the run up front, so a bad row fails before anything is
-    loaded or written: (training, validation), None where there is no file, each its Examples or,
-    where the token cache holds it already (proc given), its Split (read_split).
-    The predict file is read and checked too, but not kept: predict_file streams it."""
+    loaded or written: (training, validation, prediction rows), None where there is no file; the
+    first two each its Examples or, where the token cache holds it already (proc given), its Split
+    (read_split). The predict file is read and checked too, but not kept (predict_file streams it):
+    its row count sizes prediction's progress bar."""
     data = cfg["data"]
     # longer sequences than the model has positions would crash the first forward pass, mid-run
     if cfg["module"]["max_seq_len"] > tokenizer.model_max_length:
@@ -999,15 +1000,14 @@ def read_splits(cfg, tokenizer, proc=None):
                           f"{tokenizer.model_max_length} tokens{hint}")
     read = lambda key: read_split(cfg, proc, tokenizer, data[key], need_labels=True) if data[key] else None
     train, val = read("train_filepath"), read("val_filepath")
-    if data["predict_filepath"]:
-        count_examples(data["predict_filepath"], data, data["labels_list"])
-    return train, val
+    predict_rows = count_examples(data["predict_filepath"], data, data["labels_list"]) if data["predict_filepath"] else None
+    return train, val, predict_rows
 
 
 def load_splits(cfg, tokenizer, proc=None):
     """(training, validation) Splits, every file read and checked before any is tokenized;
     through the token cache when proc (the run's processes) is given."""
-    examples = read_splits(cfg, tokenizer, proc)
+    examples = read_splits(cfg, tokenizer, proc)[:2]
     if proc is None:
         return [None if e is None else Split(e.path, encode(tokenizer, e, cfg["module"]["max_seq_len"],
                                                             stride=window_stride(cfg["data"])))
@@ -1085,20 +1085,23 @@ def predict_output(cfg, run_dir):
     return path
 
 
-def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, thresholds=None):
+def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, thresholds=None, total_rows=None):
     """Label data.predict_filepath, a file of any size, chunk_rows rows (PREDICT_CHUNK) at a time:
     read, tokenize, run (sharded over the ranks, gathered on the main process) and write each
     chunk in turn, so memory follows the chunk, not the file. The output is written under a
     temporary name and renamed when complete; read_splits checked every row before, so no bad
     row can turn up after the first prediction is written. thresholds: multi-label's, per label.
+    total_rows (read_splits counted them): a bar over the whole file, beside each chunk's.
     The output path (main process)."""
     data, names, dtype = cfg["data"], label_names(cfg), autocast_dtype(cfg["trainer"], proc)
     path = on_main(proc, predict_output, cfg, run_dir)
     log(proc, f"prediction of {data['predict_filepath']}, device {proc.device}")
-    rows = 0
-    with atomic_write(path, newline="") if proc.is_main else nullcontext() as f:
+    rows, chunk_rows = 0, chunk_rows or PREDICT_CHUNK
+    whole = tqdm(total=total_rows, desc=f"predict {data['predict_filepath']}", unit="row", leave=False, position=1,
+                 disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True, file=sys.stderr)
+    with atomic_write(path, newline="") if proc.is_main else nullcontext() as f, whole:
         writer = csv.writer(f) if proc.is_main else None
-        for examples in example_chunks(data["predict_filepath"], data, data["labels_list"], chunk_rows or PREDICT_CHUNK):
+        for examples in example_chunks(data["predict_filepath"], data, data["labels_list"], chunk_rows):
             if rows == 0 and writer is not None:
                 writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds))
             # a predict file is read once: tokenized chunk by chunk, not cached
@@ -1109,6 +1112,7 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, threshol
                 logits = document_logits(logits, encoded, cfg)
                 write_prediction_rows(writer, examples, logits, names, thresholds, data["label_sep"])
             rows += encoded.num_documents
+            whole.update(encoded.num_documents)
     log(proc, f"predictions for {rows} texts written to {path}")
     return path if proc.is_main else None
 
@@ -1124,7 +1128,7 @@ def run(cfg, proc):
     if note is not None:
         log(proc, f"note: {note}")
     tokenizer = load_tokenizer(cfg["model"])
-    train, val = read_splits(cfg, tokenizer, proc)
+    train, val, predict_rows = read_splits(cfg, tokenizer, proc)
     model = build_model(cfg["model"], cfg["data"]["labels_list"], say=lambda message: log(proc, message),
                         multi_label=cfg["data"]["multi_label"])
     if cfg["trainer"]["speedups"]:
@@ -1154,7 +1158,7 @@ def run(cfg, proc):
             thresholds = thresholds_of(metrics)
     if cfg["data"]["predict_filepath"]:
         result["predictions"] = predict_file(cfg, proc, model.to(proc.device), tokenizer, run_dir,
-                                             thresholds=thresholds)
+                                             thresholds=thresholds, total_rows=predict_rows)
     return result
 
 

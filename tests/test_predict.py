@@ -71,3 +71,13 @@ def test_a_bad_row_in_a_later_chunk_leaves_no_output(job, tmp_path):
     with pytest.raises(DataError, match=r"bad\.csv:22: empty text"):
         trainer.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=7)
     assert list((tmp_path / "out").iterdir()) == []  # neither the file nor its temporary
+
+
+def test_a_file_of_several_chunks_shows_one_bar_over_all_its_rows(job, tmp_path, capsys):
+    cfg, model, tokenizer, rows = job
+    cfg["data"]["predict_output"] = str(tmp_path / "p.csv")
+    trainer.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=7, total_rows=len(rows))
+    err = capsys.readouterr().err
+    assert f"predict {cfg['data']['predict_filepath']}:" in err and f"/{len(rows)} " in err  # 30 rows, 5 chunks
+    trainer.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=50, total_rows=len(rows))
+    assert f"predict {cfg['data']['predict_filepath']}:" not in capsys.readouterr().err  # one chunk: its own bar only
