@@ -35,6 +35,7 @@ if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:])
 
 import csv
 import functools
+import gc
 import json
 import os
 import random
@@ -630,9 +631,22 @@ def setup_distributed(trainer_cfg):
     return proc
 
 
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup_distributed(proc, finished):
+    """Leave the process group; after a finished run, first wait for every rank and free what DDP holds.
+
+    The trainer sits in reference cycles, so without gc.collect() its DDP reducer (which holds the
+    gloo group and its pending work) is freed only at interpreter exit, after the group is destroyed;
+    then a rank can abort there with "terminate called without an active exception". The barrier
+    keeps every rank alive until all are done with the group. After an error: no barrier, since
+    another rank may be gone and it would wait forever.
+    """
+    if not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier(group=proc.cpu_group)
+        gc.collect()
+    dist.destroy_process_group()  # destroys every group, the extra cpu_group on CUDA too
+    proc.cpu_group = None  # its last reference: freed now, while the interpreter is alive
 
 
 def on_main(proc, fn, *args):
@@ -1175,10 +1189,12 @@ def main(argv=None, run_fn=run, doc=__doc__):
     try:
         cfg = load_config(argv)
         proc = setup_distributed(cfg["trainer"])
+        finished = False
         try:
             result = run_fn(cfg, proc)
+            finished = True
         finally:
-            cleanup_distributed()
+            cleanup_distributed(proc, finished)
     except (ConfigError, DataError, ModelError, TrainingError, CheckpointError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise

@@ -137,6 +137,35 @@ def test_two_nodes_on_one_machine_train_like_one_process(setup):
     assert last_json_line(outputs[0][0])["acc"] == last_json_line(setup["sp"].stdout)["acc"]
 
 
+# trainer.main run with the collector off, so only what main itself collects is freed before exit
+MAIN_THEN_COUNT_DDP = """
+import gc, json, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+sys.path.insert(0, sys.argv.pop(1))
+import trainer
+gc.disable()
+status = trainer.main(sys.argv[1:])
+alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+print(json.dumps({"status": status, "ddp_alive": alive, "initialized": dist.is_initialized()}), file=sys.stderr)
+"""
+
+
+def test_a_finished_run_frees_ddp_before_it_leaves_the_process_group(setup):
+    """The trainer sits in reference cycles: left to the collector at interpreter exit, its DDP
+    reducer (holding the gloo group) was freed after the group was destroyed, and a rank could
+    abort there ("terminate called without an active exception"). main frees it first, on every rank."""
+    tmp = setup["tmp"]
+    driver = tmp / "main_then_count_ddp.py"
+    driver.write_text(MAIN_THEN_COUNT_DDP)
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(driver), str(ROOT), *setup["args"]("freed", **{"trainer.backend": "ddp", "trainer.epochs": 1})],
+              tmp)
+    assert out.returncode == 0, stderr_tail(out.stderr)
+    reports = [json.loads(line) for line in out.stderr.splitlines() if line.startswith('{"status"')]
+    assert reports == [{"status": 0, "ddp_alive": 0, "initialized": False}] * 2
+
+
 def test_ddp_without_torchrun_runs_as_a_world_of_one(setup):
     tmp = setup["tmp"]
     out = single(setup["args"]("ddp1", **{"trainer.backend": "ddp", "trainer.epochs": 1}), tmp)
