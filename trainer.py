@@ -638,7 +638,7 @@ def cleanup_distributed(proc, finished):
     gloo group and its pending work) is freed only at interpreter exit, after the group is destroyed;
     then a rank can abort there with "terminate called without an active exception". The barrier
     keeps every rank alive until all are done with the group. After an error: no barrier, since
-    another rank may be gone and it would wait forever.
+    another rank may be gone and it would wait for the group's timeout.
     """
     if not dist.is_initialized():
         return
@@ -1198,11 +1198,12 @@ def main(argv=None, run_fn=run, doc=__doc__):
     except (ConfigError, DataError, ModelError, TrainingError, CheckpointError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # one write: print writes the newline apart, and under torchrun ranks share one stderr
+        sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:
-        print("error: stopped at once by a second signal, without a new checkpoint; resume from the "
-              "last one with --ckpt.resume auto", file=sys.stderr)
+        sys.stderr.write("error: stopped at once by a second signal, without a new checkpoint; resume from "
+                         "the last one with --ckpt.resume auto\n")
         return 130
     if result is None:
         return 1  # stopped by a signal; the checkpoint to resume from is written
