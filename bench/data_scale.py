@@ -141,8 +141,10 @@ def time_to_first_step(path, model, max_seq_len, log_dir, cache_dir, nproc=1):
         args += ["--trainer.backend", "ddp"]
     if has_cache_key():
         args += ["--data.cache_dir", str(cache_dir)]
+    # stderr to a file, not a pipe: a pipe nobody reads fills with progress bars and stops the run
+    stderr = open(Path(log_dir).with_name(Path(log_dir).name + ".stderr"), "w+")
     start = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
                             start_new_session=True)
     try:
         while proc.poll() is None:
@@ -150,10 +152,12 @@ def time_to_first_step(path, model, max_seq_len, log_dir, cache_dir, nproc=1):
             if logs and logs[0].read_text().strip():
                 return time.perf_counter() - start, ranks_peak_rss(proc.pid)
             time.sleep(0.1)
-        sys.exit(f"trainer.py ended before its first step:\n{proc.stderr.read()[-3000:]}")
+        stderr.seek(0)
+        sys.exit(f"trainer.py ended before its first step:\n{stderr.read()[-3000:]}")
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
+        stderr.close()
 
 
 def ranks_peak_rss(root):
