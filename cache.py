@@ -105,10 +105,18 @@ def open_entry(folder, key, rows=None):
         return None, "no manifest" if folder.exists() else "absent"
     except (OSError, ValueError) as e:
         return None, f"unreadable manifest ({e})"
-    if manifest.get("version") != VERSION or manifest.get("key") != key:
+    if not isinstance(manifest, dict) or manifest.get("version") != VERSION or manifest.get("key") != key:
         return None, "written by another version"
     if rows is not None and manifest.get("rows") != rows:
         return None, f"{manifest.get('rows')} rows, the file has {rows}"
+    try:
+        return mapped_arrays(folder, manifest)
+    except (KeyError, TypeError, AttributeError) as e:  # a manifest edited or damaged by hand
+        return None, f"a manifest without its fields ({type(e).__name__}: {e})"
+
+
+def mapped_arrays(folder, manifest):
+    """(Encoded, None) of the arrays a manifest names, each checked against it and mapped; or (None, why)."""
     arrays = {}
     for name, spec in manifest["arrays"].items():
         file = folder / f"{name}.npy"

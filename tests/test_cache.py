@@ -100,7 +100,7 @@ def test_a_stale_cache_is_not_used_when_the_file_or_max_seq_len_changes(tmp_path
     assert len(counted) == 3 and len(entries(tmp_path)) == 3
 
 
-@pytest.mark.parametrize("damage", ["truncated ids", "no manifest", "manifest of other rows"])
+@pytest.mark.parametrize("damage", ["truncated ids", "no manifest", "manifest of other rows", "manifest missing a field"])
 def test_a_torn_entry_is_detected_and_rebuilt(tmp_path, tokenizer, counted, damage):
     path = write_csv(tmp_path / "train.csv", sentiment_rows(40))
     load(tmp_path, tokenizer, path)
@@ -111,6 +111,10 @@ def test_a_torn_entry_is_detected_and_rebuilt(tmp_path, tokenizer, counted, dama
         (entry / "ids.npy").write_bytes(data[:len(data) // 2])
     elif damage == "no manifest":
         (entry / "manifest.json").unlink()
+    elif damage == "manifest missing a field":
+        manifest = json.loads((entry / "manifest.json").read_text())
+        del manifest["source"]
+        (entry / "manifest.json").write_text(json.dumps(manifest))
     else:
         manifest = json.loads((entry / "manifest.json").read_text())
         (entry / "manifest.json").write_text(json.dumps({**manifest, "rows": 39}))
