@@ -95,6 +95,7 @@ def ready_worker(path, model, max_seq_len, cache_dir):
     from transformers import AutoTokenizer
     from config import load_config
     from trainer import Process, load_splits
+    import numpy as np
     import torch
     cfg = load_config(["--data.train_filepath", path, "--data.val_filepath", "null", "--data.cache_dir", cache_dir,
                        "--module.max_seq_len", str(max_seq_len), "--model.hf_model", model])
@@ -104,24 +105,23 @@ def ready_worker(path, model, max_seq_len, cache_dir):
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rows": len(train.encoded), "seconds": seconds, "peak_rss_mib": peak,
-                      "mapped": isinstance(train.encoded.ids, __import__("numpy").memmap)}))
+                      "mapped": isinstance(train.encoded.ids, np.memmap)}))
+
+
+def run_worker(*args):
+    """The JSON line a worker of this script prints, run in its own process (its own peak RSS)."""
+    out = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure_ready(path, model, max_seq_len, cache_dir):
-    out = subprocess.run([sys.executable, __file__, "--ready-worker", path, "--model", model,
-                          "--max_seq_len", str(max_seq_len), "--cache", str(cache_dir)],
-                         capture_output=True, text=True, cwd=ROOT)
-    if out.returncode:
-        sys.exit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker("--ready-worker", path, "--model", model, "--max_seq_len", max_seq_len, "--cache", cache_dir)
 
 
 def measure_encode(path, model, max_seq_len):
-    out = subprocess.run([sys.executable, __file__, "--worker", path, "--model", model,
-                          "--max_seq_len", str(max_seq_len)], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode:
-        sys.exit(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker("--worker", path, "--model", model, "--max_seq_len", max_seq_len)
 
 
 def has_cache_key():
