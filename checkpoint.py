@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from config import uses_amp
+
 MANIFEST = "checkpoint.json"
 WRITTEN_BY = "trainer.py checkpoint"  # what marks a folder as ours
 LINKS = ("last", "best")
@@ -335,7 +337,10 @@ def check_writable_dir(path, key):
 RESUME_MAY_CHANGE = {"trainer.log_steps", "trainer.log_dir", "trainer.num_threads", "trainer.debug",
                      "ckpt.checkpoint", "ckpt.period", "ckpt.save_steps", "ckpt.keep_last",
                      "ckpt.resume", "ckpt.overwrite", "data.predict_filepath", "data.predict_output",
-                     "data.cache_dir"}
+                     "data.cache_dir", "trainer.stop_after_epochs"}
+# how the processes were started may be said another way (auto, or the seed's sp / ddp): the world
+# size is compared on its own, and the precision through uses_amp
+LAUNCH_KEYS = {"trainer.backend", "trainer.amp"}
 # data files are compared by content (a moved file is the same data; an edited one is not)
 DATA_FILE_KEYS = ("data.train_filepath", "data.val_filepath", "distill.unlabeled_filepaths")
 
@@ -357,11 +362,14 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
     for section, values in cfg.items():
         for name, value in values.items():
             key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name)
-            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or old == value:
+            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or key in LAUNCH_KEYS or old == value:
                 continue
             if key == "trainer.epochs" and value > old:
                 continue  # a finished run can be extended
             conflicts.append(f"{key} {old!r} -> {value!r}" + (" (may only grow)" if key == "trainer.epochs" else ""))
+    if uses_amp(saved_cfg.get("trainer", {"backend": "sp"})) != uses_amp(cfg["trainer"]):
+        conflicts.append(f"mixed precision {'on' if uses_amp(saved_cfg['trainer']) else 'off'} -> "
+                         f"{'on' if uses_amp(cfg['trainer']) else 'off'} (trainer.amp / trainer.backend)")
     for key in DATA_FILE_KEYS:
         if saved_digests.get(key) != digests[key]:
             conflicts.append(f"{key}: the file's content differs from the one the checkpoint trained on")

@@ -43,7 +43,7 @@ CHOICES = {
     "data.long_texts": ["truncate", "windows"],
     "data.window_pool": ["mean", "max"],
     "module.metric": ["acc", "acc_and_f1", "mcc", "pcc_and_scc", "f1_macro", "f1_micro", "f1_samples", "subset_acc"],
-    "trainer.backend": ["sp", "sp-amp", "ddp", "ddp-amp"],
+    "trainer.backend": ["auto", "sp", "sp-amp", "ddp", "ddp-amp"],
     "trainer.amp_dtype": ["auto", "bf16", "fp16"],
     "trainer.device": ["auto", "cpu", "cuda"],
 }
@@ -55,7 +55,7 @@ TYPES = {
     "data.label_col": (str, int), "data.cache_dir": (str, None), "data.max_windows": (int, None),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
-    "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.early_stopping_patience": (int, None),
+    "ckpt.keep_last": (int, None), "trainer.stop_after_epochs": (int, None), "ckpt.resume": (str, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
     "distill.student_layers": (list, None), "distill.student_model": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
@@ -204,6 +204,11 @@ TASK_NAMES = {"single_label": "single-label classification", "multi_label": "mul
               "regression": "regression"}
 
 
+def uses_amp(trainer_cfg):
+    """Mixed precision is on: trainer.amp, or a seed backend that says so (sp-amp, ddp-amp)."""
+    return bool(trainer_cfg.get("amp")) or trainer_cfg["backend"].endswith("-amp")
+
+
 def task_of(data_cfg):
     """multi_label when data.multi_label says so, else regression for one label, else single_label."""
     if data_cfg["multi_label"]:
@@ -244,6 +249,11 @@ def check_config(cfg):
         section, name = key.split(".")
         if cfg[section][name] is not None and cfg[section][name] < 0:  # early_stopping_patience may be null
             raise ConfigError(f"{key} is {cfg[section][name]}; it must not be negative")
+    if tcfg["stop_after_epochs"] is not None and tcfg["stop_after_epochs"] < 1:
+        raise ConfigError(f"trainer.stop_after_epochs is {tcfg['stop_after_epochs']}; it must be at least 1, or null")
+    if tcfg["stop_after_epochs"] is not None and not cfg["ckpt"]["checkpoint"]:
+        raise ConfigError("trainer.stop_after_epochs needs ckpt.checkpoint true: the launch that goes on resumes "
+                          "from the checkpoint written when it stops")
     if data["max_windows"] is not None and data["max_windows"] < 1:
         raise ConfigError(f"data.max_windows is {data['max_windows']}; it must be at least 1, or null for all")
     if data["long_texts"] == "windows" and data["window_stride"] >= module["max_seq_len"] // 2:

@@ -60,7 +60,7 @@ import speedups
 from cache import cache_folder, cached_encode, mapped
 from checkpoint import (CheckpointError, SaveDir, check_writable_dir, checkpoint_name, data_digests, follow_umask,
                         load_checkpoint, new_session, point_link, prune, read_manifest, sees_lock_of, write_checkpoint)
-from config import ConfigError, fit_metric_to_task, load_config, print_help, task_of
+from config import ConfigError, fit_metric_to_task, load_config, print_help, task_of, uses_amp
 from data import (DataError, cap_windows, collate, count_examples, dropped_by_truncation, encode, eval_batches,
                   example_chunks, micro_batches, read_examples, train_batches, window_stride)
 from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
@@ -74,6 +74,10 @@ PREDICT_CHUNK = 10_000
 
 class TrainingError(Exception):
     """The run cannot go on (for example a non-finite loss); reported as one line."""
+
+
+class MainProcessFailed(TrainingError):
+    """Another rank's word that rank 0 failed: rank 0 reports the cause itself."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +160,7 @@ class Trainer:
         # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while self.epoch < tcfg["epochs"] and not self.stop_early():
+            while self.epoch < tcfg["epochs"] and not self.stop_early() and not self.paused():
                 batches = self.epoch_batches(self.epoch)
                 for rank_indices, global_size in batches[self.batch_in_epoch:]:
                     self.train_step(rank_indices, global_size)
@@ -176,7 +180,7 @@ class Trainer:
                 if self.batch_in_epoch == len(batches):  # the epoch ran to its end
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     self.validate()
-                if ckpt["checkpoint"] and (self.stop_early() or ckpt["period"] and self.epoch % ckpt["period"] == 0):
+                if ckpt["checkpoint"] and (self.stop_early() or self.paused() or ckpt["period"] and self.epoch % ckpt["period"] == 0):
                     self.save_checkpoint()  # nothing new is written if validation just saved this step
         finally:
             for s, handler in previous.items():
@@ -291,6 +295,11 @@ class Trainer:
                            f"validations; the result is the best checkpoint, of step {self.best['step']}")
         return metrics
 
+    def paused(self):
+        """True once trainer.stop_after_epochs epochs are done: this launch ends, resumable."""
+        stop_after = self.cfg["trainer"]["stop_after_epochs"]
+        return stop_after is not None and self.epoch >= stop_after and self.epoch < self.cfg["trainer"]["epochs"]
+
     def stop_early(self):
         """True once trainer.early_stopping_patience validations in a row did not improve."""
         patience = self.cfg["trainer"]["early_stopping_patience"]
@@ -308,6 +317,8 @@ class Trainer:
             self.thresholds = thresholds_of(self.best["metrics"])
         if self.stop_early():
             result["stopped_early_at_step"] = self.step
+        elif self.paused():
+            result["paused_after_epoch"] = self.epoch
         on_main(self.proc, write_json, Path(self.run_dir) / "final_metrics.json", self.best["metrics"] | result)
         return result
 
@@ -592,17 +603,26 @@ def log(proc, message):
         tqdm.write(message, file=sys.stdout)
 
 
+def uses_ddp(trainer_cfg):
+    """DDP or not: trainer.backend auto follows torchrun (as nanoGPT does), sp / ddp insist.
+    Several processes started without DDP would each train alone: refused."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    backend, world_size = trainer_cfg["backend"], int(os.environ.get("WORLD_SIZE", 1)) if launched else 1
+    ddp = launched if backend == "auto" else backend.startswith("ddp")
+    if world_size > 1 and not ddp:
+        raise ConfigError(f"started with {world_size} processes but trainer.backend is {backend}; "
+                          f"use auto (or ddp) under torchrun")
+    return ddp
+
+
 def setup_distributed(trainer_cfg):
     """Read torchrun's environment, pick the device, start the process group for DDP."""
-    ddp = trainer_cfg["backend"].startswith("ddp")
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if launched else 1
     rank = int(os.environ.get("RANK", 0)) if launched else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched else 1
-    if world_size > 1 and not ddp:
-        raise ConfigError(f"started with {world_size} processes but trainer.backend is "
-                          f"{trainer_cfg['backend']}; use ddp or ddp-amp under torchrun")
+    ddp = uses_ddp(trainer_cfg)
     use_cuda = trainer_cfg["device"] == "cuda" or (trainer_cfg["device"] == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError("trainer.device is cuda but no CUDA GPU is visible; use auto or cpu")
@@ -666,15 +686,15 @@ def on_main(proc, fn, *args):
         dist.broadcast_object_list(shared, src=0, group=proc.cpu_group)
         kind, result = shared[0]
         if kind == "error" and error is None:
-            raise TrainingError(f"the main process (rank 0) failed: {result}")
+            raise MainProcessFailed(f"the main process (rank 0) failed: {result}")
     if error is not None:
         raise error
     return result
 
 
 def autocast_dtype(trainer_cfg, proc):
-    """The autocast dtype of *-amp backends, or None for float32; said plainly at start."""
-    if not trainer_cfg["backend"].endswith("-amp"):
+    """The autocast dtype of trainer.amp, or None for float32; said plainly at start."""
+    if not uses_amp(trainer_cfg):
         return None
     choice, device = trainer_cfg["amp_dtype"], proc.device
     if device.type == "cuda":
@@ -1185,9 +1205,11 @@ def main(argv=None, run_fn=run, doc=__doc__):
     if "-h" in argv or "--help" in argv:
         print_help(doc)
         return 0
-    cfg = None
+    cfg, shared = None, True  # an error every rank meets alike is printed by rank 0 alone
     try:
         cfg = load_config(argv)
+        uses_ddp(cfg["trainer"])
+        shared = False
         proc = setup_distributed(cfg["trainer"])
         finished = False
         try:
@@ -1198,8 +1220,9 @@ def main(argv=None, run_fn=run, doc=__doc__):
     except (ConfigError, DataError, ModelError, TrainingError, CheckpointError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise
-        # one write: print writes the newline apart, and under torchrun ranks share one stderr
-        sys.stderr.write(f"error: {e}\n")
+        if int(os.environ.get("RANK", 0)) == 0 or not (shared or isinstance(e, MainProcessFailed)):
+            # one write: print writes the newline apart, and under torchrun ranks share one stderr
+            sys.stderr.write(f"error: {e}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: stopped at once by a second signal, without a new checkpoint; resume from "

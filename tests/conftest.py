@@ -155,7 +155,7 @@ def one_and_two_processes(args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *args], capture_output=True, text=True, env=env)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "trainer.py"), *args, "--trainer.backend", "ddp"],
+                          str(ROOT / "trainer.py"), *args],  # trainer.backend auto follows torchrun
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, stderr_tail(one.stderr)
     assert two.returncode == 0, stderr_tail(two.stderr)

@@ -173,12 +173,32 @@ def test_ddp_without_torchrun_runs_as_a_world_of_one(setup):
     assert "world of one process" in out.stdout
 
 
-def test_sp_backend_under_torchrun_with_two_processes_is_refused(setup):
+def test_the_golden_config_launches_under_python_and_torchrun_alike(setup):
+    """trainer.backend auto (the golden config's) follows the launcher: DDP under torchrun."""
+    from config import load_config
+    assert load_config([])["trainer"]["backend"] == "auto"
     tmp = setup["tmp"]
-    out = torchrun(setup["args"]("sp2"), tmp)
+    ddp = torchrun(setup["args"]("auto2"), tmp)
+    assert ddp.returncode == 0, stderr_tail(ddp.stderr)
+    assert "2 processes" in ddp.stdout
+    assert loss_curve(tmp / "auto2" / "runs") == pytest.approx(loss_curve(tmp / "sp" / "runs"), abs=1e-5)
+
+
+def test_sp_backend_under_torchrun_with_two_processes_is_refused_once(setup):
+    tmp = setup["tmp"]
+    out = torchrun(setup["args"]("sp2", **{"trainer.backend": "sp"}), tmp)
     assert out.returncode != 0
-    assert "error: started with 2 processes but trainer.backend is sp" in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == ["error: started with 2 processes but trainer.backend is sp; use auto (or ddp) under torchrun"]
     assert not (tmp / "sp2").exists()
+
+
+def test_a_config_error_under_torchrun_is_printed_once(setup):
+    tmp = setup["tmp"]
+    out = torchrun(setup["args"]("bad", **{"trainer.epochs": 0}), tmp)
+    assert out.returncode != 0
+    assert [line for line in out.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: trainer.epochs is 0; it must be positive"]
 
 
 def test_global_batch_that_does_not_divide_is_refused(setup):
