@@ -36,11 +36,11 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from checkpoint import file_digest, fsync_path
 from data import DataError, Encoded, encode, window_stride
+from processes import agree
 
 VERSION = 2  # of the layout below: an entry of another version is rebuilt
 ARRAYS = ["ids", "offsets", "token_type_ids", "documents", "labels"]
@@ -234,12 +234,8 @@ def mapped(cache_dir, tokenizer, path, data_cfg, max_seq_len, labelled, proc):
             key = None
         if key is not None:
             encoded, _ = open_entry(Path(cache_dir) / key, key)
-    if proc.ddp:  # a rank that maps while another builds would wait alone at the build's barrier
-        found = torch.tensor([encoded is not None], dtype=torch.int32)
-        dist.all_reduce(found, op=dist.ReduceOp.MIN, group=proc.cpu_group)
-        if not found.item():
-            return None
-    return encoded
+    # a rank that maps while another builds would wait alone at the build's barrier
+    return encoded if agree(proc, encoded is not None, "min") else None
 
 
 def cached_encode(cache_dir, tokenizer, examples, data_cfg, max_seq_len, proc, say=print):

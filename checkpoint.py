@@ -33,13 +33,15 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
-from config import uses_amp
+from config import GOLDEN_CONFIG, read_yaml, uses_amp
 
 MANIFEST = "checkpoint.json"
 WRITTEN_BY = "trainer.py checkpoint"  # what marks a folder as ours
@@ -224,13 +226,43 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
     return final
 
 
+def save_step(ckpt_cfg, name, session, position, write_files, manifest, reason, protected, say):
+    """A training step's checkpoint in ckpt.model_state_save_dir, with its `last` (and, for reason
+    "best", `best`) link and the old ones pruned to ckpt.keep_last (the protected paths are kept).
+
+    A step this launch saved already at the same position (validation saved it) is not written
+    again; one saved just before the epoch's closing validation (ckpt.save_steps) is, so that it
+    holds that validation's best. position is (epoch, batch_in_epoch); reason (period, best,
+    stop) is said beside the path. The checkpoint's path.
+    """
+    save_dir = Path(ckpt_cfg["model_state_save_dir"])
+    existing = read_manifest(save_dir / name)
+    if existing is not None and existing.get("session") == session and \
+            (existing["epoch"], existing["batch_in_epoch"]) == tuple(position):
+        path = save_dir / name
+    else:
+        path = write_checkpoint(save_dir, name, session, write_files, manifest)
+        say(f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
+    point_link(save_dir, "last", path)
+    if reason == "best":
+        point_link(save_dir, "best", path)
+    if ckpt_cfg["keep_last"] is not None:
+        prune(save_dir, ckpt_cfg["file_prefix"], ckpt_cfg["keep_last"], [*protected, path])
+    return path
+
+
 def point_link(save_dir, name, target):
     """Atomically make save_dir/name a relative link to the checkpoint folder target."""
     tmp = Path(save_dir) / f".{name}.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(Path(target).name, target_is_directory=True)
-    os.replace(tmp, Path(save_dir) / name)
+    try:
+        os.replace(tmp, Path(save_dir) / name)
+    except OSError as e:  # a folder made in its place while the run went on: never replaced
+        tmp.unlink()
+        raise CheckpointError(f"cannot point {Path(save_dir) / name} at {Path(target).name} ({e.strerror}); "
+                              f"move {Path(save_dir) / name} away, then resume with --ckpt.resume auto") from None
 
 
 def prune(save_dir, prefix, keep_last, protected):
@@ -328,6 +360,42 @@ def check_writable_dir(path, key):
                               f"folder") from None
 
 
+def check_outputs(cfg, cache_dir):
+    """Every folder the run will write in (cache_dir: the token cache's, or None), checked (and
+    created) before the first step."""
+    if cfg["data"]["train_filepath"]:  # before the token cache is written (SaveDir's other rules come later)
+        check_writable_dir(cfg["ckpt"]["model_state_save_dir"], "ckpt.model_state_save_dir")
+    check_writable_dir(cfg["trainer"]["log_dir"], "trainer.log_dir")
+    if cache_dir is not None:
+        check_writable_dir(cache_dir, "data.cache_dir")
+    if cfg["data"]["predict_filepath"] and cfg["data"]["predict_output"]:
+        output = Path(cfg["data"]["predict_output"])
+        if output.is_dir():
+            raise CheckpointError(f"data.predict_output: {output} is a folder; name a file")
+        check_writable_dir(output.resolve().parent, "data.predict_output")
+
+
+@contextmanager
+def atomic_write(path, newline=None):
+    """A text file open for writing under a temporary name of its own beside path, renamed onto
+    path only once complete: a kill or a full disk never leaves half a file there."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
+            yield f
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # resume: which checkpoint, and what may differ
 
@@ -358,10 +426,11 @@ def data_digests(cfg):
 def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
     """'key old -> new' for every difference between a checkpoint's run and this one that would
     make the resumed run silently different from continuing the original."""
-    conflicts = []
+    conflicts, golden = [], read_yaml(GOLDEN_CONFIG)
     for section, values in cfg.items():
         for name, value in values.items():
-            key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name)
+            # a key newer than the checkpoint: its run behaved as the key's default says
+            key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name, golden.get(section, {}).get(name))
             if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or key in LAUNCH_KEYS or old == value:
                 continue
             if key == "trainer.epochs" and value > old:

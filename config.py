@@ -209,6 +209,13 @@ def uses_amp(trainer_cfg):
     return bool(trainer_cfg.get("amp")) or trainer_cfg["backend"].endswith("-amp")
 
 
+def label_names(cfg):
+    """The class (or label) names; None for regression."""
+    if task_of(cfg["data"]) == "regression":
+        return None
+    return [str(label) for label in cfg["data"]["labels_list"]]
+
+
 def task_of(data_cfg):
     """multi_label when data.multi_label says so, else regression for one label, else single_label."""
     if data_cfg["multi_label"]:

@@ -53,11 +53,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 import speedups
 from config import ConfigError, task_of
-from data import Encoded, encode, window_stride
-from model import (ModelError, build_model, from_pretrained, is_pretrained_dir, label_config,
-                   load_tokenizer)
-from trainer import (Split, autocast_dtype, check_outputs, class_weights, fit, log, on_main, per_rank_batch,
-                     predict_logits, read_split, read_splits, seed_everything, task_loss, tokenize, training_split)
+from data import Encoded
+from evaluation import predict_logits
+from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config
+from processes import log, on_main
+from splits import Split, class_weights, load_split, prepare_run, training_split
+from trainer import fit, per_rank_batch, task_loss
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -376,7 +377,7 @@ def teacher_logits_of(cfg, proc, teacher, tokenizer, train):
     """The teacher's logits of every training example, on every rank's device: each rank computes
     its share (as evaluation does), the main process gathers them, and all ranks get the whole."""
     logits = predict_logits(teacher, train.encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
-                            proc, autocast_dtype(cfg["trainer"], proc), desc="teacher logits")
+                            proc, desc="teacher logits")
     logits = on_main(proc, lambda: logits)  # a broadcast of examples x classes floats
     return torch.from_numpy(logits).to(proc.device)
 
@@ -385,27 +386,23 @@ def teacher_logits_of(cfg, proc, teacher, tokenizer, train):
 # unlabelled transfer data
 
 
-def read_unlabeled(cfg, tokenizer, proc=None):
-    """The files of distill.unlabeled_filepaths, each read and checked (its Examples, no labels) or,
-    where the token cache holds it already (proc given), mapped from there (its Split)."""
-    return [read_split(cfg, proc, tokenizer, path, need_labels=False) for path in cfg["distill"]["unlabeled_filepaths"]]
-
-
-def add_unlabeled(cfg, tokenizer, train, unlabeled=None, proc=None):
-    """The training split plus the rows of distill.unlabeled_filepaths (read here unless given),
-    labelled -1 (single-label) or NaN (regression, and every label of a multi-label row);
-    tokenized through the token cache when proc (the run's processes) is given."""
-    unlabeled = read_unlabeled(cfg, tokenizer, proc) if unlabeled is None else unlabeled
+def with_unlabeled(cfg, train, unlabeled):
+    """The training split plus the Splits of distill.unlabeled_filepaths, their rows labelled -1
+    (single-label) or NaN (regression, and every label of a multi-label row)."""
     if not unlabeled:
         return train
-    parts = [tokenize(cfg, proc, tokenizer, e).encoded if proc is not None
-             else encode(tokenizer, e, cfg["module"]["max_seq_len"], stride=window_stride(cfg["data"])) for e in unlabeled]
+    parts = [split.encoded for split in unlabeled]
     task = task_of(cfg["data"])
     shape = (len(cfg["data"]["labels_list"]),) if task == "multi_label" else ()
     for part in parts:
         part.labels = (np.full((len(part), *shape), -1, dtype=np.int64) if task == "single_label"
                        else np.full((len(part), *shape), np.nan, dtype=np.float32))
     return Split(train.path, Encoded.concat([train.encoded] + parts))
+
+
+def load_unlabeled(cfg, tokenizer):
+    """The Splits of distill.unlabeled_filepaths, tokenized in this process without the cache (tools, tests)."""
+    return [load_split(cfg, tokenizer, path, need_labels=False) for path in cfg["distill"]["unlabeled_filepaths"]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,23 +413,20 @@ def run(cfg, proc):
     """Build teacher and student, then train the student with trainer.py's loop."""
     check_distill_config(cfg)
     per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
-    seed_everything(cfg["trainer"]["seed"])
     d = cfg["distill"]
-    tokenizer = load_tokenizer(cfg["model"])
-    train, val, _ = read_splits(cfg, tokenizer, proc)  # distill.py writes no predictions
-    unlabeled = read_unlabeled(cfg, tokenizer, proc)
     want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
-    teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
-    student = build_student(cfg, teacher, tokenizer, say=lambda message: log(proc, message))  # once, not per rank
-    module = DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
-    on_main(proc, check_outputs, cfg)
-    # tokenized once everything is checked: the token cache is the run's first write
-    train, val = [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in (train, val)]
-    train = training_split(cfg, proc, add_unlabeled(cfg, tokenizer, train, unlabeled, proc))
+
+    def build(tokenizer):
+        teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
+        student = build_student(cfg, teacher, tokenizer, say=lambda message: log(proc, message))  # once, not per rank
+        return teacher, student, DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
+    inputs = prepare_run(cfg, proc, build, extra_paths=d["unlabeled_filepaths"])
+    (teacher, student, module), tokenizer, val = inputs.built, inputs.tokenizer, inputs.val
+    train = training_split(cfg, proc, with_unlabeled(cfg, inputs.train, inputs.extra))
     cached = teacher_logits_of(cfg, proc, teacher, tokenizer, train) if caches_teacher_logits(cfg) else None
     loss_fn = DistillLoss(cfg, teacher, student, teacher_logits=cached,
                           class_weights=class_weights(cfg, train, proc.device))
-    if cfg["trainer"]["speedups"]:
+    if cfg["trainer"]["speedups"]:  # after the teacher's logits, which the plain modules computed
         speedups.apply(teacher, proc.device)
         speedups.apply(module, proc.device)
     log(proc, f"distillation: teacher {teacher.config.num_hidden_layers} layers x "
@@ -442,7 +436,6 @@ def run(cfg, proc):
                   + (f", hidden map {loss_fn.hidden_map}" if want_hidden else "")
                   + (f", attention map {loss_fn.attention_map}" if want_attn else "")
                   + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
-    seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)  # dropout differs by rank, weights do not
     _, result = fit(cfg, proc, module, tokenizer, train, val, loss_fn=loss_fn)
     return result
 

@@ -8,7 +8,7 @@ Usage:
     headline = metrics["acc_and_f1"]      # module.metric names a key of the result
 
 Names are explicit: `f1_macro` is the unweighted mean of per-class F1, `f1_weighted` weights each
-class by its support (the original system called the weighted one plain "f1"). Every edge case
+class by its support (the weighted one is not "the" F1: it hides a poor minority class). Every edge case
 (a class never predicted, a single class present, constant predictions) gives a defined value
 instead of a NaN and a warning: a ratio whose denominator is zero is 0. In multi-label metrics each
 label is a yes / no question of its own; `hamming_loss` is the one key where lower is better.

@@ -381,17 +381,6 @@ def load_tokenizer(model_cfg):
         raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({first_line(e)})") from None
 
 
-def unwrap_model(model):
-    """The plain model inside DDP and torch.compile wrappers (what checkpoints must hold)."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def save_pretrained(model, tokenizer, directory, max_seq_len=None):
     """A directory that AutoModelForSequenceClassification / AutoTokenizer load directly (and
     pipeline("text-classification", model=directory), with top_k=None for every label's score).
@@ -399,7 +388,7 @@ def save_pretrained(model, tokenizer, directory, max_seq_len=None):
     With max_seq_len, the saved tokenizer's model_max_length is max_seq_len, so that truncation=True
     in plain transformers (pipeline included) cuts where training did; the run's tokenizer keeps its own.
     """
-    unwrap_model(model).save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     if max_seq_len is not None:
         path = Path(directory) / "tokenizer_config.json"

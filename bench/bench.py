@@ -155,6 +155,11 @@ def run_ours(job):
     """trainer.py's own functions: load, tokenize, train (no validation inside), then predict."""
     import torch
     import speedups
+    import config
+    import evaluation
+    import model
+    import processes
+    import splits
     import trainer
     from metrics import compute_metrics
     first_step = {}
@@ -166,22 +171,22 @@ def run_ours(job):
                 synchronize(self.proc.device)
                 first_step["s"] = since_process_start()
 
-    cfg = trainer.load_config(ours_argv(job))
+    cfg = config.load_config(ours_argv(job))
     proc = trainer.setup_distributed(cfg["trainer"])
-    trainer.seed_everything(cfg["trainer"]["seed"])
-    tokenizer = trainer.load_tokenizer(cfg["model"])
-    train, val = trainer.load_splits(cfg, tokenizer)
+    processes.seed_everything(cfg["trainer"]["seed"])
+    tokenizer = model.load_tokenizer(cfg["model"])
+    train, val = splits.load_splits(cfg, tokenizer)
     if job["random_roberta"]:
         model = build_random_roberta(job)
     else:
-        model = trainer.build_model(cfg["model"], LABELS)
+        model = model.build_model(cfg["model"], LABELS)
     if cfg["trainer"]["speedups"]:  # as trainer.run does
         speedups.apply(model, proc.device)
     run = TimedTrainer(cfg, proc, model, tokenizer, train, None)  # no validation inside train()
     _, train_s = timed(run.train, proc.device)
-    logits, eval_s = timed(lambda: trainer.predict_logits(
+    logits, eval_s = timed(lambda: evaluation.predict_logits(
         model, val.encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
-        proc, run.amp_dtype), proc.device)
+        proc), proc.device)
     metrics = compute_metrics(logits.argmax(axis=1), val.encoded.labels, LABELS)
     return {"train_s": train_s, "eval_s": eval_s, "first_step_s": first_step["s"],
             "acc": metrics["acc"], "f1_macro": metrics["f1_macro"],

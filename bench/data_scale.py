@@ -14,7 +14,7 @@ Every measurement is its own subprocess, so its peak RSS (resource.getrusage) is
   with data.cache_dir a fresh folder (cold: it tokenizes and writes the cache), then again with the
   same folder (warm: it maps the cache); the time from the process start to the first logged step,
   then the process is killed.
-- ready: trainer.load_splits (the run's read, check, tokenize and cache) on the file, timed inside
+- ready: splits.load_splits (the run's read, check, tokenize and cache) on the file, timed inside
   the process, with a fresh cache folder (cold), then again with it (warm: the entry is mapped).
 - ddp: the first step as above under `torchrun --nproc_per_node 2` (gloo), with each rank's peak
   RSS (VmHWM) read from /proc when the first step is logged.
@@ -94,7 +94,8 @@ def ready_worker(path, model, max_seq_len, cache_dir):
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
     from config import load_config
-    from trainer import Process, load_splits
+    from processes import Process
+    from splits import load_splits
     import numpy as np
     import torch
     cfg = load_config(["--data.train_filepath", path, "--data.val_filepath", "null", "--data.cache_dir", cache_dir,

@@ -31,6 +31,10 @@ import torch  # noqa: E402
 import bench  # noqa: E402
 import speedups  # noqa: E402
 import trainer  # noqa: E402
+from config import load_config  # noqa: E402
+from model import build_model, load_tokenizer  # noqa: E402
+from processes import seed_everything  # noqa: E402
+from splits import load_splits  # noqa: E402
 
 
 def bench_trainer(device="auto"):
@@ -38,12 +42,12 @@ def bench_trainer(device="auto"):
     args = bench.build_parser().parse_args(["--device", device])  # bench.py's defaults: its whole job
     scratch = Path(tempfile.mkdtemp(prefix="step-profile-"))
     job = {**bench.make_job(args, scratch), "log_dir": str(scratch)}
-    cfg = trainer.load_config(bench.ours_argv(job) + ["--data.val_filepath", "null"])  # steps only
+    cfg = load_config(bench.ours_argv(job) + ["--data.val_filepath", "null"])  # steps only
     proc = trainer.setup_distributed(cfg["trainer"])
-    trainer.seed_everything(cfg["trainer"]["seed"])
-    tokenizer = trainer.load_tokenizer(cfg["model"])
-    train, _ = trainer.load_splits(cfg, tokenizer)
-    model = speedups.apply(trainer.build_model(cfg["model"], bench.LABELS), proc.device)
+    seed_everything(cfg["trainer"]["seed"])
+    tokenizer = load_tokenizer(cfg["model"])
+    train, _ = load_splits(cfg, tokenizer)
+    model = speedups.apply(build_model(cfg["model"], bench.LABELS), proc.device)
     run = trainer.Trainer(cfg, proc, model, tokenizer, train, None)
     run.model.train()
     return run, run.epoch_batches(0)

@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import speedups  # noqa: E402
 from model import build_model, load_tokenizer  # noqa: E402
 from config import load_config  # noqa: E402
-from trainer import Process, load_split, predict_logits  # noqa: E402
+from evaluation import predict_logits  # noqa: E402
+from processes import Process  # noqa: E402
+from splits import load_split  # noqa: E402
 
 
 def main():
@@ -47,12 +49,12 @@ def main():
     split.encoded = split.encoded.subset(keep)
     names = list(models)
     for name in names:  # warm-up: first calls allocate and pick kernels
-        predict_logits(models[name], split.encoded, args.batch, tokenizer.pad_token_id, ctx, None)
+        predict_logits(models[name], split.encoded, args.batch, tokenizer.pad_token_id, ctx)
     seconds = {name: [] for name in names}
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            predict_logits(models[name], split.encoded, args.batch, tokenizer.pad_token_id, ctx, None)
+            predict_logits(models[name], split.encoded, args.batch, tokenizer.pad_token_id, ctx)
             seconds[name].append(time.perf_counter() - start)
     rate = {name: len(keep) / statistics.median(s) for name, s in seconds.items()}
     result = {"examples": len(keep), "repeats": args.repeats, "threads": torch.get_num_threads(),

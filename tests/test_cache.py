@@ -10,9 +10,9 @@ from conftest import POSITIVE, save_tiny_encoder, sentiment_rows, write_csv
 from transformers import AutoTokenizer
 
 import cache
-import trainer
+import splits
 from data import DataError, encode, read_examples
-from trainer import Process
+from processes import Process
 
 LABELS = ["negative", "positive"]
 MAIN = Process(0, 0, 1, torch.device("cpu"), True, False)
@@ -207,22 +207,22 @@ def run_cfg(tmp_path, train, **overrides):
 
 @pytest.fixture
 def reads(monkeypatch):
-    """The files the run read and checked (trainer.read_examples)."""
+    """The files the run read and checked (splits.read_examples)."""
     calls = []
-    monkeypatch.setattr(trainer, "read_examples", lambda path, *args, **kwargs:
+    monkeypatch.setattr(splits, "read_examples", lambda path, *args, **kwargs:
                         calls.append(path) or read_examples(path, *args, **kwargs))
     return calls
 
 
 def test_a_second_run_maps_ids_and_labels_without_reading_the_file(tmp_path, tokenizer, reads):
     path = write_csv(tmp_path / "train.csv", sentiment_rows(30))
-    first = trainer.load_splits(run_cfg(tmp_path, path), tokenizer, MAIN)[0].encoded
+    first = splits.load_splits(run_cfg(tmp_path, path), tokenizer, MAIN)[0].encoded
     assert reads == [path]
-    second = trainer.load_splits(run_cfg(tmp_path, path), tokenizer, MAIN)[0].encoded
+    second = splits.load_splits(run_cfg(tmp_path, path), tokenizer, MAIN)[0].encoded
     assert reads == [path]  # hashed, not read
     assert isinstance(second.labels, np.memmap) and same_arrays(first, second)
     # another labels_list gives other labels from the same ids: read again, into a new entry
-    swapped = trainer.load_splits(run_cfg(tmp_path, path, **{"data.labels_list": "[positive, negative]"}),
+    swapped = splits.load_splits(run_cfg(tmp_path, path, **{"data.labels_list": "[positive, negative]"}),
                                   tokenizer, MAIN)[0].encoded
     assert reads == [path, path] and len(entries(tmp_path)) == 2
     assert np.array_equal(swapped.ids, first.ids) and swapped.labels.tolist() == (1 - first.labels).tolist()
@@ -232,8 +232,8 @@ def test_a_mapped_window_split_keeps_a_label_per_window(tmp_path, tokenizer, rea
     path = write_csv(tmp_path / "train.csv", [{"text": "good movie " * 12, "label": "positive"},
                                               {"text": "bad", "label": "negative"}])
     windows = {"data.long_texts": "windows", "data.window_stride": "2"}
-    first = trainer.load_splits(run_cfg(tmp_path, path, **windows), tokenizer, MAIN)[0].encoded
-    second = trainer.load_splits(run_cfg(tmp_path, path, **windows), tokenizer, MAIN)[0].encoded
+    first = splits.load_splits(run_cfg(tmp_path, path, **windows), tokenizer, MAIN)[0].encoded
+    second = splits.load_splits(run_cfg(tmp_path, path, **windows), tokenizer, MAIN)[0].encoded
     assert reads == [path] and len(first) > 2
     assert second.documents.tolist() == first.documents.tolist() and second.labels.tolist() == first.labels.tolist()
     assert second.labels.tolist() == [1] * (len(first) - 1) + [0]
@@ -262,4 +262,4 @@ def test_an_unreadable_file_is_left_for_reading_to_report(tmp_path, tokenizer):
     assert cache.mapped(tmp_path / "cache", tokenizer, str(tmp_path / "missing.csv"), data_cfg(), 16, True, MAIN) is None
     cfg = run_cfg(tmp_path, tmp_path / "missing.csv")
     with pytest.raises(DataError, match="missing.csv: file not found"):
-        trainer.load_splits(cfg, tokenizer, MAIN)
+        splits.load_splits(cfg, tokenizer, MAIN)

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 import config
 import distill
+from model import load_tokenizer
+import splits
 import trainer
 
 
@@ -29,18 +31,18 @@ def job(tmp_path_factory):
 
 def split_of(job, spec):
     cfg = config.load_config(job["args"]("x", **{"module.class_weights": spec}))
-    tokenizer = trainer.load_tokenizer(cfg["model"])
-    return cfg, trainer.load_split(cfg, tokenizer, str(job["tmp"] / "train.csv"), True)
+    tokenizer = load_tokenizer(cfg["model"])
+    return cfg, splits.load_split(cfg, tokenizer, str(job["tmp"] / "train.csv"), True)
 
 
 def test_balanced_weights_are_n_over_k_times_count(job):
     cfg, train = split_of(job, "balanced")
     counts = np.bincount(train.encoded.labels, minlength=2)
-    weights = trainer.class_weights(cfg, train, torch.device("cpu"))
+    weights = splits.class_weights(cfg, train, torch.device("cpu"))
     assert torch.allclose(weights, torch.tensor(counts.sum() / (2 * counts), dtype=torch.float32))
     assert weights[1] > 2 * weights[0]  # the rare class weighs more
     cfg, train = split_of(job, "[1, 3]")
-    assert trainer.class_weights(cfg, train, torch.device("cpu")).tolist() == [1, 3]
+    assert splits.class_weights(cfg, train, torch.device("cpu")).tolist() == [1, 3]
 
 
 def test_weighted_loss_is_summed_weighted_cross_entropy_over_examples():

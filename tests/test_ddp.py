@@ -270,7 +270,7 @@ def test_nccl_ddp_matches_one_process(setup):
 COUNTING_TRAINER = """
 import os, sys
 sys.path.insert(0, {root!r})
-import cache, trainer
+import cache, evaluation, splits, trainer
 real_encode = cache.encode
 
 def counted(*args, **kwargs):  # the cache tokenizing a file: which rank did it
@@ -278,7 +278,7 @@ def counted(*args, **kwargs):  # the cache tokenizing a file: which rank did it
         f.write(os.environ.get("RANK", "0") + "\\n")
     return real_encode(*args, **kwargs)
 
-real_read = trainer.read_examples
+real_read = splits.read_examples
 
 def read(path, *args, **kwargs):  # a file read and checked: which rank, which file
     with open({reads!r}, "a") as f:
@@ -286,8 +286,8 @@ def read(path, *args, **kwargs):  # a file read and checked: which rank, which f
     return real_read(path, *args, **kwargs)
 
 cache.encode = counted
-trainer.read_examples = read
-trainer.PREDICT_CHUNK = 7  # the predict file spans several chunks
+splits.read_examples = read
+evaluation.PREDICT_CHUNK = 7  # the predict file spans several chunks
 sys.exit(trainer.main(sys.argv[1:]))
 """
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import config
+import processes
 import trainer
 
 
@@ -23,11 +24,11 @@ def test_a_local_rank_without_a_gpu_of_its_own_is_one_line_naming_both_numbers(m
 def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.gauss(0, 1)  # a cached Gaussian is part of Python's state too
-    state = trainer.rng_state(torch.device("cpu"))
+    state = processes.rng_state(torch.device("cpu"))
     torch.save(state, tmp_path / "rng.pt")
     expected = (random.random(), np.random.rand(), torch.rand(1))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    trainer.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
+    processes.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True), torch.device("cpu"))
     assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
     assert "cuda" not in state  # a CPU process saves no GPU state, a GPU process only its own device's
     with pytest.raises(pickle.UnpicklingError):  # what weights_only refuses, rng_state avoids
@@ -38,7 +39,7 @@ def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_gpu_process_saves_its_own_device_rng_only():
     device = torch.device("cuda", torch.cuda.device_count() - 1)
-    state = trainer.rng_state(device)
+    state = processes.rng_state(device)
     assert torch.equal(state["cuda"], torch.cuda.get_rng_state(device))
 
 
@@ -47,9 +48,10 @@ def test_amp_auto_takes_bf16_only_where_the_gpu_has_it_natively(monkeypatch, nat
     # emulated bf16 (V100, T4) reports supported with emulation; it is slower than fp16 there
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
-    proc = trainer.Process(0, 0, 1, torch.device("cuda", 0), True, False)
-    cfg = config.load_config(["--trainer.backend", "sp-amp"])
-    assert trainer.autocast_dtype(cfg["trainer"], proc) is expected
+    said = []
+    assert processes.decide_amp_dtype(True, "auto", torch.device("cuda", 0), said.append) is expected
+    assert said == ["mixed precision: autocast bf16 on a GPU" if native else
+                    "mixed precision: autocast fp16 on a GPU with GradScaler"]  # said once, at start
 
 
 @pytest.mark.parametrize("tf32", [True, False])
@@ -83,9 +85,9 @@ def test_a_gpu_rank_saves_and_restores_its_own_device_rng_only(monkeypatch):
         raise AssertionError("the state of every visible GPU")
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
-    state = trainer.rng_state(torch.device("cuda", 3))
+    state = processes.rng_state(torch.device("cuda", 3))
     assert saved == [torch.device("cuda", 3)] and state["cuda"].tolist() == [3] * 8
-    trainer.set_rng_state(state, torch.device("cuda", 0))
+    processes.set_rng_state(state, torch.device("cuda", 0))
     assert [(s.tolist(), d) for s, d in restored] == [([3] * 8, torch.device("cuda", 0))]
-    trainer.set_rng_state(state, torch.device("cpu"))  # a GPU checkpoint resumed on a CPU: no GPU to seed
+    processes.set_rng_state(state, torch.device("cpu"))  # a GPU checkpoint resumed on a CPU: no GPU to seed
     assert len(restored) == 1

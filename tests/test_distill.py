@@ -15,10 +15,14 @@ from transformers import (AutoModelForSequenceClassification, DistilBertConfig,
 import config
 import distill
 import speedups
+import data
+import evaluation
+import processes
+import splits
 import trainer
 from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
 from data import DataError
-from model import ModelError, build_model
+from model import ModelError, build_model, load_tokenizer
 from speedups import CPUDropout
 
 LABELS = ["negative", "positive"]
@@ -191,7 +195,7 @@ def four_loss_setup(tmp_path):
                          "distill.loss_types": "[logits, labels, hidden_states, attentions]",
                          "distill.loss_weights": "[1, 1, 1, 1]"})
     teacher = distill.build_teacher(cfg, eager=True, device=torch.device("cpu"))
-    tokenizer = trainer.load_tokenizer(cfg["model"])
+    tokenizer = load_tokenizer(cfg["model"])
     student = distill.build_student(cfg, teacher, tokenizer)
     module = distill.DistillModule(student, teacher.config.hidden_size, True, True)
     batch = dict(tokenizer(["good movie", "the plot was very boring and sad"], padding=True,
@@ -224,9 +228,9 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     cfg["ckpt"].update(model_state_save_dir=str(tmp_path / "ckpt"))
     before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
     before_projection = module.projection.weight.detach().clone()
-    tokenizer = trainer.load_tokenizer(cfg["model"])
-    train_split, val_split = trainer.load_splits(cfg, tokenizer)
-    ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
+    tokenizer = load_tokenizer(cfg["model"])
+    train_split, val_split = splits.load_splits(cfg, tokenizer)
+    ctx = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
     speedups.apply(teacher, ctx.device)  # as distill.run does with trainer.speedups on
     speedups.apply(module, ctx.device)
     run, result = trainer.fit(cfg, ctx, module, tokenizer, train_split, val_split, loss_fn=loss_fn)
@@ -306,14 +310,14 @@ def test_unlabelled_rows_never_reach_the_gold_label_loss(tmp_path, monkeypatch):
 
 def test_unlabelled_file_needs_only_a_text_column(tmp_path):
     cfg = distill_cfg(**{"distill.unlabeled_filepaths": f"[{tmp_path / 'missing.csv'}]"})
-    tokenizer = trainer.load_tokenizer({**cfg["model"], "hf_model": save_tiny_encoder(tmp_path / "t")})
-    train = trainer.Split(None, trainer.encode(tokenizer, trainer.read_examples(
+    tokenizer = load_tokenizer({**cfg["model"], "hf_model": save_tiny_encoder(tmp_path / "t")})
+    train = splits.Split(None, data.encode(tokenizer, data.read_examples(
         write_csv(tmp_path / "l.csv", [{"text": "good", "sentiment": "positive"}]), cfg["data"],
         cfg["data"]["labels_list"], True), 16))
     with pytest.raises(DataError, match="missing.csv: file not found"):
-        distill.add_unlabeled(cfg, tokenizer, train)
+        distill.load_unlabeled(cfg, tokenizer)
     cfg["distill"]["unlabeled_filepaths"] = [write_csv(tmp_path / "u.csv", [{"text": "sad"}, {"text": "nice"}])]
-    merged = distill.add_unlabeled(cfg, tokenizer, train)
+    merged = distill.with_unlabeled(cfg, train, distill.load_unlabeled(cfg, tokenizer))
     assert merged.encoded.labels.tolist() == [2, -1, -1] and len(merged.encoded.lengths) == 3
 
 
@@ -321,15 +325,19 @@ def test_a_cached_unlabelled_file_is_mapped_unread_and_labelled_unknown(tmp_path
     unlabeled = write_csv(tmp_path / "u.csv", [{"text": "sad"}, {"text": "nice"}, {"text": "fine"}])
     cfg = distill_cfg(**{"distill.unlabeled_filepaths": f"[{unlabeled}]", "data.cache_dir": str(tmp_path / "cache"),
                          "module.max_seq_len": 16})
-    tokenizer = trainer.load_tokenizer({**cfg["model"], "hf_model": save_tiny_encoder(tmp_path / "t")})
+    tokenizer = load_tokenizer({**cfg["model"], "hf_model": save_tiny_encoder(tmp_path / "t")})
     labelled = write_csv(tmp_path / "l.csv", [{"text": "good", "sentiment": "positive"}])
-    train = trainer.Split(None, trainer.encode(tokenizer, trainer.read_examples(
+    train = splits.Split(None, data.encode(tokenizer, data.read_examples(
         labelled, cfg["data"], cfg["data"]["labels_list"], True), 16))
-    ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
-    first = distill.add_unlabeled(cfg, tokenizer, train, proc=ctx)
+    ctx = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
+
+    def through_the_cache():  # as prepare_run reads and tokenizes distill.unlabeled_filepaths
+        split = splits.read_split(cfg, ctx, tokenizer, unlabeled, need_labels=False)
+        return distill.with_unlabeled(cfg, train, [splits.tokenize(cfg, ctx, tokenizer, split)])
+    first = through_the_cache()
     reads = []
-    monkeypatch.setattr(trainer, "read_examples", lambda path, *a, **k: reads.append(path))
-    second = distill.add_unlabeled(cfg, tokenizer, train, proc=ctx)
+    monkeypatch.setattr(splits, "read_examples", lambda path, *a, **k: reads.append(path))
+    second = through_the_cache()
     assert reads == []  # the entry, made without labels, is mapped
     assert second.encoded.labels.tolist() == first.encoded.labels.tolist() == [2, -1, -1, -1]
     assert second.encoded.ids.tolist() == first.encoded.ids.tolist()
@@ -361,13 +369,13 @@ def evaluate(tmp_path, model_dir, val, capsys):
 def untrained_accuracy(argv):
     """Validation accuracy of the student as distill.py builds it, before any training."""
     cfg = config.load_config(argv)
-    trainer.seed_everything(cfg["trainer"]["seed"])
-    tokenizer = trainer.load_tokenizer(cfg["model"])
+    processes.seed_everything(cfg["trainer"]["seed"])
+    tokenizer = load_tokenizer(cfg["model"])
     teacher = distill.build_teacher(cfg, eager=False, device=torch.device("cpu"))
     student = distill.build_student(cfg, teacher, tokenizer)
-    val = trainer.load_split(cfg, tokenizer, cfg["data"]["val_filepath"], True)
-    ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
-    logits = trainer.predict_logits(student, val.encoded, 32, tokenizer.pad_token_id, ctx, None)
+    val = splits.load_split(cfg, tokenizer, cfg["data"]["val_filepath"], True)
+    ctx = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
+    logits = evaluation.predict_logits(student, val.encoded, 32, tokenizer.pad_token_id, ctx)
     return float((logits.argmax(axis=1) == val.encoded.labels).mean())
 
 

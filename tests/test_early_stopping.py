@@ -15,6 +15,8 @@ import torch
 from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
 from safetensors.torch import load_file
 
+import evaluation
+
 import trainer
 
 # validation every 2 steps (13 steps an epoch, 4 epochs): acc rises to 0.7 at step 6, then stalls
@@ -38,7 +40,7 @@ def job(tmp_path_factory):
 @pytest.fixture
 def scripted(monkeypatch):
     """The validation metric of step s is SCRIPT[s] (0.1 past the script)."""
-    real = trainer.split_metrics
+    real = evaluation.split_metrics
     steps = {}
 
     def scripted_metrics(logits, split, cfg, where):

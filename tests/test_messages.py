@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from conftest import base_args, save_tiny_encoder, sentiment_rows, write_csv
 
+import evaluation
+
 import trainer
 
 
@@ -53,10 +55,10 @@ def test_evaluation_and_prediction_show_progress_with_the_device(trained, capsys
 
 def test_a_classifier_predicting_one_class_everywhere_is_warned_about():
     names = ["negative", "neutral", "positive"]
-    warning = trainer.one_class_warning(np.array([1, 1, 1, 1]), names)
+    warning = evaluation.one_class_warning(np.array([1, 1, 1, 1]), names)
     assert warning.startswith("every example is predicted as 'neutral'")
-    assert trainer.one_class_warning(np.array([1, 0, 1, 1]), names) is None
-    assert trainer.one_class_warning(np.array([0.3, 0.3]), None) is None  # regression: not a class
+    assert evaluation.one_class_warning(np.array([1, 0, 1, 1]), names) is None
+    assert evaluation.one_class_warning(np.array([0.3, 0.3]), None) is None  # regression: not a class
 
 
 def test_validation_of_a_collapsed_run_says_so(trained, capsys, monkeypatch):

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, pipeline
 
 import distill
+import evaluation
+import splits
 import trainer
 from config import GOLDEN_CONFIG, ConfigError, load_config, read_yaml
 from conftest import (NEGATIVE, NEUTRAL, POSITIVE, base_args, last_json_line, one_and_two_processes,
@@ -155,11 +157,11 @@ def test_balanced_positive_weights_are_negatives_over_positives_capped(job):
     labels[:1, 1] = 1     # 299 / 1, capped
     labels[:150, 2] = 1   # 1
     labels = np.concatenate([labels, np.full((7, 3), np.nan, dtype=np.float32)])  # unlabelled: not counted
-    split = trainer.Split(None, type("Encoded", (), {"labels": labels}))
+    split = splits.Split(None, type("Encoded", (), {"labels": labels}))
     cfg = load_config(["--data.labels_list", "[a, b, c]", "--data.multi_label", "true",
                        "--module.class_weights", "balanced"])
-    weights = trainer.class_weights(cfg, split, torch.device("cpu"))
-    assert weights.tolist() == [2.0, trainer.MAX_POS_WEIGHT, 1.0]
+    weights = splits.class_weights(cfg, split, torch.device("cpu"))
+    assert weights.tolist() == [2.0, splits.MAX_POS_WEIGHT, 1.0]
 
 
 def test_tuned_thresholds_are_each_labels_f1_best_and_fixed_ones_are_used_as_given():
@@ -167,11 +169,11 @@ def test_tuned_thresholds_are_each_labels_f1_best_and_fixed_ones_are_used_as_giv
     labels = rng.integers(0, 2, (50, 3)).astype(np.float32)
     logits = (labels - 0.5) * 2 + rng.normal(0, 1.5, (50, 3))
     probs = 1 / (1 + np.exp(-logits))
-    tuned = trainer.multilabel_split_metrics(logits, labels, LABELS)
+    tuned = evaluation.multilabel_split_metrics(logits, labels, LABELS)
     expected = best_thresholds(probs, labels)
     assert [row["threshold"] for row in tuned["per_label"].values()] == pytest.approx(expected.tolist())
     assert tuned["f1_micro"] == multilabel_metrics(probs >= expected, labels, LABELS)["f1_micro"]
-    fixed = trainer.multilabel_split_metrics(logits, labels, LABELS, np.array([0.2, 0.5, 0.9]))
+    fixed = evaluation.multilabel_split_metrics(logits, labels, LABELS, np.array([0.2, 0.5, 0.9]))
     assert fixed["f1_macro"] == multilabel_metrics(probs >= [0.2, 0.5, 0.9], labels, LABELS)["f1_macro"]
     # tuning maximises each label's F1 on these examples: no fixed choice does better per label
     for name in LABELS:
@@ -180,9 +182,9 @@ def test_tuned_thresholds_are_each_labels_f1_best_and_fixed_ones_are_used_as_giv
 
 def test_prediction_cells_join_the_labels_at_or_above_their_thresholds():
     logits = np.log(np.array([[0.7, 0.2, 0.5], [0.1, 0.1, 0.1]]) / (1 - np.array([[0.7, 0.2, 0.5], [0.1, 0.1, 0.1]])))
-    cells = trainer.prediction_cells(logits, LABELS, thresholds=[0.6, 0.1, 0.5], sep="|")
+    cells = evaluation.prediction_cells(logits, LABELS, thresholds=[0.6, 0.1, 0.5], sep="|")
     assert cells == [["good|bad|film", "0.700000", "0.200000", "0.500000"], ["bad", "0.100000", "0.100000", "0.100000"]]
-    assert trainer.prediction_header(LABELS, [0.5] * 3) == ["predicted_labels", "prob_good", "prob_bad", "prob_film"]
+    assert evaluation.prediction_header(LABELS, [0.5] * 3) == ["predicted_labels", "prob_good", "prob_bad", "prob_film"]
 
 
 # -- a run, its checkpoint, evaluation and prediction ----------------------------------------------

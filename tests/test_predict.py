@@ -6,11 +6,17 @@ import pytest
 import torch
 from conftest import base_args, sentiment_rows, write_csv
 
+import evaluation
+
+from model import build_model, load_tokenizer
+
+import processes
+
 import trainer
 from config import load_config
 from data import DataError, encode, read_examples
 
-MAIN = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
+MAIN = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
 
 
 @pytest.fixture
@@ -20,20 +26,20 @@ def job(tmp_path, tiny_bert):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(4))
     cfg = load_config(base_args(tmp_path, tiny_bert, train, "null", **{"data.predict_filepath": path}))
     torch.manual_seed(0)
-    model = trainer.build_model(cfg["model"], cfg["data"]["labels_list"]).eval()
-    return cfg, model, trainer.load_tokenizer(cfg["model"]), rows
+    model = build_model(cfg["model"], cfg["data"]["labels_list"]).eval()
+    return cfg, model, load_tokenizer(cfg["model"]), rows
 
 
 def whole_file_csv(cfg, model, tokenizer, out):
     """What prediction wrote before it streamed: every row read, tokenized and run at once."""
     data, names = cfg["data"], trainer.label_names(cfg)
     examples = read_examples(data["predict_filepath"], data, data["labels_list"], need_labels=False, keep_rows=True)
-    logits = trainer.predict_logits(model, encode(tokenizer, examples, cfg["module"]["max_seq_len"]),
-                                    cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id, MAIN, None)
+    logits = evaluation.predict_logits(model, encode(tokenizer, examples, cfg["module"]["max_seq_len"]),
+                                    cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id, MAIN)
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(examples.columns + trainer.prediction_header(names))
-        for row, cells in zip(examples.rows, trainer.prediction_cells(logits, names)):
+        writer.writerow(examples.columns + evaluation.prediction_header(names))
+        for row, cells in zip(examples.rows, evaluation.prediction_cells(logits, names)):
             writer.writerow([row[c] for c in examples.columns] + cells)
     return out
 

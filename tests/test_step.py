@@ -4,7 +4,7 @@ read would stall the queue every step).
 
 The model is a bag-of-words classifier in plain torch, so the step's own code is what is tested.
 Also here, as they concern the device too: a distillation step, the padding of compiled batches,
-DDP's construction, and evaluation's one copy of the logits to the host.
+and evaluation's one copy of the logits to the host.
 """
 import sys
 from types import SimpleNamespace
@@ -16,6 +16,9 @@ from conftest import base_args, make_tokenizer, sentiment_rows, write_csv
 
 import config
 import distill
+import evaluation
+import processes
+import splits
 import trainer
 
 
@@ -36,8 +39,10 @@ def make_trainer(tmp_path, **overrides):
     data = write_csv(tmp_path / "train.csv", sentiment_rows(64))
     cfg = config.load_config(base_args(tmp_path, "unused", data, "null", **{
         "trainer.epochs": 1, "module.warmup_prop": 0.25, **overrides}))
-    train = trainer.load_split(cfg, tokenizer, data, True)
-    proc = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
+    train = splits.load_split(cfg, tokenizer, data, True)
+    cpu = torch.device("cpu")  # with its precision decided as setup_distributed does (fp16 forced here)
+    proc = processes.Process(0, 0, 1, cpu, True, False, amp_dtype=processes.decide_amp_dtype(
+        config.uses_amp(cfg["trainer"]), cfg["trainer"]["amp_dtype"], cpu, say=lambda message: None))
     torch.manual_seed(0)
     return trainer.Trainer(cfg, proc, BagOfWords(len(tokenizer)), tokenizer, train, None)
 
@@ -78,7 +83,7 @@ def test_float32_stops_at_the_next_host_sync_naming_the_skipped_updates(tmp_path
     run = make_trainer(tmp_path)
     run.loss_fn = poisoned(run.loss_fn)
     run.train_step(*run.epoch_batches(0)[0])
-    with pytest.raises(trainer.TrainingError, match="1 updates were skipped: the loss or its gradients were not finite"):
+    with pytest.raises(processes.TrainingError, match="1 updates were skipped: the loss or its gradients were not finite"):
         run.check_updates(int(run.skipped))
     (tmp_path / "fp16").mkdir()
     fp16 = make_trainer(tmp_path / "fp16", **{"trainer.backend": "sp-amp", "trainer.amp_dtype": "fp16"})
@@ -105,7 +110,7 @@ def distillation_trainer(tmp_path, device):
     logits looked up by example; a third of the rows unlabelled (transfer data)."""
     run = make_trainer(tmp_path, **{"trainer.gpu_batch_size_limit": 4})
     run.train_split.encoded.labels[::3] = -1
-    proc = trainer.Process(0, 0, 1, device, True, False)
+    proc = processes.Process(0, 0, 1, device, True, False)
     vocab, layers = len(run.tokenizer), SimpleNamespace(num_hidden_layers=1, hidden_size=8)
     teacher, student = BagOfWords(vocab).to(device).eval(), BagOfWords(vocab)
     teacher.config, student.config = layers, layers
@@ -143,7 +148,7 @@ def test_a_distillation_step_never_waits_for_the_device(tmp_path, monkeypatch):
         run.train_step(indices, size)
     monkeypatch.undo()
     assert int(run.updates) == 3 and int(run.skipped) == 0
-    assert set(run.window["terms"]) == {"logits", "labels"} and float(run.window["terms"]["labels"]) > 0
+    assert set(run.interval["terms"]) == {"logits", "labels"} and float(run.interval["terms"]["labels"]) > 0
 
 
 def updates_without_a_sync(run):
@@ -168,7 +173,7 @@ def test_a_distillation_step_on_a_gpu_does_not_synchronize(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_training_step_on_a_gpu_does_not_synchronize(tmp_path):
     run = make_trainer(tmp_path)
-    run.proc = trainer.Process(0, 0, 1, torch.device("cuda", 0), True, False)
+    run.proc = processes.Process(0, 0, 1, torch.device("cuda", 0), True, False)
     run = trainer.Trainer(run.cfg, run.proc, run.model, run.tokenizer, run.train_split, None)
     assert updates_without_a_sync(run) == 3
 
@@ -191,27 +196,11 @@ def test_a_compiled_model_gets_batches_padded_to_multiples_of_8(tmp_path, compil
     assert all(width % 8 == 0 for width in seen) if compiled else any(width % 8 for width in seen)
 
 
-def test_ddp_wraps_the_model_without_broadcasting_its_buffers_every_step(tmp_path, monkeypatch):
-    wrapped = {}
-
-    class RecordingDDP(torch.nn.Module):
-        def __init__(self, module, **kwargs):
-            super().__init__()
-            self.module = module
-            wrapped.update(kwargs)
-    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
-    run = make_trainer(tmp_path)
-    proc = trainer.Process(0, 0, 2, torch.device("cpu"), True, True)
-    trainer.Trainer(run.cfg, proc, run.model, run.tokenizer, run.train_split, None)
-    # the buffers (position ids) never change; on a GPU, DDP gets this rank's device alone
-    assert wrapped == {"device_ids": None, "broadcast_buffers": False}
-
-
 def test_evaluation_copies_the_logits_to_the_host_once_per_split(tmp_path, monkeypatch):
     run = make_trainer(tmp_path)
     copies, cpu = [], torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "cpu", lambda tensor, *args: copies.append(tuple(tensor.shape)) or cpu(tensor, *args))
-    logits = trainer.predict_logits(run.model, run.train_split.encoded, 8, 0, run.proc, None)
+    logits = evaluation.predict_logits(run.model, run.train_split.encoded, 8, 0, run.proc)
     assert copies == [(64, 2)] and logits.shape == (64, 2)  # 8 batches, one copy at the end
 
 
@@ -221,6 +210,6 @@ def test_predictions_are_gathered_on_the_main_process_only(tmp_path, monkeypatch
     def gather_object(shards, gathered, dst, group):  # rank 1's call: it receives nothing
         gathers.append((dst, gathered, group, len(np.concatenate([s[0] for s in shards]))))
     monkeypatch.setattr(torch.distributed, "gather_object", gather_object)
-    rank1 = trainer.Process(1, 1, 2, torch.device("cpu"), False, True, cpu_group="gloo group")
-    assert trainer.predict_logits(run.model, run.train_split.encoded, 8, 0, rank1, None) is None
+    rank1 = processes.Process(1, 1, 2, torch.device("cpu"), False, True, cpu_group="gloo group")
+    assert evaluation.predict_logits(run.model, run.train_split.encoded, 8, 0, rank1) is None
     assert gathers == [(0, None, "gloo group", 32)]  # its half of 64 examples, to rank 0 over gloo

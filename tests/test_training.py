@@ -16,10 +16,15 @@ from conftest import base_args, last_json_line, save_tiny_encoder, sentiment_row
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import evaluation
+
+import processes
+
 import trainer
 from config import load_config
 from model import build_model, load_tokenizer
-from trainer import build_optimizer, load_split, lr_multiplier
+from trainer import build_optimizer, lr_multiplier
+from splits import load_split
 
 
 def run_main(argv):
@@ -261,8 +266,8 @@ def test_checkpoint_loads_in_plain_transformers_and_predicts_the_same(trained):
     ours_model = build_model(cfg["model"], cfg["data"]["labels_list"])
     path = write_csv(trained.root / "nine.csv", [{"text": t, "label": "positive"} for t in texts])
     split = load_split(cfg, load_tokenizer(cfg["model"]), path, True)
-    ctx = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
-    ours = trainer.predict_logits(ours_model, split.encoded, 3, tokenizer.pad_token_id, ctx, None)
+    ctx = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
+    ours = evaluation.predict_logits(ours_model, split.encoded, 3, tokenizer.pad_token_id, ctx)
     np.testing.assert_allclose(ours, plain, atol=1e-5)
 
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import distill
+import evaluation
+import processes
 import trainer
 from cache import cached_encode
 from config import GOLDEN_CONFIG, read_yaml
@@ -22,13 +24,13 @@ from data import DataError, Examples, cap_windows, dropped_by_truncation, encode
 def test_pooling_takes_the_mean_or_the_max_of_each_documents_windows():
     logits = np.array([[1.0, 0.0], [3.0, -2.0], [0.5, 0.5], [-1.0, 4.0], [2.0, 2.0]], dtype=np.float32)
     documents = np.array([0, 0, 1, 2, 2])
-    np.testing.assert_allclose(trainer.pool_windows(logits, documents, 3),
+    np.testing.assert_allclose(evaluation.pool_windows(logits, documents, 3),
                                [[2.0, -1.0], [0.5, 0.5], [0.5, 3.0]])
-    np.testing.assert_allclose(trainer.pool_windows(logits, documents, 3, "max"),
+    np.testing.assert_allclose(evaluation.pool_windows(logits, documents, 3, "max"),
                                [[3.0, 0.0], [0.5, 0.5], [2.0, 4.0]])
     # a document of one window is that window, whatever the pooling
     for how in ("mean", "max"):
-        np.testing.assert_array_equal(trainer.pool_windows(logits, np.arange(5), 5, how), logits)
+        np.testing.assert_array_equal(evaluation.pool_windows(logits, np.arange(5), 5, how), logits)
 
 
 # -- windows from the tokenizer's overflow ---------------------------------------------------------
@@ -96,7 +98,7 @@ def test_the_token_cache_keeps_windows_apart_from_truncation(tmp_path):
     tokenizer, path = make_tokenizer(), write_csv(tmp_path / "docs.csv", [{"text": " ".join(WORDS[:20]), "label": "positive"}])
     data = {**read_yaml(GOLDEN_CONFIG)["data"], "text_a_col": "text", "label_col": "label"}
     rows = read_examples(path, data, ["negative", "positive"], True)
-    main = trainer.Process(0, 0, 1, torch.device("cpu"), True, False)
+    main = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
     cut = cached_encode(tmp_path / "cache", tokenizer, rows, data, 8, main)
     windowed = {**data, "long_texts": "windows", "window_stride": 2}
     first = cached_encode(tmp_path / "cache", tokenizer, rows, windowed, 8, main)

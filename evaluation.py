@@ -1,0 +1,260 @@
+"""Evaluation and prediction: a model's logits over a split, its metrics, and the predictions CSV.
+
+    logits = predict_logits(model, split.encoded, batch_size, pad_token_id, proc)   # rank 0: every row
+    metrics = split_metrics(logits, split, cfg, "at step 100")                     # windows pooled first
+    path = predict_file(cfg, proc, model, tokenizer, run_dir, thresholds=...)      # streamed, in order
+
+Every rank evaluates its shard of the examples (each on exactly one rank) and the main process
+gathers them, so the metrics are those of one process. A long document's windows are pooled into
+one prediction (data.window_pool); multi-label decisions are per-label thresholds (module.threshold,
+fixed or tuned on the validation file), saved with each checkpoint.
+"""
+import csv
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from checkpoint import atomic_write, write_json
+from config import label_names
+from data import collate, eval_batches, example_chunks
+from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
+from model import save_thresholds, saved_thresholds
+from processes import autocast, log, on_main
+from runlog import new_run_dir
+from splits import encode_examples
+
+# rows of a predict file read, tokenized, run and written at a time: what prediction holds
+PREDICT_CHUNK = 10_000
+
+
+def fixed_thresholds(cfg):
+    """Multi-label: module.threshold as one threshold per label; None for tune (or another task)."""
+    threshold, names = cfg["module"]["threshold"], label_names(cfg)
+    if not cfg["data"]["multi_label"] or threshold == "tune":
+        return None
+    return np.asarray(threshold if isinstance(threshold, list) else [threshold] * len(names), dtype=np.float64)
+
+
+def thresholds_of(metrics):
+    """The per-label thresholds that multi-label metrics were computed with."""
+    return np.array([row["threshold"] for row in metrics["per_label"].values()])
+
+
+def validation_thresholds(cfg, metrics, step):
+    """Multi-label: the thresholds a validation decided with, and how they were chosen (tuned on
+    the validation file with module.threshold tune, else module.threshold's)."""
+    if cfg["module"]["threshold"] != "tune":
+        return thresholds_of(metrics), "module.threshold"
+    return thresholds_of(metrics), (f"tuned on {cfg['data']['val_filepath']} (each label's F1-best) "
+                                    f"at the validation of step {step}")
+
+
+def write_thresholds(cfg, folder, thresholds, chosen):
+    """thresholds.json of a multi-label checkpoint: the decisions that go with its weights."""
+    names = label_names(cfg)
+    if thresholds is None:  # tune, before the first validation: the usual 0.5 for now
+        thresholds, chosen = [0.5] * len(names), "0.5, not yet tuned (no validation yet)"
+    save_thresholds(folder, names, thresholds, chosen)
+
+
+def resumed_thresholds(cfg, path):
+    """Resuming module.threshold tune: those of the checkpoint's latest validation, and how chosen."""
+    return saved_thresholds(path, label_names(cfg), chosen=True)
+
+
+@torch.inference_mode()
+def predict_logits(model, encoded, batch_size, pad_token_id, proc, desc="evaluate"):
+    """Float32 logits of every example in input order, on the main process (None on the others);
+    batches sorted by length, sharded by rank.
+
+    Rank 0 shows a progress bar named desc, with the device, for it may take minutes.
+    """
+    was_training = model.training
+    model.eval()
+    indices, outputs = [], []
+    batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size)
+    for batch_indices in tqdm(batches, desc=f"{desc} on {proc.device}", unit="batch", leave=False,
+                              disable=not proc.is_main, dynamic_ncols=True, file=sys.stderr):
+        batch = {k: v.to(proc.device, non_blocking=True)
+                 for k, v in collate(encoded, batch_indices, pad_token_id).items() if k != "labels"}
+        with autocast(proc):
+            outputs.append(model(**batch).logits.float())  # kept on the device: one copy at the end
+        indices.append(batch_indices)
+    model.train(was_training)
+    shards = [(np.concatenate(indices), torch.cat(outputs).cpu().numpy())] if outputs else []
+    if proc.ddp:  # every example was on exactly one rank: gather them on the main one, no duplicates
+        gathered = [None] * proc.world_size if proc.is_main else None
+        dist.gather_object(shards, gathered, dst=0, group=proc.cpu_group)
+        if not proc.is_main:
+            return None
+        shards = [shard for rank_shards in gathered for shard in rank_shards]
+    num_outputs = shards[0][1].shape[1] if shards else 1
+    logits = np.zeros((len(encoded), num_outputs), dtype=np.float32)
+    for shard_indices, values in shards:
+        logits[shard_indices] = values
+    return logits
+
+
+def pool_windows(logits, documents, num_documents, how="mean"):
+    """Per-document logits from per-window ones (data.long_texts windows): documents[i] is the
+    document of window i; a document's logits are the mean or the max of its windows'."""
+    pooled = np.zeros((num_documents, logits.shape[1]), dtype=np.float32)
+    if how == "max":
+        pooled[:] = -np.inf
+        np.maximum.at(pooled, documents, logits)
+    else:
+        np.add.at(pooled, documents, logits)
+        pooled /= np.bincount(documents, minlength=num_documents)[:, None]
+    return pooled
+
+
+def document_logits(logits, encoded, cfg):
+    """One row of logits per document: its windows' pooled by data.window_pool (windows only)."""
+    if encoded.documents is None:
+        return logits
+    return pool_windows(logits, encoded.documents, encoded.num_documents, cfg["data"]["window_pool"])
+
+
+def logits_to_predictions(logits, names):
+    return logits[:, 0] if names is None else logits.argmax(axis=1)
+
+
+def split_metrics(logits, split, cfg, where):
+    """Metrics of a labelled split's logits (windows: pooled per document, so metrics count
+    documents), and a warning line if the model predicts one class."""
+    names, labels = label_names(cfg), split.encoded.document_labels()
+    logits = document_logits(logits, split.encoded, cfg)
+    if cfg["data"]["multi_label"]:
+        return multilabel_split_metrics(logits, labels, names, fixed_thresholds(cfg))
+    predictions = logits_to_predictions(logits, names)
+    collapse = one_class_warning(predictions, names)
+    if collapse:
+        tqdm.write(f"warning: {where}, {collapse}", file=sys.stdout)  # the train bar stays intact
+    return compute_metrics(predictions, labels, names)
+
+
+def multilabel_split_metrics(logits, labels, names, thresholds=None):
+    """Multi-label metrics at the given per-label thresholds, or (None) at each label's F1-best
+    threshold on these very examples (module.threshold tune); the thresholds go in per_label."""
+    probabilities = sigmoid(logits)
+    if thresholds is None:
+        thresholds = best_thresholds(probabilities, labels)
+    metrics = multilabel_metrics(probabilities >= thresholds, labels, names)
+    for row, threshold in zip(metrics["per_label"].values(), thresholds):
+        row["threshold"] = float(threshold)
+    return metrics
+
+
+def one_class_warning(predictions, names):
+    """A warning when a classifier predicts the same class for every example (a collapsed run:
+    MCC 0, macro F1 near 1 / classes), else None."""
+    if names is None or len(predictions) < 2 or len(set(predictions.tolist())) > 1:
+        return None
+    return (f"every example is predicted as {names[int(predictions[0])]!r}: the model has collapsed to one "
+            f"class; lower module.max_lr, train longer, or check the balance of the labels")
+
+
+def sigmoid(logits):
+    return 1 / (1 + np.exp(-logits.astype(np.float64)))
+
+
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def scalar_metrics(metrics):
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def evaluate_only(cfg, proc, model, tokenizer, val):
+    """Metrics of a fine-tuned model on a labelled file, with a per-class table."""
+    # said before the wait, with the device, as training's first line is
+    log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
+              f"({val.encoded.num_documents} examples), device {proc.device}")
+    logits = predict_logits(model, val.encoded, cfg["trainer"]["val_batch_size"],
+                            tokenizer.pad_token_id, proc)
+    metrics = on_main(proc, split_metrics, logits, val, cfg, f"on {cfg['data']['val_filepath']}")
+    log(proc, format_report(metrics))
+    return metrics
+
+
+def write_eval_metrics(cfg, metrics):
+    run_dir = new_run_dir(cfg["trainer"]["log_dir"], "eval")
+    write_json(Path(run_dir) / "eval_metrics.json", metrics)
+    print(f"metrics written to {Path(run_dir) / 'eval_metrics.json'}")
+    return run_dir
+
+
+def prediction_header(names, thresholds=None):
+    """The columns predictions add after the input columns (thresholds: multi-label's, per label)."""
+    if names is None:
+        return ["prediction"]
+    return ["predicted_labels" if thresholds is not None else "predicted_label"] + [f"prob_{n}" for n in names]
+
+
+def prediction_cells(logits, names, thresholds=None, sep="|"):
+    """One list of output cells per row of logits (a chunk of examples), matching prediction_header:
+    the score (regression), the likeliest class and each class's softmax probability, or (multi-label)
+    the labels at or above their thresholds joined by sep, and each label's sigmoid probability."""
+    if names is None:
+        return [[f"{score:.6g}"] for score in logits[:, 0]]
+    if thresholds is not None:
+        probs = sigmoid(logits)
+        return [[sep.join(n for n, p, t in zip(names, row, thresholds) if p >= t)] + [f"{p:.6f}" for p in row]
+                for row in probs]
+    probs = softmax(logits)
+    return [[names[int(row.argmax())]] + [f"{p:.6f}" for p in row] for row in probs]
+
+
+def write_prediction_rows(writer, examples, logits, names, thresholds=None, sep="|"):
+    """A chunk's rows: the input columns, then the prediction and every class (label) probability."""
+    for row, cells in zip(examples.rows, prediction_cells(logits, names, thresholds, sep)):
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in examples.columns] + cells)
+
+
+def predict_output(cfg, run_dir):
+    path = cfg["data"]["predict_output"]
+    if path is None:
+        run_dir = run_dir or new_run_dir(cfg["trainer"]["log_dir"], "predict")
+        path = str(Path(run_dir) / "predictions.csv")
+    return path
+
+
+def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, thresholds=None, total_rows=None):
+    """Label data.predict_filepath, a file of any size, chunk_rows rows (PREDICT_CHUNK) at a time:
+    read, tokenize, run (sharded over the ranks, gathered on the main process) and write each
+    chunk in turn, so memory follows the chunk, not the file. The output is written under a
+    temporary name and renamed when complete; read_splits checked every row before, so no bad
+    row can turn up after the first prediction is written. thresholds: multi-label's, per label.
+    total_rows (read_splits counted them): a bar over the whole file, beside each chunk's.
+    The output path (main process)."""
+    data, names = cfg["data"], label_names(cfg)
+    path = on_main(proc, predict_output, cfg, run_dir)
+    log(proc, f"prediction of {data['predict_filepath']}, device {proc.device}")
+    rows, chunk_rows = 0, chunk_rows or PREDICT_CHUNK
+    whole = tqdm(total=total_rows, desc=f"predict {data['predict_filepath']}", unit="row", leave=False, position=1,
+                 disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True, file=sys.stderr)
+    with atomic_write(path, newline="") if proc.is_main else nullcontext() as f, whole:
+        writer = csv.writer(f) if proc.is_main else None
+        for examples in example_chunks(data["predict_filepath"], data, data["labels_list"], chunk_rows):
+            if rows == 0 and writer is not None:
+                writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds))
+            # a predict file is read once: tokenized chunk by chunk, not cached
+            encoded = encode_examples(cfg, tokenizer, examples)
+            logits = predict_logits(model, encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
+                                    proc, desc="predict")
+            if writer is not None:  # one row per input row: a document's windows pooled
+                logits = document_logits(logits, encoded, cfg)
+                write_prediction_rows(writer, examples, logits, names, thresholds, data["label_sep"])
+            rows += encoded.num_documents
+            whole.update(encoded.num_documents)
+    log(proc, f"predictions for {rows} texts written to {path}")
+    return path if proc.is_main else None
+
+

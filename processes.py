@@ -1,0 +1,150 @@
+"""Where this process stands among the run's processes, and what the processes agree on.
+
+    proc = Process(rank, local_rank, world_size, device, is_main, ddp, cpu_group, amp_dtype)
+    log(proc, "said once, by the main process")
+    result = on_main(proc, write_file, path)     # run on rank 0, its result (or failure) on every rank
+    stop = agree(proc, asked_to_stop, "max")     # one flag, the same on every rank
+    with autocast(proc): ...                     # the run's mixed precision, decided once at start
+    seed_everything(seed); state = rng_state(proc.device); set_rng_state(state, proc.device)
+
+trainer.setup_distributed builds the Process from torchrun's environment; everything here works
+alike for one process (ddp False) and for many.
+"""
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+
+class TrainingError(Exception):
+    """The run cannot go on (for example a non-finite loss); reported as one line."""
+
+
+class MainProcessFailed(TrainingError):
+    """Another rank's word that rank 0 failed: rank 0 reports the cause itself."""
+
+
+@dataclass
+class Process:
+    """Where this process stands: its rank among world_size processes, its device, its precision.
+
+    cpu_group: a gloo group of all ranks for agreements the host makes (stop flags, checkpoint
+    state, the main process's errors), so they never wait for the GPU; None without DDP.
+    amp_dtype: the autocast dtype of mixed precision, or None for float32 (decide_amp_dtype).
+    """
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool
+    ddp: bool
+    cpu_group: object = None
+    amp_dtype: torch.dtype = None
+
+
+def single_process(device="cpu"):
+    """The Process of a run that is not distributed (tools and tests)."""
+    return Process(0, 0, 1, torch.device(device), True, False)
+
+
+def log(proc, message):
+    """Print on the main process only, keeping the progress bar intact."""
+    if proc.is_main:
+        tqdm.write(message, file=sys.stdout)
+
+
+def on_main(proc, fn, *args):
+    """fn(*args) on the main process only, its result handed to every rank.
+
+    If it fails, every rank raises too: no rank is left waiting in a collective for a process that
+    has given up (on NCCL such a wait only ends at the watchdog timeout).
+    """
+    result, error = None, None
+    if proc.is_main:
+        try:
+            result = fn(*args)
+        except Exception as e:  # noqa: BLE001 (re-raised below, after the others are told)
+            error = e
+    if proc.ddp:
+        shared = [("error", str(error)) if error is not None else ("ok", result)]
+        dist.broadcast_object_list(shared, src=0, group=proc.cpu_group)
+        kind, result = shared[0]
+        if kind == "error" and error is None:
+            raise MainProcessFailed(f"the main process (rank 0) failed: {result}")
+    if error is not None:
+        raise error
+    return result
+
+
+def agree(proc, flag, how):
+    """One flag that every rank holds alike: how="max" is true if any rank's is, "min" if all are.
+
+    A one-number all-reduce over the CPU (gloo) group, so it never waits for the GPU.
+    """
+    if not proc.ddp:
+        return bool(flag)
+    value = torch.tensor([float(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.MIN, group=proc.cpu_group)
+    return bool(value.item())
+
+
+def decide_amp_dtype(amp, choice, device, say):
+    """The autocast dtype of mixed precision (trainer.amp, trainer.amp_dtype), or None for float32;
+    said plainly, once, at the start of the run."""
+    if not amp:
+        return None
+    if device.type == "cuda":
+        if choice == "auto":  # emulated bf16 (V100, T4) is slower than fp16 with a GradScaler
+            choice = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        say(f"mixed precision: autocast {choice} on {torch.cuda.get_device_name(device)}"
+            f"{' with GradScaler' if choice == 'fp16' else ''}")
+        return torch.bfloat16 if choice == "bf16" else torch.float16
+    if choice == "auto":
+        # CPUs without native bf16 run a bf16 matmul far slower than fp32 (bench/README.md)
+        say("mixed precision: off on a CPU; training in float32 (autocast there is bf16, "
+            "much slower than fp32 without native bf16; force with --trainer.amp_dtype bf16)")
+        return None
+    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    say(f"mixed precision: autocast {choice} on the CPU"
+        f"{'' if native else ' (this CPU has no native bf16: expect it to be far slower than fp32)'}")
+    return torch.bfloat16 if choice == "bf16" else torch.float16
+
+
+def autocast(proc):
+    """The run's mixed precision for a forward pass; nothing in float32."""
+    if proc.amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(proc.device.type, dtype=proc.amp_dtype)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def rng_state(device):
+    """This process's random generators as tensors and numbers, so a checkpoint stays plain data."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":  # this rank's own GPU only: the machine that resumes may have fewer
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    py, nps = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+    np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

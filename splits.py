@@ -1,0 +1,164 @@
+"""The run's data files as token ids: every file read and checked first, then tokenized.
+
+    inputs = prepare_run(cfg, proc, build=lambda tokenizer: build_model(...))   # what a run starts with
+    inputs.train.encoded, inputs.val.encoded                                      # data.Encoded, or None
+    split = load_split(cfg, tokenizer, path, need_labels=True)                    # one file, no cache (tools)
+    weights = class_weights(cfg, inputs.train, device)                            # module.class_weights
+
+prepare_run is the set-up that training and distillation share, in the order that writes nothing
+until everything is checked: the files (a bad row stops the run before a model is loaded), the
+models, the output folders, and only then tokenization, whose token cache (cache.py) is the run's
+first write. Reading and tokenizing themselves are data.py's.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cache import cache_folder, cached_encode, mapped
+from checkpoint import check_outputs, read_manifest
+from config import ConfigError, label_names
+from data import DataError, cap_windows, count_examples, dropped_by_truncation, encode, read_examples, window_stride
+from model import load_tokenizer
+from processes import log, on_main, seed_everything
+
+
+@dataclass
+class Split:
+    """One data file: its token ids and labels (encoded, a data.Encoded), or, until it is
+    tokenized, its rows as read and checked (examples, data.Examples); its texts are not kept."""
+    path: str
+    encoded: object = None
+    examples: object = None
+
+
+@dataclass
+class RunInputs:
+    """What prepare_run hands a run: Splits (None where the config names no file)."""
+    tokenizer: object
+    train: Split
+    val: Split
+    predict_rows: int  # rows of data.predict_filepath (None without one): prediction's progress bar
+    extra: list  # Splits of the extra_paths, in order
+    built: object  # what build(tokenizer) returned
+
+
+def prepare_run(cfg, proc, build, extra_paths=()):
+    """Check, build and tokenize what a run needs, writing nothing until all of it is checked.
+
+    build(tokenizer) makes the run's models; extra_paths are unlabelled files (distillation's
+    transfer data). The training split is returned whole: data.max_windows is training_split's.
+    Seeds are set for initialisation first, then apart per rank for dropout.
+    """
+    seed_everything(cfg["trainer"]["seed"])
+    tokenizer = load_tokenizer(cfg["model"])
+    train, val, predict_rows = read_splits(cfg, tokenizer, proc)
+    extra = [read_split(cfg, proc, tokenizer, path, need_labels=False) for path in extra_paths]
+    built = build(tokenizer)
+    on_main(proc, check_outputs, cfg, cache_folder(cfg))
+    train, val = [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in (train, val)]
+    extra = [tokenize(cfg, proc, tokenizer, e) for e in extra]
+    # ranks draw different dropout masks; the initial weights were already the same on all
+    seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
+    return RunInputs(tokenizer, train, val, predict_rows, extra, built)
+
+
+def read_splits(cfg, tokenizer, proc=None):
+    """Read and check every file of the run up front, so a bad row fails before anything is
+    loaded or written: (training, validation, prediction rows), None where there is no file; the
+    first two Splits of read_split. The predict file is read and checked too, but not kept (evaluation.predict_file
+    streams it): its row count sizes prediction's progress bar."""
+    data = cfg["data"]
+    # longer sequences than the model has positions would crash the first forward pass, mid-run
+    if cfg["module"]["max_seq_len"] > tokenizer.model_max_length:
+        # a checkpoint's tokenizer stops at the length it was trained at (model.save_pretrained)
+        ours = (cfg["model"]["tokenizer_path"] is None and cfg["model"]["model_path"] is not None
+                and read_manifest(cfg["model"]["model_path"]) is not None)
+        hint = ("; to train it further on longer texts, pass --model.tokenizer_path with the encoder's own "
+                "tokenizer (model.hf_model)" if ours else "; lower it")
+        raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the "
+                          f"{'checkpoint was trained at' if ours else 'model takes at most'} "
+                          f"{tokenizer.model_max_length} tokens{hint}")
+    train, val = [read_split(cfg, proc, tokenizer, data[key], need_labels=True) if data[key] else None
+                  for key in ("train_filepath", "val_filepath")]
+    predict_rows = count_examples(data["predict_filepath"], data, data["labels_list"]) if data["predict_filepath"] else None
+    return train, val, predict_rows
+
+
+def read_split(cfg, proc, tokenizer, path, need_labels):
+    """One file's Split: mapped from the token cache (encoded) where every rank finds it there
+    (proc given), without reading the file again, since its checks passed when the entry was made
+    from the same bytes and options; otherwise read and checked (examples), for tokenize."""
+    if proc is not None:
+        encoded = mapped(cache_folder(cfg), tokenizer, path, cfg["data"], cfg["module"]["max_seq_len"], need_labels, proc)
+        if encoded is not None:
+            return Split(path, encoded)
+    return Split(path, examples=read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels))
+
+
+def encode_examples(cfg, tokenizer, examples, progress=False):
+    """Examples' token ids as the config reads them: truncated at module.max_seq_len, or in
+    overlapping windows (data.long_texts windows)."""
+    return encode(tokenizer, examples, cfg["module"]["max_seq_len"], progress=progress, stride=window_stride(cfg["data"]))
+
+
+def tokenize(cfg, proc, tokenizer, split):
+    """A Split of read_split with its token ids: mapped from the token cache already, or its
+    examples tokenized through the cache (data.cache_dir), by one process per machine (cache.py)."""
+    if split.encoded is None:
+        split = Split(split.path, cached_encode(cache_folder(cfg), tokenizer, split.examples, cfg["data"],
+                                                cfg["module"]["max_seq_len"], proc, say=lambda message: log(proc, message)))
+    encoded = split.encoded
+    if encoded.documents is not None:
+        stride = cfg["data"]["window_stride"]
+        dropped = dropped_by_truncation(encoded, stride, tokenizer.num_special_tokens_to_add(cfg["data"]["text_b_col"] is not None))
+        log(proc, f"windows: {split.path}: {encoded.num_documents} documents in {len(encoded)} windows of <= "
+                  f"{cfg['module']['max_seq_len']} tokens (stride {stride}); truncation would have dropped "
+                  f"{dropped:.1%} of their text tokens")
+    return split
+
+
+def training_split(cfg, proc, split):
+    """The training split with at most data.max_windows windows per document (windows only)."""
+    capped = cap_windows(split.encoded, cfg["data"]["max_windows"])
+    if capped is not split.encoded:
+        log(proc, f"windows: {len(capped)} of the {len(split.encoded)} training windows kept, at most "
+                  f"{cfg['data']['max_windows']} per document (data.max_windows)")
+    return Split(split.path, capped)
+
+
+def load_splits(cfg, tokenizer, proc=None):
+    """(training, validation) Splits, every file read and checked before any is tokenized;
+    through the token cache when proc (the run's processes) is given, else in this process."""
+    return [None if s is None else tokenize(cfg, proc, tokenizer, s) if proc is not None
+            else Split(s.path, encode_examples(cfg, tokenizer, s.examples)) for s in read_splits(cfg, tokenizer, proc)[:2]]
+
+
+def load_split(cfg, tokenizer, path, need_labels=True):
+    """One file read, checked and tokenized in this process, without the cache (tests, tools)."""
+    return Split(path, encode_examples(cfg, tokenizer, read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels)))
+
+
+MAX_POS_WEIGHT = 100.0  # a label seen twice in 10,000 texts would otherwise weigh 5,000 times
+
+
+def class_weights(cfg, train, device):
+    """module.class_weights as a tensor on device: balanced = n / (k * count of each class) over the
+    labelled training rows (multi-label: negatives / positives of each label, at most
+    MAX_POS_WEIGHT); None when unset."""
+    spec, names = cfg["module"]["class_weights"], label_names(cfg)
+    if spec is None:
+        return None
+    if spec == "balanced" and cfg["data"]["multi_label"]:
+        labels = train.encoded.labels[~np.isnan(train.encoded.labels).any(axis=1)]  # unlabelled rows are NaN
+        positives = labels.sum(axis=0)
+        spec = np.minimum((len(labels) - positives) / np.maximum(positives, 1), MAX_POS_WEIGHT).tolist()
+    elif spec == "balanced":
+        labels = train.encoded.labels[train.encoded.labels >= 0]  # unlabelled transfer rows are -1
+        counts = np.bincount(labels, minlength=len(names))
+        if not counts.all():
+            missing = [name for name, count in zip(names, counts) if not count]
+            raise DataError(f"module.class_weights balanced: no training example of {missing}; give the "
+                            f"weights as a list, or check data.labels_list")
+        spec = (len(labels) / (len(names) * counts)).tolist()
+    return torch.tensor(spec, dtype=torch.float32, device=device)
