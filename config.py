@@ -171,7 +171,7 @@ def print_help(doc, path=GOLDEN_CONFIG):
                 for section, _, keys in sections for key, default, _ in keys) + 2
     print(doc.strip())
     print(f"\nOptions: --config_path FILE (keys over the defaults below) and --section.key VALUE (read as "
-          f"YAML: 2e-5, null, [a, b]).\nEvery key, with its default (from {path}) and meaning:")
+          f"YAML: 2e-5, null, [a, b]; a key that takes only text takes it as typed).\nEvery key, with its default (from {path}) and meaning:")
     for section, comment, keys in sections:
         print(f"\n{section}:" + (f"  # {comment}" if comment else ""))
         for key, default, meaning in keys:
