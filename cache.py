@@ -20,19 +20,25 @@ tokenized, and its entry written.
 
 An entry is written into a temporary folder beside it, every file fsynced, the manifest last, and
 renamed onto its name only when complete: a crash never leaves half an entry. An entry that does
-not match its manifest (a torn or truncated file, a missing manifest, another layout version) is
-rebuilt with a one-line note. The cache deletes only the files it writes itself.
+not match its manifest (a torn or truncated file, a missing manifest, another layout version), or
+whose values no tokenizing gives (ids past the vocabulary, labels out of range, offsets that go
+back: checked on every hit, vectorised), is rebuilt with a one-line note. The cache deletes only
+the files it writes itself, and follows no link: an entry that is a link is refused. A temporary
+folder whose builder was killed is removed at the next start: its .building file, written first
+and locked while the builder lives, proves it ours and its builder gone.
 
 Under DDP every rank looks for the entry and the run uses it only if all of them find it (else they
 would part ways at the build's barrier). The process of local rank 0 builds an entry while the
 others of its machine wait for it (up to WAIT_SECONDS, or until local rank 0 leaves a note that it
 failed), then every rank maps it.
 """
+import fcntl
 import hashlib
 import json
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +51,7 @@ from processes import agree
 VERSION = 2  # of the layout below: an entry of another version is rebuilt
 ARRAYS = ["ids", "offsets", "token_type_ids", "documents", "labels"]
 ENTRY_FILES = [f"{name}.npy" for name in ARRAYS] + ["manifest.json"]
+BUILDING, BUILDING_TEXT = ".building", "token cache entry being written by pid"  # in a temporary folder only
 # data options that change which texts a row gives, and so its ids
 KEY_OPTIONS = ["text_a_col", "text_b_col", "file_format", "header", "encoding", "quoting", "long_texts", "window_stride"]
 # and those that change a labelled file's labels
@@ -96,9 +103,12 @@ def sha256_text(text):
 # reading and writing an entry
 
 
-def open_entry(folder, key, rows=None):
+def open_entry(folder, key, rows=None, limits=None):
     """(Encoded with its labels, None) from a complete entry, or (None, why it cannot be used).
-    rows: the file's row count where it was read (an entry of another count is stale)."""
+    rows: the file's row count where it was read (an entry of another count is stale); limits: the
+    tokenizer's id_limits, which its ids and token types must be under."""
+    if folder.is_symlink() or (folder / "manifest.json").is_symlink():
+        return None, "a link, which the cache does not follow"
     try:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -109,10 +119,15 @@ def open_entry(folder, key, rows=None):
         return None, "written by another version"
     if rows is not None and manifest.get("rows") != rows:
         return None, f"{manifest.get('rows')} rows, the file has {rows}"
+    # the key is the hash of the source: a source that hashes to it is the one the ids follow from
+    if sha256_text(json.dumps(manifest.get("source"), sort_keys=True)) != key:
+        return None, "a manifest whose source is not its key"
     try:
-        return mapped_arrays(folder, manifest)
+        encoded, why = mapped_arrays(folder, manifest)
     except (KeyError, TypeError, AttributeError) as e:  # a manifest edited or damaged by hand
         return None, f"a manifest without its fields ({type(e).__name__}: {e})"
+    why = why or out_of_range(encoded, manifest["source"], limits)
+    return (None, why) if why else (encoded, None)
 
 
 def mapped_arrays(folder, manifest):
@@ -120,6 +135,8 @@ def mapped_arrays(folder, manifest):
     arrays = {}
     for name, spec in manifest["arrays"].items():
         file = folder / f"{name}.npy"
+        if file.is_symlink():
+            return None, f"{file.name} is a link, which the cache does not follow"
         try:
             if file.stat().st_size != spec["bytes"]:
                 return None, f"{file.name} has {file.stat().st_size} bytes, not {spec['bytes']}"
@@ -148,43 +165,90 @@ def fits_together(encoded, rows, labelled):
                  else len(documents) == windows and (not windows or documents[-1] == rows - 1)))
 
 
-def write_entry(folder, key, source, encoded, path):
+def id_limits(tokenizer):
+    """(ids, token types) a tokenizer gives: one more than the largest of each."""
+    types = tokenizer("a", "b").get("token_type_ids") or [0]
+    return max(tokenizer.get_vocab().values()) + 1, max(types) + 1
+
+
+def out_of_range(encoded, source, limits):
+    """What in an entry's arrays no tokenizing of its file gives (an entry damaged or edited), or
+    None: offsets that go back or past max_seq_len, ids or token types past the tokenizer's
+    (limits: id_limits, None to leave them unchecked), documents out of order, labels outside
+    the task's. Vectorised numpy: one pass over each array."""
+    lengths = np.diff(encoded.offsets)
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > source["max_seq_len"]):
+        return "offsets that go back, or rows longer than max_seq_len"
+    for name, array, limit in (("ids", encoded.ids, limits and limits[0]),
+                               ("token_type_ids", encoded.token_type_ids, limits and limits[1])):
+        if array is not None and len(array) and (array.min() < 0 or (limit is not None and array.max() >= limit)):
+            return f"{name} outside the tokenizer's [0, {limit})"
+    documents = encoded.documents
+    if documents is not None and len(documents) and (documents[0] != 0 or not np.isin(np.diff(documents), (0, 1)).all()):
+        return "windows that do not follow their documents in order"
+    labels = encoded.labels
+    if labels is None or not len(labels):
+        return None
+    names, multi_label = source["options"]["labels_list"], source["options"]["multi_label"]
+    if multi_label:
+        ok = labels.ndim == 2 and labels.shape[1] == len(names) and ((labels == 0) | (labels == 1)).all()
+    elif len(names) == 1:  # regression
+        ok = labels.ndim == 1 and labels.dtype.kind == "f" and np.isfinite(labels).all()
+    else:
+        ok = labels.ndim == 1 and labels.dtype.kind in "iu" and labels.min() >= 0 and labels.max() < len(names)
+    return None if ok else f"labels outside data.labels_list {names}"
+
+
+def write_entry(folder, key, source, encoded, path, limits=None):
     """Write an entry: into a temporary folder beside it, then renamed onto its name when complete."""
     tmp = folder.with_name(f".tmp-{folder.name[:16]}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        arrays = {}
-        for name in ARRAYS:
-            array = getattr(encoded, name)
-            if array is None:
-                continue
-            with open(tmp / f"{name}.npy", "wb") as f:
-                np.save(f, np.ascontiguousarray(array))
+        with building_mark(tmp):
+            arrays = {}
+            for name in ARRAYS:
+                array = getattr(encoded, name)
+                if array is None:
+                    continue
+                with open(tmp / f"{name}.npy", "wb") as f:
+                    np.save(f, np.ascontiguousarray(array))
+                    f.flush()
+                    os.fsync(f.fileno())
+                arrays[name] = {"dtype": str(array.dtype), "shape": list(array.shape),
+                                "bytes": (tmp / f"{name}.npy").stat().st_size}
+            manifest = {"version": VERSION, "key": key, "file": str(path), "rows": encoded.num_documents,
+                        "source": source, "arrays": arrays}
+            with open(tmp / "manifest.json", "w", encoding="utf-8") as f:  # last: it marks the entry complete
+                f.write(json.dumps(manifest, indent=2) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            arrays[name] = {"dtype": str(array.dtype), "shape": list(array.shape),
-                            "bytes": (tmp / f"{name}.npy").stat().st_size}
-        manifest = {"version": VERSION, "key": key, "file": str(path), "rows": encoded.num_documents,
-                    "source": source, "arrays": arrays}
-        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:  # last: it marks the entry complete
-            f.write(json.dumps(manifest, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(tmp)
-        publish(tmp, folder, key, encoded.num_documents)
-        fsync_path(folder.parent)
+            (tmp / BUILDING).unlink()  # an entry holds its arrays and manifest only
+            fsync_path(tmp)
+            publish(tmp, folder, key, encoded.num_documents, limits)
+            fsync_path(folder.parent)
     except BaseException:
         remove_entry(tmp)
         raise
 
 
-def publish(tmp, folder, key, rows):
+@contextmanager
+def building_mark(tmp):
+    """tmp/.building, held locked while the entry is written: it proves the folder ours, and a
+    lock that can be taken proves its builder gone (the kernel drops it when a process dies)."""
+    with open(tmp / BUILDING, "x", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # before its text: a sweeper that can read the text finds it locked
+        f.write(f"{BUILDING_TEXT} {os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def publish(tmp, folder, key, rows, limits=None):
     """Rename a complete entry onto its name. The rename fails where an entry is there: one that
     another builder (another machine's local rank 0, on a shared cache folder) just wrote has
     the same ids, so ours is dropped; a torn one is set aside and deleted first."""
     if renamed_onto(tmp, folder):
         return
-    if open_entry(folder, key, rows)[0] is None:
+    if open_entry(folder, key, rows, limits)[0] is None and not folder.is_symlink():
         aside = folder.with_name(f".torn-{folder.name[:16]}-{uuid.uuid4().hex[:8]}")
         os.rename(folder, aside)
         remove_entry(aside)
@@ -206,9 +270,13 @@ def renamed_onto(tmp, folder):
 
 def remove_entry(folder):
     """Delete an entry folder's files that the cache writes, then the folder; a folder that also
-    holds other files is renamed aside instead (the cache deletes nothing it did not write)."""
-    for name in ENTRY_FILES:
-        (folder / name).unlink(missing_ok=True)
+    holds other files (or links) is renamed aside instead (the cache deletes nothing it did not
+    write, and never through a link)."""
+    if folder.is_symlink():
+        return
+    for name in ENTRY_FILES + [BUILDING]:
+        if (folder / name).is_file() and not (folder / name).is_symlink():
+            (folder / name).unlink(missing_ok=True)  # a sweeper may be removing it too
     try:
         folder.rmdir()
     except FileNotFoundError:
@@ -221,19 +289,21 @@ def remove_entry(folder):
 # one build per machine
 
 
-def mapped(cache_dir, tokenizer, path, data_cfg, max_seq_len, labelled, proc):
+def mapped(cache_dir, tokenizer, path, data_cfg, max_seq_len, labelled, proc, say=print):
     """A file's Encoded (ids, and labels where labelled) mapped from its complete entry, without
     reading the file, when every rank of the run finds one; else None (the file is read, checked
     and tokenized through cached_encode). A file that cannot be hashed (missing, unreadable) is
     left for reading, which names the problem."""
     encoded = None
     if cache_dir is not None:
+        if proc.local_rank == 0:
+            sweep(cache_dir, say)
         try:
             key, _ = cache_key(path, tokenizer, data_cfg, max_seq_len, labelled)
         except OSError:
             key = None
         if key is not None:
-            encoded, _ = open_entry(Path(cache_dir) / key, key)
+            encoded, _ = open_entry(Path(cache_dir) / key, key, limits=id_limits(tokenizer))
     # a rank that maps while another builds would wait alone at the build's barrier
     return encoded if agree(proc, encoded is not None, "min") else None
 
@@ -246,46 +316,50 @@ def cached_encode(cache_dir, tokenizer, examples, data_cfg, max_seq_len, proc, s
     labelled = examples.labels is not None
     key, source = cache_key(examples.path, tokenizer, data_cfg, max_seq_len, labelled)
     folder, failed = Path(cache_dir) / key, Path(cache_dir) / f"{key}.failed"
-    builder = proc.local_rank == 0
+    builder, limits = proc.local_rank == 0, id_limits(tokenizer)
     if builder:
+        sweep(cache_dir, say)
         failed.unlink(missing_ok=True)  # an earlier run's; ours is written below if we fail
     if proc.ddp:  # no rank looks for a failure note before an old one is gone
         dist.barrier(group=proc.cpu_group)
     if builder:
         try:
-            return build(folder, key, source, tokenizer, examples, max_seq_len, window_stride(data_cfg), proc, say)
+            return build(folder, key, source, tokenizer, examples, max_seq_len, window_stride(data_cfg), proc, say, limits)
         except BaseException as e:
             if proc.ddp:
                 failed.write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
             raise
-    return wait_for(folder, failed, key, len(examples.texts_a), proc)
+    return wait_for(folder, failed, key, len(examples.texts_a), proc, limits)
 
 
-def build(folder, key, source, tokenizer, examples, max_seq_len, stride, proc, say):
+def build(folder, key, source, tokenizer, examples, max_seq_len, stride, proc, say, limits=None):
     """The entry's arrays, tokenizing and writing them unless a complete entry is there."""
-    encoded, why = open_entry(folder, key, len(examples.texts_a))
+    encoded, why = open_entry(folder, key, len(examples.texts_a), limits)
     if encoded is not None:
         return encoded
+    if folder.is_symlink():
+        raise DataError(f"{folder} is a link, where the token cache keeps an entry; it follows no link out "
+                        f"of data.cache_dir: remove the link, or set data.cache_dir to another folder or null")
     if why != "absent":
         say(f"note: token cache {folder} is incomplete or stale ({why}); tokenizing {examples.path} again")
     fresh = encode(tokenizer, examples, max_seq_len, progress=proc.is_main, stride=stride)
     try:
-        write_entry(folder, key, source, fresh, examples.path)
+        write_entry(folder, key, source, fresh, examples.path, limits)
     except OSError as e:
         raise DataError(f"data.cache_dir {folder.parent}: cannot write the token cache ({e.strerror or e}); "
                         f"give a writable folder, or null for no cache") from None
-    encoded, why = open_entry(folder, key, fresh.num_documents)
+    encoded, why = open_entry(folder, key, fresh.num_documents, limits)
     if encoded is None:  # another builder is replacing it this moment: the same ids, held here instead
         say(f"note: token cache {folder} changed while it was read back ({why}); this process keeps its own copy")
         return fresh
     return encoded
 
 
-def wait_for(folder, failed, key, rows, proc):
+def wait_for(folder, failed, key, rows, proc, limits=None):
     """The entry local rank 0 builds, once complete: polled, up to WAIT_SECONDS."""
     deadline = time.monotonic() + WAIT_SECONDS
     while True:
-        encoded, _ = open_entry(folder, key, rows)
+        encoded, _ = open_entry(folder, key, rows, limits)
         if encoded is not None:
             return encoded
         if failed.exists():
@@ -295,3 +369,40 @@ def wait_for(folder, failed, key, rows, proc):
             raise DataError(f"rank {proc.rank}: waited {WAIT_SECONDS / 3600:g} hours for local rank 0 to "
                             f"build the token cache {folder}; is it still tokenizing, or did it stop?")
         time.sleep(POLL_SECONDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# what killed builders leave
+
+
+def sweep(cache_dir, say):
+    """Remove the temporary folders of builders that were killed while writing an entry: those
+    whose .building file this cache wrote (its text) and no process holds locked any more. A
+    builder alive (this machine's or another's, on a shared folder) holds its lock; a folder
+    without the file is not proved ours and is left alone."""
+    try:
+        folders = sorted(Path(cache_dir).glob(".tmp-*"))
+    except OSError:
+        return
+    for tmp in folders:
+        if abandoned(tmp):
+            remove_entry(tmp)
+            say(f"note: removed {tmp}, a token cache entry that an earlier run did not finish writing")
+
+
+def abandoned(tmp):
+    """True if tmp is a temporary entry folder of ours whose builder is gone."""
+    if tmp.is_symlink() or not tmp.is_dir():
+        return False
+    try:
+        fd = os.open(tmp / BUILDING, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+        if not f.read(200).startswith(BUILDING_TEXT):
+            return False
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # its builder is still writing
+    return True

@@ -27,12 +27,14 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
 import secrets
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from contextlib import contextmanager
@@ -41,12 +43,19 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from config import GOLDEN_CONFIG, read_yaml, uses_amp
+from config import GOLDEN_CONFIG, Config, ConfigError, check_config, read_yaml, set_key, uses_amp
 
 MANIFEST = "checkpoint.json"
 WRITTEN_BY = "trainer.py checkpoint"  # what marks a folder as ours
 LINKS = ("last", "best")
 LOCK = ".lock"
+LOCK_LINE = r"pid \d+ on .*, run .*\n?"  # what SaveDirLock writes in it
+# written first into a .replaced-<session> folder: what proves the folder is ours
+ASIDE_MARK = ".moved-aside.json"
+# checkpoint.json's fields that a resume reads, and their types
+MANIFEST_FIELDS = {"step": int, "epoch": int, "batch_in_epoch": int, "bad_validations": int, "world_size": int,
+                   "session": str, "run_dir": str, "best": (dict, type(None)), "config": dict, "data": dict,
+                   "files": dict}
 
 
 def umask():
@@ -85,6 +94,14 @@ def first_line(error):
     its class name where it has no message."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_failure(error):
+    """Why torch.load(weights_only=True) refused a file, in one line: torch's own text for a pickle
+    that would build other objects advises weights_only=False, which would run its code."""
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+        return "it is not tensors and plain data alone: damaged, or holding objects that could run code"
+    return f"truncated or not a torch file: {first_line(error)[:200]}"
 
 
 def file_digest(path):
@@ -159,17 +176,63 @@ def load_checkpoint(path, file_ext):
     manifest = read_manifest(path)
     if manifest is None:
         raise CheckpointError(f"{path}: not a checkpoint written by this trainer (no valid {MANIFEST})")
+    check_manifest(path, manifest)
     reason = incomplete_reason(path, manifest)
     if reason is not None:
         raise CheckpointError(f"{path}: incomplete checkpoint: {reason}")
     try:
         state = torch.load(path / f"training_state{file_ext}", map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal, a torn file, a wrong format: all mean "not usable"
-        first = first_line(e)[:200]
-        if isinstance(e, pickle.UnpicklingError):  # torch's own line would advise weights_only=False
-            first = "it is not tensors and plain data alone: damaged, or holding objects that could run code"
-        raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({first})") from None
+        raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({load_failure(e)})") from None
     return state, manifest
+
+
+def check_manifest(path, manifest):
+    """CheckpointError unless every field of a checkpoint.json of ours that a resume reads has the
+    type and range this trainer writes (a damaged or edited file), its config included."""
+    file = Path(path) / MANIFEST
+
+    def bad(what):
+        return CheckpointError(f"{file}: {what}, not as this trainer writes it (damaged or edited?); "
+                               f"resume from another checkpoint, or start a new run from its weights "
+                               f"with --model.model_path {path}")
+    for name, types in MANIFEST_FIELDS.items():
+        value = manifest.get(name)
+        if name not in manifest:
+            raise bad(f"no {name}")
+        least = 1 if name == "world_size" else 0
+        if not isinstance(value, types) or isinstance(value, bool) or (types is int and value < least):
+            raise bad(f"{name} is {value!r}"[:300])
+    if not all(isinstance(name, str) and "/" not in name and name not in (".", "..") and type(size) is int
+               and size >= 0 for name, size in manifest["files"].items()):
+        raise bad("its list of files is not names and sizes")
+    if not all(isinstance(digests, list) and all(d is None or isinstance(d, str) for d in digests)
+               for digests in manifest["data"].values()):
+        raise bad("its data hashes are not lists of hashes")
+    best = manifest["best"]
+    if best is not None and not (isinstance(best.get("value"), (int, float)) and math.isfinite(best["value"])
+                                 and type(best.get("step")) is int and isinstance(best.get("metrics"), dict)
+                                 and isinstance(best.get("path"), (str, type(None)))):
+        raise bad(f"best is {best!r}"[:300])
+    check_saved_config(path, manifest["config"])
+
+
+def check_saved_config(path, saved):
+    """The config in a checkpoint.json, validated as load_config validates a config file: every
+    key config.yaml knows must have its type, a choice among its choices, and the whole must pass
+    check_config. Keys config.yaml no longer has are left out (they steer nothing now)."""
+    file, cfg = Path(path) / MANIFEST, Config(read_yaml(GOLDEN_CONFIG))
+    if not isinstance(saved, dict) or not all(isinstance(values, dict) for values in saved.values()):
+        raise CheckpointError(f"{file}: config is not sections of keys (damaged or edited?); use another checkpoint")
+    try:
+        for section, values in saved.items():
+            for name, value in values.items():
+                if name in cfg.get(section, {}):
+                    set_key(cfg, f"{section}.{name}", value, f"{file}: config")
+        check_config(cfg)
+    except ConfigError as e:
+        message = str(e) if str(e).startswith(str(file)) else f"{file}: config: {e}"
+        raise CheckpointError(f"{message} (damaged or edited?); use another checkpoint") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,7 +333,29 @@ def prune(save_dir, prefix, keep_last, protected):
     protected = {Path(p).resolve() for p in protected if p is not None}
     for _, path, _ in our_checkpoints(save_dir, prefix)[:-keep_last]:
         if path.resolve() not in protected:
-            shutil.rmtree(path)
+            delete_checkpoint(path)
+
+
+def delete_checkpoint(path):
+    """Rename a checkpoint of ours to .pruning-<name>-<random>, then delete it, its checkpoint.json
+    last: a kill midway frees its name at once and leaves a folder that still proves it ours, for
+    recover to finish (a half-deleted folder under its own name would be "not ours" for ever)."""
+    aside = path.with_name(f".pruning-{path.name}-{secrets.token_hex(4)}")
+    os.rename(path, aside)
+    remove_tree(aside, last=MANIFEST)
+
+
+def remove_tree(path, last):
+    """shutil.rmtree of a folder of ours whose file `last` proves it ours: that file goes last."""
+    for item in Path(path).iterdir():
+        if item.name == last:
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+    (Path(path) / last).unlink(missing_ok=True)
+    Path(path).rmdir()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +367,18 @@ class SaveDirLock:
 
     def __init__(self, save_dir, session=""):
         self.path = Path(save_dir) / LOCK
-        self.file = open(self.path, "a+", encoding="utf-8")
+        not_ours = CheckpointError(f"{self.path} is not a lock file of this trainer (a link, a folder or a file "
+                                   f"of other content), which it would overwrite; move it away or choose "
+                                   f"another ckpt.model_state_save_dir")
+        try:  # O_NOFOLLOW: through a link planted here we would truncate the file it points at
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError:
+            raise not_ours from None
+        self.file = os.fdopen(fd, "r+", encoding="utf-8")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link shares a user's file too
+            self.file.close()
+            raise not_ours
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -291,6 +387,11 @@ class SaveDirLock:
             self.file.close()
             raise CheckpointError(f"{save_dir} is in use by another run ({holder}); wait for it to end "
                                   f"or choose another ckpt.model_state_save_dir") from None
+        self.file.seek(0)
+        content = self.file.read(4096)
+        if content and not re.fullmatch(LOCK_LINE, content):
+            self.release()
+            raise not_ours
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, run {session}\n")
@@ -307,6 +408,10 @@ def move_aside(save_dir, paths, session):
     once the new run has written a checkpoint, or put back if it fails first."""
     aside = Path(save_dir) / f".replaced-{session}"
     aside.mkdir()
+    with open(aside / ASIDE_MARK, "x", encoding="utf-8") as f:  # first: what proves the folder ours
+        f.write(json.dumps({"written_by": WRITTEN_BY, "session": session}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     for name in LINKS:
         link = Path(save_dir) / name
         if link.is_symlink() and (Path(save_dir) / os.readlink(link)) in set(map(Path, paths)):
@@ -318,30 +423,66 @@ def move_aside(save_dir, paths, session):
 
 
 def restore_aside(save_dir, aside):
-    """Put moved-aside checkpoints back (the run that replaced them wrote none)."""
+    """Put moved-aside checkpoints back (the run that replaced them wrote none). One whose name is
+    taken again stays in the aside folder, which is then kept; returns those names."""
+    kept = []
     for path in sorted(Path(aside).iterdir()):
+        if path.name == ASIDE_MARK:
+            continue
         if not (Path(save_dir) / path.name).exists() and not (Path(save_dir) / path.name).is_symlink():
             os.rename(path, Path(save_dir) / path.name)
-    shutil.rmtree(aside, ignore_errors=True)
+        else:
+            kept.append(path.name)
+    if not kept:
+        remove_tree(aside, last=ASIDE_MARK)
+    return kept
+
+
+def moved_aside_by_us(path):
+    """True if path is a .replaced-<session> folder that move_aside made (its mark says so)."""
+    mark = Path(path) / ASIDE_MARK
+    try:
+        content = json.loads(mark.read_text(encoding="utf-8")) if not mark.is_symlink() else None
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and content.get("written_by") == WRITTEN_BY and \
+        f".replaced-{content.get('session')}" == Path(path).name
 
 
 def recover(save_dir, prefix):
-    """Holding the lock, finish what killed runs left: remove their temporary folders, and for
-    each .replaced-<session> folder, delete it if that session wrote a checkpoint, else restore it.
+    """Holding the lock, finish what killed runs left: remove their temporary folders, finish
+    deleting the checkpoints they were pruning, and for each .replaced-<session> folder of ours,
+    delete it if that session wrote a checkpoint, else restore it. A folder named like ours that
+    does not prove it is ours (its mark, its checkpoint.json) is left alone.
     Returns one message per thing done."""
     save_dir, messages = Path(save_dir), []
     sessions = {manifest.get("session") for _, _, manifest in our_checkpoints(save_dir, prefix)}
     tmp_pattern = rf"\.tmp-(stale-)?{name_pattern(prefix)}-[\w-]+"  # write_checkpoint's temporary names
     for path in sorted(save_dir.iterdir()):
-        if re.fullmatch(tmp_pattern, path.name) and path.is_dir() and not path.is_symlink():
+        if not path.is_dir() or path.is_symlink():
+            continue
+        if re.fullmatch(tmp_pattern, path.name):
             shutil.rmtree(path)
             messages.append(f"removed {path.name}, a checkpoint write that an earlier run did not finish")
-        elif path.name.startswith(".replaced-") and path.is_dir() and not path.is_symlink():
-            if path.name.removeprefix(".replaced-") in sessions:
-                shutil.rmtree(path)
+        elif re.fullmatch(rf"\.pruning-{name_pattern(prefix)}-[0-9a-f]+", path.name):
+            if read_manifest(path) is not None:
+                remove_tree(path, last=MANIFEST)
+            elif not any(path.iterdir()):  # killed after its checkpoint.json went: nothing left to prove
+                path.rmdir()
             else:
-                restore_aside(save_dir, path)
-                messages.append(f"restored the checkpoints that an interrupted run had moved aside ({path.name})")
+                messages.append(f"left {path.name} alone: named like a checkpoint being deleted, but not one of ours")
+                continue
+            messages.append(f"finished deleting {path.name}, a checkpoint an earlier run was pruning")
+        elif path.name.startswith(".replaced-"):
+            if not moved_aside_by_us(path):
+                messages.append(f"left {path.name} alone: named like checkpoints moved aside, but without "
+                                f"this trainer's mark ({ASIDE_MARK})")
+            elif path.name.removeprefix(".replaced-") in sessions:
+                remove_tree(path, last=ASIDE_MARK)
+            else:
+                kept = restore_aside(save_dir, path)
+                messages.append(f"restored the checkpoints that an interrupted run had moved aside ({path.name})"
+                                + f"; {', '.join(kept)} stay there: those names are taken again" * bool(kept))
     return messages
 
 
@@ -519,13 +660,15 @@ class SaveDir:
     def wrote_checkpoint(self):
         """This run has a checkpoint of its own: what it replaces can go."""
         if self.aside is not None:
-            shutil.rmtree(self.aside)
+            remove_tree(self.aside, last=ASIDE_MARK)
             self.aside = None
 
     def close(self, failed):
         """A failed run puts back what it moved aside; then the lock is released."""
         if self.aside is not None and failed:
-            restore_aside(self.path, self.aside)
+            kept = restore_aside(self.path, self.aside)
+            if kept:
+                self.say(f"note: {', '.join(kept)} stay in {self.aside}: those names are taken again")
             self.aside = None
         self.wrote_checkpoint()  # finished without a checkpoint (ckpt.checkpoint false): replaced all the same
         if self.lock is not None:

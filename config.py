@@ -115,8 +115,14 @@ def set_key(cfg, key, value, source):
     cfg[section][name] = value
 
 
-def parse_args(argv):
-    """(config path, [(key, value), ...]) from --config_path and --section.key value pairs."""
+def parse_args(argv, text_keys=()):
+    """(config path, [(key, value), ...]) from --config_path and --section.key value pairs.
+
+    Values are read as YAML (2e-5, null, [a, b]), except those of text_keys, keys that take a
+    string only: their text is taken as typed, since YAML reads what a user types for a separator
+    or a name as syntax (| and > open a block, # a comment, * and & name an alias, ! a tag, % and
+    @ are reserved). Quoted ('' or "a\\tb"), it is still read as a YAML string.
+    """
     config_path, overrides, i = None, [], 0
     while i < len(argv):
         arg = argv[i]
@@ -134,7 +140,8 @@ def parse_args(argv):
             config_path = value
             continue
         try:
-            overrides.append((key, yaml.load(value, Loader=YamlLoader)))
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+            overrides.append((key, value if key in text_keys and not quoted else yaml.load(value, Loader=YamlLoader)))
         except yaml.YAMLError:
             raise ConfigError(f"--{key}: cannot read {value!r} as a YAML value") from None
     return config_path, overrides
@@ -164,7 +171,7 @@ def print_help(doc, path=GOLDEN_CONFIG):
                 for section, _, keys in sections for key, default, _ in keys) + 2
     print(doc.strip())
     print(f"\nOptions: --config_path FILE (keys over the defaults below) and --section.key VALUE (read as "
-          f"YAML: 2e-5, null, [a, b]).\nEvery key, with its default (from {path}) and meaning:")
+          f"YAML: 2e-5, null, [a, b]; a key that takes only text takes it as typed).\nEvery key, with its default (from {path}) and meaning:")
     for section, comment, keys in sections:
         print(f"\n{section}:" + (f"  # {comment}" if comment else ""))
         for key, default, meaning in keys:
@@ -180,8 +187,10 @@ class Config(dict):
 
 def load_config(argv, golden_path=GOLDEN_CONFIG):
     """The config of this run: golden defaults < the --config_path file < command-line overrides."""
-    config_path, overrides = parse_args(argv)
     cfg, user_keys = Config(read_yaml(golden_path)), set()
+    text_keys = {f"{section}.{name}" for section, values in cfg.items() for name, value in values.items()
+                 if TYPES.get(f"{section}.{name}", (type(value),)) == (str,)}
+    config_path, overrides = parse_args(argv, text_keys)
     if config_path is not None and Path(config_path).resolve() != Path(golden_path).resolve():
         for section, values in read_yaml(config_path).items():
             for name, value in values.items():
@@ -291,6 +300,10 @@ def check_config(cfg):
     if data["multi_label"] and module["threshold"] == "tune" and data["val_filepath"] is None:
         raise ConfigError("module.threshold tune chooses each label's threshold on data.val_filepath, which "
                           "is null; set a validation file, or give the thresholds")
+    patience = tcfg["early_stopping_patience"]
+    if patience and data["train_filepath"] is not None and data["val_filepath"] is None:
+        raise ConfigError(f"trainer.early_stopping_patience {patience} counts validations on data.val_filepath, "
+                          f"which is null; set a validation file, or early_stopping_patience 0")
     if data["train_filepath"] is not None:  # evaluation may learn its task from the checkpoint first
         check_threshold_fits(cfg)
     if data["multi_label"] and (not data["label_sep"] or data["label_sep"].strip() != data["label_sep"]):

@@ -195,6 +195,9 @@ def text_lines(path, encoding):
                 yield line.removeprefix("\ufeff") if number == 1 else line
         except UnicodeDecodeError:
             raise undecodable(path, encoding) from None
+        except UnicodeError as e:  # no byte, the stream: e.g. utf-16 (or utf-32) without a byte-order mark
+            raise DataError(f"{path}: cannot be read as {encoding} ({e}); set data.encoding to the file's "
+                            f"encoding (utf-16-le or utf-16-be name the byte order of a file without a mark)") from None
 
 
 def delimited_records(path, lines, delimiter, quoting):

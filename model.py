@@ -22,6 +22,7 @@ Models come back as plain transformers objects; the speed tricks are speedups.py
 """
 import json
 import os
+import pickle
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from checkpoint import MANIFEST, first_line, read_manifest
+from checkpoint import MANIFEST, check_saved_config, first_line, load_failure, read_manifest
 from config import TASK_NAMES, ConfigError, check_config, check_threshold_fits, fit_metric_to_task, task_of
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
@@ -41,6 +42,7 @@ hf_logging.disable_progress_bar()
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 # a multi-label checkpoint's decision thresholds, beside its weights: {"thresholds": {label: t}, ...}
 THRESHOLDS_FILE = "thresholds.json"
+REWRITE_THRESHOLDS = 'rewrite it as {"thresholds": {"<label>": <probability>, ...}}, or give --module.threshold'
 # the data keys of long documents that a checkpoint trained in windows passes on to its evaluation
 WINDOW_KEYS = ("long_texts", "window_stride", "window_pool")
 PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
@@ -158,6 +160,9 @@ def from_pretrained(source, key, say=print, **kwargs):
                 source, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"{key} {source!r}: cannot load a model there ({first_line(e)})") from None
+    except (pickle.UnpicklingError, RuntimeError) as e:  # a pytorch_model.bin torch.load refuses or cannot read
+        raise ModelError(f"{key} {source!r}: its weights do not load as data ({load_failure(e)}); re-export "
+                         f"them or pick another checkpoint") from None
     except SafetensorError as e:
         path = os.path.join(source, "model.safetensors")
         name = path if os.path.isfile(path) else f"a .safetensors file of {source}"
@@ -215,11 +220,12 @@ def build_model(model_cfg, labels_list, say=print, multi_label=False, **kwargs):
     return model
 
 
-def checkpoint_settings(path):
+def checkpoint_settings(path, thresholds=True):
     """What a fine-tuned classifier directory says of its training, {config key: (value, where)}:
     data.multi_label and data.labels_list from config.json's problem_type and id2label,
     module.max_seq_len from the checkpoint.json this project writes beside it, module.threshold
-    from its thresholds.json. Empty for anything else (a state-dict file, a bare encoder)."""
+    from its thresholds.json (unless thresholds is False: the user gave them). Empty for anything
+    else (a state-dict file, a bare encoder)."""
     try:
         if not is_pretrained_dir(path) or head_labels(path) is None:
             return {}
@@ -228,29 +234,44 @@ def checkpoint_settings(path):
         return {}  # build_model says what is wrong with it
     settings = {"data.multi_label": (saved_multi_label(config), "config.json's problem_type"),
                 "data.labels_list": (saved_labels(config), "config.json")}
-    trained = (read_manifest(path) or {}).get("config") or {}
+    manifest = read_manifest(path)
+    if manifest is not None:  # ours: its config is what the settings below are taken from
+        check_saved_config(path, manifest.get("config"))
+    trained = (manifest or {}).get("config") or {}
     if isinstance(trained.get("module", {}).get("max_seq_len"), int):
         settings["module.max_seq_len"] = (trained["module"]["max_seq_len"], MANIFEST)
     if trained.get("data", {}).get("long_texts") == "windows":  # read as it was trained: in windows
         for name in WINDOW_KEYS:
             if name in trained["data"]:
                 settings[f"data.{name}"] = (trained["data"][name], MANIFEST)
-    thresholds = saved_thresholds(path, settings["data.labels_list"][0])
-    if thresholds is not None and saved_multi_label(config):
+    thresholds = saved_thresholds(path, settings["data.labels_list"][0]) if thresholds and saved_multi_label(config) else None
+    if thresholds is not None:
         settings["module.threshold"] = (thresholds, THRESHOLDS_FILE)
     return settings
 
 
 def saved_thresholds(path, names, chosen=False):
-    """The per-label thresholds of thresholds.json in labels_list order, or None without a readable
-    one; with chosen, (thresholds, how they were chosen)."""
+    """The per-label thresholds of a multi-label checkpoint's thresholds.json in labels_list order;
+    with chosen, (thresholds, how they were chosen). Without the file: a warning, and None (every
+    label decided at 0.5). A file that is there but not one threshold in (0, 1) per label is a
+    ModelError: deciding at 0.5 instead would change every prediction without a word."""
+    file = Path(path) / THRESHOLDS_FILE
+    if not file.exists() and not file.is_symlink():
+        print(f"warning: {file} is missing; every label of this multi-label checkpoint is decided at "
+              f"probability 0.5", file=sys.stderr)
+        return (None, "") if chosen else None
     try:
-        content = json.loads((Path(path) / THRESHOLDS_FILE).read_text(encoding="utf-8"))
-        values = [float(content["thresholds"][name]) for name in names]
+        content = json.loads(file.read_text(encoding="utf-8"))
+        values = [content["thresholds"][name] for name in names]
         how = str(content.get("chosen", ""))
-    except (OSError, ValueError, KeyError, TypeError):
-        values, how = None, ""
-    values = values if values is not None and all(0 < t < 1 for t in values) else None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{file}: unreadable ({first_line(e)[:200]}); {REWRITE_THRESHOLDS}") from None
+    except (KeyError, TypeError, AttributeError):
+        raise ModelError(f"{file}: not a threshold for every label {list(names)}; {REWRITE_THRESHOLDS}") from None
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1 for t in values):
+        raise ModelError(f"{file}: thresholds {values} are not all probabilities between 0 and 1; "
+                         f"{REWRITE_THRESHOLDS}")
+    values = [float(t) for t in values]
     return (values, how) if chosen else values
 
 
@@ -277,7 +298,7 @@ def use_checkpoint_settings(cfg):
     (a save_pretrained directory), max_seq_len is only kept within its tokenizer's model_max_length.
     Returns what was taken, to say in one line, or None."""
     path, taken = cfg["model"]["model_path"], []
-    settings = checkpoint_settings(path)
+    settings = checkpoint_settings(path, thresholds="module.threshold" not in cfg.user_keys)
     limit = tokenizer_limit(path) if settings and "module.max_seq_len" not in settings else None
     if limit is not None and cfg["module"]["max_seq_len"] > limit:
         settings["module.max_seq_len"] = (limit, "its tokenizer_config.json's model_max_length")
@@ -315,8 +336,9 @@ def read_state_dict(path):
             raise corrupt_weights(path, e) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"{path}: not a readable state-dict file ({type(e).__name__})") from None
+    except Exception as e:  # a pickle that would run code, a truncated file, another format
+        raise ModelError(f"{path}: not a readable state-dict file ({load_failure(e)}); re-export it or "
+                         f"pick another file") from None
     # training frameworks nest the weights one level down
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

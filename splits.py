@@ -90,7 +90,8 @@ def read_split(cfg, proc, tokenizer, path, need_labels):
     (proc given), without reading the file again, since its checks passed when the entry was made
     from the same bytes and options; otherwise read and checked (examples), for tokenize."""
     if proc is not None:
-        encoded = mapped(cache_folder(cfg), tokenizer, path, cfg["data"], cfg["module"]["max_seq_len"], need_labels, proc)
+        encoded = mapped(cache_folder(cfg), tokenizer, path, cfg["data"], cfg["module"]["max_seq_len"], need_labels, proc,
+                         say=lambda message: log(proc, message))
         if encoded is not None:
             return Split(path, encoded)
     return Split(path, examples=read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels))
