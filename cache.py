@@ -32,19 +32,17 @@ would part ways at the build's barrier). The process of local rank 0 builds an e
 others of its machine wait for it (up to WAIT_SECONDS, or until local rank 0 leaves a note that it
 failed), then every rank maps it.
 """
-import fcntl
 import hashlib
 import json
 import os
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
 
-from checkpoint import file_digest, fsync_path
+from checkpoint import abandoned, writing_mark, file_digest, fsync_path
 from data import DataError, Encoded, encode, window_stride
 from processes import agree
 
@@ -204,7 +202,7 @@ def write_entry(folder, key, source, encoded, path, limits=None):
     tmp = folder.with_name(f".tmp-{folder.name[:16]}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        with building_mark(tmp):
+        with writing_mark(tmp / BUILDING, BUILDING_TEXT):
             arrays = {}
             for name in ARRAYS:
                 array = getattr(encoded, name)
@@ -229,17 +227,6 @@ def write_entry(folder, key, source, encoded, path, limits=None):
     except BaseException:
         remove_entry(tmp)
         raise
-
-
-@contextmanager
-def building_mark(tmp):
-    """tmp/.building, held locked while the entry is written: it proves the folder ours, and a
-    lock that can be taken proves its builder gone (the kernel drops it when a process dies)."""
-    with open(tmp / BUILDING, "x", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # before its text: a sweeper that can read the text finds it locked
-        f.write(f"{BUILDING_TEXT} {os.getpid()}\n")
-        f.flush()
-        yield
 
 
 def publish(tmp, folder, key, rows, limits=None):
@@ -385,24 +372,8 @@ def sweep(cache_dir, say):
     except OSError:
         return
     for tmp in folders:
-        if abandoned(tmp):
+        if abandoned(tmp, BUILDING, BUILDING_TEXT):
             remove_entry(tmp)
             say(f"note: removed {tmp}, a token cache entry that an earlier run did not finish writing")
 
 
-def abandoned(tmp):
-    """True if tmp is a temporary entry folder of ours whose builder is gone."""
-    if tmp.is_symlink() or not tmp.is_dir():
-        return False
-    try:
-        fd = os.open(tmp / BUILDING, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
-        if not f.read(200).startswith(BUILDING_TEXT):
-            return False
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False  # its builder is still writing
-    return True

@@ -46,6 +46,8 @@ from safetensors import SafetensorError
 from config import GOLDEN_CONFIG, Config, ConfigError, check_config, read_yaml, set_key, uses_amp
 
 MANIFEST = "checkpoint.json"
+# atomic_output's folder beside an output, and the mark that proves it ours while it is written
+WRITING_PREFIX, WRITING, WRITING_TEXT = ".writing-", ".writing", "output being written by pid"
 WRITTEN_BY = "trainer.py checkpoint"  # what marks a folder as ours
 LINKS = ("last", "best")
 LOCK = ".lock"
@@ -530,6 +532,89 @@ def atomic_write(path, newline=None):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_output(path, newline=None):
+    """A text file of any size (predictions) open for writing, renamed onto path once complete.
+    It is written in a folder of its own beside path, marked and locked while written, so that
+    a run killed mid-way leaves a folder the next one can prove ours and sweep (sweep_outputs)."""
+    path = Path(path)
+    tmp = path.resolve().parent / f"{WRITING_PREFIX}{path.name}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        with writing_mark(tmp / WRITING, WRITING_TEXT):
+            with open(tmp / path.name, "x", encoding="utf-8", newline=newline) as f:
+                yield f
+            follow_umask(tmp / path.name)
+            os.replace(tmp / path.name, path)
+            (tmp / WRITING).unlink()
+        tmp.rmdir()
+    except BaseException:
+        remove_output_folder(tmp, path.name)
+        raise
+
+
+def sweep_outputs(path, say):
+    """Remove what killed runs left beside the output path: atomic_output's folders whose mark
+    this trainer wrote and no process holds locked any more."""
+    path = Path(path)
+    for tmp in sorted(path.resolve().parent.glob(f"{WRITING_PREFIX}{path.name}-*")):
+        if abandoned(tmp, WRITING, WRITING_TEXT):
+            remove_output_folder(tmp, path.name)
+            say(f"note: removed {tmp}, which a killed run left while writing {path}")
+
+
+def remove_output_folder(tmp, name):
+    """atomic_output's folder: its two files (never through a link), then the folder itself."""
+    for file in (tmp / name, tmp / WRITING):
+        if not file.is_symlink():
+            file.unlink(missing_ok=True)
+    try:
+        tmp.rmdir()
+    except OSError:  # something else was put there: not ours to delete
+        pass
+
+
+@contextmanager
+def writing_mark(mark, text):
+    """The file mark, held locked while its folder is written: its text proves the folder ours,
+    and a lock that can be taken proves the writer gone (the kernel drops it when a process dies)."""
+    with open(mark, "x", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # before its text: a sweeper that can read the text finds it locked
+        f.write(f"{text} {os.getpid()}\n")
+        f.flush()
+        yield
+
+
+def abandoned(folder, mark, text):
+    """True if folder is a temporary folder of ours (its mark file holds text) whose writer is gone."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        fd = os.open(folder / mark, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+        if not f.read(200).startswith(text):
+            return False
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # its writer is still writing
+    return True
+
+
+@contextmanager
+def writing_to(key, path):
+    """An OSError while writing path (a full disk, a folder gone read-only) as one error line
+    naming the key that chose it; what atomic_write / atomic_output were writing is gone."""
+    try:
+        yield
+    except OSError as e:
+        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}{full}; free space or choose another "
+                              f"{key}") from None
 
 
 def write_json(path, obj):

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import atomic_write, write_json
+from checkpoint import atomic_output, sweep_outputs, write_json, writing_to
 from config import label_names
 from data import collate, eval_batches, example_chunks
 from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
@@ -186,7 +186,8 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
 
 def write_eval_metrics(cfg, metrics):
     run_dir = new_run_dir(cfg["trainer"]["log_dir"], "eval")
-    write_json(Path(run_dir) / "eval_metrics.json", metrics)
+    with writing_to("trainer.log_dir", run_dir):
+        write_json(Path(run_dir) / "eval_metrics.json", metrics)
     print(f"metrics written to {Path(run_dir) / 'eval_metrics.json'}")
     return run_dir
 
@@ -229,8 +230,8 @@ def predict_output(cfg, run_dir):
 def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, thresholds=None, total_rows=None):
     """Label data.predict_filepath, a file of any size, chunk_rows rows (PREDICT_CHUNK) at a time:
     read, tokenize, run (sharded over the ranks, gathered on the main process) and write each
-    chunk in turn, so memory follows the chunk, not the file. The output is written under a
-    temporary name and renamed when complete; read_splits checked every row before, so no bad
+    chunk in turn, so memory follows the chunk, not the file. The output is written in a folder
+    of its own beside it and renamed when complete (a killed run's is swept at the next); read_splits checked every row before, so no bad
     row can turn up after the first prediction is written. thresholds: multi-label's, per label.
     total_rows (read_splits counted them): a bar over the whole file, beside each chunk's.
     The output path (main process)."""
@@ -240,18 +241,24 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, threshol
     rows, chunk_rows = 0, chunk_rows or PREDICT_CHUNK
     whole = tqdm(total=total_rows, desc=f"predict {data['predict_filepath']}", unit="row", leave=False, position=1,
                  disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True, file=sys.stderr)
-    with atomic_write(path, newline="") if proc.is_main else nullcontext() as f, whole:
+    if proc.is_main:
+        sweep_outputs(path, say=lambda message: log(proc, message))
+    with writing_to("data.predict_output", path), \
+            atomic_output(path, newline="") if proc.is_main else nullcontext() as f, whole:
         writer = csv.writer(f) if proc.is_main else None
-        for examples in example_chunks(data["predict_filepath"], data, data["labels_list"], chunk_rows):
-            if rows == 0 and writer is not None:
+
+        def write_chunk():  # one row per input row: a document's windows pooled
+            if rows == 0:
                 writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds))
+            write_prediction_rows(writer, examples, document_logits(logits, encoded, cfg), names, thresholds,
+                                  data["label_sep"])
+        for examples in example_chunks(data["predict_filepath"], data, data["labels_list"], chunk_rows):
             # a predict file is read once: tokenized chunk by chunk, not cached
             encoded = encode_examples(cfg, tokenizer, examples)
             logits = predict_logits(model, encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
                                     proc, desc="predict")
-            if writer is not None:  # one row per input row: a document's windows pooled
-                logits = document_logits(logits, encoded, cfg)
-                write_prediction_rows(writer, examples, logits, names, thresholds, data["label_sep"])
+            with writing_to("data.predict_output", path):
+                on_main(proc, write_chunk)  # a write that fails (a full disk) ends every rank
             rows += encoded.num_documents
             whole.update(encoded.num_documents)
     log(proc, f"predictions for {rows} texts written to {path}")

@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from checkpoint import atomic_write, write_json
+from checkpoint import atomic_write, write_json, writing_to
 
 
 class RunLog:
@@ -36,23 +36,26 @@ class RunLog:
             say(f"note: the resumed run logged to {run_dir}, which is not a run folder of trainer.log_dir "
                 f"{log_dir}; logging from step {step} on to a new folder there")
             run_dir = None
-        run_dir = run_dir or new_run_dir(log_dir, "train")
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        # a resumed run redoes the steps after its checkpoint: drop what the killed run logged there
-        runlog = cls(run_dir, SummaryWriter(run_dir, purge_step=step + 1 if step else None))
-        truncate_jsonl(runlog.jsonl, step)
-        write_json(Path(run_dir) / "config.json", cfg)
+        with writing_to("trainer.log_dir", log_dir):
+            run_dir = run_dir or new_run_dir(log_dir, "train")
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            # a resumed run redoes the steps after its checkpoint: drop what the killed run logged there
+            runlog = cls(run_dir, SummaryWriter(run_dir, purge_step=step + 1 if step else None))
+            truncate_jsonl(runlog.jsonl, step)
+            write_json(Path(run_dir) / "config.json", cfg)
         return runlog
 
     def write(self, step, epoch, scalars):
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
-        self.writer.flush()
-        with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
+        with writing_to("trainer.log_dir", self.jsonl):
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+            self.writer.flush()
+            with open(self.jsonl, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
 
     def write_final(self, metrics):
-        write_json(Path(self.run_dir) / "final_metrics.json", metrics)
+        with writing_to("trainer.log_dir", self.run_dir):
+            write_json(Path(self.run_dir) / "final_metrics.json", metrics)
 
     def close(self):
         self.writer.close()  # ends its writer thread, not left to interpreter exit

@@ -2,6 +2,7 @@
 ours that is read is checked for its values, and what a killed run leaves is proved ours before it
 is swept. Each test plants the hostile case (a link, an edited file, a folder named like ours) or
 the state a kill leaves, and checks the one line that refuses it or the note that repairs it."""
+import fcntl
 import json
 import os
 import shutil
@@ -145,7 +146,7 @@ def test_the_temporary_folder_of_a_killed_builder_is_swept_and_no_other(tmp_path
     alive = tmp_path / "cache" / ".tmp-fedcba9876543210-0badcafe"
     alive.mkdir()
     lock = open(alive / cache.BUILDING, "w", encoding="utf-8")
-    cache.fcntl.flock(lock, cache.fcntl.LOCK_EX)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     lock.write(f"{cache.BUILDING_TEXT} 1\n")
     lock.flush()
     user = tmp_path / "cache" / ".tmp-mine"
