@@ -360,6 +360,8 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
     make the resumed run silently different from continuing the original."""
     conflicts = []
     for section, values in cfg.items():
+        if section == "sweep":  # sweep.py's settings do not change a run, and older checkpoints lack them
+            continue
         for name, value in values.items():
             key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name)
             if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or key in LAUNCH_KEYS or old == value:
