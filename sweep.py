@@ -136,11 +136,11 @@ def check_grid(grid, cfg):
             raise SweepError(f"sweep.grid: {key} lists a value twice ({values}); each point would be trained twice")
 
 
-def make_trials(argv, sweep_dir):
+def make_trials(argv):
     """(the sweep settings, the base config, [trial, ...]): argv read and checked, then every trial's
     command line checked by load_config as trainer.py will read it. Raises ConfigError / SweepError."""
     cfg = load_config(argv)
-    sweep = cfg["sweep"]
+    sweep, sweep_dir = cfg["sweep"], Path(cfg["sweep"]["dir"])
     for key in ("trainer.stop_after_epochs", "ckpt.resume"):
         if key in cfg.user_keys:
             raise SweepError(f"{key} is set by the sweep for each trial (its rungs, its resumes); leave it out")
@@ -306,7 +306,7 @@ class Sweep:
         return self.finish(field)
 
     def launch(self, record, trial, i):
-        """Train one trial to rung i; False if a signal stopped it."""
+        """Train one trial to rung i; False if a signal asked the sweep to stop."""
         target = min(self.rungs[i], record["epochs"])
         folder = self.dir / record["name"]
         folder.mkdir(exist_ok=True)
@@ -321,10 +321,10 @@ class Sweep:
             returncode = self.child.wait()
             self.child = None
         record["seconds"] += time.perf_counter() - start
-        if self.stopping:
+        result = last_json(out) if returncode == 0 else None
+        if result is None and self.stopping:  # stopped with a checkpoint: the next launch resumes it
             return False
         record["launches"] += 1
-        result = last_json(out) if returncode == 0 else None
         if result is not None:
             record.update(trained_to=target, finished="paused_after_epoch" not in result,
                           value=result[self.metric], best_step=result["best_step"],
@@ -338,7 +338,7 @@ class Sweep:
             line = f"{record['name']} failed: {record['error']}"
         write_json_atomic(self.dir / STATE, self.state)
         tqdm.write(f"{line}, {record['seconds']:.0f} s  [{settings_text(record['settings'])}]", file=sys.stdout)
-        return True
+        return not self.stopping
 
     def cut(self, field, i):
         """Keep the best sweep.keep of the field of rung i; the others stop here. Once only: the
@@ -461,8 +461,8 @@ def main(argv=None):
         return 0
     lock = None
     try:
-        sweep_dir = Path(load_config(argv)["sweep"]["dir"])
-        sweep, base_cfg, trials = make_trials(argv, sweep_dir)
+        sweep, base_cfg, trials = make_trials(argv)
+        sweep_dir = Path(sweep["dir"])
         rungs = rungs_of(sweep["rungs"], max(t["epochs"] for t in trials))
         plan = {"sweep.grid": sweep["grid"], "sweep.samples": sweep["samples"], "sweep.seed": sweep["seed"],
                 "sweep.keep": sweep["keep"], "rungs": rungs, "sweep.nproc_per_node": sweep["nproc_per_node"],

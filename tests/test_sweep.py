@@ -8,10 +8,10 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, base_args, last_json_line, sentiment_rows, stderr_tail, write_csv
 
 from checkpoint import resume_conflicts
 from config import ConfigError, load_config
+from conftest import ROOT, base_args, last_json_line, sentiment_rows, stderr_tail, write_csv
 from sweep import field_sizes, grid_points, kept, main, ranking, rungs_of, trial_epochs
 
 
@@ -40,11 +40,11 @@ def sweep_args(tmp_path, model_dir, data, grid, **overrides):
     ("{trainer.seed: [1, 1]}", "error: sweep.grid: trainer.seed lists a value twice"),
     ("{ckpt.model_state_save_dir: [a, b]}", "error: sweep.grid: ckpt.model_state_save_dir is set by the sweep"),
     # the wrong type, found by load_config on the trial's own command line
-    ("{module.max_lr: [1e-3, fast]}", "error: trial-01 (module.max_lr=fast): --module.max_lr: module.max_lr is "
-                                      "'fast'; expected float"),
+    ("{module.max_lr: [1e-3, fast]}", ("error: trial-01 (module.max_lr=fast): --module.max_lr: module.max_lr is "
+                                       "'fast'; expected float")),
     # a value of the right type that cannot work, found by check_config
-    ("{module.warmup_prop: [0.1, 2.0]}", "error: trial-01 (module.warmup_prop=2.0): module.warmup_prop is 2.0; "
-                                         "it must be in [0, 1]"),
+    ("{module.warmup_prop: [0.1, 2.0]}", ("error: trial-01 (module.warmup_prop=2.0): module.warmup_prop is 2.0; "
+                                          "it must be in [0, 1]")),
 ])
 def test_bad_grid_is_one_line_before_any_trial(tmp_path, capsys, data, grid, expected):
     assert main(sweep_args(tmp_path, "no-model-needed", data, grid)) == 2
@@ -143,7 +143,7 @@ def test_ranking_puts_the_best_value_first_and_leaves_failures_out():
 def run_sweep(args, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=600, **kwargs)
+                          env=env, timeout=600, check=False, **kwargs)
 
 
 def wait_for(condition, timeout=300):
@@ -171,7 +171,7 @@ def test_a_sweep_stopped_and_resumed_keeps_the_best_and_its_winner_is_the_run_al
     # Ctrl-C once the first trial has reached the first rung: the second one is running or starting
     wait_for(lambda: (state := read_state(sweeps)) is not None and state["trials"][0]["launches"] == 1)
     first.send_signal(signal.SIGINT)
-    out, err = first.communicate(timeout=300)
+    _, err = first.communicate(timeout=300)
     assert first.returncode == 1, stderr_tail(err)
     assert "run the same command again to go on" in err
     stopped = read_state(sweeps)
@@ -213,7 +213,7 @@ def test_a_sweep_stopped_and_resumed_keeps_the_best_and_its_winner_is_the_run_al
                             *base_args(tmp_path / "alone", tiny_bert, *data, **{
                                 "trainer.epochs": 2, "ckpt.keep_last": 1,
                                 **{f"{k}": str(v) for k, v in winner["settings"].items()}})],
-                           capture_output=True, text=True, env=env, timeout=300)
+                           capture_output=True, text=True, env=env, timeout=300, check=False)
     assert alone.returncode == 0, stderr_tail(alone.stderr)
     assert last_json_line(alone.stdout)["acc"] == winner["acc"]
     assert (sweeps / "best" / "model.safetensors").read_bytes() == \
