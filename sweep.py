@@ -3,7 +3,6 @@ successive halving on exact resume.
 
     python sweep.py --trainer.epochs 2 --sweep.grid "{module.max_lr: [2e-5, 5e-5, 1e-4], trainer.seed: [42, 43]}"
     python sweep.py --config_path my.yaml --sweep.dir sweeps/lr --sweep.nproc_per_node 2
-    python sweep.py --trainer.epochs 2 --sweep.grid "{module.max_lr: [2e-5, 5e-5, 1e-4], trainer.seed: [42, 43]}"   # again: resumes
 
 Every trial is an ordinary run of trainer.py (of torchrun trainer.py when sweep.nproc_per_node is
 more than 1): the sweep's config with the trial's grid values, its checkpoints and logs in its own
