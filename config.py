@@ -59,6 +59,7 @@ TYPES = {
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
     "distill.student_layers": (list, None), "distill.student_model": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
+    "sweep.samples": (int, None), "sweep.rungs": (list, None),
 }
 
 
@@ -317,11 +318,24 @@ def check_config(cfg):
             raise ConfigError("nothing to do: set data.train_filepath, data.val_filepath or "
                               "data.predict_filepath")
     check_class_weights(module["class_weights"], labels, task)
+    check_sweep(cfg["sweep"])
     check_predict_output(cfg)
     keep = cfg["ckpt"]["keep_last"]
     if keep is not None and keep < 1:
         raise ConfigError(f"ckpt.keep_last is {keep}; it must be at least 1, or null to keep all")
     check_checkpoint_names(cfg["ckpt"])
+
+
+def check_sweep(sweep):
+    """sweep.py's numbers; what its grid names is checked by sweep.py against the trials' configs."""
+    if not 0 < sweep["keep"] <= 1:
+        raise ConfigError(f"sweep.keep is {sweep['keep']}; it must be in (0, 1]: the fraction of trials kept at each rung")
+    for key in ["samples", "nproc_per_node"]:
+        if sweep[key] is not None and sweep[key] < 1:
+            raise ConfigError(f"sweep.{key} is {sweep[key]}; it must be at least 1")
+    rungs = sweep["rungs"]
+    if rungs is not None and not (all(type_ok(r, (int,)) and r >= 1 for r in rungs) and rungs == sorted(set(rungs))):
+        raise ConfigError(f"sweep.rungs {rungs} must be increasing epochs (whole numbers from 1), or null")
 
 
 def check_class_weights(weights, labels, task):
