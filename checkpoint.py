@@ -362,7 +362,8 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
     for section, values in cfg.items():
         for name, value in values.items():
             key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name)
-            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or key in LAUNCH_KEYS or old == value:
+            # export.py's keys never reach training (and checkpoints older than them have none)
+            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or key in LAUNCH_KEYS or section == "export" or old == value:
                 continue
             if key == "trainer.epochs" and value > old:
                 continue  # a finished run can be extended
