@@ -19,6 +19,7 @@ import torch
 from onnx import numpy_helper
 from transformers import AutoModelForSequenceClassification
 
+import checkpoint
 import export
 import trainer
 from config import load_config
@@ -308,3 +309,12 @@ def test_each_task_exports_with_the_pytorch_logits_and_predictions(task, tmp_pat
         cfg = load_config(export_args(str(tmp_path / "served"), val, **{"data.train_filepath": "null", **more}))
         assert "data.long_texts windows" in trainer.use_checkpoint_settings(cfg)
         assert (cfg["data"]["long_texts"], cfg["data"]["window_stride"], cfg["data"]["window_pool"]) == ("windows", 2, "max")
+
+
+def test_export_keys_never_block_a_resume():
+    cfg = load_config(["--export.int8", "false"])
+    older = {section: dict(values) for section, values in cfg.items() if section != "export"}  # before export.py
+    digests = {key: [None] for key in checkpoint.DATA_FILE_KEYS}
+    assert checkpoint.resume_conflicts(older, digests, cfg, digests) == []
+    cfg["module"]["max_lr"] = 1.0  # while a key of training still does
+    assert checkpoint.resume_conflicts(older, digests, cfg, digests) == ["module.max_lr 5e-05 -> 1.0"]
