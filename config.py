@@ -60,6 +60,7 @@ TYPES = {
     "distill.student_layers": (list, None), "distill.student_model": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
     "sweep.samples": (int, None), "sweep.rungs": (list, None),
+    "export.output_dir": (str, None),
 }
 
 
@@ -324,6 +325,16 @@ def check_config(cfg):
     if keep is not None and keep < 1:
         raise ConfigError(f"ckpt.keep_last is {keep}; it must be at least 1, or null to keep all")
     check_checkpoint_names(cfg["ckpt"])
+    check_export(cfg["export"])
+
+
+def check_export(export):
+    """export.py's gate: shares and a metric drop in [0, 1], and a thread count."""
+    for name in ("fp32_min_identical", "int8_min_identical", "int8_max_metric_drop"):
+        if not 0 <= export[name] <= 1:
+            raise ConfigError(f"export.{name} is {export[name]}; it must be in [0, 1]")
+    if export["threads"] < 0:
+        raise ConfigError(f"export.threads is {export['threads']}; it must not be negative (0 = all cores)")
 
 
 def check_sweep(sweep):

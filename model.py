@@ -45,6 +45,8 @@ THRESHOLDS_FILE = "thresholds.json"
 REWRITE_THRESHOLDS = 'rewrite it as {"thresholds": {"<label>": <probability>, ...}}, or give --module.threshold'
 # the data keys of long documents that a checkpoint trained in windows passes on to its evaluation
 WINDOW_KEYS = ("long_texts", "window_stride", "window_pool")
+# an export folder's record (export.py): the checkpoint it came from, its settings, its artifacts
+EXPORT_MANIFEST, EXPORTED_BY = "export.json", "export.py"
 PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                  "regression": "regression"}
 
@@ -223,8 +225,8 @@ def build_model(model_cfg, labels_list, say=print, multi_label=False, **kwargs):
 def checkpoint_settings(path, thresholds=True):
     """What a fine-tuned classifier directory says of its training, {config key: (value, where)}:
     data.multi_label and data.labels_list from config.json's problem_type and id2label,
-    module.max_seq_len from the checkpoint.json this project writes beside it, module.threshold
-    from its thresholds.json (unless thresholds is False: the user gave them). Empty for anything
+    module.max_seq_len (and windows) from the checkpoint.json this project writes beside it (an
+    export folder's export.json), module.threshold from its thresholds.json. Empty for anything
     else (a state-dict file, a bare encoder)."""
     try:
         if not is_pretrained_dir(path) or head_labels(path) is None:
@@ -234,20 +236,31 @@ def checkpoint_settings(path, thresholds=True):
         return {}  # build_model says what is wrong with it
     settings = {"data.multi_label": (saved_multi_label(config), "config.json's problem_type"),
                 "data.labels_list": (saved_labels(config), "config.json")}
-    manifest = read_manifest(path)
+    manifest, where = read_manifest(path), MANIFEST
     if manifest is not None:  # ours: its config is what the settings below are taken from
         check_saved_config(path, manifest.get("config"))
+    else:  # an export folder of a checkpoint (export.py) carries them in its own record
+        manifest, where = read_export_manifest(path), EXPORT_MANIFEST
     trained = (manifest or {}).get("config") or {}
     if isinstance(trained.get("module", {}).get("max_seq_len"), int):
-        settings["module.max_seq_len"] = (trained["module"]["max_seq_len"], MANIFEST)
+        settings["module.max_seq_len"] = (trained["module"]["max_seq_len"], where)
     if trained.get("data", {}).get("long_texts") == "windows":  # read as it was trained: in windows
         for name in WINDOW_KEYS:
             if name in trained["data"]:
-                settings[f"data.{name}"] = (trained["data"][name], MANIFEST)
+                settings[f"data.{name}"] = (trained["data"][name], where)
     thresholds = saved_thresholds(path, settings["data.labels_list"][0]) if thresholds and saved_multi_label(config) else None
     if thresholds is not None:
         settings["module.threshold"] = (thresholds, THRESHOLDS_FILE)
     return settings
+
+
+def read_export_manifest(path):
+    """The record export.py writes in an export folder (EXPORT_MANIFEST), or None for anything else."""
+    try:
+        manifest = json.loads((Path(path) / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("written_by") == EXPORTED_BY else None
 
 
 def saved_thresholds(path, names, chosen=False):

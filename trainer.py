@@ -61,7 +61,8 @@ from evaluation import (evaluate_only, fixed_thresholds, predict_file, predict_l
                         scalar_metrics, split_metrics, thresholds_of, validation_thresholds, write_eval_metrics,
                         write_thresholds)
 from metrics import format_report
-from model import ModelError, build_model, load_weights, save_pretrained, use_checkpoint_settings
+from model import (ModelError, build_model, load_weights, read_export_manifest, save_pretrained,
+                   use_checkpoint_settings)
 from processes import (MainProcessFailed, Process, TrainingError, agree, autocast, decide_amp_dtype, log, on_main,
                        rng_state, set_rng_state)
 from runlog import RunLog
@@ -600,11 +601,18 @@ def run(cfg, proc):
         per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
     # evaluate / predict as the checkpoint was trained (labels, task, max_seq_len); a training run
     # says here, on the main process, the metric that load_config fitted to its task
+    exported = cfg["model"]["model_path"] is not None and read_export_manifest(cfg["model"]["model_path"]) is not None
+    if exported and cfg["data"]["train_filepath"]:
+        raise ConfigError(f"model.model_path {cfg['model']['model_path']} is an export folder (ONNX): it evaluates "
+                          f"and predicts only; train from the checkpoint it came from (its export.json's source)")
     note = use_checkpoint_settings(cfg) if cfg["data"]["train_filepath"] is None else fit_metric_to_task(cfg)
     if note is not None:
         log(proc, f"note: {note}")
 
     def build(tokenizer):
+        if exported:  # ONNX Runtime on the CPU, in this process's threads (imported only for it)
+            from export import load_exported
+            return load_exported(cfg["model"]["model_path"], threads=torch.get_num_threads())[0]
         model = build_model(cfg["model"], cfg["data"]["labels_list"], say=lambda message: log(proc, message),
                             multi_label=cfg["data"]["multi_label"])
         if cfg["trainer"]["speedups"]:

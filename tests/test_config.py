@@ -320,7 +320,7 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
 
 
 @pytest.mark.slow  # a fresh Python process per script
-@pytest.mark.parametrize("script", ["trainer.py", "distill.py"])
+@pytest.mark.parametrize("script", ["trainer.py", "distill.py", "export.py"])
 def test_help_prints_usage_and_every_key_without_importing_torch(script):
     repo = GOLDEN_CONFIG.parent
     result = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], cwd=repo,
