@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from checkpoint import abandoned, writing_mark, file_digest, fsync_path
+from checkpoint import abandoned, file_digest, fsync_path, writing_mark
 from data import DataError, Encoded, encode, window_stride
 from processes import agree
 

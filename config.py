@@ -55,7 +55,8 @@ TYPES = {
     "data.label_col": (str, int), "data.cache_dir": (str, None), "data.max_windows": (int, None),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
-    "ckpt.keep_last": (int, None), "trainer.stop_after_epochs": (int, None), "ckpt.resume": (str, None), "trainer.early_stopping_patience": (int, None),
+    "ckpt.keep_last": (int, None), "ckpt.resume": (str, None),
+    "trainer.stop_after_epochs": (int, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
     "distill.student_layers": (list, None), "distill.student_model": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
@@ -173,7 +174,8 @@ def print_help(doc, path=GOLDEN_CONFIG):
                 for section, _, keys in sections for key, default, _ in keys) + 2
     print(doc.strip())
     print(f"\nOptions: --config_path FILE (keys over the defaults below) and --section.key VALUE (read as "
-          f"YAML: 2e-5, null, [a, b]; a key that takes only text takes it as typed).\nEvery key, with its default (from {path}) and meaning:")
+          f"YAML: 2e-5, null, [a, b]; a key that takes only text takes it as typed).\n"
+          f"Every key, with its default (from {path}) and meaning:")
     for section, comment, keys in sections:
         print(f"\n{section}:" + (f"  # {comment}" if comment else ""))
         for key, default, meaning in keys:

@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-
 # long texts are legitimate: lift the csv module's 131,072-character field limit to the largest
 # value every platform takes (sys.maxsize overflows a 32-bit C long, as on Windows)
 csv.field_size_limit(2**31 - 1)
@@ -121,7 +120,8 @@ class Encoded:
         """From one list of token ids per example (and of token types, if given)."""
         offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
         np.cumsum([len(ids) for ids in input_ids], out=offsets[1:])
-        flat = lambda lists, dtype: np.fromiter(itertools.chain.from_iterable(lists), dtype, offsets[-1])
+        def flat(lists, dtype):
+            return np.fromiter(itertools.chain.from_iterable(lists), dtype, offsets[-1])
         return cls(flat(input_ids, np.int32), offsets,
                    None if token_type_ids is None else flat(token_type_ids, np.uint8), labels)
 

@@ -231,8 +231,9 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, threshol
     """Label data.predict_filepath, a file of any size, chunk_rows rows (PREDICT_CHUNK) at a time:
     read, tokenize, run (sharded over the ranks, gathered on the main process) and write each
     chunk in turn, so memory follows the chunk, not the file. The output is written in a folder
-    of its own beside it and renamed when complete (a killed run's is swept at the next); read_splits checked every row before, so no bad
-    row can turn up after the first prediction is written. thresholds: multi-label's, per label.
+    of its own beside it and renamed when complete (a killed run's is swept at the next);
+    read_splits checked every row before, so no bad row can turn up after the first prediction
+    is written. thresholds: multi-label's, per label.
     total_rows (read_splits counted them): a bar over the whole file, beside each chunk's.
     The output path (main process)."""
     data, names = cfg["data"], label_names(cfg)

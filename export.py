@@ -51,10 +51,20 @@ import speedups
 from checkpoint import CheckpointError, check_writable_dir, first_line, new_session
 from config import ConfigError, label_names, load_config, print_help, task_of
 from data import DataError, collate, encode, read_examples, window_stride
-from model import (EXPORT_MANIFEST, EXPORTED_BY, THRESHOLDS_FILE, ModelError, build_model, head_labels,
-                   is_pretrained_dir, load_tokenizer, read_export_manifest, save_thresholds, use_checkpoint_settings)
-from evaluation import (document_logits, fixed_thresholds, predict_logits, sigmoid, softmax, split_metrics,
-                        thresholds_of)
+from evaluation import document_logits, fixed_thresholds, predict_logits, sigmoid, softmax, split_metrics, thresholds_of
+from model import (
+    EXPORT_MANIFEST,
+    EXPORTED_BY,
+    THRESHOLDS_FILE,
+    ModelError,
+    build_model,
+    head_labels,
+    is_pretrained_dir,
+    load_tokenizer,
+    read_export_manifest,
+    save_thresholds,
+    use_checkpoint_settings,
+)
 from processes import single_process
 from splits import Split
 

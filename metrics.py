@@ -15,6 +15,7 @@ label is a yes / no question of its own; `hamming_loss` is the one key where low
 """
 import numpy as np
 
+
 def safe_divide(numerator, denominator):
     """Elementwise numerator / denominator, with 0 where the denominator is 0."""
     numerator = np.asarray(numerator, dtype=np.float64)

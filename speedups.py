@@ -19,8 +19,12 @@ config.json never names the attention function below, so checkpoints load in pla
 import functools
 
 import torch
-from transformers import (AttentionInterface, BertForSequenceClassification, PreTrainedModel,
-                          RobertaForSequenceClassification)
+from transformers import (
+    AttentionInterface,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    RobertaForSequenceClassification,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS

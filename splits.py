@@ -112,7 +112,8 @@ def tokenize(cfg, proc, tokenizer, split):
     encoded = split.encoded
     if encoded.documents is not None:
         stride = cfg["data"]["window_stride"]
-        dropped = dropped_by_truncation(encoded, stride, tokenizer.num_special_tokens_to_add(cfg["data"]["text_b_col"] is not None))
+        specials = tokenizer.num_special_tokens_to_add(cfg["data"]["text_b_col"] is not None)
+        dropped = dropped_by_truncation(encoded, stride, specials)
         log(proc, f"windows: {split.path}: {encoded.num_documents} documents in {len(encoded)} windows of <= "
                   f"{cfg['module']['max_seq_len']} tokens (stride {stride}); truncation would have dropped "
                   f"{dropped:.1%} of their text tokens")

@@ -53,18 +53,45 @@ from tqdm import tqdm
 tqdm.monitor_interval = 0
 
 import speedups
-from checkpoint import (CheckpointError, SaveDir, checkpoint_name, data_digests, load_checkpoint, new_session,
-                        save_step, sees_lock_of)
+from checkpoint import (
+    CheckpointError,
+    SaveDir,
+    checkpoint_name,
+    data_digests,
+    load_checkpoint,
+    new_session,
+    save_step,
+    sees_lock_of,
+)
 from config import ConfigError, fit_metric_to_task, label_names, load_config, print_help, uses_amp
 from data import DataError, collate, micro_batches, train_batches
-from evaluation import (evaluate_only, fixed_thresholds, predict_file, predict_logits, resumed_thresholds,
-                        scalar_metrics, split_metrics, thresholds_of, validation_thresholds, write_eval_metrics,
-                        write_thresholds)
+from evaluation import (
+    evaluate_only,
+    fixed_thresholds,
+    predict_file,
+    predict_logits,
+    resumed_thresholds,
+    scalar_metrics,
+    split_metrics,
+    thresholds_of,
+    validation_thresholds,
+    write_eval_metrics,
+    write_thresholds,
+)
 from metrics import format_report
-from model import (ModelError, build_model, load_weights, read_export_manifest, save_pretrained,
-                   use_checkpoint_settings)
-from processes import (MainProcessFailed, Process, TrainingError, agree, autocast, decide_amp_dtype, log, on_main,
-                       rng_state, set_rng_state)
+from model import ModelError, build_model, load_weights, read_export_manifest, save_pretrained, use_checkpoint_settings
+from processes import (
+    MainProcessFailed,
+    Process,
+    TrainingError,
+    agree,
+    autocast,
+    decide_amp_dtype,
+    log,
+    on_main,
+    rng_state,
+    set_rng_state,
+)
 from runlog import RunLog
 from splits import class_weights, prepare_run, training_split
 
@@ -164,7 +191,8 @@ class Trainer:
                 if self.batch_in_epoch == len(batches):  # the epoch ran to its end
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     self.validate()
-                if ckpt["checkpoint"] and (self.stop_early() or self.paused() or ckpt["period"] and self.epoch % ckpt["period"] == 0):
+                period_end = ckpt["period"] and self.epoch % ckpt["period"] == 0
+                if ckpt["checkpoint"] and (self.stop_early() or self.paused() or period_end):
                     self.save_checkpoint()  # nothing new is written if validation just saved this step
         finally:
             for s, handler in previous.items():

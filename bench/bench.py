@@ -154,11 +154,12 @@ def ours_argv(job):
 def run_ours(job):
     """trainer.py's own functions: load, tokenize, train (no validation inside), then predict."""
     import torch
-    import speedups
+
     import config
     import evaluation
     import model
     import processes
+    import speedups
     import splits
     import trainer
     from metrics import compute_metrics
@@ -199,6 +200,7 @@ def run_hf(job):
     import datasets
     import torch
     import transformers
+
     from metrics import compute_metrics
     transformers.logging.set_verbosity_error()
     datasets.disable_progress_bars()

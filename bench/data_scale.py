@@ -68,6 +68,7 @@ def release_free_memory():
 def encode_worker(path, model, max_seq_len):
     sys.path.insert(0, str(ROOT))
     from transformers import AutoTokenizer
+
     from config import load_config
     from data import encode, read_examples
     cfg = load_config([])
@@ -92,12 +93,13 @@ def encode_worker(path, model, max_seq_len):
 
 def ready_worker(path, model, max_seq_len, cache_dir):
     sys.path.insert(0, str(ROOT))
+    import numpy as np
+    import torch
     from transformers import AutoTokenizer
+
     from config import load_config
     from processes import Process
     from splits import load_splits
-    import numpy as np
-    import torch
     cfg = load_config(["--data.train_filepath", path, "--data.val_filepath", "null", "--data.cache_dir", cache_dir,
                        "--module.max_seq_len", str(max_seq_len), "--model.hf_model", model])
     tokenizer = AutoTokenizer.from_pretrained(model)

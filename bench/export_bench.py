@@ -37,12 +37,12 @@ from transformers import AutoModelForSequenceClassification
 import config
 import evaluation
 import export
-from model import load_tokenizer, use_checkpoint_settings
 import processes
 import speedups
 from config import load_config
 from data import encode, read_examples, window_stride
 from metrics import compute_metrics
+from model import load_tokenizer, use_checkpoint_settings
 
 # not the main process: predict_logits then draws no progress bar, which would cost time here
 QUIET = processes.Process(0, 0, 1, torch.device("cpu"), False, False)

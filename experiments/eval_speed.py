@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import speedups  # noqa: E402
-from model import build_model, load_tokenizer  # noqa: E402
 from config import load_config  # noqa: E402
 from evaluation import predict_logits  # noqa: E402
+from model import build_model, load_tokenizer  # noqa: E402
 from processes import Process  # noqa: E402
 from splits import load_split  # noqa: E402
 

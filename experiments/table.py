@@ -32,7 +32,8 @@ def main(out):
         runs = scores[key]
         acc = [r["acc"] for r in runs]
         f1 = [r["f1_macro"] for r in runs]
-        spread = lambda xs: f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""
+        def spread(xs):
+            return f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else ""
         kept = f"{100 * statistics.mean(f1) / teacher_f1:.1f}%" if teacher_f1 else ""
         fast = ""
         if speed:

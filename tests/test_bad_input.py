@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from conftest import base_args, make_tokenizer, sentiment_rows, write_csv, write_jsonl
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import trainer
+from conftest import base_args, make_tokenizer, sentiment_rows, write_csv, write_jsonl
 from model import build_model, save_pretrained
 
 GOOD = [{"text": "good movie", "label": "positive"}, {"text": "bad plot", "label": "negative"},

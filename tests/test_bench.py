@@ -12,9 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoTokenizer, BertForSequenceClassification
 from transformers.models.bert.modeling_bert import BertLayer
 
-from conftest import ROOT, save_tiny_encoder, sentiment_rows, tiny_config, write_csv
 import config
 import evaluation
+from conftest import ROOT, save_tiny_encoder, sentiment_rows, tiny_config, write_csv
 from speedups import first_position_last_layer
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -106,8 +106,9 @@ def test_ours_worker_trains_and_reports_on_a_tiny_model(tmp_path, monkeypatch, k
 
 
 def test_step_profile_switches_one_speedup_off_and_back_on(tiny_bert):
-    import speedups
     import step_profile
+
+    import speedups
     from model import build_model
     model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None}, bench.LABELS)
     run = SimpleNamespace(model=speedups.apply(model, torch.device("cpu")))  # what a Trainer holds

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from config import GOLDEN_CONFIG, load_config, read_yaml
-from conftest import POSITIVE, save_tiny_encoder, sentiment_rows, write_csv
 from transformers import AutoTokenizer
 
 import cache
 import splits
+from config import GOLDEN_CONFIG, load_config, read_yaml
+from conftest import POSITIVE, save_tiny_encoder, sentiment_rows, write_csv
 from data import DataError, encode, read_examples
 from processes import Process
 
@@ -70,8 +70,8 @@ def test_a_hit_maps_the_same_arrays_without_tokenizing(tmp_path, tokenizer, coun
 
 def test_the_key_follows_what_changes_the_ids_and_labels_and_nothing_else(tmp_path, tokenizer):
     path = write_csv(tmp_path / "a.csv", [{"text": "good movie", "other": "bad", "label": "positive"}])
-    key = lambda path=path, tok=tokenizer, n=16, labelled=True, **options: \
-        cache.cache_key(path, tok, data_cfg(**options), n, labelled)[0]
+    def key(path=path, tok=tokenizer, n=16, labelled=True, **options):
+        return cache.cache_key(path, tok, data_cfg(**options), n, labelled)[0]
     base = key()
     tokenizer("some text", truncation=True, max_length=5)  # a call sets the backend's truncation
     assert key() == base
@@ -251,7 +251,8 @@ def test_an_entry_not_found_by_every_rank_is_used_by_none(tmp_path, tokenizer, m
         tensor.copy_(torch.minimum(tensor, torch.tensor([int(other_found[-1])], dtype=tensor.dtype)))
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     rank = Process(0, 0, 2, torch.device("cpu"), True, True, cpu_group="gloo group")
-    found = lambda: cache.mapped(tmp_path / "cache", tokenizer, path, data_cfg(), 16, True, rank)
+    def found():
+        return cache.mapped(tmp_path / "cache", tokenizer, path, data_cfg(), 16, True, rank)
     other_found.append(True)
     assert found() is not None
     other_found.append(False)

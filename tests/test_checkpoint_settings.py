@@ -10,12 +10,18 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import (base_args, last_json_line, make_tokenizer, save_tiny_encoder, sentiment_rows, tiny_config,
-                      write_csv)
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, BertForPreTraining, BertModel,
-                          pipeline)
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForPreTraining, BertModel, pipeline
 
 import trainer
+from conftest import (
+    base_args,
+    last_json_line,
+    make_tokenizer,
+    save_tiny_encoder,
+    sentiment_rows,
+    tiny_config,
+    write_csv,
+)
 from model import build_model, save_pretrained
 
 # other labels than config.yaml's [negative, neutral, positive], and another length than its 64

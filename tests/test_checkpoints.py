@@ -377,7 +377,8 @@ def test_an_old_seed_backend_resumes_under_auto_and_precision_must_match():
     """A checkpoint saved with the seed's backend sp resumes under auto (the world size is checked
     on its own); switching mixed precision on or off is a conflict, however it is said."""
     digests = {key: [None] for key in checkpoint.DATA_FILE_KEYS}
-    conflicts = lambda old, new: checkpoint.resume_conflicts({"trainer": old}, digests, {"trainer": new}, digests)
+    def conflicts(old, new):
+        return checkpoint.resume_conflicts({"trainer": old}, digests, {"trainer": new}, digests)
     assert conflicts({"backend": "sp"}, {"backend": "auto", "amp": False}) == []
     assert conflicts({"backend": "sp-amp"}, {"backend": "auto", "amp": True}) == []
     assert conflicts({"backend": "sp"}, {"backend": "auto", "amp": True}) == [

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import base_args, save_tiny_encoder, sentiment_rows, write_csv
 from safetensors.torch import load_file
 
 import config
 import distill
-from model import load_tokenizer
 import splits
 import trainer
+from conftest import base_args, save_tiny_encoder, sentiment_rows, write_csv
+from model import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ import sys
 
 import pytest
 
-from config import (GOLDEN_CONFIG, ConfigError, check_config, golden_keys, load_config, parse_args, print_help,
-                    read_yaml)
+from config import GOLDEN_CONFIG, ConfigError, check_config, load_config, parse_args, print_help, read_yaml
 
 
 def config_error(argv):
@@ -208,7 +207,8 @@ def test_negative_numbers_and_equals_form_are_values():
     (["--data.labels_list", "[]"], "non-empty"),
     (["--data.text_b_col", "text"], "text_b_col equals data.text_a_col"),
     (["--data.labels_list", "[score]", "--module.metric", "acc_and_f1"], "pcc_and_scc"),  # a set metric must fit
-    (["--module.metric", "pcc_and_scc"], "does not fit single-label classification; use acc_and_f1, acc, f1_macro or mcc"),
+    (["--module.metric", "pcc_and_scc"],
+     "does not fit single-label classification; use acc_and_f1, acc, f1_macro or mcc"),
     (["--data.train_filepath", "null"], "model.model_path"),
     (["--data.train_filepath", "null", "--data.val_filepath", "null", "--model.model_path", "m"],
      "nothing to do"),
@@ -338,9 +338,3 @@ def test_help_prints_usage_and_every_key_without_importing_torch(script):
     if script == "trainer.py":
         assert "--data.val_filepath null \\\n        --data.predict_filepath new.csv" in usage
 
-
-def test_every_key_of_config_yaml_is_in_the_readme_table():
-    readme = (GOLDEN_CONFIG.parent / "README.md").read_text(encoding="utf-8")
-    missing = [f"{section}.{key}" for section, _, keys in golden_keys() for key, _, _ in keys
-               if f"| `{section}.{key}` |" not in readme]
-    assert not missing

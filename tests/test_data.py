@@ -2,11 +2,23 @@
 import numpy as np
 import pytest
 import torch
+
 from config import GOLDEN_CONFIG, read_yaml
 from conftest import make_tokenizer, write_csv, write_jsonl
-
-from data import (DataError, Encoded, backend_encode, collate, count_examples, encode, eval_batches, example_chunks,
-                  id_dtype, micro_batches, read_examples, train_batches)
+from data import (
+    DataError,
+    Encoded,
+    backend_encode,
+    collate,
+    count_examples,
+    encode,
+    eval_batches,
+    example_chunks,
+    id_dtype,
+    micro_batches,
+    read_examples,
+    train_batches,
+)
 
 LABELS = ["negative", "positive"]
 ROWS = [{"text": "good movie", "label": "positive"},
@@ -456,7 +468,8 @@ def list_collate(input_ids, token_types, labels, indices, pad_token_id, multiple
     """The padding of before the flat layout, row by row from lists: the reference collate must equal."""
     rows = [input_ids[i] for i in indices]
     width = -(-max(len(r) for r in rows) // multiple) * multiple
-    pad = lambda seqs, value: torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.int64)
+    def pad(seqs, value):
+        return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.int64)
     batch = {"input_ids": pad(rows, pad_token_id), "attention_mask": pad([[1] * len(r) for r in rows], 0)}
     if token_types is not None:
         batch["token_type_ids"] = pad([token_types[i] for i in indices], 0)

@@ -70,7 +70,8 @@ def setup(tmp_path_factory):
     val = write_csv(tmp / "val.csv", sentiment_rows(51, seed=2))
     # global batch 16 = 2 ranks x 8, micro-batches of <= 3: accumulation and no_sync both run
     overrides = {"trainer.gpu_batch_size_limit": 3, "trainer.log_steps": 1}
-    args = lambda name, **more: base_args(tmp / name, model, train, val, **{**overrides, **more})
+    def args(name, **more):
+        return base_args(tmp / name, model, train, val, **{**overrides, **more})
     sp = single(args("sp"), tmp)
     assert sp.returncode == 0, stderr_tail(sp.stderr)
     return {"tmp": tmp, "args": args, "sp": sp, "model": model, "train": train, "val": val}
@@ -302,8 +303,9 @@ def test_ddp_ranks_share_one_token_cache_and_predict_in_input_order(setup):
     predict = write_csv(tmp / "predict-cached.csv", [{"id": f"r{i}", "text": r["text"]} for i, r in enumerate(rows)])
     common = {"trainer.backend": "ddp", "data.cache_dir": str(tmp / "cache"), "trainer.val_batch_size": 4,
               "data.predict_filepath": predict}
-    cmd = lambda *args: run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), *args], tmp)
+    def cmd(*args):
+        return run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 str(script), *args], tmp)
     first = cmd(*setup["args"]("cached", **common, **{"trainer.epochs": 1, "data.predict_output": str(tmp / "c1.csv")}))
     assert first.returncode == 0, first.stderr[-3000:]
     # the training and validation files were tokenized once each, by local rank 0; rank 1 mapped them

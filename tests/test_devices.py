@@ -78,7 +78,8 @@ def test_a_gpu_rank_saves_and_restores_its_own_device_rng_only(monkeypatch):
     checkpoint holds cuda:3's state alone (the *_all functions would list 8 GPUs and the restore
     with fewer would raise IndexError), and it is restored onto the resuming rank's own device."""
     saved, restored = [], []
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: saved.append(device) or torch.full((8,), 3, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state",
+                        lambda device: saved.append(device) or torch.full((8,), 3, dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
 
     def every_gpu(*args):

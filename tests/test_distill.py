@@ -9,15 +9,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import (AutoModelForSequenceClassification, DistilBertConfig,
-                          DistilBertForSequenceClassification)
+from transformers import AutoModelForSequenceClassification, DistilBertConfig, DistilBertForSequenceClassification
 
 import config
-import distill
-import speedups
 import data
+import distill
 import evaluation
 import processes
+import speedups
 import splits
 import trainer
 from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv

@@ -12,12 +12,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
 from safetensors.torch import load_file
 
 import evaluation
-
 import trainer
+from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
 
 # validation every 2 steps (13 steps an epoch, 4 epochs): acc rises to 0.7 at step 6, then stalls
 SCRIPT = {2: 0.5, 4: 0.6, 6: 0.7, 8: 0.7, 10: 0.705, 12: 0.69, 13: 0.69, 14: 0.8}

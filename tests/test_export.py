@@ -20,15 +20,14 @@ from onnx import numpy_helper
 from transformers import AutoModelForSequenceClassification
 
 import checkpoint
-import export
 import evaluation
-from config import load_config
-from model import build_model, load_tokenizer, use_checkpoint_settings
+import export
 import processes
 import trainer
+from config import load_config
 from conftest import NEGATIVE, NEUTRAL, POSITIVE, base_args, save_tiny_encoder, sentiment_rows, write_csv
 from data import encode, read_examples, window_stride
-from model import ModelError
+from model import ModelError, build_model, load_tokenizer, use_checkpoint_settings
 
 MAIN = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
 

@@ -5,11 +5,10 @@ import stat
 
 import numpy as np
 import pytest
-from conftest import base_args, save_tiny_encoder, sentiment_rows, write_csv
 
 import evaluation
-
 import trainer
+from conftest import base_args, save_tiny_encoder, sentiment_rows, write_csv
 
 
 @pytest.fixture(scope="module")

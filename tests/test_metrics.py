@@ -5,8 +5,17 @@ import warnings
 import numpy as np
 import pytest
 
-from metrics import (average_ranks, best_thresholds, compute_metrics, confusion_matrix, format_report,
-                     matthews_corrcoef, multilabel_metrics, pearson, spearman)
+from metrics import (
+    average_ranks,
+    best_thresholds,
+    compute_metrics,
+    confusion_matrix,
+    format_report,
+    matthews_corrcoef,
+    multilabel_metrics,
+    pearson,
+    spearman,
+)
 
 NAMES = ["a", "b", "c"]
 # true:  a a a a b b c c     (support 4, 2, 2)

@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import base_args, make_tokenizer, save_tiny_encoder, tiny_config, write_csv
 from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification
 
 import trainer
+from conftest import base_args, make_tokenizer, save_tiny_encoder, tiny_config, write_csv
 from model import build_model, save_pretrained
 
 GOOD = [{"text": "good movie", "label": "positive"}, {"text": "bad plot", "label": "negative"},

@@ -23,8 +23,17 @@ import evaluation
 import splits
 import trainer
 from config import GOLDEN_CONFIG, ConfigError, load_config, read_yaml
-from conftest import (NEGATIVE, NEUTRAL, POSITIVE, base_args, last_json_line, one_and_two_processes,
-                      save_tiny_encoder, write_csv, write_jsonl)
+from conftest import (
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    base_args,
+    last_json_line,
+    one_and_two_processes,
+    save_tiny_encoder,
+    write_csv,
+    write_jsonl,
+)
 from data import DataError, read_examples
 from metrics import best_thresholds, multilabel_metrics
 

@@ -8,12 +8,12 @@ import errno
 import json
 
 import pytest
-from conftest import base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
 
 import evaluation
 import runlog
 import trainer
 from checkpoint import MANIFEST, WRITING, WRITING_TEXT
+from conftest import base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
 
 
 @pytest.fixture(scope="module")

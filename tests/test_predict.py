@@ -4,17 +4,14 @@ import csv
 import numpy as np
 import pytest
 import torch
-from conftest import base_args, sentiment_rows, write_csv
 
 import evaluation
-
-from model import build_model, load_tokenizer
-
 import processes
-
 import trainer
 from config import load_config
+from conftest import base_args, sentiment_rows, write_csv
 from data import DataError, encode, read_examples
+from model import build_model, load_tokenizer
 
 MAIN = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
 

@@ -11,15 +11,22 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, base_args, save_tiny_encoder, sentiment_rows, stderr_tail, tiny_config, write_csv
 from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 from transformers.models.bert.modeling_bert import BertLayer
 
 import speedups
 import trainer
+from conftest import ROOT, base_args, save_tiny_encoder, sentiment_rows, stderr_tail, tiny_config, write_csv
 from model import build_model
-from speedups import (CPU_DROPOUT_ATTENTION, CPUDropout, FirstPositionBertLayer, FirstPositionRobertaLayer,
-                      first_position_last_layer, sdpa_cpu_dropout_attention, use_cpu_dropout)
+from speedups import (
+    CPU_DROPOUT_ATTENTION,
+    CPUDropout,
+    FirstPositionBertLayer,
+    FirstPositionRobertaLayer,
+    first_position_last_layer,
+    sdpa_cpu_dropout_attention,
+    use_cpu_dropout,
+)
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import base_args, make_tokenizer, sentiment_rows, write_csv
 
 import config
 import distill
@@ -20,6 +19,7 @@ import evaluation
 import processes
 import splits
 import trainer
+from conftest import base_args, make_tokenizer, sentiment_rows, write_csv
 
 
 class BagOfWords(torch.nn.Module):

@@ -12,19 +12,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import evaluation
-
 import processes
-
 import trainer
 from config import load_config
+from conftest import base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
 from model import build_model, load_tokenizer
-from trainer import build_optimizer, lr_multiplier
 from splits import load_split
+from trainer import build_optimizer, lr_multiplier
 
 
 def run_main(argv):

@@ -16,8 +16,17 @@ import processes
 import trainer
 from cache import cached_encode
 from config import GOLDEN_CONFIG, read_yaml
-from conftest import (NEGATIVE, NEUTRAL, POSITIVE, base_args, last_json_line, make_tokenizer, one_and_two_processes,
-                      save_tiny_encoder, write_csv)
+from conftest import (
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    base_args,
+    last_json_line,
+    make_tokenizer,
+    one_and_two_processes,
+    save_tiny_encoder,
+    write_csv,
+)
 from data import DataError, Examples, cap_windows, dropped_by_truncation, encode, eval_batches, read_examples
 
 
