@@ -227,6 +227,7 @@ def test_debug_shows_the_traceback(tmp_path, tiny_bert):
                                **{"trainer.debug": "true"}))
 
 
+@pytest.mark.slow  # trains several epochs
 def test_good_input_of_the_same_shape_runs(tmp_path, tiny_bert, capfd):
     # the baseline every case above changes one thing of: it must run, write what they must not,
     # and learn the four validation rows (256 training rows x 3 epochs are enough)

@@ -144,6 +144,7 @@ def test_a_user_value_that_contradicts_the_checkpoint_is_one_error_line_naming_b
 # -- regression: its metric and its label name -----------------------------------------------------
 
 
+@pytest.mark.slow  # trains several epochs
 def test_regression_without_a_metric_uses_pcc_and_scc_keeps_its_name_and_is_read_back(tmp_path, tiny_bert, capsys):
     train = write_csv(tmp_path / "train.csv", scored(sentiment_rows(128, seed=1)))
     val = write_csv(tmp_path / "val.csv", scored(sentiment_rows(32, seed=2)))

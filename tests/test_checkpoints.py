@@ -259,6 +259,7 @@ def test_resume_with_a_changed_config_or_data_stops_before_step_one(job, capsys,
     assert sorted(p.name for p in ckpt_dir(job, name).iterdir()) == before
 
 
+@pytest.mark.slow  # trains several epochs
 def test_resume_may_change_logging_cadence_and_data_location(job, capsys, tmp_path):
     ckpt = run_copy(job, "allowed")
     moved = tmp_path / "moved.csv"
@@ -357,6 +358,7 @@ def test_a_run_killed_after_logging_past_its_checkpoint_resumes_to_the_same_logs
     assert scalars_of(job["tmp"] / "killed") == scalars_of(job["tmp"] / "killed-reference")
 
 
+@pytest.mark.slow  # trains several epochs
 def test_a_run_paused_after_each_epoch_and_resumed_is_the_uninterrupted_run(job, capsys):
     """trainer.stop_after_epochs ends a launch after that epoch with a checkpoint; the schedule
     spans trainer.epochs all along, so resuming gives bitwise the run never paused (a sweep's rungs)."""
@@ -476,6 +478,7 @@ def test_bad_output_locations_stop_the_run_before_step_one(job, tmp_path, capsys
     assert not (tmp_path / "ckpt").is_dir() or steps(tmp_path / "ckpt") == []
 
 
+@pytest.mark.slow  # trains several epochs
 def test_predictions_go_to_a_missing_folder_which_is_created(job, tmp_path):
     out = tmp_path / "new" / "folder" / "preds.csv"
     args = base_args(tmp_path, job["model"], "null", "null", **{

@@ -263,6 +263,7 @@ def test_cached_teacher_logits_are_looked_up_by_example_and_equal_the_teachers(t
     assert not calls and torch.allclose(cached, live, atol=1e-6)
 
 
+@pytest.mark.slow  # trains several epochs
 def test_with_logits_losses_the_teacher_runs_once_before_training_and_never_during_it(tmp_path, tiny_teacher,
                                                                                       monkeypatch):
     t, calls, real_build = tiny_teacher, [], distill.build_teacher
@@ -378,6 +379,7 @@ def untrained_accuracy(argv):
     return float((logits.argmax(axis=1) == val.encoded.labels).mean())
 
 
+@pytest.mark.slow  # trains several epochs
 def test_distilled_random_student_beats_the_untrained_one(tmp_path, tiny_teacher, capsys):
     """A different, smaller architecture (1 layer, 16 wide, random init) learns from the teacher
     with soft labels and projected hidden states, and saves as a plain transformers model."""

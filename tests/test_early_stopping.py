@@ -90,6 +90,7 @@ def test_a_run_killed_before_it_stops_early_and_resumed_stops_at_the_same_step(j
     assert last_json_line(capsys.readouterr().out)["stopped_early_at_step"] == 12
 
 
+@pytest.mark.slow  # trains several epochs
 def test_without_patience_the_run_goes_on(job, scripted, capsys):
     assert trainer.main(job["args"]("off", **{"trainer.early_stopping_patience": "null",
                                               "trainer.epochs": 2})) == 0

@@ -347,6 +347,7 @@ def test_labels_loss_skips_unlabelled_multilabel_rows():
     assert torch.allclose(distill.labels_loss(logits, labels), expected)
 
 
+@pytest.mark.slow  # trains several epochs
 def test_distilling_a_multilabel_teacher_gives_a_multilabel_student(job, tuned):
     tmp = job["tmp"] / "student"
     teacher = tuned[0] / "ckpt" / "best"

@@ -170,6 +170,7 @@ def manifests(ckpt_dir):
             for p in ckpt_dir.glob("checkpoint-epoch*-step*")}
 
 
+@pytest.mark.slow  # trains several epochs
 def test_overwrite_replaces_the_old_checkpoints(job, capsys):
     ckpt = job["tmp"] / "overwrite" / "ckpt"
     # the old run goes 2 epochs (26 steps), the new one 1 epoch (13): names past step 13 are old
@@ -189,6 +190,7 @@ def test_overwrite_replaces_the_old_checkpoints(job, capsys):
     assert os.readlink(ckpt / "best") in new
 
 
+@pytest.mark.slow  # trains several epochs
 def test_resuming_a_finished_run_with_more_epochs_extends_it(job, capsys):
     tmp = job["tmp"]
     args = job["args"]("extended", **{"trainer.epochs": 2, "ckpt.save_steps": 0})

@@ -192,6 +192,7 @@ def test_trainer_matches_a_plain_loop_whatever_its_micro_batches(
         assert torch.allclose(trained[key], reference[key], rtol=0, atol=2e-6), key
 
 
+@pytest.mark.slow  # trains several epochs
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path, tiny_bert):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(48, seed=3))
     runs = {}
@@ -375,6 +376,7 @@ def test_evaluate_a_plain_state_dict_file_with_wrapper_prefixes(trained, prefix,
 # -- other models and tasks ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains several epochs
 def test_roberta_trains_and_its_checkpoint_loads(tmp_path, tiny_roberta):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(256, seed=1))
     val = write_csv(tmp_path / "val.csv", sentiment_rows(64, seed=2))
@@ -387,6 +389,7 @@ def test_roberta_trains_and_its_checkpoint_loads(tmp_path, tiny_roberta):
     assert AutoTokenizer.from_pretrained(best).pad_token_id == 1
 
 
+@pytest.mark.slow  # trains several epochs
 def test_regression_with_one_label_trains(tmp_path, tiny_bert):
     def scored(rows):
         return [{"text": row["text"], "label": 1.0 if row["label"] == "positive" else -1.0} for row in rows]

@@ -158,6 +158,7 @@ def windowed(job):
     return tmp, out
 
 
+@pytest.mark.slow  # trains several epochs
 def test_windows_see_a_cue_that_truncation_cuts_off(job, windowed):
     tmp, out = windowed
     cut = last_json_line(run_main(base_args(job["tmp"] / "cut", job["model"], job["train"], job["val"],
