@@ -134,6 +134,28 @@ def test_prediction_through_the_export_folder_equals_prediction_through_pytorch(
         assert float(ours["prob_positive"]) == pytest.approx(float(theirs["prob_positive"]), abs=1e-5)
 
 
+def test_trainer_py_evaluates_and_predicts_an_export_folder_as_its_checkpoint(single, tmp_path):
+    """The command line: --model.model_path an export folder runs ONNX Runtime in place of PyTorch,
+    with the same metrics and predictions; training from it is refused in one line."""
+    rows = [{"text": row["text"]} for row in sentiment_rows(25, seed=8)]
+    new = write_csv(tmp_path / "new.csv", rows)
+    results, written = {}, {}
+    for kind, folder in (("torch", single["checkpoint"]), ("onnx", single["folder"])):
+        args = export_args(str(folder), single["val"], **{
+            "data.train_filepath": "null", "data.predict_filepath": new, "trainer.log_dir": str(tmp_path / "runs"),
+            "data.predict_output": str(tmp_path / f"{kind}.csv"), "trainer.device": "cpu"})
+        out, _ = run_main(trainer.main, args)
+        results[kind] = json.loads(out.strip().splitlines()[-1])
+        with open(tmp_path / f"{kind}.csv", newline="", encoding="utf-8") as f:
+            written[kind] = list(csv.DictReader(f))
+    assert results["onnx"]["acc"] == results["torch"]["acc"]
+    assert [r["predicted_label"] for r in written["onnx"]] == [r["predicted_label"] for r in written["torch"]]
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(8, seed=9))
+    _, err = run_main(trainer.main, export_args(str(single["folder"]), single["val"], **{
+        "data.train_filepath": train, "trainer.log_dir": str(tmp_path / "runs2")}), expect=2)
+    assert "is an export folder (ONNX): it evaluates and predicts only" in err
+
+
 # -- the gate -----------------------------------------------------------------------------------
 
 
