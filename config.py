@@ -189,6 +189,14 @@ class Config(dict):
     user_keys = frozenset()
 
 
+def answer_help(argv, doc):
+    """True, once the usage and every key are printed, when the command line asks for -h / --help."""
+    if "-h" in argv or "--help" in argv:
+        print_help(doc)
+        return True
+    return False
+
+
 def load_config(argv, golden_path=GOLDEN_CONFIG):
     """The config of this run: golden defaults < the --config_path file < command-line overrides."""
     cfg, user_keys = Config(read_yaml(golden_path)), set()

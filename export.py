@@ -49,7 +49,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import speedups
 from checkpoint import CheckpointError, check_writable_dir, first_line, new_session
-from config import ConfigError, label_names, load_config, print_help, task_of
+from config import ConfigError, answer_help, label_names, load_config, task_of
 from data import DataError, collate, encode, read_examples, window_stride
 from evaluation import document_logits, fixed_thresholds, predict_logits, sigmoid, softmax, split_metrics, thresholds_of
 from model import (
@@ -386,8 +386,7 @@ def write_folder(folder, cfg, checkpoint, tokenizer, thresholds, kept, report):
 def main(argv=None):
     """Command-line entry point: one clear line and exit status 2 on any user error."""
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print_help(__doc__)
+    if answer_help(argv, __doc__):
         return 0
     cfg = None
     try:

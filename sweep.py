@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from config import ConfigError, YamlLoader, load_config, parse_args, print_help
+from config import ConfigError, YamlLoader, answer_help, load_config, parse_args
 
 TRAINER = Path(__file__).resolve().with_name("trainer.py")
 STATE = "sweep.json"
@@ -455,8 +455,7 @@ def print_table(rows, metric):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print_help(__doc__)
+    if answer_help(argv, __doc__):
         return 0
     lock = None
     try:

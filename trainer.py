@@ -63,7 +63,7 @@ from checkpoint import (
     save_step,
     sees_lock_of,
 )
-from config import ConfigError, fit_metric_to_task, label_names, load_config, print_help, uses_amp
+from config import ConfigError, answer_help, fit_metric_to_task, label_names, load_config, uses_amp
 from data import DataError, collate, micro_batches, train_batches
 from evaluation import (
     evaluate_only,
@@ -678,8 +678,7 @@ def main(argv=None, run_fn=run, doc=__doc__):
     distill.py runs through here too, with its own run_fn and docstring.
     """
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print_help(doc)
+    if answer_help(argv, doc):
         return 0
     cfg, shared = None, True  # an error every rank meets alike is printed by rank 0 alone
     try:
