@@ -57,7 +57,7 @@ TYPES = {
     "model.model_path": (str, None), "model.model_file": (str, None),
     "ckpt.keep_last": (int, None), "trainer.stop_after_epochs": (int, None), "ckpt.resume": (str, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
-    "distill.student_layers": (list, None), "distill.student_model": (str, None),
+    "distill.student_layers": (list, None), "distill.student_model": (str, None), "distill.student_tokenizer": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
 }
 
