@@ -58,7 +58,7 @@ TYPES = {
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None),
     "trainer.stop_after_epochs": (int, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
-    "distill.student_layers": (list, None), "distill.student_model": (str, None),
+    "distill.student_layers": (list, None), "distill.student_model": (str, None), "distill.student_tokenizer": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
     "sweep.samples": (int, None), "sweep.rungs": (list, None),
     "export.output_dir": (str, None),

@@ -14,8 +14,17 @@ hands them to trainer.Trainer.
 
 Students: a depth cut of the teacher (distill.student_layers: the teacher's encoder layers to keep,
 0-based, in order, with its embeddings, pooler and classifier), or another architecture or size
-(distill.student_model and / or distill.student_config overrides, pretrained or random init). The
-student must read the teacher's token ids (same vocabulary).
+(distill.student_model and / or distill.student_config overrides, pretrained or random init).
+
+Tokenizers: the student reads the teacher's tokens unless it brings its own tokenizer
+(distill.student_tokenizer, else distill.student_model's folder's, where its vocabulary differs from
+the teacher's: a RoBERTa teacher and a MiniLM student). Then every training row is tokenized twice,
+through the token cache: by the teacher's tokenizer, once, for the teacher's logits before step 1,
+and by the student's for training, evaluation and the student's checkpoint. The targets are per
+example, so the logits and labels losses need nothing more; hidden_states and attentions compare
+token by token and are refused. With data.long_texts windows, which cut a document differently in
+each tokenizer, the teacher's windows are pooled to one logit per document (data.window_pool) and
+every student window of that document learns it.
 
 Losses (distill.loss_types, weighted by distill.loss_weights; each summed over examples, as
 Trainer expects, and logged on its own as train/<type>, unweighted):
@@ -44,6 +53,7 @@ if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:])
     sys.exit(0)
 
 import copy
+import os
 
 import numpy as np
 import torch
@@ -54,10 +64,11 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 import speedups
 from config import ConfigError, task_of
 from data import Encoded
-from evaluation import predict_logits
-from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config
+from evaluation import document_logits, predict_logits
+from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
 from processes import log, on_main
-from splits import Split, class_weights, load_split, prepare_run, training_split
+from splits import (Split, check_max_seq_len, class_weights, load_split, prepare_run, read_split, tokenize,
+                    training_split)
 from trainer import fit, per_rank_batch, task_loss
 from trainer import main as trainer_main
 
@@ -81,9 +92,10 @@ def check_distill_config(cfg):
         if not layers or any(not isinstance(i, int) or i < 0 for i in layers) or sorted(set(layers)) != layers:
             raise ConfigError(f"distill.student_layers {layers}: teacher layer indices (from 0), "
                               f"increasing, without repeats")
-        if d["student_model"] is not None or d["student_config"]:
-            raise ConfigError("distill.student_layers (a depth cut of the teacher) excludes "
-                              "distill.student_model and distill.student_config; set one or the other")
+        if d["student_model"] is not None or d["student_config"] or d["student_tokenizer"] is not None:
+            raise ConfigError("distill.student_layers (a depth cut of the teacher, which reads its tokens) excludes "
+                              "distill.student_model, distill.student_config and distill.student_tokenizer; "
+                              "set one or the other")
     elif d["student_model"] is None and not d["student_config"]:
         raise ConfigError("no student: set distill.student_layers (a depth cut of the teacher, e.g. "
                           "[0,2,4]), distill.student_model, or distill.student_config overrides")
@@ -180,7 +192,8 @@ def other_student(cfg, teacher, student_kwargs, say=print):
 
 def build_student(cfg, teacher, tokenizer, say=print):
     """The student: a depth cut of the teacher or another model; attention dropout off for the
-    attentions loss (the saved config keeps the original value, for later fine-tuning)."""
+    attentions loss (the saved config keeps the original value, for later fine-tuning).
+    tokenizer: the one the student reads (its own, or the teacher's)."""
     d = cfg["distill"]
     student_kwargs = {}
     if "attentions" in d["loss_types"]:
@@ -191,26 +204,61 @@ def build_student(cfg, teacher, tokenizer, say=print):
     else:
         student = other_student(cfg, teacher, student_kwargs, say)
         original = None
-        check_vocabulary(d["student_model"], student, tokenizer)
+        check_vocabulary(student, tokenizer)
     for name in student_kwargs:  # the modules are built with dropout 0; the saved config keeps its value
         if original is not None and hasattr(original, name):
             setattr(student.config, name, getattr(original, name))
     return student
 
 
-def check_vocabulary(student_model, student, tokenizer):
-    """The student reads the teacher's token ids, so it needs the same vocabulary."""
+def check_vocabulary(student, tokenizer):
+    """Every token id the student's tokenizer gives must have a row in the student's embeddings."""
     if student.config.vocab_size < len(tokenizer):
-        raise ModelError(f"the student's vocabulary ({student.config.vocab_size}) is smaller than the "
-                         f"teacher tokenizer's ({len(tokenizer)}); the student must share it")
-    if student_model is not None and is_pretrained_dir(student_model):
-        try:
-            own = AutoTokenizer.from_pretrained(student_model)
-        except (OSError, ValueError):
-            return  # a model folder without a tokenizer: nothing to compare
-        if own.get_vocab() != tokenizer.get_vocab():
-            raise ModelError(f"distill.student_model {student_model!r} has another tokenizer than the "
-                             f"teacher; the student must read the teacher's token ids")
+        raise ModelError(f"the student's vocabulary ({student.config.vocab_size}) is smaller than its "
+                         f"tokenizer's ({len(tokenizer)}); give the student its own tokenizer "
+                         f"(distill.student_tokenizer) or a vocab_size of {len(tokenizer)} (distill.student_config)")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def student_tokenizer(cfg, teacher_tokenizer):
+    """(the student's own tokenizer, the key naming it), or (None, None) when the student reads the
+    teacher's tokens: distill.student_tokenizer, else the tokenizer in distill.student_model's
+    folder, unless its vocabulary is the teacher's."""
+    d = cfg["distill"]
+    path, key = d["student_tokenizer"], "distill.student_tokenizer"
+    folder = d["student_model"]
+    if path is None and is_pretrained_dir(folder) and any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        path, key = folder, "distill.student_model"
+    if path is None:
+        return None, None
+    try:
+        own = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({str(e).splitlines()[0]})") from None
+    if own.get_vocab() == teacher_tokenizer.get_vocab():
+        return None, None  # one vocabulary: the student reads the teacher's tokens, as a depth cut does
+    return own, f"{key} {path!r}"
+
+
+def check_two_tokenizers(cfg, tokenizer, source):
+    """What a student with its own tokenizer cannot do, refused before anything is computed."""
+    d = cfg["distill"]
+    aligned = [t for t in d["loss_types"] if t in ("hidden_states", "attentions")]
+    if aligned:
+        raise ConfigError(f"distill.loss_types {d['loss_types']}: the student reads its own tokenizer's tokens "
+                          f"({source}), which do not line up with the teacher's, so {' and '.join(aligned)} cannot "
+                          f"be compared token by token; drop {' and '.join(aligned)} from distill.loss_types and "
+                          f"their weights from distill.loss_weights")
+    if "logits" in d["loss_types"] and not d["cache_teacher_logits"]:
+        raise ConfigError(f"distill.cache_teacher_logits is false, but a student with its own tokenizer ({source}) "
+                          f"learns the teacher's logits computed once, on the teacher's tokens, before step 1; "
+                          f"set it true")
+    if cfg["module"]["max_seq_len"] > tokenizer.model_max_length:
+        raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the student's tokenizer "
+                          f"({source}) takes at most {tokenizer.model_max_length} tokens; lower it, or set "
+                          f"distill.student_tokenizer to one that takes more")
 
 
 class DistillModule(nn.Module):
@@ -373,13 +421,33 @@ def caches_teacher_logits(cfg):
     return d["cache_teacher_logits"] and "logits" in d["loss_types"] and set(d["loss_types"]) <= {"logits", "labels"}
 
 
-def teacher_logits_of(cfg, proc, teacher, tokenizer, train):
+def teacher_logits_of(cfg, proc, teacher, tokenizer, train, student=None):
     """The teacher's logits of every training example, on every rank's device: each rank computes
-    its share (as evaluation does), the main process gathers them, and all ranks get the whole."""
+    its share (as evaluation does), the main process gathers them, and all ranks get the whole.
+
+    student: the student's training examples (data.Encoded) when it has its own tokenizer; train
+    then holds the same rows in the teacher's tokens. A text's windows differ between tokenizers,
+    so the teacher's windows are pooled per document and each student window gets its document's.
+    """
     logits = predict_logits(teacher, train.encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
                             proc, desc="teacher logits")
     logits = on_main(proc, lambda: logits)  # a broadcast of examples x classes floats
-    return torch.from_numpy(logits).to(proc.device)
+    if student is not None:
+        logits = document_logits(logits, train.encoded, cfg)
+        if len(logits) != student.num_documents:
+            raise RuntimeError(f"the teacher's tokens hold {len(logits)} rows, the student's {student.num_documents}")
+        if student.documents is not None:
+            logits = logits[student.documents]
+    return torch.from_numpy(np.ascontiguousarray(logits)).to(proc.device)
+
+
+def teachers_tokens(cfg, proc, tokenizer):
+    """The training rows in the teacher's tokens, in the student's order (the labelled file, then
+    distill.unlabeled_filepaths), mapped from or written to the token cache."""
+    paths = [(cfg["data"]["train_filepath"], True)] + [(p, False) for p in cfg["distill"]["unlabeled_filepaths"]]
+    parts = [tokenize(cfg, proc, tokenizer, read_split(cfg, proc, tokenizer, path, need_labels)).encoded
+             for path, need_labels in paths]
+    return Split(cfg["data"]["train_filepath"], Encoded.concat(parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,15 +483,27 @@ def run(cfg, proc):
     per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
     d = cfg["distill"]
     want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
+    teacher_tokenizer = load_tokenizer(cfg["model"])
+    own, source = student_tokenizer(cfg, teacher_tokenizer)
+    if own is not None:
+        check_two_tokenizers(cfg, own, source)
+        check_max_seq_len(cfg, teacher_tokenizer)  # prepare_run checks the student's
 
     def build(tokenizer):
         teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
         student = build_student(cfg, teacher, tokenizer, say=lambda message: log(proc, message))  # once, not per rank
         return teacher, student, DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
-    inputs = prepare_run(cfg, proc, build, extra_paths=d["unlabeled_filepaths"])
+    # the student's tokenizer drives training, evaluation and its checkpoint
+    inputs = prepare_run(cfg, proc, build, extra_paths=d["unlabeled_filepaths"],
+                         tokenizer=teacher_tokenizer if own is None else own)
     (teacher, student, module), tokenizer, val = inputs.built, inputs.tokenizer, inputs.val
     train = training_split(cfg, proc, with_unlabeled(cfg, inputs.train, inputs.extra))
-    cached = teacher_logits_of(cfg, proc, teacher, tokenizer, train) if caches_teacher_logits(cfg) else None
+    cached = None
+    if caches_teacher_logits(cfg) and own is None:
+        cached = teacher_logits_of(cfg, proc, teacher, tokenizer, train)
+    elif caches_teacher_logits(cfg):
+        cached = teacher_logits_of(cfg, proc, teacher, teacher_tokenizer, teachers_tokens(cfg, proc, teacher_tokenizer),
+                                   student=train.encoded)
     loss_fn = DistillLoss(cfg, teacher, student, teacher_logits=cached,
                           class_weights=class_weights(cfg, train, proc.device))
     if cfg["trainer"]["speedups"]:  # after the teacher's logits, which the plain modules computed
@@ -435,6 +515,8 @@ def run(cfg, proc):
                   f"({count(student) / 1e6:.1f}M), losses {loss_fn.weights}, T {d['temperature']}"
                   + (f", hidden map {loss_fn.hidden_map}" if want_hidden else "")
                   + (f", attention map {loss_fn.attention_map}" if want_attn else "")
+                  + (f", the student's own tokenizer ({len(own)} tokens, the teacher's {len(teacher_tokenizer)})"
+                     if own is not None else "")
                   + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
     _, result = fit(cfg, proc, module, tokenizer, train, val, loss_fn=loss_fn)
     return result

@@ -43,15 +43,16 @@ class RunInputs:
     built: object  # what build(tokenizer) returned
 
 
-def prepare_run(cfg, proc, build, extra_paths=()):
+def prepare_run(cfg, proc, build, extra_paths=(), tokenizer=None):
     """Check, build and tokenize what a run needs, writing nothing until all of it is checked.
 
     build(tokenizer) makes the run's models; extra_paths are unlabelled files (distillation's
-    transfer data). The training split is returned whole: data.max_windows is training_split's.
+    transfer data); tokenizer, when given, replaces the model section's (a distilled student's own).
+    The training split is returned whole: data.max_windows is training_split's.
     Seeds are set for initialisation first, then apart per rank for dropout.
     """
     seed_everything(cfg["trainer"]["seed"])
-    tokenizer = load_tokenizer(cfg["model"])
+    tokenizer = load_tokenizer(cfg["model"]) if tokenizer is None else tokenizer
     train, val, predict_rows = read_splits(cfg, tokenizer, proc)
     extra = [read_split(cfg, proc, tokenizer, path, need_labels=False) for path in extra_paths]
     built = build(tokenizer)
@@ -69,6 +70,15 @@ def read_splits(cfg, tokenizer, proc=None):
     first two Splits of read_split. The predict file is read and checked too, but not kept (evaluation.predict_file
     streams it): its row count sizes prediction's progress bar."""
     data = cfg["data"]
+    check_max_seq_len(cfg, tokenizer)
+    train, val = [read_split(cfg, proc, tokenizer, data[key], need_labels=True) if data[key] else None
+                  for key in ("train_filepath", "val_filepath")]
+    predict_rows = count_examples(data["predict_filepath"], data, data["labels_list"]) if data["predict_filepath"] else None
+    return train, val, predict_rows
+
+
+def check_max_seq_len(cfg, tokenizer):
+    """module.max_seq_len within what the model section's tokenizer takes."""
     # longer sequences than the model has positions would crash the first forward pass, mid-run
     if cfg["module"]["max_seq_len"] > tokenizer.model_max_length:
         # a checkpoint's tokenizer stops at the length it was trained at (model.save_pretrained)
@@ -79,10 +89,6 @@ def read_splits(cfg, tokenizer, proc=None):
         raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the "
                           f"{'checkpoint was trained at' if ours else 'model takes at most'} "
                           f"{tokenizer.model_max_length} tokens{hint}")
-    train, val = [read_split(cfg, proc, tokenizer, data[key], need_labels=True) if data[key] else None
-                  for key in ("train_filepath", "val_filepath")]
-    predict_rows = count_examples(data["predict_filepath"], data, data["labels_list"]) if data["predict_filepath"] else None
-    return train, val, predict_rows
 
 
 def read_split(cfg, proc, tokenizer, path, need_labels):
