@@ -67,8 +67,7 @@ from data import Encoded
 from evaluation import document_logits, predict_logits
 from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
 from processes import log, on_main
-from splits import (Split, check_max_seq_len, class_weights, load_split, prepare_run, read_split, tokenize,
-                    training_split)
+from splits import Split, check_max_seq_len, class_weights, load_split, prepare_run, read_split, tokenize, training_split
 from trainer import fit, per_rank_batch, task_loss
 from trainer import main as trainer_main
 

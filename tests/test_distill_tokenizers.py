@@ -19,8 +19,17 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bert
 import distill
 import processes
 import trainer
-from conftest import (ROOT, WORDS, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail,
-                      tiny_config, write_csv)
+from conftest import (
+    ROOT,
+    WORDS,
+    base_args,
+    last_json_line,
+    save_tiny_encoder,
+    sentiment_rows,
+    stderr_tail,
+    tiny_config,
+    write_csv,
+)
 from data import Encoded
 
 LABELS = ["negative", "positive"]
