@@ -529,11 +529,11 @@ def test_a_failure_on_rank_zero_alone_ends_every_rank_promptly(job):
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
     assert time.time() - started < 60
-    # rank 0 says why, once; rank 1 ended on rank 0's word (exit 2), not killed by torchrun
+    # rank 0 says why, once (rank 1 hears it through on_main and says nothing more; whether it exits
+    # before torchrun stops it, once rank 0 is gone, is a race not worth asserting)
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot point {last} at checkpoint-")
     assert f'File "{ROOT / "trainer.py"}"' not in stderr  # torchrun's own traceback only
-    assert "Signal" not in stderr and "exitcode: 2" in stderr
 
 
 @pytest.mark.slow

@@ -126,3 +126,26 @@ def test_a_log_line_without_a_step_does_not_stop_a_resume(job, capsys):
     out = capsys.readouterr().out
     assert "dropped a line without a step" in out and "best_step" in last_json_line(out)
     assert "a line someone added" not in (run_dir / "metrics.jsonl").read_text()
+
+
+def test_a_rank_hears_that_rank_zero_failed_and_leaves_the_saying_to_it(monkeypatch, capsys):
+    """on_main on another rank: rank 0's failure arrives by broadcast and ends this rank too, as
+    MainProcessFailed; main() prints rank 0's own line there, and nothing more on the other ranks."""
+    import torch
+
+    import processes
+
+    def broadcast(objects, src, group):  # what rank 0 sends when its fn failed
+        objects[0] = ("error", "cannot write checkpoints/last")
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast)
+    rank1 = processes.Process(1, 1, 2, torch.device("cpu"), False, True, cpu_group="gloo group")
+    with pytest.raises(processes.MainProcessFailed, match=r"^the main process \(rank 0\) failed: cannot write"):
+        processes.on_main(rank1, lambda: "never run here")
+
+    def failing_run(cfg, proc):
+        processes.on_main(rank1, lambda: None)
+    for rank, printed in (("1", []), ("0", ["error: the main process (rank 0) failed: cannot write checkpoints/last"])):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(trainer, "setup_distributed", lambda tcfg: rank1)
+        assert trainer.main(["--trainer.device", "cpu"], run_fn=failing_run) == 2
+        assert capsys.readouterr().err.splitlines() == printed
