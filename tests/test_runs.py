@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
@@ -61,7 +62,6 @@ def job(tmp_path_factory):
                                                 "trainer.log_steps": "auto", "data.text_a_col": "review",
                                                 "data.label_col": "verdict"})
     out, err = io.StringIO(), io.StringIO()
-    from contextlib import redirect_stderr, redirect_stdout
     with redirect_stdout(out), redirect_stderr(err):
         assert trainer.main(argv) == 0, err.getvalue()[-2000:]
         trained = last_json_line(out.getvalue())
