@@ -55,7 +55,7 @@ TYPES = {
     "data.label_col": (str, int), "data.cache_dir": (str, None), "data.max_windows": (int, None),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
-    "ckpt.keep_last": (int, None), "ckpt.resume": (str, None),
+    "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.log_steps": (int, str),
     "trainer.stop_after_epochs": (int, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
     "distill.student_layers": (list, None), "distill.student_model": (str, None), "distill.student_tokenizer": (str, None),
@@ -265,8 +265,10 @@ def check_config(cfg):
         for name, value in values.items():
             check_finite(f"{section}.{name}", value)
     data, module, tcfg = cfg["data"], cfg["module"], cfg["trainer"]
+    if tcfg["log_steps"] != "auto" and not isinstance(tcfg["log_steps"], int):
+        raise ConfigError(f"trainer.log_steps is {tcfg['log_steps']!r}; use a number of steps, or auto")
     positive = ["module.max_lr", "module.max_seq_len", "trainer.epochs", "trainer.train_batch_size",
-                "trainer.val_batch_size", "trainer.gpu_batch_size_limit", "trainer.log_steps"]
+                "trainer.val_batch_size", "trainer.gpu_batch_size_limit"] + ["trainer.log_steps"] * (tcfg["log_steps"] != "auto")
     for key in positive:
         section, name = key.split(".")
         if cfg[section][name] <= 0:

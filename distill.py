@@ -5,12 +5,13 @@ the student and the loss come from the `distill` section. Data, optimizer, sched
 logging and checkpoints are trainer.py's: this file adds a student, a frozen teacher and a loss, and
 hands them to trainer.Trainer.
 
-    python trainer.py --ckpt.model_state_save_dir ckpt/teacher                  # 1. fine-tune the teacher
+    python trainer.py --trainer.epochs 4 --ckpt.model_state_save_dir checkpoints/teacher      # 1. teacher
     python distill.py --config_path configs/distill.yaml \
-        --model.model_path ckpt/teacher/best --distill.student_layers [0,2,4]  # 2. distill a 3-layer student
-    torchrun --nproc_per_node 2 distill.py --config_path configs/distill.yaml --trainer.backend ddp
-    python trainer.py --data.train_filepath null --data.val_filepath test.csv \
-        --model.model_path ckpt/student/best                                     # 3. evaluate the student
+        --model.model_path checkpoints/teacher/best --distill.student_layers [0,2,5] \
+        --ckpt.model_state_save_dir checkpoints/student-3l                                     # 2. student
+    torchrun --nproc_per_node 2 distill.py --config_path configs/distill.yaml --trainer.backend ddp ...
+    python trainer.py --data.train_filepath null --data.val_filepath data/tweets/test.csv \
+        --model.model_path checkpoints/student-3l/best                                         # 3. evaluate
 
 Students: a depth cut of the teacher (distill.student_layers: the teacher's encoder layers to keep,
 0-based, in order, with its embeddings, pooler and classifier), or another architecture or size

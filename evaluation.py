@@ -3,6 +3,7 @@
     logits = predict_logits(model, split.encoded, batch_size, pad_token_id, proc)   # rank 0: every row
     metrics = split_metrics(logits, split, cfg, "at step 100")                     # windows pooled first
     path = predict_file(cfg, proc, model, tokenizer, run_dir, thresholds=...)      # streamed, in order
+    metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, val)             # a -eval run folder
 
 Every rank evaluates its shard of the examples (each on exactly one rank) and the main process
 gathers them, so the metrics are those of one process. A long document's windows are pooled into
@@ -19,13 +20,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import atomic_output, sweep_outputs, write_json, writing_to
+from checkpoint import atomic_output, read_manifest, sweep_outputs, write_json, writing_to
 from config import label_names
 from data import collate, eval_batches, example_chunks
 from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
 from model import save_thresholds, saved_thresholds
 from processes import autocast, log, on_main
-from runlog import new_run_dir
+from runlog import RunLog, new_run_dir
 from splits import encode_examples
 
 # rows of a predict file read, tokenized, run and written at a time: what prediction holds
@@ -172,8 +173,21 @@ def scalar_metrics(metrics):
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def curves_of(logits, split, cfg):
+    """What TensorBoard draws of an evaluation, per document: every class's (label's) probability
+    and the truth, or a regression's predictions and labels (runlog.RunLog.write_figures)."""
+    names, labels = label_names(cfg), split.encoded.document_labels()
+    logits = document_logits(logits, split.encoded, cfg)
+    if names is None:
+        return {"task": "regression", "predictions": logits[:, 0], "labels": labels}
+    multi = cfg["data"]["multi_label"]
+    return {"task": "multi_label" if multi else "single_label", "names": names, "labels": labels,
+            "probabilities": sigmoid(logits) if multi else softmax(logits)}
+
+
 def evaluate_only(cfg, proc, model, tokenizer, val):
-    """Metrics of a fine-tuned model on a labelled file, with a per-class table."""
+    """Metrics of a fine-tuned model on a labelled file, with a per-class table, and the run folder
+    they are written to (main process): (metrics, run_dir)."""
     # said before the wait, with the device, as training's first line is
     log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
               f"({val.encoded.num_documents} examples), device {proc.device}")
@@ -181,13 +195,25 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
                             tokenizer.pad_token_id, proc)
     metrics = on_main(proc, split_metrics, logits, val, cfg, f"on {cfg['data']['val_filepath']}")
     log(proc, format_report(metrics))
-    return metrics
+    run_dir = on_main(proc, lambda: write_eval_metrics(cfg, metrics, curves_of(logits, val, cfg)))
+    return metrics, run_dir
 
 
-def write_eval_metrics(cfg, metrics):
+def write_eval_metrics(cfg, metrics, curves):
+    """eval_metrics.json and TensorBoard events (at the checkpoint's step) in a new -eval folder."""
+    from torch.utils.tensorboard import SummaryWriter  # a slow import: only runs that log pay for it
     run_dir = new_run_dir(cfg["trainer"]["log_dir"], "eval")
     with writing_to("trainer.log_dir", run_dir):
         write_json(Path(run_dir) / "eval_metrics.json", metrics)
+        write_json(Path(run_dir) / "config.json", cfg)
+    manifest = read_manifest(cfg["model"]["model_path"])
+    step = manifest["step"] if manifest is not None else 0
+    runlog = RunLog(run_dir, SummaryWriter(run_dir))
+    try:
+        runlog.write(step, None, {f"eval/{k}": v for k, v in scalar_metrics(metrics).items()})
+        runlog.write_figures(step, metrics, curves, prefix="eval")
+    finally:
+        runlog.close()
     print(f"metrics written to {Path(run_dir) / 'eval_metrics.json'}")
     return run_dir
 

@@ -47,12 +47,22 @@ REWRITE_THRESHOLDS = 'rewrite it as {"thresholds": {"<label>": <probability>, ..
 WINDOW_KEYS = ("long_texts", "window_stride", "window_pool")
 # an export folder's record (export.py): the checkpoint it came from, its settings, its artifacts
 EXPORT_MANIFEST, EXPORTED_BY = "export.json", "export.py"
+# the data keys of how the training files were read (columns, format): evaluation reads its file
+# alike unless told otherwise; a user's value is a file of another layout, not a contradiction
+FILE_KEYS = ("file_format", "quoting", "header", "encoding", "text_a_col", "text_b_col", "label_col", "label_sep")
 PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                  "regression": "regression"}
 
 
 class ModelError(Exception):
     """A problem with a model, tokenizer or weights path, reported to the user as one line."""
+
+
+def warn(message):
+    """A warning on stderr; under torchrun from rank 0 alone: every rank loads the same files, so
+    every rank would print it alike."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr)
 
 
 def is_pretrained_dir(path):
@@ -154,8 +164,8 @@ def from_pretrained(source, key, say=print, **kwargs):
         old, new = head_labels(source), kwargs.get("num_labels")
         replaced = old is not None and new is not None and old != new
         if replaced:
-            print(f"warning: {key} {source!r} has a {old}-label classification head; it is replaced "
-                  f"by a new, untrained {new}-label head (data.labels_list)", file=sys.stderr)
+            warn(f"warning: {key} {source!r} has a {old}-label classification head; it is replaced "
+                 f"by a new, untrained {new}-label head (data.labels_list)")
             kwargs["ignore_mismatched_sizes"] = True
         with quiet_load_report():
             model, info = AutoModelForSequenceClassification.from_pretrained(
@@ -188,10 +198,10 @@ def report_loading(model, info, source, new_head):
         missing -= head
         unused = {name for name in unused if name.startswith(encoder)}
     if missing or unused:
-        print(f"warning: {source}: " + "; ".join(
+        warn(f"warning: {source}: " + "; ".join(
             f"{len(names)} weights {what}: {', '.join(sorted(names)[:8])}{', ...' * (len(names) > 8)}"
             for names, what in ((missing, "of the model are not in it and start from random values"),
-                                (unused, "in it are not used")) if names), file=sys.stderr)
+                                (unused, "in it are not used")) if names))
         return None
     if not head:
         return None
@@ -244,6 +254,9 @@ def checkpoint_settings(path, thresholds=True):
     trained = (manifest or {}).get("config") or {}
     if isinstance(trained.get("module", {}).get("max_seq_len"), int):
         settings["module.max_seq_len"] = (trained["module"]["max_seq_len"], where)
+    for name in FILE_KEYS:
+        if name in trained.get("data", {}):
+            settings[f"data.{name}"] = (trained["data"][name], where)
     if trained.get("data", {}).get("long_texts") == "windows":  # read as it was trained: in windows
         for name in WINDOW_KEYS:
             if name in trained["data"]:
@@ -270,8 +283,8 @@ def saved_thresholds(path, names, chosen=False):
     ModelError: deciding at 0.5 instead would change every prediction without a word."""
     file = Path(path) / THRESHOLDS_FILE
     if not file.exists() and not file.is_symlink():
-        print(f"warning: {file} is missing; every label of this multi-label checkpoint is decided at "
-              f"probability 0.5", file=sys.stderr)
+        warn(f"warning: {file} is missing; every label of this multi-label checkpoint is decided at "
+             f"probability 0.5")
         return (None, "") if chosen else None
     try:
         content = json.loads(file.read_text(encoding="utf-8"))
@@ -319,11 +332,13 @@ def use_checkpoint_settings(cfg):
         section, name = key.split(".")
         given = cfg[section][name]
         if key not in cfg.user_keys:
+            if name in FILE_KEYS and value == given:
+                continue  # config.yaml's own value: nothing to say
             cfg[section][name] = value
             if name != "multi_label":  # said with the labels, as their task
                 taken.append(f"{key} {value}")
-        elif name == "threshold" or name in WINDOW_KEYS:
-            continue  # the user's thresholds or windows are a choice of how to decide, not a contradiction
+        elif name == "threshold" or name in WINDOW_KEYS or name in FILE_KEYS:
+            continue  # the user's thresholds, windows or file layout: a choice, not a contradiction
         elif not (same_labels(value, given) if name == "labels_list" else value == given):
             given, value = (str(v).lower() if isinstance(v, bool) else v for v in (given, value))  # as YAML writes them
             raise ConfigError(f"{key} is {given}, but {path} was trained with {value} ({where}); leave "

@@ -1,18 +1,31 @@
-"""The run's log folder: TensorBoard events, the same scalars as JSON lines, the run's config.
+"""The run's log folder: TensorBoard events, the same scalars as JSON lines, the run's config and
+record; and the table of every run in trainer.log_dir.
 
     runlog = RunLog.open(cfg, step, run_dir=None)   # a new runs/<date>-<time>-train, or a resumed run's own
     runlog.write(step, epoch, {"train/loss": 0.7})   # both files, at once
+    runlog.write_figures(step, metrics, curves)      # PR curves, confusion matrix, per-class table
     runlog.close()
+    record_run(run_dir, cfg, argv, result)           # run.json: what ran, on what, how long
+    print(runs_table(log_dir))                       # python trainer.py --runs; also runs.csv
 
 Earlier runs' folders are never deleted. A resumed run continues its own folder, dropping what the
 killed run logged after its checkpoint, so its curves hold the values of a run never interrupted.
 Only the main process logs.
 """
+import csv
 import json
+import re
+import shlex
 import time
 from pathlib import Path
 
-from checkpoint import atomic_write, write_json, writing_to
+import numpy as np
+
+from checkpoint import atomic_write, read_manifest, write_json, writing_to
+
+# what a run folder is named after: <date>-<time>-<kind>[-n] (new_run_dir)
+KINDS = ("train", "distil", "eval", "predict")
+RUN_NAME = re.compile(r"(\d{8})-(\d{6})-(" + "|".join(KINDS) + r")(?:-(\d+))?")
 
 
 class RunLog:
@@ -23,7 +36,7 @@ class RunLog:
         self.jsonl = Path(run_dir) / "metrics.jsonl"
 
     @classmethod
-    def open(cls, cfg, step, run_dir=None, say=print):
+    def open(cls, cfg, step, run_dir=None, say=print, kind="train"):
         """A new folder in trainer.log_dir, or run_dir (a resumed run's), cut back to step.
 
         run_dir comes from a checkpoint's checkpoint.json: it is written in only if it is a folder
@@ -37,7 +50,7 @@ class RunLog:
                 f"{log_dir}; logging from step {step} on to a new folder there")
             run_dir = None
         with writing_to("trainer.log_dir", log_dir):
-            run_dir = run_dir or new_run_dir(log_dir, "train")
+            run_dir = run_dir or new_run_dir(log_dir, kind)
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             # a resumed run redoes the steps after its checkpoint: drop what the killed run logged there
             runlog = cls(run_dir, SummaryWriter(run_dir, purge_step=step + 1 if step else None))
@@ -52,6 +65,30 @@ class RunLog:
             self.writer.flush()
             with open(self.jsonl, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
+
+    def write_figures(self, step, metrics, curves, prefix="val"):
+        """What a validation shows beyond its scalars (curves: evaluation.curves_of): per class (label)
+        a precision-recall curve, the confusion matrix as an image, the per-class table as text;
+        multi-label: each label's threshold too; regression: predictions against labels as an image."""
+        w = self.writer
+        if curves["task"] == "regression":
+            w.add_image(f"{prefix}/predictions_vs_labels", scatter_image(curves["labels"], curves["predictions"]),
+                        step, dataformats="HWC")
+            w.add_text(f"{prefix}/predictions_vs_labels", "x: the label, y: the prediction (darker: more "
+                       "examples); the red diagonal is a perfect prediction", step)
+        else:
+            multi = curves["task"] == "multi_label"
+            for i, name in enumerate(curves["names"]):
+                truth = curves["labels"][:, i] if multi else curves["labels"] == i
+                w.add_pr_curve(f"{prefix}/pr/{name}", truth.astype(bool), curves["probabilities"][:, i], step)
+            if multi:
+                for name, row in metrics["per_label"].items():
+                    w.add_scalar(f"{prefix}/threshold/{name}", row["threshold"], step)
+            else:
+                w.add_image(f"{prefix}/confusion_matrix", confusion_image(metrics["confusion_matrix"], curves["names"]),
+                            step, dataformats="HWC")
+            w.add_text(f"{prefix}/per_class", markdown_table(metrics), step)
+        w.flush()
 
     def write_final(self, metrics):
         with writing_to("trainer.log_dir", self.run_dir):
@@ -69,7 +106,7 @@ def is_run_dir_of(run_dir, log_dir):
 
 
 def new_run_dir(log_dir, mode):
-    """A new folder <date>-<time>-<mode> in log_dir: train, eval or predict."""
+    """A new folder <date>-<time>-<mode> in log_dir: one of KINDS."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path, n = Path(log_dir) / f"{stamp}-{mode}", 1
     while True:
@@ -100,3 +137,168 @@ def truncate_jsonl(path, step):
             kept.append(line if line.endswith("\n") else line + "\n")
     with atomic_write(path) as f:
         f.write("".join(kept))
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures for TensorBoard, drawn here: matplotlib is not a dependency, Pillow is tensorboard's
+
+
+def markdown_table(metrics):
+    """The per-class (per-label) table of metrics.format_report as Markdown, which TensorBoard's
+    text tab renders as a table; multi-label rows carry their thresholds."""
+    kind = "label" if "per_label" in metrics else "class"
+    table = metrics[f"per_{kind}"]
+    thresholds = all("threshold" in row for row in table.values())
+    lines = [f"| {kind} | precision | recall | f1 | support |" + " threshold |" * thresholds,
+             "|---|---:|---:|---:|---:|" + "---:|" * thresholds]
+    for name, row in table.items():
+        lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |"
+                     + (f" {row['threshold']:.2f} |" if thresholds else ""))
+    return "\n".join(lines)
+
+
+def confusion_image(matrix, names):
+    """The confusion matrix as an RGB array (height, width, 3): a row per true class, a column per
+    predicted class, each cell shaded by its share of the row (dark diagonal = high recall) and
+    labelled with its count; class names on the left and on top."""
+    from PIL import Image, ImageDraw, ImageFont  # tensorboard's own dependency; only validations draw
+    matrix, font = np.asarray(matrix), ImageFont.load_default()
+    names = [name if len(name) <= 16 else name[:15] + "." for name in names]
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    name_width = int(max(measure.textlength(name, font=font) for name in [*names, "true \\ predicted"])) + 12
+    cell_w, cell_h, top = max(56, name_width - 4), 28, 40
+    image = Image.new("RGB", (name_width + cell_w * len(names) + 8, top + cell_h * len(names) + 8), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), "true \\ predicted", fill="black", font=font)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    for j, name in enumerate(names):
+        draw.text((name_width + j * cell_w + 4, top - 16), name, fill="black", font=font)
+    for i, name in enumerate(names):
+        y = top + i * cell_h
+        draw.text((4, y + 8), name, fill="black", font=font)
+        for j in range(len(names)):
+            x, share = name_width + j * cell_w, float(shares[i, j])
+            draw.rectangle([x, y, x + cell_w - 2, y + cell_h - 2], fill=(int(255 - 215 * share), int(255 - 160 * share), 255))
+            draw.text((x + 6, y + 8), str(int(matrix[i, j])), fill="white" if share > 0.5 else "black", font=font)
+    return np.asarray(image)
+
+
+def scatter_image(labels, predictions, size=160):
+    """Regression: predictions (y, up) against labels (x, right) as an RGB array, each pixel darker
+    with the log of the examples in it, on one scale for both axes; the diagonal is red."""
+    labels, predictions = np.asarray(labels, dtype=np.float64), np.asarray(predictions, dtype=np.float64)
+    low, high = min(labels.min(), predictions.min()), max(labels.max(), predictions.max())
+    counts, _, _ = np.histogram2d(labels, predictions, bins=size, range=[[low, high + 1e-9], [low, high + 1e-9]])
+    shade = np.log1p(counts.T[::-1]) / max(np.log1p(counts.max()), 1e-9)  # rows from the top: high predictions first
+    image = np.repeat((255 * (1 - shade)).astype(np.uint8)[:, :, None], 3, axis=2)
+    rows, columns = size - 1 - np.arange(size), np.arange(size)  # label bin j against prediction bin j
+    empty = shade[rows, columns] == 0
+    image[rows[empty], columns[empty]] = [220, 40, 40]  # only where no example is, so none is hidden
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run was, and the table of runs
+
+
+def record_run(run_dir, cfg, argv, result, script="trainer.py"):
+    """run.json in a run's folder: its kind, the command, the checkpoint and files it read, the
+    result and its times; and config.json, where training has not written it already."""
+    data, model, kind = cfg["data"], cfg["model"], kind_of(run_dir)
+    checkpoint = model["model_path"]
+    manifest = read_manifest(checkpoint) if checkpoint is not None else None
+    # a checkpoint by its real folder: `best` and `last` point elsewhere later
+    name = ((model["hf_model"] if checkpoint is None else checkpoint) if data["train_filepath"]
+            else str(Path(checkpoint).resolve()))
+    if kind == "distil":
+        student = cfg["distill"]["student_layers"] or cfg["distill"]["student_model"] or "student_config"
+        name = f"student {student} of {name}"
+    record = {"kind": kind, "command": shlex.join(["python", script, *argv]), "model": name,
+              "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+              "checkpoint_step": manifest["step"] if manifest is not None else None,
+              "train_file": data["train_filepath"], "val_file": data["val_filepath"],
+              "predict_file": data["predict_filepath"], "predictions": result.get("predictions"),
+              "metric": cfg["module"]["metric"], "result": {k: v for k, v in result.items() if k != "run_dir"}}
+    if not (Path(run_dir) / "config.json").exists():
+        write_json(Path(run_dir) / "config.json", cfg)
+    write_json(Path(run_dir) / "run.json", record)
+
+
+def kind_of(run_dir):
+    match = RUN_NAME.fullmatch(Path(run_dir).name)
+    return match.group(3) if match else "train"
+
+
+def read_json(path):
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return content if isinstance(content, dict) else {}
+
+
+def run_row(folder):
+    """One row of the runs table from a run folder: run.json, else (a run that was stopped, or from
+    before run.json) what its config and metrics files say."""
+    match = RUN_NAME.fullmatch(folder.name)
+    record, cfg = read_json(folder / "run.json"), read_json(folder / "config.json")
+    data, model = cfg.get("data", {}), cfg.get("model", {})
+    kind = record.get("kind") or match.group(3)
+    result = record.get("result") or read_json(folder / "final_metrics.json") or read_json(folder / "eval_metrics.json")
+    metric = record.get("metric") or cfg.get("module", {}).get("metric")
+    value = result.get(metric) if metric else None
+    files = {"train": "train_filepath", "distil": "train_filepath", "eval": "val_filepath", "predict": "predict_filepath"}
+    day, clock = match.group(1), match.group(2)
+    stamp = f"{day[:4]}-{day[4:6]}-{day[6:]} {clock[:2]}:{clock[2:4]}:{clock[4:]}"
+    return {"run": folder.name, "kind": kind, "date": stamp,
+            "model": record.get("model") or model.get("model_path") or model.get("hf_model") or "",
+            "data": data.get(files[kind]) or "",
+            "metric": metric if isinstance(value, (int, float)) else "",
+            "value": value if isinstance(value, (int, float)) else "",
+            "best_step": result.get("best_step", ""), "wall_s": result.get("wall_s", ""),
+            "state": ("done" if "paused_after_epoch" not in result else "paused") if record else
+                     ("done" if result else "unfinished")}
+
+
+def list_runs(log_dir):
+    """run_row of every run folder in log_dir, newest first."""
+    folders = [p for p in Path(log_dir).iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)] if Path(log_dir).is_dir() else []
+
+    def started(folder):  # the date and time in its name, then the -n of a second run that second,
+        # then (runs of two kinds in one second) its last change
+        match = RUN_NAME.fullmatch(folder.name)
+        return match.group(1), match.group(2), int(match.group(4) or 1), folder.stat().st_mtime
+    return [run_row(p) for p in sorted(folders, key=started, reverse=True)]
+
+
+def duration(seconds):
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def shorten(text, width):
+    """A path cut from the left, where its most telling part (the file, the checkpoint) is kept."""
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def runs_table(log_dir):
+    """The runs of log_dir as a text table, newest first; the same rows go to log_dir/runs.csv.
+    Returns the table and the CSV's path (None when there are no runs)."""
+    rows = list_runs(log_dir)
+    if not rows:
+        return f"no runs in {log_dir}", None
+    path = Path(log_dir) / "runs.csv"
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    header = f"{'kind':<8}{'date':<21}{'model':<36}{'data':<28}{'metric':<24}{'best':>6}{'time':>8}  state"
+    lines = [header]
+    for row in rows:
+        metric = f"{row['metric']} {row['value']:.4f}" if row["metric"] else "-"
+        best_step = row["best_step"] if row["best_step"] != "" else "-"
+        lines.append(f"{row['kind']:<8}{row['date']:<21}{shorten(row['model'], 34):<36}{shorten(row['data'], 26):<28}"
+                     f"{metric:<24}{best_step:>6}{duration(row['wall_s']):>8}  {row['state']}")
+    return "\n".join(lines), str(path)

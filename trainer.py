@@ -12,6 +12,8 @@ Evaluate a checkpoint, or label new texts:
         --data.predict_filepath new.csv --model.model_path checkpoints/best
 Resume after a crash:
     python trainer.py --ckpt.resume auto
+Every run in trainer.log_dir as a table, newest first (and as runs.csv there):
+    python trainer.py --runs
 
 The loop is written out by hand so it can be read: global batch = micro-batches x accumulation x
 ranks, the loss scaled by the true number of examples in each step, no gradient sync on non-final
@@ -38,8 +40,10 @@ import functools
 import gc
 import json
 import os
+import shlex
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -66,6 +70,7 @@ from checkpoint import (
 from config import ConfigError, answer_help, fit_metric_to_task, label_names, load_config, uses_amp
 from data import DataError, collate, micro_batches, train_batches
 from evaluation import (
+    curves_of,
     evaluate_only,
     fixed_thresholds,
     predict_file,
@@ -75,7 +80,6 @@ from evaluation import (
     split_metrics,
     thresholds_of,
     validation_thresholds,
-    write_eval_metrics,
     write_thresholds,
 )
 from metrics import format_report
@@ -92,7 +96,7 @@ from processes import (
     rng_state,
     set_rng_state,
 )
-from runlog import RunLog
+from runlog import RunLog, new_run_dir, record_run, runs_table
 from splits import class_weights, prepare_run, training_split
 
 
@@ -113,9 +117,13 @@ class Trainer:
         self.model = model.to(device)
         self.wrapped = self.model
         if proc.ddp:
-            # no BatchNorm here: the buffers (position ids) never change, so none are broadcast
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+            # no BatchNorm here: the buffers (position ids) never change, so none are broadcast.
+            # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, which older torch
+            # (2.11 on our GPU machine) lacks: its FutureWarning, once per rank, says nothing to a user
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+                self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                    self.model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
         if tcfg["compile"]:
             self.wrapped = torch.compile(self.wrapped, dynamic=True)
         # free sequence lengths would recompile a compiled model often: pad to multiples of 8 then
@@ -127,6 +135,7 @@ class Trainer:
         self.steps_per_epoch = len(self.epoch_batches(0))
         self.total_steps = max(1, self.steps_per_epoch * tcfg["epochs"])
         self.warmup_steps = round(cfg["module"]["warmup_prop"] * self.total_steps)
+        self.log_steps = log_interval(tcfg["log_steps"], self.total_steps)
 
         # the optimizer reads its learning rate from a tensor on the device, set before each update
         self.lr = torch.zeros((), device=device)
@@ -146,6 +155,7 @@ class Trainer:
         self.run_dir, self.runlog = None, None  # the log folder; its writers on the main process
         self.session, self.save_dir, self.digests = new_session(), None, None  # the last two: main process
         self.signals, self.stop_signal = 0, None
+        self.train_seconds = 0.0  # this launch's time in the loop: steps, validations, checkpoints
 
     def epoch_batches(self, epoch):
         return train_batches(self.train_split.encoded.lengths, self.cfg["trainer"]["train_batch_size"],
@@ -159,12 +169,20 @@ class Trainer:
     def train(self):
         """Epochs of steps, each followed by logging, validation and checkpoints at their cadence."""
         tcfg, ckpt = self.cfg["trainer"], self.cfg["ckpt"]
+        if self.complete():  # resumed from the end of a run: there is nothing left to train
+            log(self.proc, f"the resumed run is already complete (step {self.step}, epoch {self.epoch} of "
+                           f"{tcfg['epochs']}{', stopped early' * self.stop_early()}): nothing to train; "
+                           f"pass a larger --trainer.epochs to train it further")
+            result = {**self.finish(), "already_complete": True}
+            del result["run_dir"]  # its run folder keeps the record of the launch that trained it
+            return result
         self.run_dir = on_main(self.proc, self.open_runlog)
         log(self.proc, f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
                        f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
                        f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
                        f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
-                       f"device {self.proc.device}")
+                       f"logging every {self.log_steps} steps, device {self.proc.device}")
+        start = time.perf_counter()
         self.model.train()
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.proc.is_main,
                         desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
@@ -177,7 +195,7 @@ class Trainer:
                     self.train_step(rank_indices, global_size)
                     self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
                     progress.update(1)
-                    if self.step % tcfg["log_steps"] == 0:
+                    if self.step % self.log_steps == 0:
                         self.log_train(progress)
                     if tcfg["eval_steps"] and self.step % tcfg["eval_steps"] == 0 and self.batch_in_epoch < len(batches):
                         self.validate()
@@ -195,6 +213,7 @@ class Trainer:
                 if ckpt["checkpoint"] and (self.stop_early() or self.paused() or period_end):
                     self.save_checkpoint()  # nothing new is written if validation just saved this step
         finally:
+            self.train_seconds = time.perf_counter() - start
             for s, handler in previous.items():
                 signal.signal(s, handler)
             progress.close()
@@ -286,12 +305,18 @@ class Trainer:
         if self.cfg["data"]["multi_label"]:  # the thresholds this validation decided with
             self.thresholds, self.thresholds_chosen = validation_thresholds(self.cfg, metrics, self.step)
         self.log_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
-        # the per-class table too: a minority class at F1 0.1 shows here, not only in a JSON file
-        log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): {format_report(metrics)}")
+        on_main(self.proc, lambda: self.runlog.write_figures(self.step, metrics, curves_of(logits, self.val_split, self.cfg)))
         value, ckpt, tcfg = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"], self.cfg["trainer"]
         improved = self.best is None or value > self.best["value"] + tcfg["early_stopping_min_delta"]
         self.bad_validations = 0 if improved else self.bad_validations + 1
-        if self.best is None or value > self.best["value"]:
+        new_best = self.best is None or value > self.best["value"]
+        last = self.epoch >= tcfg["epochs"] or self.stop_early() or self.paused()
+        # the per-class table too (a minority class at F1 0.1 shows here, not only in a JSON file),
+        # when it is news: at a new best and at the end, not at every one of frequent validations
+        report = format_report(metrics) if new_best or last else (
+            format_report(metrics).splitlines()[0] + f"  (best {self.best['value']:.4f}, at step {self.best['step']})")
+        log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): {report}")
+        if new_best:
             # the new best is recorded before the save, so the checkpoint's state holds it
             path = Path(ckpt["model_state_save_dir"]) / self.checkpoint_name() if ckpt["checkpoint"] else None
             self.best = {"value": value, "metrics": metrics, "step": self.step,
@@ -309,6 +334,10 @@ class Trainer:
         stop_after = self.cfg["trainer"]["stop_after_epochs"]
         return stop_after is not None and self.epoch >= stop_after and self.epoch < self.cfg["trainer"]["epochs"]
 
+    def complete(self):
+        """True when every epoch is done or the run stopped early: a resume of it trains nothing."""
+        return self.epoch >= self.cfg["trainer"]["epochs"] or self.stop_early()
+
     def stop_early(self):
         """True once trainer.early_stopping_patience validations in a row did not improve."""
         patience = self.cfg["trainer"]["early_stopping_patience"]
@@ -316,8 +345,9 @@ class Trainer:
 
     def finish(self):
         """Reload the best model for predictions and report: the final metrics of the run."""
+        times = {"train_s": round(self.train_seconds, 1), "run_dir": self.run_dir}
         if self.best is None:
-            return {"step": self.step}
+            return {"step": self.step, **times}
         if self.best["path"] is not None and self.best["step"] != self.step:
             load_weights(classifier_of(self.model), str(Path(self.best["path"]) / "model.safetensors"))
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
@@ -328,8 +358,9 @@ class Trainer:
             result["stopped_early_at_step"] = self.step
         elif self.paused():
             result["paused_after_epoch"] = self.epoch
-        on_main(self.proc, lambda: self.runlog.write_final(self.best["metrics"] | result))
-        return result
+        # the runlog is None for a run resumed complete: its folder keeps the final metrics it has
+        on_main(self.proc, lambda: self.runlog is not None and self.runlog.write_final(self.best["metrics"] | result))
+        return {**result, **times}
 
     # -- stopping, logs ------------------------------------------------------------------------
 
@@ -348,7 +379,8 @@ class Trainer:
 
     def open_runlog(self):
         """Main process: the run's log folder (a resumed run's own, where it may write)."""
-        self.runlog = RunLog.open(self.cfg, self.step, self.run_dir, say=lambda message: log(self.proc, message))
+        kind = "train" if classifier_of(self.model) is self.model else "distil"
+        self.runlog = RunLog.open(self.cfg, self.step, self.run_dir, say=lambda message: log(self.proc, message), kind=kind)
         log(self.proc, f"logs: {self.runlog.run_dir}")
         return self.runlog.run_dir
 
@@ -383,8 +415,10 @@ class Trainer:
                 write_thresholds(cfg, folder, self.thresholds, self.thresholds_chosen)
             state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
-            if self.model is not classifier:  # e.g. distillation projections beside the student
-                state["module"] = self.model.state_dict()
+            if self.model is not classifier:  # e.g. distillation projections beside the student, whose
+                # own weights are model.safetensors already: stored once, not again in here
+                state["module_rest"] = {name: tensor for name, tensor in self.model.state_dict().items()
+                                        if not name.startswith(STUDENT)}
             torch.save(state, folder / f"training_state{cfg['ckpt']['file_ext']}")
         manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "best": self.best, "bad_validations": self.bad_validations,
@@ -401,10 +435,13 @@ class Trainer:
         """Restore weights, optimizer, schedule, scaler, position, logging interval and RNG."""
         state, manifest = load_checkpoint(path, self.cfg["ckpt"]["file_ext"])
         device = self.proc.device
-        if "module" in state:
+        if "module" in state:  # a checkpoint that held the whole module, student included, in here
             self.model.load_state_dict(state["module"])
         else:
             load_weights(classifier_of(self.model), str(Path(path) / "model.safetensors"))
+            if self.model is not classifier_of(self.model):  # what the module holds beside the student
+                self.model.load_state_dict({**state.get("module_rest", {}), **{
+                    STUDENT + name: tensor for name, tensor in classifier_of(self.model).state_dict().items()}})
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the loaded groups hold a copy of the saved rate
             group["lr"] = self.lr
@@ -426,6 +463,9 @@ class Trainer:
                        f"batch {self.batch_in_epoch or self.steps_per_epoch} of {self.steps_per_epoch})")
 
 
+STUDENT = "student."  # the names of a distillation student's weights in the module Trainer optimizes
+
+
 def new_interval(device):
     """Running sums of one logging interval: summed loss, examples, loss terms, its start time."""
     return {"loss": torch.zeros((), device=device), "examples": 0, "terms": {}, "start": time.perf_counter()}
@@ -434,6 +474,12 @@ def new_interval(device):
 def classifier_of(model):
     """The Hugging Face classifier in what the Trainer optimizes: itself, or a distillation student."""
     return getattr(model, "student", model)
+
+
+def log_interval(log_steps, total_steps):
+    """trainer.log_steps, or for auto about 100 points a run: a curve, not a handful of dots, while
+    a log (one host read of the loss sums) still comes at most every other step."""
+    return log_steps if log_steps != "auto" else max(2, round(total_steps / 100))
 
 
 def per_rank_batch(tcfg, world_size):
@@ -445,10 +491,12 @@ def per_rank_batch(tcfg, world_size):
     return tcfg["train_batch_size"] // world_size
 
 
-def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None):
+def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None, notes=()):
     """Train fresh or resumed (ckpt.resume): (trainer, final metrics or None if stopped).
 
     Before step 1 the main process locks the save folder and picks the checkpoint to resume from.
+    notes (the building of a fresh model's, such as its new head) are said only if the run starts
+    fresh: a resume loads the checkpoint's trained weights over them.
     """
     trainer = Trainer(cfg, proc, model, tokenizer, train, val, loss_fn=loss_fn)
     failed = True
@@ -458,13 +506,16 @@ def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None):
             check_shared_save_dir(cfg, proc, main_session)
         if resume is not None:
             trainer.resume_from(resume)
+        else:
+            for note in notes:
+                log(proc, note)
         result = trainer.train()
         failed = False
     finally:
         if trainer.save_dir is not None:
             trainer.save_dir.close(failed)
     if result is None:
-        log(proc, f"stopped by {trainer.stop_signal} at step {trainer.step}; resume with --ckpt.resume auto")
+        log(proc, f"stopped by {trainer.stop_signal} at step {trainer.step}, with a checkpoint to resume from")
     return trainer, result
 
 
@@ -637,12 +688,14 @@ def run(cfg, proc):
     if note is not None:
         log(proc, f"note: {note}")
 
+    notes = []  # a training run's: fit says them unless it resumes
+
     def build(tokenizer):
         if exported:  # ONNX Runtime on the CPU, in this process's threads (imported only for it)
             from export import load_exported
             return load_exported(cfg["model"]["model_path"], threads=torch.get_num_threads())[0]
-        model = build_model(cfg["model"], cfg["data"]["labels_list"], say=lambda message: log(proc, message),
-                            multi_label=cfg["data"]["multi_label"])
+        say = notes.append if cfg["data"]["train_filepath"] else (lambda message: log(proc, message))
+        model = build_model(cfg["model"], cfg["data"]["labels_list"], say=say, multi_label=cfg["data"]["multi_label"])
         if cfg["trainer"]["speedups"]:
             speedups.apply(model, proc.device)  # the same arithmetic, less of it (speedups.py)
         return model.to(proc.device)
@@ -656,16 +709,18 @@ def run(cfg, proc):
             kind = "positive weights per label" if cfg["data"]["multi_label"] else "class weights"
             log(proc, f"{kind}: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(label_names(cfg), weights.tolist())))
         trainer, result = fit(cfg, proc, model, tokenizer, train, val,
-                              loss_fn=functools.partial(supervised_loss, class_weights=weights))
+                              loss_fn=functools.partial(supervised_loss, class_weights=weights), notes=notes)
         if result is None:
             return None
         model, run_dir, thresholds = classifier_of(trainer.model), trainer.run_dir, trainer.thresholds
     elif val:
-        metrics = evaluate_only(cfg, proc, model, tokenizer, val)
-        result = scalar_metrics(metrics)
-        run_dir = on_main(proc, write_eval_metrics, cfg, metrics)
+        metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, val)
+        result = {**scalar_metrics(metrics), "run_dir": run_dir}
         if cfg["data"]["multi_label"]:  # tune: predictions decide at the thresholds tuned on this file
             thresholds = thresholds_of(metrics)
+    else:  # prediction alone gets a run folder too, to record what it read and wrote
+        run_dir = on_main(proc, new_run_dir, cfg["trainer"]["log_dir"], "predict")
+        result["run_dir"] = run_dir
     if cfg["data"]["predict_filepath"]:
         result["predictions"] = predict_file(cfg, proc, model, tokenizer, run_dir,
                                              thresholds=thresholds, total_rows=inputs.predict_rows)
@@ -680,8 +735,11 @@ def main(argv=None, run_fn=run, doc=__doc__):
     argv = sys.argv[1:] if argv is None else argv
     if answer_help(argv, doc):
         return 0
+    started = time.perf_counter()
     cfg, shared = None, True  # an error every rank meets alike is printed by rank 0 alone
     try:
+        if "--runs" in argv:  # the table of runs in trainer.log_dir, of this config (--trainer.log_dir)
+            return print_runs(load_config([a for a in argv if a != "--runs"]))
         cfg = load_config(argv)
         uses_ddp(cfg["trainer"])
         shared = False
@@ -703,10 +761,50 @@ def main(argv=None, run_fn=run, doc=__doc__):
         sys.stderr.write("error: stopped at once by a second signal, without a new checkpoint; resume from "
                          "the last one with --ckpt.resume auto\n")
         return 130
-    if result is None:
-        return 1  # stopped by a signal; the checkpoint to resume from is written
+    if result is None:  # stopped by a signal; the checkpoint to resume from is written
+        if proc.is_main:
+            print(f"resume with: {resume_command(argv, run_fn is run, proc)}")
+        return 1
     if proc.is_main:
+        result["wall_s"] = round(time.perf_counter() - started, 1)
+        if result.get("run_dir"):
+            record_run(result["run_dir"], cfg, argv, result, script_name(run_fn is run))
         print(json.dumps(result))
+    return 0
+
+
+def script_name(trainer_run):
+    """The script as the user started it (trainer.py or distill.py), for the commands we print."""
+    typed = sys.argv[0] if os.path.basename(sys.argv[0]) in ("trainer.py", "distill.py") else None
+    return typed or ("trainer.py" if trainer_run else "distill.py")
+
+
+def resume_command(argv, trainer_run, proc):
+    """The command line that resumes this run: its own options with --ckpt.resume auto, launched
+    as it was (torchrun with this machine's number of processes)."""
+    kept, i = [], 0
+    while i < len(argv):  # an earlier --ckpt.resume, with its value or as --ckpt.resume=value, goes
+        if argv[i] == "--ckpt.resume":
+            i += 2
+            continue
+        if not argv[i].startswith("--ckpt.resume="):
+            kept.append(argv[i])
+        i += 1
+    launcher = ["python"]
+    if proc.ddp:
+        local = os.environ.get("LOCAL_WORLD_SIZE", str(proc.world_size))
+        nodes = proc.world_size // int(local)
+        launcher = ["torchrun", f"--nproc_per_node={local}"] + [f"--nnodes={nodes}"] * (nodes > 1)
+    command = shlex.join([*launcher, script_name(trainer_run), *kept, "--ckpt.resume", "auto"])
+    return command + "  (with the same rendezvous options on every machine)" * (proc.ddp and nodes > 1)
+
+
+def print_runs(cfg):
+    """--runs: every run folder of trainer.log_dir as a table, newest first, and as runs.csv there."""
+    table, csv_path = runs_table(cfg["trainer"]["log_dir"])
+    print(table)
+    if csv_path is not None:
+        print(f"(also written to {csv_path})")
     return 0
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
+from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, without_timings, write_csv
 
 TRAINER = str(ROOT / "trainer.py")
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_ddp_evaluation_and_predictions_match_one_process(setup):
     two = torchrun(common + ["--trainer.backend", "ddp", "--trainer.log_dir", str(tmp / "ev2"),
                              "--data.predict_output", str(tmp / "p2.csv")], tmp)
     assert one.returncode == 0 and two.returncode == 0, stderr_tail(two.stderr)
-    one_metrics, two_metrics = last_json_line(one.stdout), last_json_line(two.stdout)
+    one_metrics, two_metrics = (without_timings(last_json_line(run.stdout)) for run in (one, two))
     assert {k: v for k, v in two_metrics.items() if k != "predictions"} == pytest.approx(
         {k: v for k, v in one_metrics.items() if k != "predictions"})
     p1 = list(csv.DictReader(open(tmp / "p1.csv")))

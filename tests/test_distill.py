@@ -243,7 +243,8 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     logged = [json.loads(line) for line in open(os.path.join(run.run_dir, "metrics.jsonl"))]
     assert {"train/logits", "train/labels", "train/hidden_states", "train/attentions"} <= set(logged[0])
     state = torch.load(tmp_path / "ckpt" / "last" / "training_state.pt", weights_only=True)
-    assert torch.equal(state["module"]["projection.weight"], module.projection.weight)
+    assert torch.equal(state["module_rest"]["projection.weight"], module.projection.weight)
+    assert not any(name.startswith("student.") for name in state["module_rest"])  # model.safetensors has those
 
 
 def test_cached_teacher_logits_are_looked_up_by_example_and_equal_the_teachers(tmp_path):

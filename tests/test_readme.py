@@ -71,6 +71,8 @@ def check_command(script, argv):
         raise ConfigError("a literal ... in the command: write the whole command")
     if argv in (["--help"], ["-h"]):
         return
+    if script == "trainer.py" and "--runs" in argv:  # the table of runs: the rest is read as a config
+        argv = [a for a in argv if a != "--runs"]
     cfg = load_config(argv)
     if script == "distill.py":
         from distill import check_distill_config
@@ -131,7 +133,7 @@ def test_every_key_the_readme_names_exists():
     # and a renamed key must not survive there (module names such as trainer.py are not keys)
     golden = read_yaml(GOLDEN_CONFIG)
     prose = re.sub(r"```python\n.*?```", "", README.read_text(encoding="utf-8"), flags=re.DOTALL)
-    not_files = r"(?!(?:py|json|jsonl|onnx|csv|yaml|sh|md)\b)"  # export.json, model.onnx are files
+    not_files = r"(?!(?:py|json|jsonl|onnx|csv|yaml|sh|md|safetensors)\b)"  # export.json, model.onnx are files
     named = set(re.findall(rf"(?<![\w/.])((?:{'|'.join(golden)})\.{not_files}[a-z_0-9]+)(?![.\w])", prose))
     unknown = sorted(key for key in named if key.partition(".")[2] not in golden[key.partition(".")[0]])
     assert len(named) > 40 and not unknown
