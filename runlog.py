@@ -14,8 +14,10 @@ Only the main process logs.
 """
 import csv
 import json
+import os
 import re
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -302,3 +304,42 @@ def runs_table(log_dir):
         lines.append(f"{row['kind']:<8}{row['date']:<21}{shorten(row['model'], 34):<36}{shorten(row['data'], 26):<28}"
                      f"{metric:<24}{best_step:>6}{duration(row['wall_s']):>8}  {row['state']}")
     return "\n".join(lines), str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line of a run: to resume it, and the table of runs
+
+
+def script_name(trainer_run):
+    """The script as the user started it (trainer.py or distill.py), for the commands we print."""
+    typed = sys.argv[0] if os.path.basename(sys.argv[0]) in ("trainer.py", "distill.py") else None
+    return typed or ("trainer.py" if trainer_run else "distill.py")
+
+
+def resume_command(argv, script, proc):
+    """The command line that resumes this run: its own options with --ckpt.resume auto, launched
+    as it was (torchrun with this machine's number of processes)."""
+    kept, i = [], 0
+    while i < len(argv):  # an earlier --ckpt.resume, with its value or as --ckpt.resume=value, goes
+        if argv[i] == "--ckpt.resume":
+            i += 2
+            continue
+        if not argv[i].startswith("--ckpt.resume="):
+            kept.append(argv[i])
+        i += 1
+    launcher = ["python"]
+    if proc.ddp:
+        local = os.environ.get("LOCAL_WORLD_SIZE", str(proc.world_size))
+        nodes = proc.world_size // int(local)
+        launcher = ["torchrun", f"--nproc_per_node={local}"] + [f"--nnodes={nodes}"] * (nodes > 1)
+    command = shlex.join([*launcher, script, *kept, "--ckpt.resume", "auto"])
+    return command + "  (with the same rendezvous options on every machine)" * (proc.ddp and nodes > 1)
+
+
+def print_runs(log_dir):
+    """--runs: every run folder of trainer.log_dir as a table, newest first, and as runs.csv there."""
+    table, csv_path = runs_table(log_dir)
+    print(table)
+    if csv_path is not None:
+        print(f"(also written to {csv_path})")
+    return 0

@@ -40,7 +40,6 @@ import functools
 import gc
 import json
 import os
-import shlex
 import signal
 import time
 import warnings
@@ -96,7 +95,7 @@ from processes import (
     rng_state,
     set_rng_state,
 )
-from runlog import RunLog, new_run_dir, record_run, runs_table
+from runlog import RunLog, new_run_dir, print_runs, record_run, resume_command, script_name
 from splits import class_weights, prepare_run, training_split
 
 
@@ -739,7 +738,7 @@ def main(argv=None, run_fn=run, doc=__doc__):
     cfg, shared = None, True  # an error every rank meets alike is printed by rank 0 alone
     try:
         if "--runs" in argv:  # the table of runs in trainer.log_dir, of this config (--trainer.log_dir)
-            return print_runs(load_config([a for a in argv if a != "--runs"]))
+            return print_runs(load_config([a for a in argv if a != "--runs"])["trainer"]["log_dir"])
         cfg = load_config(argv)
         uses_ddp(cfg["trainer"])
         shared = False
@@ -763,48 +762,13 @@ def main(argv=None, run_fn=run, doc=__doc__):
         return 130
     if result is None:  # stopped by a signal; the checkpoint to resume from is written
         if proc.is_main:
-            print(f"resume with: {resume_command(argv, run_fn is run, proc)}")
+            print(f"resume with: {resume_command(argv, script_name(run_fn is run), proc)}")
         return 1
     if proc.is_main:
         result["wall_s"] = round(time.perf_counter() - started, 1)
         if result.get("run_dir"):
             record_run(result["run_dir"], cfg, argv, result, script_name(run_fn is run))
         print(json.dumps(result))
-    return 0
-
-
-def script_name(trainer_run):
-    """The script as the user started it (trainer.py or distill.py), for the commands we print."""
-    typed = sys.argv[0] if os.path.basename(sys.argv[0]) in ("trainer.py", "distill.py") else None
-    return typed or ("trainer.py" if trainer_run else "distill.py")
-
-
-def resume_command(argv, trainer_run, proc):
-    """The command line that resumes this run: its own options with --ckpt.resume auto, launched
-    as it was (torchrun with this machine's number of processes)."""
-    kept, i = [], 0
-    while i < len(argv):  # an earlier --ckpt.resume, with its value or as --ckpt.resume=value, goes
-        if argv[i] == "--ckpt.resume":
-            i += 2
-            continue
-        if not argv[i].startswith("--ckpt.resume="):
-            kept.append(argv[i])
-        i += 1
-    launcher = ["python"]
-    if proc.ddp:
-        local = os.environ.get("LOCAL_WORLD_SIZE", str(proc.world_size))
-        nodes = proc.world_size // int(local)
-        launcher = ["torchrun", f"--nproc_per_node={local}"] + [f"--nnodes={nodes}"] * (nodes > 1)
-    command = shlex.join([*launcher, script_name(trainer_run), *kept, "--ckpt.resume", "auto"])
-    return command + "  (with the same rendezvous options on every machine)" * (proc.ddp and nodes > 1)
-
-
-def print_runs(cfg):
-    """--runs: every run folder of trainer.log_dir as a table, newest first, and as runs.csv there."""
-    table, csv_path = runs_table(cfg["trainer"]["log_dir"])
-    print(table)
-    if csv_path is not None:
-        print(f"(also written to {csv_path})")
     return 0
 
 

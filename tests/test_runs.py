@@ -299,11 +299,11 @@ def test_a_stopped_run_prints_the_full_command_that_resumes_it(job, monkeypatch,
 
 def test_the_resume_command_drops_an_earlier_resume_and_quotes_what_needs_it():
     proc = processes.single_process()
-    command = trainer.resume_command(["--data.labels_list", "[a, b]", "--ckpt.resume=ckpt/x", "--ckpt.resume",
-                                      "ckpt/y", "--trainer.epochs", "2"], True, proc)
+    command = runlog.resume_command(["--data.labels_list", "[a, b]", "--ckpt.resume=ckpt/x", "--ckpt.resume",
+                                     "ckpt/y", "--trainer.epochs", "2"], "trainer.py", proc)
     assert command == "python trainer.py --data.labels_list '[a, b]' --trainer.epochs 2 --ckpt.resume auto"
     ddp = processes.Process(0, 0, 4, torch.device("cpu"), True, True)
-    assert trainer.resume_command([], False, ddp).startswith("torchrun --nproc_per_node=")
+    assert runlog.resume_command([], "distill.py", ddp).startswith("torchrun --nproc_per_node=")
 
 
 def test_distill_help_examples_agree_with_the_readme():
