@@ -145,6 +145,18 @@ def base_args(tmp_path, model_dir, train, val, **overrides):
     return argv
 
 
+def without(argv, *keys):
+    """argv with the given --section.key options (and their values) left out."""
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i][2:] in keys:
+            i += 2
+            continue
+        kept.append(argv[i])
+        i += 1
+    return kept
+
+
 def last_json_line(stdout):
     return json.loads(stdout.strip().splitlines()[-1])
 

@@ -13,15 +13,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForPreTraining, BertModel, pipeline
 
 import trainer
-from conftest import (
-    base_args,
-    last_json_line,
-    make_tokenizer,
-    save_tiny_encoder,
-    sentiment_rows,
-    tiny_config,
-    write_csv,
-)
+from conftest import base_args, last_json_line, make_tokenizer, save_tiny_encoder, sentiment_rows, tiny_config, without, write_csv
 from model import build_model, save_pretrained
 
 # other labels than config.yaml's [negative, neutral, positive], and another length than its 64
@@ -37,18 +29,6 @@ def renamed(rows):
 
 def scored(rows):
     return [{"text": row["text"], "label": 1.0 if row["label"] == "positive" else -1.0} for row in rows]
-
-
-def without(argv, *keys):
-    """argv with the given --section.key options (and their values) left out."""
-    kept, i = [], 0
-    while i < len(argv):
-        if argv[i][2:] in keys:
-            i += 2
-            continue
-        kept.append(argv[i])
-        i += 1
-    return kept
 
 
 def main(argv, capsys):

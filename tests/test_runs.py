@@ -23,19 +23,7 @@ import distill
 import processes
 import runlog
 import trainer
-from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
-
-
-def without(argv, *keys):
-    """argv with the given --section.key options (and their values) left out."""
-    kept, i = [], 0
-    while i < len(argv):
-        if argv[i][2:] in keys:
-            i += 2
-            continue
-        kept.append(argv[i])
-        i += 1
-    return kept
+from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, stderr_tail, without, write_csv
 
 
 def main(argv, capsys):
