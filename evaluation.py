@@ -201,15 +201,13 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
 
 def write_eval_metrics(cfg, metrics, curves):
     """eval_metrics.json and TensorBoard events (at the checkpoint's step) in a new -eval folder."""
-    from torch.utils.tensorboard import SummaryWriter  # a slow import: only runs that log pay for it
-    run_dir = new_run_dir(cfg["trainer"]["log_dir"], "eval")
-    with writing_to("trainer.log_dir", run_dir):
-        write_json(Path(run_dir) / "eval_metrics.json", metrics)
-        write_json(Path(run_dir) / "config.json", cfg)
+    runlog = RunLog.open(cfg, 0, kind="eval")  # a new folder, with the run's config.json
+    run_dir = runlog.run_dir
     manifest = read_manifest(cfg["model"]["model_path"])
     step = manifest["step"] if manifest is not None else 0
-    runlog = RunLog(run_dir, SummaryWriter(run_dir))
     try:
+        with writing_to("trainer.log_dir", run_dir):
+            write_json(Path(run_dir) / "eval_metrics.json", metrics)
         runlog.write(step, None, {f"eval/{k}": v for k, v in scalar_metrics(metrics).items()})
         runlog.write_figures(step, metrics, curves, prefix="eval")
     finally:

@@ -72,6 +72,10 @@ class RunLog:
         """What a validation shows beyond its scalars (curves: evaluation.curves_of): per class (label)
         a precision-recall curve, the confusion matrix as an image, the per-class table as text;
         multi-label: each label's threshold too; regression: predictions against labels as an image."""
+        with writing_to("trainer.log_dir", self.run_dir):
+            self.add_figures(step, metrics, curves, prefix)
+
+    def add_figures(self, step, metrics, curves, prefix):
         w = self.writer
         if curves["task"] == "regression":
             w.add_image(f"{prefix}/predictions_vs_labels", scatter_image(curves["labels"], curves["predictions"]),
@@ -221,9 +225,10 @@ def record_run(run_dir, cfg, argv, result, script="trainer.py"):
               "train_file": data["train_filepath"], "val_file": data["val_filepath"],
               "predict_file": data["predict_filepath"], "predictions": result.get("predictions"),
               "metric": cfg["module"]["metric"], "result": {k: v for k, v in result.items() if k != "run_dir"}}
-    if not (Path(run_dir) / "config.json").exists():
-        write_json(Path(run_dir) / "config.json", cfg)
-    write_json(Path(run_dir) / "run.json", record)
+    with writing_to("trainer.log_dir", run_dir):
+        if not (Path(run_dir) / "config.json").exists():
+            write_json(Path(run_dir) / "config.json", cfg)
+        write_json(Path(run_dir) / "run.json", record)
 
 
 def kind_of(run_dir):

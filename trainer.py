@@ -749,6 +749,10 @@ def main(argv=None, run_fn=run, doc=__doc__):
             finished = True
         finally:
             cleanup_distributed(proc, finished)
+        if result is not None and proc.is_main:  # a failure to record it is one error line too
+            result["wall_s"] = round(time.perf_counter() - started, 1)
+            if result.get("run_dir"):
+                record_run(result["run_dir"], cfg, argv, result, script_name(run_fn is run))
     except (ConfigError, DataError, ModelError, TrainingError, CheckpointError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise
@@ -765,9 +769,6 @@ def main(argv=None, run_fn=run, doc=__doc__):
             print(f"resume with: {resume_command(argv, script_name(run_fn is run), proc)}")
         return 1
     if proc.is_main:
-        result["wall_s"] = round(time.perf_counter() - started, 1)
-        if result.get("run_dir"):
-            record_run(result["run_dir"], cfg, argv, result, script_name(run_fn is run))
         print(json.dumps(result))
     return 0
 

@@ -149,3 +149,17 @@ def test_a_rank_hears_that_rank_zero_failed_and_leaves_the_saying_to_it(monkeypa
         monkeypatch.setattr(trainer, "setup_distributed", lambda tcfg: rank1)
         assert trainer.main(["--trainer.device", "cpu"], run_fn=failing_run) == 2
         assert capsys.readouterr().err.splitlines() == printed
+
+
+def test_a_full_disk_when_the_run_is_recorded_is_one_line(job, monkeypatch, capsys):
+    real = runlog.write_json
+
+    def write_json(path, obj):  # run.json, written last, once the run's result is known
+        if path.name == "run.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, obj)
+    monkeypatch.setattr(runlog, "write_json", write_json)
+    assert trainer.main(job["args"]("full-record", **{"trainer.epochs": 1})) == 2
+    [line] = error_lines(capsys)
+    assert line.startswith("error: cannot write ") and line.endswith(
+        "No space left on device (the disk is full); free space or choose another trainer.log_dir")
