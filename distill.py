@@ -63,6 +63,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import speedups
+from checkpoint import first_line
 from config import ConfigError, task_of
 from data import Encoded
 from evaluation import document_logits, predict_logits
@@ -236,7 +237,7 @@ def student_tokenizer(cfg, teacher_tokenizer):
     try:
         own = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({str(e).splitlines()[0]})") from None
+        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({first_line(e)})") from None
     if own.get_vocab() == teacher_tokenizer.get_vocab():
         return None, None  # one vocabulary: the student reads the teacher's tokens, as a depth cut does
     return own, f"{key} {path!r}"
