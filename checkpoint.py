@@ -1,6 +1,7 @@
 """Checkpoint folders on disk: written atomically, found safely, loaded as data and never as code.
 
-Usage (trainer.py does this; rank 0 alone touches the disk):
+Usage (trainer.py does this; rank 0 alone touches the disk; open_save_dir does the first two
+lines there and checks that every rank sees the folder):
     save_dir = SaveDir(cfg, session, say=print)   # locks the folder, repairs what a kill left
     resume = save_dir.open(world_size, digests)   # the checkpoint to resume from, or None
     path = write_checkpoint(save_dir.path, name, session, write_files, manifest)
@@ -44,6 +45,7 @@ import torch
 from safetensors import SafetensorError
 
 from config import GOLDEN_CONFIG, Config, ConfigError, check_config, read_yaml, set_key, uses_amp
+from processes import agree, on_main
 
 MANIFEST = "checkpoint.json"
 # atomic_output's folder beside an output, and the mark that proves it ours while it is written
@@ -761,6 +763,38 @@ class SaveDir:
         self.wrote_checkpoint()  # finished without a checkpoint (ckpt.checkpoint false): replaced all the same
         if self.lock is not None:
             self.lock.release()
+
+
+def open_save_dir(cfg, proc, session, say):
+    """Before step 1, on every rank: rank 0 opens the SaveDir (lock, repairs, the checkpoint to
+    resume from) and every rank checks that it sees rank 0's folder.
+    Returns (the SaveDir, the data files' digests: both None off rank 0; the checkpoint or None)."""
+    opened = {}
+
+    def open_on_main():
+        opened["digests"] = data_digests(cfg)
+        opened["save_dir"] = SaveDir(cfg, session, say)
+        resume = opened["save_dir"].open(proc.world_size, opened["digests"])
+        return None if resume is None else str(resume), session
+
+    try:
+        resume, main_session = on_main(proc, open_on_main)
+        if proc.ddp:
+            check_shared_save_dir(cfg, proc, main_session)
+    except BaseException:
+        if "save_dir" in opened:
+            opened["save_dir"].close(failed=True)
+        raise
+    return opened.get("save_dir"), opened.get("digests"), resume
+
+
+def check_shared_save_dir(cfg, proc, main_session):
+    """Every rank reads the checkpoints rank 0 writes (to resume, and the best at the end): on
+    several machines the save folder must be one they share. Refuse before step 1 if not."""
+    if not agree(proc, sees_lock_of(cfg["ckpt"]["model_state_save_dir"], main_session), "min"):
+        raise ConfigError(f"ckpt.model_state_save_dir {cfg['ckpt']['model_state_save_dir']} is not "
+                          f"shared by every machine of the run (some rank does not see rank 0's files); "
+                          f"put it on a filesystem all machines share")
 
 
 def sees_lock_of(save_dir, session):

@@ -4,6 +4,7 @@
     metrics = split_metrics(logits, split, cfg, "at step 100")                     # windows pooled first
     path = predict_file(cfg, proc, model, tokenizer, run_dir, thresholds=...)      # streamed, in order
     metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, val)             # a -eval run folder
+    result = evaluate_and_predict(cfg, proc, inputs)    # a run without training: evaluate, predict
 
 Every rank evaluates its shard of the examples (each on exactly one rank) and the main process
 gathers them, so the metrics are those of one process. A long document's windows are pooled into
@@ -66,6 +67,32 @@ def write_thresholds(cfg, folder, thresholds, chosen):
 def resumed_thresholds(cfg, path):
     """Resuming module.threshold tune: those of the checkpoint's latest validation, and how chosen."""
     return saved_thresholds(path, label_names(cfg), chosen=True)
+
+
+class Thresholds:
+    """A training run's multi-label decisions: module.threshold's, or those tuned at the latest
+    validation; saved with each checkpoint. values is None for other tasks (and for tune before
+    the first validation)."""
+
+    def __init__(self, cfg):
+        self.cfg, self.multi_label = cfg, cfg["data"]["multi_label"]
+        self.values, self.chosen = fixed_thresholds(cfg), "module.threshold"
+
+    def validated(self, metrics, step):
+        if self.multi_label:  # the thresholds this validation decided with
+            self.values, self.chosen = validation_thresholds(self.cfg, metrics, step)
+
+    def of_best(self, metrics):
+        if self.multi_label:  # predictions after training decide as the best model did
+            self.values = thresholds_of(metrics)
+
+    def resumed(self, path):
+        if self.multi_label and self.cfg["module"]["threshold"] == "tune":
+            self.values, self.chosen = resumed_thresholds(self.cfg, path)
+
+    def write(self, folder):
+        if self.multi_label:  # the decisions that go with a checkpoint's weights
+            write_thresholds(self.cfg, folder, self.values, self.chosen)
 
 
 @torch.inference_mode()
@@ -197,6 +224,23 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
     log(proc, format_report(metrics))
     run_dir = on_main(proc, lambda: write_eval_metrics(cfg, metrics, curves_of(logits, val, cfg)))
     return metrics, run_dir
+
+
+def evaluate_and_predict(cfg, proc, inputs):
+    """A run without training: inputs.built's metrics on data.val_filepath and its predictions of
+    data.predict_filepath, each if set. The final result (main process)."""
+    model, tokenizer, thresholds = inputs.built, inputs.tokenizer, fixed_thresholds(cfg)
+    if inputs.val:
+        metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, inputs.val)
+        result = {**scalar_metrics(metrics), "run_dir": run_dir}
+        if cfg["data"]["multi_label"]:  # tune: predictions decide at the thresholds tuned on this file
+            thresholds = thresholds_of(metrics)
+    else:  # prediction alone gets a run folder too, to record what it read and wrote
+        result = {"run_dir": on_main(proc, new_run_dir, cfg["trainer"]["log_dir"], "predict")}
+    if cfg["data"]["predict_filepath"]:
+        result["predictions"] = predict_file(cfg, proc, model, tokenizer, result["run_dir"],
+                                             thresholds=thresholds, total_rows=inputs.predict_rows)
+    return result
 
 
 def write_eval_metrics(cfg, metrics, curves):

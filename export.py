@@ -59,6 +59,7 @@ from model import (
     ModelError,
     build_model,
     head_labels,
+    is_export_dir,
     is_pretrained_dir,
     load_tokenizer,
     read_export_manifest,
@@ -116,11 +117,6 @@ class OnnxClassifier:
 
     def to(self, device):
         return self
-
-
-def is_export_dir(path):
-    """True for a folder export.py wrote (its export.json)."""
-    return path is not None and read_export_manifest(path) is not None
 
 
 def load_exported(path, threads=0, artifact=None):

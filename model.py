@@ -276,6 +276,11 @@ def read_export_manifest(path):
     return manifest if isinstance(manifest, dict) and manifest.get("written_by") == EXPORTED_BY else None
 
 
+def is_export_dir(path):
+    """True for a folder export.py wrote (its export.json): it evaluates and predicts only."""
+    return path is not None and read_export_manifest(path) is not None
+
+
 def saved_thresholds(path, names, chosen=False):
     """The per-label thresholds of a multi-label checkpoint's thresholds.json in labels_list order;
     with chosen, (thresholds, how they were chosen). Without the file: a warning, and None (every
@@ -398,6 +403,32 @@ def load_weights(model, path):
     if unexpected:
         print(f"note: {path}: ignored {len(unexpected)} weights the model does not use "
               f"(first: {unexpected[0]})")
+
+
+STUDENT = "student."  # the names of a distillation student's weights in the module a Trainer optimizes
+
+
+def classifier_of(model):
+    """The Hugging Face classifier in what a Trainer optimizes: itself, or a distillation student."""
+    return getattr(model, "student", model)
+
+
+def module_rest(model):
+    """What a distillation module holds beside its student (e.g. projections), for the training
+    state: the student's own weights are in the checkpoint's model.safetensors already."""
+    return {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(STUDENT)}
+
+
+def load_module_weights(model, path, state):
+    """The weights of what a Trainer optimizes from checkpoint `path` and its training state."""
+    if "module" in state:  # a checkpoint that held the whole module, student included, in its state
+        model.load_state_dict(state["module"])
+        return
+    classifier = classifier_of(model)
+    load_weights(classifier, str(Path(path) / "model.safetensors"))
+    if model is not classifier:
+        model.load_state_dict({**state.get("module_rest", {}),
+                               **{STUDENT + name: tensor for name, tensor in classifier.state_dict().items()}})
 
 
 def check_shapes(path, state, expected, num_labels):

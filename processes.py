@@ -7,9 +7,10 @@
     with autocast(proc): ...                     # the run's mixed precision, decided once at start
     seed_everything(seed); state = rng_state(proc.device); set_rng_state(state, proc.device)
 
-trainer.setup_distributed builds the Process from torchrun's environment; everything here works
-alike for one process (ddp False) and for many.
+trainer.setup_distributed builds the Process from torchrun's environment (torchrun_launch, uses_ddp,
+choose_device); everything here works alike for one process (ddp False) and for many.
 """
+import os
 import random
 import sys
 from contextlib import nullcontext
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from config import ConfigError
 
 
 class TrainingError(Exception):
@@ -45,6 +48,61 @@ class Process:
     ddp: bool
     cpu_group: object = None
     amp_dtype: torch.dtype = None
+
+
+@dataclass
+class Launch:
+    """What torchrun's environment says of this process; one process of one without torchrun."""
+    launched: bool
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+
+def torchrun_launch():
+    """This process's place among the processes torchrun started (RANK, WORLD_SIZE, ...)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Launch(False)
+    env = {key: int(os.environ.get(key.upper(), default)) for key, default in
+           (("rank", 0), ("local_rank", 0), ("world_size", 1), ("local_world_size", 1))}
+    return Launch(True, **env)
+
+
+def uses_ddp(trainer_cfg):
+    """DDP or not: trainer.backend auto follows torchrun (as nanoGPT does), sp / ddp insist.
+    Several processes started without DDP would each train alone: refused."""
+    launch, backend = torchrun_launch(), trainer_cfg["backend"]
+    ddp = launch.launched if backend == "auto" else backend.startswith("ddp")
+    if launch.world_size > 1 and not ddp:
+        raise ConfigError(f"started with {launch.world_size} processes but trainer.backend is {backend}; "
+                          f"use auto (or ddp) under torchrun")
+    return ddp
+
+
+def choose_device(trainer_cfg, local_rank):
+    """trainer.device: this rank's own GPU (cuda:<local rank>, TF32 as trainer.tf32 says) or the CPU."""
+    use_cuda = trainer_cfg["device"] == "cuda" or (trainer_cfg["device"] == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("trainer.device is cuda but no CUDA GPU is visible; use auto or cpu")
+    if local_rank >= torch.cuda.device_count():
+        raise ConfigError(f"local rank {local_rank} has no GPU of its own: this machine shows "
+                          f"{torch.cuda.device_count()}; start at most that many processes per machine "
+                          f"(torchrun --nproc_per_node), or pass --trainer.device cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    # TF32 matmuls on Ampere and newer: float32 range, several times the speed
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = trainer_cfg["tf32"]
+    return device
+
+
+def set_threads(trainer_cfg, local_world_size):
+    """trainer.num_threads, or this machine's cores shared among its processes: oversubscribed
+    cores slow every process down."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(trainer_cfg["num_threads"] or max(1, cores // local_world_size))
 
 
 def single_process(device="cpu"):
@@ -91,6 +149,15 @@ def agree(proc, flag, how):
     value = torch.tensor([float(flag)])
     dist.all_reduce(value, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.MIN, group=proc.cpu_group)
     return bool(value.item())
+
+
+def gather(proc, obj):
+    """Every rank's obj (picklable), in rank order, on every rank; over the CPU (gloo) group."""
+    if not proc.ddp:
+        return [obj]
+    gathered = [None] * proc.world_size
+    dist.all_gather_object(gathered, obj, group=proc.cpu_group)
+    return gathered
 
 
 def decide_amp_dtype(amp, choice, device, say):

@@ -15,18 +15,12 @@ Resume after a crash:
 Every run in trainer.log_dir as a table, newest first (and as runs.csv there):
     python trainer.py --runs
 
-The loop is written out by hand so it can be read: global batch = micro-batches x accumulation x
-ranks, the loss scaled by the true number of examples in each step, no gradient sync on non-final
-micro-steps, GradScaler for float16 only, a linear warmup / decay schedule, and checkpoints that
-carry everything needed to resume exactly. A step never waits for the GPU: the learning rate, the
-count of updates and the skip of an update with non-finite gradients all stay on the device, and
-the host reads them once per log interval.
-
-Reading order: Trainer (set-up, train, train_step, log_train, validate, checkpoints, resume), the
-schedule, optimizer and losses, the process group, then the run and the command line. The other
-jobs each have a module of their own: processes.py (ranks, precision, RNG), splits.py (the data
-files as token ids), evaluation.py (metrics and predictions), runlog.py (the log folder),
-checkpoint.py (checkpoint folders on disk), config.py, data.py, model.py.
+The loop is written out by hand to be read: global batch = micro-batches x accumulation x ranks,
+the loss scaled by the true number of examples in each step, no gradient sync on non-final
+micro-steps, GradScaler for float16 only, a linear warmup / decay schedule, exact resume. A step
+never waits for the GPU: the host reads the device once per log interval.
+Read Trainer first, then the schedule and losses, the process group, run and main. The other jobs
+have modules of their own: processes, splits, evaluation, runlog, checkpoint, config, data, model.
 """
 import sys
 
@@ -56,46 +50,40 @@ from tqdm import tqdm
 tqdm.monitor_interval = 0
 
 import speedups
-from checkpoint import (
-    CheckpointError,
-    SaveDir,
-    checkpoint_name,
-    data_digests,
-    load_checkpoint,
-    new_session,
-    save_step,
-    sees_lock_of,
-)
+from checkpoint import CheckpointError, checkpoint_name, load_checkpoint, new_session, open_save_dir, save_step
 from config import ConfigError, answer_help, fit_metric_to_task, label_names, load_config, uses_amp
 from data import DataError, collate, micro_batches, train_batches
-from evaluation import (
-    curves_of,
-    evaluate_only,
-    fixed_thresholds,
-    predict_file,
-    predict_logits,
-    resumed_thresholds,
-    scalar_metrics,
-    split_metrics,
-    thresholds_of,
-    validation_thresholds,
-    write_thresholds,
-)
+from evaluation import Thresholds, curves_of, evaluate_and_predict, predict_file, predict_logits, scalar_metrics, split_metrics
 from metrics import format_report
-from model import ModelError, build_model, load_weights, read_export_manifest, save_pretrained, use_checkpoint_settings
+from model import (
+    ModelError,
+    build_model,
+    classifier_of,
+    is_export_dir,
+    load_module_weights,
+    load_weights,
+    module_rest,
+    save_pretrained,
+    use_checkpoint_settings,
+)
 from processes import (
     MainProcessFailed,
     Process,
     TrainingError,
     agree,
     autocast,
+    choose_device,
     decide_amp_dtype,
+    gather,
     log,
     on_main,
     rng_state,
     set_rng_state,
+    set_threads,
+    torchrun_launch,
+    uses_ddp,
 )
-from runlog import RunLog, new_run_dir, print_runs, record_run, resume_command, script_name
+from runlog import RunLog, print_runs, record_run, resume_command, script_name
 from splits import class_weights, prepare_run, training_split
 
 
@@ -148,8 +136,7 @@ class Trainer:
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)  # non-finite gradients
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.bad_validations = 0  # in a row, without an improvement of more than min_delta
-        # multi-label decisions: module.threshold's, or those tuned at the latest validation
-        self.thresholds, self.thresholds_chosen = fixed_thresholds(cfg), "module.threshold"
+        self.thresholds = Thresholds(cfg)  # multi-label decisions
         self.interval = new_interval(device)  # sums of the current logging interval
         self.run_dir, self.runlog = None, None  # the log folder; its writers on the main process
         self.session, self.save_dir, self.digests = new_session(), None, None  # the last two: main process
@@ -301,8 +288,7 @@ class Trainer:
                                 self.tokenizer.pad_token_id, self.proc, desc="validate")
         # the main process has the logits; every rank gets the metrics, to agree on the best
         metrics = on_main(self.proc, split_metrics, logits, self.val_split, self.cfg, f"at step {self.step}")
-        if self.cfg["data"]["multi_label"]:  # the thresholds this validation decided with
-            self.thresholds, self.thresholds_chosen = validation_thresholds(self.cfg, metrics, self.step)
+        self.thresholds.validated(metrics, self.step)
         self.log_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
         on_main(self.proc, lambda: self.runlog.write_figures(self.step, metrics, curves_of(logits, self.val_split, self.cfg)))
         value, ckpt, tcfg = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"], self.cfg["trainer"]
@@ -351,8 +337,7 @@ class Trainer:
             load_weights(classifier_of(self.model), str(Path(self.best["path"]) / "model.safetensors"))
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
                   "best_checkpoint": self.best["path"]}
-        if self.cfg["data"]["multi_label"]:  # predictions after training decide as the best model did
-            self.thresholds = thresholds_of(self.best["metrics"])
+        self.thresholds.of_best(self.best["metrics"])
         if self.stop_early():
             result["stopped_early_at_step"] = self.step
         elif self.paused():
@@ -399,25 +384,18 @@ class Trainer:
         mine = {"rng": rng_state(self.proc.device),
                 "window": {"loss": self.interval["loss"].cpu(), "examples": self.interval["examples"],
                            "terms": {k: v.cpu() for k, v in self.interval["terms"].items()}}}
-        per_rank = [mine]
-        if self.proc.ddp:
-            per_rank = [None] * self.proc.world_size
-            dist.all_gather_object(per_rank, mine, group=self.proc.cpu_group)
-        return Path(on_main(self.proc, self.write_checkpoint, per_rank, reason))
+        return Path(on_main(self.proc, self.write_checkpoint, gather(self.proc, mine), reason))
 
     def write_checkpoint(self, per_rank, reason):
         cfg, classifier = self.cfg, classifier_of(self.model)
 
         def write_files(folder):
             save_pretrained(classifier, self.tokenizer, folder, max_seq_len=cfg["module"]["max_seq_len"])  # truncates as trained
-            if cfg["data"]["multi_label"]:  # the decisions that go with these weights
-                write_thresholds(cfg, folder, self.thresholds, self.thresholds_chosen)
+            self.thresholds.write(folder)
             state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
-            if self.model is not classifier:  # e.g. distillation projections beside the student, whose
-                # own weights are model.safetensors already: stored once, not again in here
-                state["module_rest"] = {name: tensor for name, tensor in self.model.state_dict().items()
-                                        if not name.startswith(STUDENT)}
+            if self.model is not classifier:  # distillation: what the module holds beside the student
+                state["module_rest"] = module_rest(self.model)
             torch.save(state, folder / f"training_state{cfg['ckpt']['file_ext']}")
         manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "best": self.best, "bad_validations": self.bad_validations,
@@ -434,13 +412,7 @@ class Trainer:
         """Restore weights, optimizer, schedule, scaler, position, logging interval and RNG."""
         state, manifest = load_checkpoint(path, self.cfg["ckpt"]["file_ext"])
         device = self.proc.device
-        if "module" in state:  # a checkpoint that held the whole module, student included, in here
-            self.model.load_state_dict(state["module"])
-        else:
-            load_weights(classifier_of(self.model), str(Path(path) / "model.safetensors"))
-            if self.model is not classifier_of(self.model):  # what the module holds beside the student
-                self.model.load_state_dict({**state.get("module_rest", {}), **{
-                    STUDENT + name: tensor for name, tensor in classifier_of(self.model).state_dict().items()}})
+        load_module_weights(self.model, path, state)
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the loaded groups hold a copy of the saved rate
             group["lr"] = self.lr
@@ -450,8 +422,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         self.best, self.run_dir = manifest["best"], manifest["run_dir"]
         self.bad_validations = manifest["bad_validations"]
-        if self.cfg["data"]["multi_label"] and self.cfg["module"]["threshold"] == "tune":
-            self.thresholds, self.thresholds_chosen = resumed_thresholds(self.cfg, path)
+        self.thresholds.resumed(path)
         mine = state["ranks"][self.proc.rank]
         set_rng_state(mine["rng"], device)
         self.interval = {**new_interval(device), "loss": mine["window"]["loss"].to(device),
@@ -462,17 +433,9 @@ class Trainer:
                        f"batch {self.batch_in_epoch or self.steps_per_epoch} of {self.steps_per_epoch})")
 
 
-STUDENT = "student."  # the names of a distillation student's weights in the module Trainer optimizes
-
-
 def new_interval(device):
     """Running sums of one logging interval: summed loss, examples, loss terms, its start time."""
     return {"loss": torch.zeros((), device=device), "examples": 0, "terms": {}, "start": time.perf_counter()}
-
-
-def classifier_of(model):
-    """The Hugging Face classifier in what the Trainer optimizes: itself, or a distillation student."""
-    return getattr(model, "student", model)
 
 
 def log_interval(log_steps, total_steps):
@@ -498,11 +461,9 @@ def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None, notes=()):
     fresh: a resume loads the checkpoint's trained weights over them.
     """
     trainer = Trainer(cfg, proc, model, tokenizer, train, val, loss_fn=loss_fn)
+    trainer.save_dir, trainer.digests, resume = open_save_dir(cfg, proc, trainer.session, say=lambda m: log(proc, m))
     failed = True
     try:
-        resume, main_session = on_main(proc, open_save_dir, trainer)
-        if proc.ddp:
-            check_shared_save_dir(cfg, proc, main_session)
         if resume is not None:
             trainer.resume_from(resume)
         else:
@@ -516,23 +477,6 @@ def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None, notes=()):
     if result is None:
         log(proc, f"stopped by {trainer.stop_signal} at step {trainer.step}, with a checkpoint to resume from")
     return trainer, result
-
-
-def check_shared_save_dir(cfg, proc, main_session):
-    """Every rank reads the checkpoints rank 0 writes (to resume, and the best at the end): on
-    several machines the save folder must be one they share. Refuse before step 1 if not."""
-    if not agree(proc, sees_lock_of(cfg["ckpt"]["model_state_save_dir"], main_session), "min"):
-        raise ConfigError(f"ckpt.model_state_save_dir {cfg['ckpt']['model_state_save_dir']} is not "
-                          f"shared by every machine of the run (some rank does not see rank 0's files); "
-                          f"put it on a filesystem all machines share")
-
-
-def open_save_dir(trainer):
-    """Main process: lock the save folder, choose the checkpoint to resume from (or None)."""
-    trainer.digests = data_digests(trainer.cfg)
-    trainer.save_dir = SaveDir(trainer.cfg, trainer.session, say=lambda message: log(trainer.proc, message))
-    resume = trainer.save_dir.open(trainer.proc.world_size, trainer.digests)
-    return None if resume is None else str(resume), trainer.session
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,49 +545,20 @@ def task_loss(logits, labels, class_weights=None, known=None):
 # the process group
 
 
-def uses_ddp(trainer_cfg):
-    """DDP or not: trainer.backend auto follows torchrun (as nanoGPT does), sp / ddp insist.
-    Several processes started without DDP would each train alone: refused."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    backend, world_size = trainer_cfg["backend"], int(os.environ.get("WORLD_SIZE", 1)) if launched else 1
-    ddp = launched if backend == "auto" else backend.startswith("ddp")
-    if world_size > 1 and not ddp:
-        raise ConfigError(f"started with {world_size} processes but trainer.backend is {backend}; "
-                          f"use auto (or ddp) under torchrun")
-    return ddp
-
-
 def setup_distributed(trainer_cfg):
-    """Read torchrun's environment, pick the device and precision, start the process group for DDP."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world_size = int(os.environ.get("WORLD_SIZE", 1)) if launched else 1
-    rank = int(os.environ.get("RANK", 0)) if launched else 0
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if launched else 0
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched else 1
-    ddp = uses_ddp(trainer_cfg)
-    use_cuda = trainer_cfg["device"] == "cuda" or (trainer_cfg["device"] == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError("trainer.device is cuda but no CUDA GPU is visible; use auto or cpu")
-    if use_cuda and local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"local rank {local_rank} has no GPU of its own: this machine shows "
-                          f"{torch.cuda.device_count()}; start at most that many processes per machine "
-                          f"(torchrun --nproc_per_node), or pass --trainer.device cpu")
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        # TF32 matmuls on Ampere and newer: float32 range, several times the speed
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = trainer_cfg["tf32"]
-    else:
-        device = torch.device("cpu")
-    # processes on one machine share its cores; oversubscribing them slows every process down
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(trainer_cfg["num_threads"] or max(1, cores // local_world_size))
+    """This process's place among torchrun's, its device and precision; the process group for DDP."""
+    launch, ddp = torchrun_launch(), uses_ddp(trainer_cfg)
+    device = choose_device(trainer_cfg, launch.local_rank)
+    set_threads(trainer_cfg, launch.local_world_size)
     cpu_group = None
-    if ddp and launched:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-        cpu_group = dist.new_group(backend="gloo") if use_cuda else dist.group.WORLD
-    proc = Process(rank, local_rank, world_size, device, rank == 0, ddp and launched, cpu_group)
-    if ddp and not launched:
+    if ddp and launch.launched:
+        # NCCL between GPUs; the host's agreements (stop flags, checkpoint state) over gloo
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        cpu_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
+    proc = Process(launch.rank, launch.local_rank, launch.world_size, device, launch.rank == 0,
+                   ddp and launch.launched, cpu_group)
+    if ddp and not launch.launched:
         log(proc, f"note: trainer.backend {trainer_cfg['backend']} without torchrun: running as a "
                   f"world of one process (launch with torchrun --nproc_per_node N for more)")
     proc.amp_dtype = decide_amp_dtype(uses_amp(trainer_cfg), trainer_cfg["amp_dtype"], device,
@@ -654,11 +569,9 @@ def setup_distributed(trainer_cfg):
 def cleanup_distributed(proc, finished):
     """Leave the process group; after a finished run, first wait for every rank and free what DDP holds.
 
-    The trainer sits in reference cycles, so without gc.collect() its DDP reducer (which holds the
-    gloo group and its pending work) is freed only at interpreter exit, after the group is destroyed;
-    then a rank can abort there with "terminate called without an active exception". The barrier
-    keeps every rank alive until all are done with the group. After an error: no barrier, since
-    another rank may be gone and it would wait for the group's timeout.
+    gc.collect() frees the DDP reducer (in the trainer's reference cycles, holding the gloo group)
+    while the group exists; freed at interpreter exit instead, a rank can abort with "terminate called
+    without an active exception". After an error, no barrier: another rank may be gone.
     """
     if not dist.is_initialized():
         return
@@ -679,7 +592,7 @@ def run(cfg, proc):
         per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
     # evaluate / predict as the checkpoint was trained (labels, task, max_seq_len); a training run
     # says here, on the main process, the metric that load_config fitted to its task
-    exported = cfg["model"]["model_path"] is not None and read_export_manifest(cfg["model"]["model_path"]) is not None
+    exported = is_export_dir(cfg["model"]["model_path"])
     if exported and cfg["data"]["train_filepath"]:
         raise ConfigError(f"model.model_path {cfg['model']['model_path']} is an export folder (ONNX): it evaluates "
                           f"and predicts only; train from the checkpoint it came from (its export.json's source)")
@@ -699,30 +612,18 @@ def run(cfg, proc):
             speedups.apply(model, proc.device)  # the same arithmetic, less of it (speedups.py)
         return model.to(proc.device)
     inputs = prepare_run(cfg, proc, build)
-    model, tokenizer, train, val = inputs.built, inputs.tokenizer, inputs.train, inputs.val
-    result, run_dir, thresholds = {}, None, fixed_thresholds(cfg)
-    if train:
-        train = training_split(cfg, proc, train)
-        weights = class_weights(cfg, train, proc.device)
-        if weights is not None:
-            kind = "positive weights per label" if cfg["data"]["multi_label"] else "class weights"
-            log(proc, f"{kind}: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(label_names(cfg), weights.tolist())))
-        trainer, result = fit(cfg, proc, model, tokenizer, train, val,
-                              loss_fn=functools.partial(supervised_loss, class_weights=weights), notes=notes)
-        if result is None:
-            return None
-        model, run_dir, thresholds = classifier_of(trainer.model), trainer.run_dir, trainer.thresholds
-    elif val:
-        metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, val)
-        result = {**scalar_metrics(metrics), "run_dir": run_dir}
-        if cfg["data"]["multi_label"]:  # tune: predictions decide at the thresholds tuned on this file
-            thresholds = thresholds_of(metrics)
-    else:  # prediction alone gets a run folder too, to record what it read and wrote
-        run_dir = on_main(proc, new_run_dir, cfg["trainer"]["log_dir"], "predict")
-        result["run_dir"] = run_dir
-    if cfg["data"]["predict_filepath"]:
-        result["predictions"] = predict_file(cfg, proc, model, tokenizer, run_dir,
-                                             thresholds=thresholds, total_rows=inputs.predict_rows)
+    if not inputs.train:  # a fine-tuned model evaluates and / or predicts (evaluation.py)
+        return evaluate_and_predict(cfg, proc, inputs)
+    train = training_split(cfg, proc, inputs.train)
+    weights = class_weights(cfg, train, proc.device)
+    if weights is not None:
+        kind = "positive weights per label" if cfg["data"]["multi_label"] else "class weights"
+        log(proc, f"{kind}: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(label_names(cfg), weights.tolist())))
+    trainer, result = fit(cfg, proc, inputs.built, inputs.tokenizer, train, inputs.val,
+                          loss_fn=functools.partial(supervised_loss, class_weights=weights), notes=notes)
+    if result is not None and cfg["data"]["predict_filepath"]:
+        result["predictions"] = predict_file(cfg, proc, classifier_of(trainer.model), inputs.tokenizer, trainer.run_dir,
+                                             thresholds=trainer.thresholds.values, total_rows=inputs.predict_rows)
     return result
 
 

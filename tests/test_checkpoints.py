@@ -581,10 +581,10 @@ def test_a_save_folder_not_shared_by_every_machine_is_refused_before_step_1(tmp_
     rank = processes.Process(1, 0, 2, torch.device("cpu"), False, True, cpu_group="gloo group")
     try:
         if this_rank_sees and other_rank_sees:
-            trainer.check_shared_save_dir(cfg, rank, "s-main")
+            checkpoint.check_shared_save_dir(cfg, rank, "s-main")
         else:
-            with pytest.raises(trainer.ConfigError, match="is not shared by every machine of the run"):
-                trainer.check_shared_save_dir(cfg, rank, "s-main")
+            with pytest.raises(checkpoint.ConfigError, match="is not shared by every machine of the run"):
+                checkpoint.check_shared_save_dir(cfg, rank, "s-main")
     finally:
         lock.release()
 
