@@ -506,7 +506,7 @@ def run(cfg, proc):
         cached = teacher_logits_of(cfg, proc, teacher, teacher_tokenizer, teachers_tokens(cfg, proc, teacher_tokenizer),
                                    student=train.encoded)
     loss_fn = DistillLoss(cfg, teacher, student, teacher_logits=cached,
-                          class_weights=class_weights(cfg, train, proc.device))
+                          class_weights=class_weights(cfg, train, proc.device, say=lambda message: log(proc, message)))
     if cfg["trainer"]["speedups"]:  # after the teacher's logits, which the plain modules computed
         speedups.apply(teacher, proc.device)
         speedups.apply(module, proc.device)

@@ -7,8 +7,8 @@
     with autocast(proc): ...                     # the run's mixed precision, decided once at start
     seed_everything(seed); state = rng_state(proc.device); set_rng_state(state, proc.device)
 
-trainer.setup_distributed builds the Process from torchrun's environment (torchrun_launch, uses_ddp,
-choose_device); everything here works alike for one process (ddp False) and for many.
+this_process builds the Process from torchrun's environment, and trainer.setup_distributed starts
+its process group; everything here works alike for one process (ddp False) and for many.
 """
 import os
 import random
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import ConfigError
+from config import ConfigError, uses_amp
 
 
 class TrainingError(Exception):
@@ -103,6 +103,21 @@ def set_threads(trainer_cfg, local_world_size):
     cores slow every process down."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(trainer_cfg["num_threads"] or max(1, cores // local_world_size))
+
+
+def this_process(trainer_cfg):
+    """This process's place among torchrun's (one of one without it), its device, CPU threads and
+    precision, decided once and said once. DDP's process group is the caller's to start."""
+    launch, ddp = torchrun_launch(), uses_ddp(trainer_cfg)
+    device = choose_device(trainer_cfg, launch.local_rank)
+    set_threads(trainer_cfg, launch.local_world_size)
+    proc = Process(launch.rank, launch.local_rank, launch.world_size, device, launch.rank == 0, ddp and launch.launched)
+    if ddp and not launch.launched:
+        log(proc, f"note: trainer.backend {trainer_cfg['backend']} without torchrun: running as a "
+                  f"world of one process (launch with torchrun --nproc_per_node N for more)")
+    proc.amp_dtype = decide_amp_dtype(uses_amp(trainer_cfg), trainer_cfg["amp_dtype"], device,
+                                      say=lambda message: log(proc, message))
+    return proc
 
 
 def single_process(device="cpu"):

@@ -150,10 +150,10 @@ def load_split(cfg, tokenizer, path, need_labels=True):
 MAX_POS_WEIGHT = 100.0  # a label seen twice in 10,000 texts would otherwise weigh 5,000 times
 
 
-def class_weights(cfg, train, device):
+def class_weights(cfg, train, device, say=None):
     """module.class_weights as a tensor on device: balanced = n / (k * count of each class) over the
     labelled training rows (multi-label: negatives / positives of each label, at most
-    MAX_POS_WEIGHT); None when unset."""
+    MAX_POS_WEIGHT); None when unset. say(the weights, by name) if given."""
     spec, names = cfg["module"]["class_weights"], label_names(cfg)
     if spec is None:
         return None
@@ -169,4 +169,7 @@ def class_weights(cfg, train, device):
             raise DataError(f"module.class_weights balanced: no training example of {missing}; give the "
                             f"weights as a list, or check data.labels_list")
         spec = (len(labels) / (len(names) * counts)).tolist()
+    if say is not None:
+        kind = "positive weights per label" if cfg["data"]["multi_label"] else "class weights"
+        say(f"{kind}: " + ", ".join(f"{n} {float(w):.4g}" for n, w in zip(names, spec)))
     return torch.tensor(spec, dtype=torch.float32, device=device)

@@ -48,10 +48,13 @@ from tqdm import tqdm
 # no tqdm monitor thread: a daemon thread writing to stderr on its own can still be running while
 # the interpreter of a torchrun worker shuts down; the bars update without it
 tqdm.monitor_interval = 0
+# torch 2.13 deprecates DDP's broadcast_buffers for forward_sync_buffers, which older torch (2.11 on
+# our GPU machine) lacks: its FutureWarning, once per rank, says nothing to a user
+warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
 import speedups
 from checkpoint import CheckpointError, checkpoint_name, load_checkpoint, new_session, open_save_dir, save_step
-from config import ConfigError, answer_help, fit_metric_to_task, label_names, load_config, uses_amp
+from config import ConfigError, answer_help, fit_metric_to_task, load_config
 from data import DataError, collate, micro_batches, train_batches
 from evaluation import Thresholds, curves_of, evaluate_and_predict, predict_file, predict_logits, scalar_metrics, split_metrics
 from metrics import format_report
@@ -68,19 +71,15 @@ from model import (
 )
 from processes import (
     MainProcessFailed,
-    Process,
     TrainingError,
     agree,
     autocast,
-    choose_device,
-    decide_amp_dtype,
     gather,
     log,
     on_main,
     rng_state,
     set_rng_state,
-    set_threads,
-    torchrun_launch,
+    this_process,
     uses_ddp,
 )
 from runlog import RunLog, print_runs, record_run, resume_command, script_name
@@ -103,14 +102,9 @@ class Trainer:
         tcfg, device = cfg["trainer"], proc.device
         self.model = model.to(device)
         self.wrapped = self.model
-        if proc.ddp:
-            # no BatchNorm here: the buffers (position ids) never change, so none are broadcast.
-            # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, which older torch
-            # (2.11 on our GPU machine) lacks: its FutureWarning, once per rank, says nothing to a user
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-                self.wrapped = torch.nn.parallel.DistributedDataParallel(
-                    self.model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+        if proc.ddp:  # no BatchNorm here: the buffers (position ids) never change, so none are broadcast
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
         if tcfg["compile"]:
             self.wrapped = torch.compile(self.wrapped, dynamic=True)
         # free sequence lengths would recompile a compiled model often: pad to multiples of 8 then
@@ -377,8 +371,7 @@ class Trainer:
         return checkpoint_name(self.cfg["ckpt"]["file_prefix"], self.epoch_number, self.step)
 
     def save_checkpoint(self, reason="period"):
-        """Write a checkpoint of every rank's state (a collective: every rank calls it at the same
-        step); the main process writes it."""
+        """A checkpoint of every rank's state, written by the main process (every rank calls it)."""
         self.check_updates(int(self.skipped))  # never save past a skipped float32 update
         # this rank's part: its RNG and its logging interval (kept under the key "window" on disk)
         mine = {"rng": rng_state(self.proc.device),
@@ -425,9 +418,9 @@ class Trainer:
         self.thresholds.resumed(path)
         mine = state["ranks"][self.proc.rank]
         set_rng_state(mine["rng"], device)
-        self.interval = {**new_interval(device), "loss": mine["window"]["loss"].to(device),
-                         "examples": mine["window"]["examples"],
-                         "terms": {k: v.to(device) for k, v in mine["window"]["terms"].items()}}
+        saved = mine["window"]
+        self.interval = {**new_interval(device), "loss": saved["loss"].to(device), "examples": saved["examples"],
+                         "terms": {k: v.to(device) for k, v in saved["terms"].items()}}
         # as in epoch_number, the batch of the last step: at an epoch's end its last, not the next's 0
         log(self.proc, f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
                        f"batch {self.batch_in_epoch or self.steps_per_epoch} of {self.steps_per_epoch})")
@@ -454,12 +447,8 @@ def per_rank_batch(tcfg, world_size):
 
 
 def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None, notes=()):
-    """Train fresh or resumed (ckpt.resume): (trainer, final metrics or None if stopped).
-
-    Before step 1 the main process locks the save folder and picks the checkpoint to resume from.
-    notes (the building of a fresh model's, such as its new head) are said only if the run starts
-    fresh: a resume loads the checkpoint's trained weights over them.
-    """
+    """Train fresh or resumed (ckpt.resume): (trainer, final metrics or None if stopped). notes (of
+    building a fresh model, such as its new head) are said only if the run does not resume."""
     trainer = Trainer(cfg, proc, model, tokenizer, train, val, loss_fn=loss_fn)
     trainer.save_dir, trainer.digests, resume = open_save_dir(cfg, proc, trainer.session, say=lambda m: log(proc, m))
     failed = True
@@ -546,23 +535,13 @@ def task_loss(logits, labels, class_weights=None, known=None):
 
 
 def setup_distributed(trainer_cfg):
-    """This process's place among torchrun's, its device and precision; the process group for DDP."""
-    launch, ddp = torchrun_launch(), uses_ddp(trainer_cfg)
-    device = choose_device(trainer_cfg, launch.local_rank)
-    set_threads(trainer_cfg, launch.local_world_size)
-    cpu_group = None
-    if ddp and launch.launched:
-        # NCCL between GPUs; the host's agreements (stop flags, checkpoint state) over gloo
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-        cpu_group = dist.new_group(backend="gloo") if device.type == "cuda" else dist.group.WORLD
-    proc = Process(launch.rank, launch.local_rank, launch.world_size, device, launch.rank == 0,
-                   ddp and launch.launched, cpu_group)
-    if ddp and not launch.launched:
-        log(proc, f"note: trainer.backend {trainer_cfg['backend']} without torchrun: running as a "
-                  f"world of one process (launch with torchrun --nproc_per_node N for more)")
-    proc.amp_dtype = decide_amp_dtype(uses_amp(trainer_cfg), trainer_cfg["amp_dtype"], device,
-                                      say=lambda message: log(proc, message))
+    """This process among torchrun's (processes.this_process) and, for DDP, the process group:
+    NCCL between GPUs, and gloo for what the host agrees on (stop flags, checkpoint state)."""
+    proc = this_process(trainer_cfg)
+    if proc.ddp:
+        cuda = proc.device.type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=proc.device if cuda else None)
+        proc.cpu_group = dist.new_group(backend="gloo") if cuda else dist.group.WORLD
     return proc
 
 
@@ -615,10 +594,7 @@ def run(cfg, proc):
     if not inputs.train:  # a fine-tuned model evaluates and / or predicts (evaluation.py)
         return evaluate_and_predict(cfg, proc, inputs)
     train = training_split(cfg, proc, inputs.train)
-    weights = class_weights(cfg, train, proc.device)
-    if weights is not None:
-        kind = "positive weights per label" if cfg["data"]["multi_label"] else "class weights"
-        log(proc, f"{kind}: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(label_names(cfg), weights.tolist())))
+    weights = class_weights(cfg, train, proc.device, say=lambda message: log(proc, message))
     trainer, result = fit(cfg, proc, inputs.built, inputs.tokenizer, train, inputs.val,
                           loss_fn=functools.partial(supervised_loss, class_weights=weights), notes=notes)
     if result is not None and cfg["data"]["predict_filepath"]:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 import checkpoint
 import processes
 import trainer
+from config import ConfigError
 from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
 
 
@@ -583,7 +584,7 @@ def test_a_save_folder_not_shared_by_every_machine_is_refused_before_step_1(tmp_
         if this_rank_sees and other_rank_sees:
             checkpoint.check_shared_save_dir(cfg, rank, "s-main")
         else:
-            with pytest.raises(checkpoint.ConfigError, match="is not shared by every machine of the run"):
+            with pytest.raises(ConfigError, match="is not shared by every machine of the run"):
                 checkpoint.check_shared_save_dir(cfg, rank, "s-main")
     finally:
         lock.release()

@@ -309,6 +309,28 @@ def test_unlabelled_rows_never_reach_the_gold_label_loss(tmp_path, monkeypatch):
     assert sorted(labels[labels >= 0].tolist()) == gold
 
 
+def test_class_weights_are_said_and_reach_the_gold_label_loss(tmp_path, monkeypatch, capsys):
+    # as in fine-tuning: balanced weights are computed on the training labels, said at the start
+    rows = sentiment_rows(24, seed=2)
+    args = base_args(tmp_path, save_tiny_encoder(tmp_path / "t", layers=2), write_csv(tmp_path / "train.csv", rows),
+                     write_csv(tmp_path / "val.csv", rows),
+                     **{"distill.student_layers": "[0]", "trainer.epochs": 1, "module.class_weights": "balanced"})
+    seen = []
+
+    def spy(logits, labels, class_weights=None):
+        seen.append(class_weights)
+        return distill_labels_loss(logits, labels, class_weights)
+
+    distill_labels_loss = distill.labels_loss
+    monkeypatch.setattr(distill, "labels_loss", spy)
+    assert distill.main(args) == 0
+    counts = [sum(r["label"] == name for r in rows) for name in LABELS]
+    expected = [len(rows) / (len(LABELS) * c) for c in counts]
+    assert seen and all(torch.allclose(w.cpu(), torch.tensor(expected)) for w in seen)
+    said = f"class weights: {', '.join(f'{n} {w:.4g}' for n, w in zip(LABELS, expected))}"
+    assert said in capsys.readouterr().out
+
+
 def test_unlabelled_file_needs_only_a_text_column(tmp_path):
     cfg = distill_cfg(**{"distill.unlabeled_filepaths": f"[{tmp_path / 'missing.csv'}]"})
     tokenizer = load_tokenizer({**cfg["model"], "hf_model": save_tiny_encoder(tmp_path / "t")})

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import evaluation
 import processes
-import trainer
 from config import load_config
 from conftest import base_args, sentiment_rows, write_csv
 from data import DataError, encode, read_examples
@@ -29,7 +29,7 @@ def job(tmp_path, tiny_bert):
 
 def whole_file_csv(cfg, model, tokenizer, out):
     """What prediction wrote before it streamed: every row read, tokenized and run at once."""
-    data, names = cfg["data"], trainer.label_names(cfg)
+    data, names = cfg["data"], config.label_names(cfg)
     examples = read_examples(data["predict_filepath"], data, data["labels_list"], need_labels=False, keep_rows=True)
     logits = evaluation.predict_logits(model, encode(tokenizer, examples, cfg["module"]["max_seq_len"]),
                                     cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id, MAIN)
