@@ -68,9 +68,9 @@ from config import ConfigError, task_of
 from data import Encoded
 from evaluation import document_logits, predict_logits
 from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
-from processes import log, on_main
+from processes import log, on_main, per_rank_batch
 from splits import Split, check_max_seq_len, class_weights, load_split, prepare_run, read_split, tokenize, training_split
-from trainer import fit, per_rank_batch, task_loss
+from trainer import fit, task_loss
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")

@@ -120,6 +120,15 @@ def this_process(trainer_cfg):
     return proc
 
 
+def per_rank_batch(tcfg, world_size):
+    """Examples each rank takes per step; a global batch that does not divide among the ranks is
+    a config error (checked again at the start of a run, before anything is written)."""
+    if tcfg["train_batch_size"] % world_size:
+        raise ConfigError(f"trainer.train_batch_size {tcfg['train_batch_size']} does not divide "
+                          f"among {world_size} processes; use a multiple of {world_size}")
+    return tcfg["train_batch_size"] // world_size
+
+
 def single_process(device="cpu"):
     """The Process of a run that is not distributed (tools and tests)."""
     return Process(0, 0, 1, torch.device(device), True, False)

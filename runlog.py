@@ -111,6 +111,12 @@ def is_run_dir_of(run_dir, log_dir):
             and path.resolve().parent == Path(log_dir).resolve())
 
 
+def log_interval(log_steps, total_steps):
+    """The steps between two logs: trainer.log_steps, or for auto about 100 points a run (a curve,
+    not a handful of dots) while a log, one host read of the loss sums, comes at most every other step."""
+    return log_steps if log_steps != "auto" else max(2, round(total_steps / 100))
+
+
 def new_run_dir(log_dir, mode):
     """A new folder <date>-<time>-<mode> in log_dir: one of KINDS."""
     stamp = time.strftime("%Y%m%d-%H%M%S")

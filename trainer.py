@@ -77,12 +77,13 @@ from processes import (
     gather,
     log,
     on_main,
+    per_rank_batch,
     rng_state,
     set_rng_state,
     this_process,
     uses_ddp,
 )
-from runlog import RunLog, print_runs, record_run, resume_command, script_name
+from runlog import RunLog, log_interval, print_runs, record_run, resume_command, script_name
 from splits import class_weights, prepare_run, training_split
 
 
@@ -429,21 +430,6 @@ class Trainer:
 def new_interval(device):
     """Running sums of one logging interval: summed loss, examples, loss terms, its start time."""
     return {"loss": torch.zeros((), device=device), "examples": 0, "terms": {}, "start": time.perf_counter()}
-
-
-def log_interval(log_steps, total_steps):
-    """trainer.log_steps, or for auto about 100 points a run: a curve, not a handful of dots, while
-    a log (one host read of the loss sums) still comes at most every other step."""
-    return log_steps if log_steps != "auto" else max(2, round(total_steps / 100))
-
-
-def per_rank_batch(tcfg, world_size):
-    """Examples each rank takes per step; a global batch that does not divide among the ranks is
-    a config error (checked again at the start of a run, before anything is written)."""
-    if tcfg["train_batch_size"] % world_size:
-        raise ConfigError(f"trainer.train_batch_size {tcfg['train_batch_size']} does not divide "
-                          f"among {world_size} processes; use a multiple of {world_size}")
-    return tcfg["train_batch_size"] // world_size
 
 
 def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None, notes=()):

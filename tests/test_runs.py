@@ -211,10 +211,10 @@ def test_the_scatter_puts_good_predictions_on_the_diagonal():
 
 
 def test_auto_logging_gives_about_a_hundred_points_and_never_logs_every_step():
-    assert trainer.log_interval("auto", 125) == 2  # the default job: 62 points
-    assert trainer.log_interval("auto", 10_000) == 100
-    assert trainer.log_interval("auto", 3) == 2
-    assert trainer.log_interval(7, 125) == 7
+    assert runlog.log_interval("auto", 125) == 2  # the default job: 62 points
+    assert runlog.log_interval("auto", 10_000) == 100
+    assert runlog.log_interval("auto", 3) == 2
+    assert runlog.log_interval(7, 125) == 7
 
 
 # ---------------------------------------------------------------------------------------------
