@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import checkpoint
 import processes
 import trainer
-from config import ConfigError
+from config import ConfigError, load_config
 from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
 
 
@@ -588,6 +588,21 @@ def test_a_save_folder_not_shared_by_every_machine_is_refused_before_step_1(tmp_
                 checkpoint.check_shared_save_dir(cfg, rank, "s-main")
     finally:
         lock.release()
+
+
+def test_rank_zero_releases_the_save_folder_when_another_rank_does_not_see_it(tmp_path, monkeypatch):
+    # open_save_dir locks the folder on rank 0, then all ranks check they see it: a refusal there
+    # must not leave the lock held (the folder would refuse the next run in this process)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda shared, src, group: None)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op, group: tensor.zero_())  # one rank does not
+    monkeypatch.setattr(checkpoint, "data_digests", lambda cfg: {})
+    cfg = load_config(["--ckpt.model_state_save_dir", str(tmp_path / "ckpt")])
+    main = processes.Process(0, 0, 2, torch.device("cpu"), True, True, cpu_group="gloo group")
+    with pytest.raises(ConfigError, match="is not shared by every machine of the run") as refused:
+        checkpoint.open_save_dir(cfg, main, "s-main", say=print)
+    # refused holds the traceback, and with it the SaveDir: released all the same, not by the GC
+    checkpoint.SaveDirLock(tmp_path / "ckpt", "s-next").release()
+    assert refused.traceback
 
 
 def test_a_checkpoint_written_before_the_redesign_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
