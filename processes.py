@@ -1,14 +1,15 @@
 """Where this process stands among the run's processes, and what the processes agree on.
 
-    proc = Process(rank, local_rank, world_size, device, is_main, ddp, cpu_group, amp_dtype)
+    proc = this_process(cfg["trainer"])          # rank, device, threads, precision from torchrun's env
     log(proc, "said once, by the main process")
     result = on_main(proc, write_file, path)     # run on rank 0, its result (or failure) on every rank
     stop = agree(proc, asked_to_stop, "max")     # one flag, the same on every rank
+    states = gather(proc, my_state)              # every rank's, on every rank
     with autocast(proc): ...                     # the run's mixed precision, decided once at start
     seed_everything(seed); state = rng_state(proc.device); set_rng_state(state, proc.device)
 
-this_process builds the Process from torchrun's environment, and trainer.setup_distributed starts
-its process group; everything here works alike for one process (ddp False) and for many.
+trainer.setup_distributed starts the process group of what this_process found; everything here
+works alike for one process (ddp False) and for many.
 """
 import os
 import random
