@@ -47,28 +47,6 @@ def thresholds_of(metrics):
     return np.array([row["threshold"] for row in metrics["per_label"].values()])
 
 
-def validation_thresholds(cfg, metrics, step):
-    """Multi-label: the thresholds a validation decided with, and how they were chosen (tuned on
-    the validation file with module.threshold tune, else module.threshold's)."""
-    if cfg["module"]["threshold"] != "tune":
-        return thresholds_of(metrics), "module.threshold"
-    return thresholds_of(metrics), (f"tuned on {cfg['data']['val_filepath']} (each label's F1-best) "
-                                    f"at the validation of step {step}")
-
-
-def write_thresholds(cfg, folder, thresholds, chosen):
-    """thresholds.json of a multi-label checkpoint: the decisions that go with its weights."""
-    names = label_names(cfg)
-    if thresholds is None:  # tune, before the first validation: the usual 0.5 for now
-        thresholds, chosen = [0.5] * len(names), "0.5, not yet tuned (no validation yet)"
-    save_thresholds(folder, names, thresholds, chosen)
-
-
-def resumed_thresholds(cfg, path):
-    """Resuming module.threshold tune: those of the checkpoint's latest validation, and how chosen."""
-    return saved_thresholds(path, label_names(cfg), chosen=True)
-
-
 class Thresholds:
     """A training run's multi-label decisions: module.threshold's, or those tuned at the latest
     validation; saved with each checkpoint. values is None for other tasks (and for tune before
@@ -79,20 +57,31 @@ class Thresholds:
         self.values, self.chosen = fixed_thresholds(cfg), "module.threshold"
 
     def validated(self, metrics, step):
-        if self.multi_label:  # the thresholds this validation decided with
-            self.values, self.chosen = validation_thresholds(self.cfg, metrics, step)
+        """The thresholds this validation decided with, and how they were chosen."""
+        if not self.multi_label:
+            return
+        self.values = thresholds_of(metrics)
+        if self.cfg["module"]["threshold"] == "tune":
+            self.chosen = (f"tuned on {self.cfg['data']['val_filepath']} (each label's F1-best) "
+                           f"at the validation of step {step}")
 
     def of_best(self, metrics):
         if self.multi_label:  # predictions after training decide as the best model did
             self.values = thresholds_of(metrics)
 
     def resumed(self, path):
+        """With tune: those of the checkpoint's latest validation, and how they were chosen."""
         if self.multi_label and self.cfg["module"]["threshold"] == "tune":
-            self.values, self.chosen = resumed_thresholds(self.cfg, path)
+            self.values, self.chosen = saved_thresholds(path, label_names(self.cfg), chosen=True)
 
     def write(self, folder):
-        if self.multi_label:  # the decisions that go with a checkpoint's weights
-            write_thresholds(self.cfg, folder, self.values, self.chosen)
+        """thresholds.json of a multi-label checkpoint: the decisions that go with its weights."""
+        if not self.multi_label:
+            return
+        names, values, chosen = label_names(self.cfg), self.values, self.chosen
+        if values is None:  # tune, before the first validation: the usual 0.5 for now
+            values, chosen = [0.5] * len(names), "0.5, not yet tuned (no validation yet)"
+        save_thresholds(folder, names, values, chosen)
 
 
 @torch.inference_mode()

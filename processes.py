@@ -70,10 +70,10 @@ def torchrun_launch():
     return Launch(True, **env)
 
 
-def uses_ddp(trainer_cfg):
-    """DDP or not: trainer.backend auto follows torchrun (as nanoGPT does), sp / ddp insist.
-    Several processes started without DDP would each train alone: refused."""
-    launch, backend = torchrun_launch(), trainer_cfg["backend"]
+def uses_ddp(trainer_cfg, launch=None):
+    """DDP or not: trainer.backend auto follows torchrun (launch: torchrun_launch(), as nanoGPT
+    does), sp / ddp insist. Several processes started without DDP would each train alone: refused."""
+    launch, backend = launch or torchrun_launch(), trainer_cfg["backend"]
     ddp = launch.launched if backend == "auto" else backend.startswith("ddp")
     if launch.world_size > 1 and not ddp:
         raise ConfigError(f"started with {launch.world_size} processes but trainer.backend is {backend}; "
@@ -109,7 +109,8 @@ def set_threads(trainer_cfg, local_world_size):
 def this_process(trainer_cfg):
     """This process's place among torchrun's (one of one without it), its device, CPU threads and
     precision, decided once and said once. DDP's process group is the caller's to start."""
-    launch, ddp = torchrun_launch(), uses_ddp(trainer_cfg)
+    launch = torchrun_launch()
+    ddp = uses_ddp(trainer_cfg, launch)
     device = choose_device(trainer_cfg, launch.local_rank)
     set_threads(trainer_cfg, launch.local_world_size)
     proc = Process(launch.rank, launch.local_rank, launch.world_size, device, launch.rank == 0, ddp and launch.launched)

@@ -169,7 +169,8 @@ def class_weights(cfg, train, device, say=None):
             raise DataError(f"module.class_weights balanced: no training example of {missing}; give the "
                             f"weights as a list, or check data.labels_list")
         spec = (len(labels) / (len(names) * counts)).tolist()
+    weights = torch.tensor(spec, dtype=torch.float32, device=device)
     if say is not None:
         kind = "positive weights per label" if cfg["data"]["multi_label"] else "class weights"
-        say(f"{kind}: " + ", ".join(f"{n} {float(w):.4g}" for n, w in zip(names, spec)))
-    return torch.tensor(spec, dtype=torch.float32, device=device)
+        say(f"{kind}: " + ", ".join(f"{n} {w:.4g}" for n, w in zip(names, weights.tolist())))
+    return weights
