@@ -46,6 +46,7 @@ CHOICES = {
     "trainer.backend": ["auto", "sp", "sp-amp", "ddp", "ddp-amp"],
     "trainer.amp_dtype": ["auto", "bf16", "fp16"],
     "trainer.device": ["auto", "cpu", "cuda"],
+    "model.attn_implementation": [None, "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"],
 }
 # keys that take null or several types; every other key takes the type of its golden value
 TYPES = {
@@ -54,7 +55,7 @@ TYPES = {
     "data.header": (int, None), "data.text_a_col": (str, int), "data.text_b_col": (str, int, None),
     "data.label_col": (str, int), "data.cache_dir": (str, None), "data.max_windows": (int, None),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
-    "model.model_path": (str, None), "model.model_file": (str, None),
+    "model.model_path": (str, None), "model.model_file": (str, None), "model.attn_implementation": (str, None),
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.log_steps": (int, str),
     "trainer.stop_after_epochs": (int, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
@@ -109,7 +110,8 @@ def set_key(cfg, key, value, source):
     if name not in cfg[section]:
         raise ConfigError(f"{source}: unknown key {key!r}; keys of {section} are {list(cfg[section])}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{source}: {key} is {value!r}; choose one of {CHOICES[key]}")
+        choices = ", ".join("null" if c is None else c for c in CHOICES[key])
+        raise ConfigError(f"{source}: {key} is {value!r}; choose one of {choices}")
     golden = cfg[section][name]
     types = TYPES.get(key, (type(golden),))
     if not type_ok(value, types):

@@ -60,14 +60,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import speedups
 from checkpoint import first_line
 from config import ConfigError, task_of
 from data import Encoded
 from evaluation import document_logits, predict_logits
-from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
+from model import (
+    ModelError,
+    build_model,
+    check_attention_device,
+    check_custom_code,
+    check_positions,
+    from_pretrained,
+    is_pretrained_dir,
+    label_config,
+    load_tokenizer,
+    tokenizer_at,
+)
 from processes import log, on_main, per_rank_batch
 from splits import Split, check_max_seq_len, class_weights, load_split, prepare_run, read_split, tokenize, training_split
 from trainer import fit, task_loss
@@ -106,6 +117,10 @@ def check_distill_config(cfg):
     if cfg["data"]["train_filepath"] is None:
         raise ConfigError("distill.py trains a student: set data.train_filepath (evaluate students "
                           "with trainer.py)")
+    if "attentions" in d["loss_types"] and cfg["model"]["attn_implementation"] not in (None, "eager"):
+        raise ConfigError(f"distill.loss_types attentions compares attention probabilities, which only eager attention "
+                          f"returns, but model.attn_implementation is {cfg['model']['attn_implementation']}; leave it "
+                          f"null or set eager")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,28 +160,60 @@ def find_layer_list(model, encoder_key):
     return found[0]
 
 
-def depth_cut(teacher, keep, encoder_key, student_kwargs):
-    """A new model with the teacher's config at depth len(keep), holding copies of the teacher's
-    embeddings, kept layers (teacher layer keep[j] becomes layer j), pooler and classifier."""
-    key, layers = find_layer_list(teacher, encoder_key)
-    if keep[-1] >= len(layers):
-        raise ConfigError(f"distill.student_layers {keep}: the teacher has {len(layers)} layers (0-{len(layers) - 1})")
-    config = copy.deepcopy(teacher.config)
+# config lists that are not one entry per layer, even where as long as the encoder is deep
+NOT_PER_LAYER = ("architectures", "pos_att_type")
+
+
+def cut_config(teacher_config, keep, student_kwargs):
+    """The teacher's config at depth len(keep): every per-layer list (ModernBERT's layer_types of
+    global and sliding attention, any list as long as the encoder is deep) keeps the kept layers'
+    entries, so student layer j is built as teacher layer keep[j] was. Checked as transformers
+    checks a config it loads, so a cut it could not save is refused before training."""
+    config = copy.deepcopy(teacher_config)
+    depth = config.num_hidden_layers
+    for name in config.to_dict():
+        value = getattr(config, name, None)
+        if isinstance(value, list) and len(value) == depth and name not in NOT_PER_LAYER:
+            setattr(config, name, [value[i] for i in keep])
     config.num_hidden_layers = len(keep)
     for name, value in student_kwargs.items():
         setattr(config, name, value)
-    student = AutoModelForSequenceClassification.from_config(
-        config, attn_implementation=teacher.config._attn_implementation)
-    new_index = {old: new for new, old in enumerate(keep)}
-    state = {}
-    for name, tensor in teacher.state_dict().items():
-        if name.startswith(key + "."):
-            index, rest = name[len(key) + 1:].split(".", 1)
-            if int(index) not in new_index:
-                continue
-            name = f"{key}.{new_index[int(index)]}.{rest}"
-        state[name] = tensor.detach().clone()
-    student.load_state_dict(state, strict=True)
+    try:
+        if hasattr(config, "validate"):
+            config.validate()
+    except Exception as e:  # transformers' strict dataclass checks raise errors of their own classes
+        raise ModelError(f"distill.student_layers {keep}: a {len(keep)}-layer {config.model_type} config is not "
+                         f"valid ({first_line(e).strip()}); distil into distill.student_model instead") from None
+    return config
+
+
+def depth_cut(teacher, keep, encoder_key, student_kwargs, say=print):
+    """A new model of the teacher's class at depth len(keep) (cut_config), holding copies of the
+    teacher's embeddings, pooler and classifier and of its kept layers: teacher layer keep[j]'s
+    weights become layer j's, module by module. Where layers differ (ModernBERT's first layer has no
+    attention norm), a weight the student's layer has no place for is dropped with a note, and one
+    it needs that the teacher's layer lacks is refused: the student is what plain transformers
+    builds from its config.json, so it saves, loads and predicts alike anywhere."""
+    key, layers = find_layer_list(teacher, encoder_key)
+    if keep[-1] >= len(layers):
+        raise ConfigError(f"distill.student_layers {keep}: the teacher has {len(layers)} layers (0-{len(layers) - 1})")
+    student = type(teacher)(cut_config(teacher.config, keep, student_kwargs))
+    rest = {name: tensor for name, tensor in teacher.state_dict().items() if not name.startswith(key + ".")}
+    missing, unexpected = student.load_state_dict(rest, strict=False)
+    missing = [name for name in missing if not name.startswith(key + ".")]
+    if missing or unexpected:
+        raise ModelError(f"distill.student_layers {keep}: {type(teacher).__name__} outside its layers differs at "
+                         f"{len(keep)} layers ({(missing + unexpected)[0]}); distil into distill.student_model instead")
+    dropped = []
+    for new, old in enumerate(keep):
+        missing, unexpected = student.get_submodule(key)[new].load_state_dict(layers[old].state_dict(), strict=False)
+        if missing:
+            raise ModelError(f"distill.student_layers {keep}: layer {new} of the student needs {missing[0]}, which teacher "
+                             f"layer {old} lacks; keep teacher layer {new} there, or distil into distill.student_model")
+        dropped += [f"{key}.{old}.{name}" for name in unexpected]
+    if dropped:
+        say(f"note: the depth cut drops {', '.join(dropped)}: the student's layer in that place has no such weight "
+            f"in {type(teacher).__name__}")
     return student
 
 
@@ -174,21 +221,22 @@ def other_student(cfg, teacher, student_kwargs, say=print):
     """distill.student_model (pretrained or a random init from its config) with distill.student_config
     overrides; without student_model, the teacher's config resized by those overrides, random init.
     say: where the note of its new head goes (run: the main process's log)."""
-    d, labels = cfg["distill"], cfg["data"]["labels_list"]
+    d, labels, trust = cfg["distill"], cfg["data"]["labels_list"], cfg["model"]["trust_remote_code"]
     overrides = {**label_config(labels, cfg["data"]["multi_label"]), **d["student_config"], **student_kwargs}
     attn_kwargs = {"attn_implementation": "eager"} if "attentions" in d["loss_types"] else {}
     if d["student_model"] is not None and d["student_pretrained"]:
-        return from_pretrained(d["student_model"], "distill.student_model", say=say, **overrides, **attn_kwargs)
+        return from_pretrained(d["student_model"], "distill.student_model", say=say, trust=trust, **overrides, **attn_kwargs)
     if d["student_model"] is None:
         config = copy.deepcopy(teacher.config)
         for name, value in overrides.items():
             setattr(config, name, value)
     else:
+        check_custom_code(d["student_model"], "distill.student_model", trust)
         try:
-            config = AutoConfig.from_pretrained(d["student_model"], **overrides)
+            config = AutoConfig.from_pretrained(d["student_model"], trust_remote_code=trust, **overrides)
         except (OSError, ValueError) as e:
-            raise ModelError(f"distill.student_model {d['student_model']!r}: no config there ({e})") from None
-    return AutoModelForSequenceClassification.from_config(config, **attn_kwargs)
+            raise ModelError(f"distill.student_model {d['student_model']!r}: no config there ({first_line(e)})") from None
+    return AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust, **attn_kwargs)
 
 
 def build_student(cfg, teacher, tokenizer, say=print):
@@ -200,7 +248,7 @@ def build_student(cfg, teacher, tokenizer, say=print):
     if "attentions" in d["loss_types"]:
         student_kwargs = {k: 0.0 for k in ATTENTION_DROPOUT_KEYS if hasattr(teacher.config, k)}
     if d["student_layers"] is not None:
-        student = depth_cut(teacher, d["student_layers"], cfg["model"]["encoder_key"], student_kwargs)
+        student = depth_cut(teacher, d["student_layers"], cfg["model"]["encoder_key"], student_kwargs, say)
         original = teacher.config
     else:
         student = other_student(cfg, teacher, student_kwargs, say)
@@ -234,10 +282,7 @@ def student_tokenizer(cfg, teacher_tokenizer):
         path, key = folder, "distill.student_model"
     if path is None:
         return None, None
-    try:
-        own = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({first_line(e)})") from None
+    own = tokenizer_at(path, key, cfg["model"]["trust_remote_code"])
     if own.get_vocab() == teacher_tokenizer.get_vocab():
         return None, None  # one vocabulary: the student reads the teacher's tokens, as a depth cut does
     return own, f"{key} {path!r}"
@@ -481,6 +526,7 @@ def load_unlabeled(cfg, tokenizer):
 def run(cfg, proc):
     """Build teacher and student, then train the student with trainer.py's loop."""
     check_distill_config(cfg)
+    check_attention_device(cfg, proc.device)
     per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
     d = cfg["distill"]
     want_hidden, want_attn = "hidden_states" in d["loss_types"], "attentions" in d["loss_types"]
@@ -489,6 +535,8 @@ def run(cfg, proc):
     if own is not None:
         check_two_tokenizers(cfg, own, source)
         check_max_seq_len(cfg, teacher_tokenizer)  # prepare_run checks the student's
+    if d["student_model"] is not None:  # prepare_run checks the teacher's positions
+        check_positions(cfg, d["student_model"], "distill.student_model")
 
     def build(tokenizer):
         teacher = build_teacher(cfg, eager=want_attn, device=proc.device)

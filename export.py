@@ -270,7 +270,7 @@ def checkpoint_folder(cfg):
         raise CheckpointError(f"model.model_path {path} is an export folder already; export the checkpoint "
                               f"it came from ({read_export_manifest(path).get('source')})")
     try:
-        classifier = head_labels(path) is not None if is_pretrained_dir(path) else False
+        classifier = head_labels(path, trust=cfg["model"]["trust_remote_code"]) is not None if is_pretrained_dir(path) else False
     except (OSError, ValueError):
         classifier = False
     if not (classifier and any(os.path.isfile(os.path.join(path, name)) for name in WEIGHTS)):

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 from checkpoint import MANIFEST, check_saved_config, first_line, load_failure, read_manifest
@@ -52,6 +53,12 @@ EXPORT_MANIFEST, EXPORTED_BY = "export.json", "export.py"
 FILE_KEYS = ("file_format", "quoting", "header", "encoding", "text_a_col", "text_b_col", "label_col", "label_sep")
 PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
                  "regression": "regression"}
+# model.attn_implementation: the class attribute that says a transformers model has each (eager: all do)
+ATTENTION_FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn",
+                   "flash_attention_2": "_supports_flash_attn", "flash_attention_3": "_supports_flash_attn"}
+# RoBERTa's family counts positions from pad_token_id + 1, so pad_token_id + 1 of its position embeddings are never a token's
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text",
+                    "mpnet", "ibert", "longformer", "luke", "markuplm", "xmod")
 
 
 class ModelError(Exception):
@@ -65,8 +72,147 @@ def warn(message):
         print(message, file=sys.stderr)
 
 
+def note(message):
+    """A note on stdout, from rank 0 alone under torchrun, as warn."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message)
+
+
 def is_pretrained_dir(path):
     return path is not None and os.path.isfile(os.path.join(path, "config.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# what a model folder asks of us: its own code, its attention, its positions, its padding
+
+
+def custom_code(path):
+    """The classes a model folder ships as Python files of its own (auto_map of its config.json and
+    tokenizer_config.json), {auto class: module.Class}; {} for none, a hub id or no folder."""
+    found = {}
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            content = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError):
+            continue
+        if isinstance(content, dict) and isinstance(content.get("auto_map"), dict):
+            found.update(content["auto_map"])
+    return found
+
+
+def model_type_of(path):
+    """config.json's model_type of a folder, or None."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def check_custom_code(path, key, trust):
+    """A folder whose config.json names classes in its own .py files runs that code when it is
+    loaded: refused unless model.trust_remote_code is true. Where transformers has classes of its
+    own for the folder's model_type (EuroBERT, GTE, NomicBERT today), those load it and the folder's
+    code is never run. Returns a note to say when code is left unrun, else None."""
+    classes = custom_code(path) if path is not None else {}
+    if trust or not classes:
+        return None
+    # a value is "module.Class", a hub reference "repo--module.Class", or a tokenizer's [slow, fast] pair
+    names = ", ".join(sorted({item.split("--")[-1] for value in classes.values()
+                              for item in (value if isinstance(value, list) else [value]) if isinstance(item, str)}))
+    model_type = model_type_of(path)
+    if model_type in CONFIG_MAPPING:
+        return (f"note: {key} {path!r} ships code of its own ({names}), which is not run: transformers' own "
+                f"{model_type} classes load it (model.trust_remote_code false)")
+    raise ModelError(f"{key} {path!r} ships Python code of its own ({names}, auto_map in its config.json) that "
+                     f"would run when it loads; read it, and pass --model.trust_remote_code true to run it")
+
+
+def auto_config(path, key="model.model_path", trust=False):
+    """AutoConfig of path, never running a folder's code unless trust (never a [y/N] prompt either)."""
+    check_custom_code(path, key, trust)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust)
+
+
+def attention_choices(model_class):
+    """The model.attn_implementation values transformers accepts for model_class."""
+    return ["eager"] + [name for name, flag in ATTENTION_FLAGS.items() if getattr(model_class, flag, False)]
+
+
+def check_attention(config, value):
+    """model.attn_implementation against what the model's class supports, before it is loaded."""
+    model_class = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING.get(type(config), None)
+    if value is None or model_class is None:  # a folder's own class: transformers' own error says it
+        return
+    choices = attention_choices(model_class)
+    if value not in choices:
+        raise ModelError(f"model.attn_implementation is {value}, but {model_class.__name__} supports "
+                         f"{', '.join(choices)}; choose one of those, or null for transformers' choice")
+
+
+def check_attention_device(cfg, device):
+    """Training with FlexAttention on a CPU: torch has no backward for it there, so it is refused before step 1."""
+    if cfg["model"]["attn_implementation"] == "flex_attention" and device.type == "cpu" and cfg["data"]["train_filepath"]:
+        raise ConfigError("model.attn_implementation flex_attention: torch's FlexAttention has no backward pass on a "
+                          "CPU, so it cannot train here; train with sdpa or eager (flex_attention evaluates on a CPU)")
+
+
+def position_limit(config):
+    """(the longest input in tokens the model's position embeddings take, how it is counted), or None
+    where there is no such limit: rotary positions (ModernBERT, EuroBERT, GTE) and relative-only
+    positions (DeBERTa-v3: position_biased_input false) take any length."""
+    rotary = any(getattr(config, name, None) for name in ("rope_parameters", "rope_theta", "rotary_emb_base"))
+    if rotary or getattr(config, "position_embedding_type", None) == "rotary":
+        return None
+    if getattr(config, "position_biased_input", True) is False:
+        return None
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    if config.model_type in OFFSET_POSITIONS and isinstance(config.pad_token_id, int):
+        offset = config.pad_token_id + 1  # positions start after the padding id
+        return positions - offset, f"max_position_embeddings {positions} minus pad_token_id + 1 = {offset}"
+    return positions, f"max_position_embeddings {positions}"
+
+
+def model_source(model_cfg):
+    """(the folder or hub id whose config.json describes the model, its key): the checkpoint, else hf_model."""
+    if is_pretrained_dir(model_cfg["model_path"]):
+        return model_cfg["model_path"], "model.model_path"
+    return model_cfg["hf_model"], "model.hf_model"
+
+
+def check_positions(cfg, source=None, key=None):
+    """module.max_seq_len within the model's positions (position_limit of its config.json): a longer
+    input would index past its position embeddings mid-run (on a GPU, an assert that kills the process)."""
+    if source is None:
+        source, key = model_source(cfg["model"])
+    try:
+        limit = position_limit(auto_config(source, key, cfg["model"].get("trust_remote_code", False)))
+    except (OSError, ValueError):
+        return  # loading the model says what is wrong with it
+    if limit is not None and cfg["module"]["max_seq_len"] > limit[0]:
+        raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']}, but {key} {source!r} has positions for "
+                          f"{limit[0]} tokens ({limit[1]}); pass --module.max_seq_len {limit[0]} or less, and for "
+                          f"longer texts --data.long_texts windows (windows of max_seq_len tokens)")
+
+
+def with_pad_token(tokenizer, source, say=None):
+    """The tokenizer, padding with its own pad token, else (as transformers' documentation advises)
+    its eos, sep or unk token, said in a note: batches are padded, and the attention mask hides the
+    padding whatever token fills it. A tokenizer with none of them is a ModelError."""
+    if tokenizer.pad_token is not None:
+        return tokenizer
+    for name in ("eos_token", "sep_token", "unk_token"):
+        token = getattr(tokenizer, name)
+        if token is not None:
+            tokenizer.pad_token = token
+            (say or note)(f"note: the tokenizer of {source} has no padding token; batches are padded with its "
+                          f"{name.removesuffix('_token')} token {token!r} (id {tokenizer.pad_token_id}), which the "
+                          f"attention mask hides")
+            return tokenizer
+    raise ModelError(f"{source}: its tokenizer has no padding token, nor an eos, sep or unk token to pad with; add "
+                     f"one (tokenizer.add_special_tokens({{'pad_token': '[PAD]'}}) and save_pretrained) or pass "
+                     f"--model.tokenizer_path")
 
 
 def weights_file(model_cfg):
@@ -108,10 +254,10 @@ def same_labels(found, labels_list):
     return found == [str(label) for label in labels_list]
 
 
-def check_labels(path, labels_list, multi_label):
+def check_labels(path, labels_list, multi_label, trust=False):
     """A fine-tuned checkpoint must have been trained on the same classes, in the same order, for
     the same task (a softmax head is no multi-label head)."""
-    config = AutoConfig.from_pretrained(path)
+    config = auto_config(path, "model.model_path", trust)
     found = saved_labels(config)
     if not same_labels(found, labels_list):
         raise ModelError(f"{path} was trained with labels {found}, but data.labels_list is "
@@ -128,9 +274,9 @@ def corrupt_weights(name, error):
                       f"another checkpoint")
 
 
-def head_labels(source):
+def head_labels(source, key="model.model_path", trust=False):
     """The number of labels of source's sequence-classification head; None for a bare encoder."""
-    config = AutoConfig.from_pretrained(source)
+    config = auto_config(source, key, trust)
     if any(name.endswith("ForSequenceClassification") for name in config.architectures or ()):
         return config.num_labels
     return None
@@ -152,16 +298,24 @@ def quiet_load_report():
         logger.removeFilter(not_a_load_report)
 
 
-def from_pretrained(source, key, say=print, **kwargs):
+def from_pretrained(source, key, say=print, trust=False, attention=None, **kwargs):
     """AutoModelForSequenceClassification.from_pretrained, its errors as one line, its loading
     report in our words (report_loading).
 
     A classifier fine-tuned on other classes is a common starting point: when kwargs ask for another
     num_labels than source's head has, the head is re-initialised (as the Hugging Face examples do
-    with ignore_mismatched_sizes) and the rest of the model loaded.
+    with ignore_mismatched_sizes) and the rest of the model loaded. trust: model.trust_remote_code
+    (a folder's own code runs only if true); attention: model.attn_implementation (None: transformers').
     """
+    unrun = check_custom_code(source, key, trust)
+    if unrun is not None:
+        say(unrun)
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     try:
-        old, new = head_labels(source), kwargs.get("num_labels")
+        config = auto_config(source, key, trust)
+        check_attention(config, kwargs.get("attn_implementation"))
+        old, new = head_labels(source, key, trust), kwargs.get("num_labels")
         replaced = old is not None and new is not None and old != new
         if replaced:
             warn(f"warning: {key} {source!r} has a {old}-label classification head; it is replaced "
@@ -169,9 +323,12 @@ def from_pretrained(source, key, say=print, **kwargs):
             kwargs["ignore_mismatched_sizes"] = True
         with quiet_load_report():
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                source, output_loading_info=True, **kwargs)
+                source, output_loading_info=True, trust_remote_code=trust, **kwargs)
+    except ImportError as e:  # an attention kernel whose package is missing (flash-attn)
+        raise ModelError(f"model.attn_implementation {kwargs.get('attn_implementation')}: {first_line(e)}; choose "
+                         f"sdpa or eager, or null for transformers' choice") from None
     except (OSError, ValueError) as e:
-        raise ModelError(f"{key} {source!r}: cannot load a model there ({first_line(e)})") from None
+        raise load_error(e, key, source, "a model") from None
     except (pickle.UnpicklingError, RuntimeError) as e:  # a pytorch_model.bin torch.load refuses or cannot read
         raise ModelError(f"{key} {source!r}: its weights do not load as data ({load_failure(e)}); re-export "
                          f"them or pick another checkpoint") from None
@@ -183,6 +340,14 @@ def from_pretrained(source, key, say=print, **kwargs):
     if note is not None and not replaced:  # a replaced head has had its warning
         say(note)
     return model
+
+
+def load_error(error, key, source, what):
+    """The one line of a failed from_pretrained: code the folder (or hub repo) needs, or why."""
+    if "trust_remote_code" in str(error):
+        return ModelError(f"{key} {source!r} needs Python code of its own to load; read it, and pass "
+                          f"--model.trust_remote_code true to run it")
+    return ModelError(f"{key} {source!r}: cannot load {what} there ({first_line(error)})")
 
 
 def report_loading(model, info, source, new_head):
@@ -217,31 +382,38 @@ def build_model(model_cfg, labels_list, say=print, multi_label=False, **kwargs):
 
     say: where the note of a new head goes (trainer.run: the main process's log; print here, so
     once per process). multi_label: one sigmoid output per label (data.multi_label). Extra keyword
-    arguments go to from_pretrained (attn_implementation="eager").
+    arguments go to from_pretrained (attn_implementation="eager" overrides model.attn_implementation).
+    model.trust_remote_code and model.attn_implementation, where model_cfg lacks them, are
+    config.yaml's defaults (false, null).
     """
+    trust = model_cfg.get("trust_remote_code", False)
+    kwargs = {"attention": model_cfg.get("attn_implementation"), **kwargs}
     checkpoint_dir = model_cfg["model_path"] if weights_file(model_cfg) is None else None
     if is_pretrained_dir(checkpoint_dir):
-        check_labels(checkpoint_dir, labels_list, multi_label)
-        model = from_pretrained(checkpoint_dir, "model.model_path", say=say, **kwargs)
+        check_labels(checkpoint_dir, labels_list, multi_label, trust)
+        model = from_pretrained(checkpoint_dir, "model.model_path", say=say, trust=trust, **kwargs)
     else:
-        model = from_pretrained(model_cfg["hf_model"], "model.hf_model", say=say,
+        model = from_pretrained(model_cfg["hf_model"], "model.hf_model", say=say, trust=trust,
                                 **label_config(labels_list, multi_label), **kwargs)
         path = weights_file(model_cfg)
         if path is not None:
             load_weights(model, path)
+    if kwargs["attention"] is None and "attn_implementation" not in kwargs and not model._supports_sdpa:
+        say(f"note: {type(model).__name__} has no sdpa attention in transformers; it runs "
+            f"{model.config._attn_implementation} attention (model.attn_implementation)")
     return model
 
 
-def checkpoint_settings(path, thresholds=True):
+def checkpoint_settings(path, thresholds=True, trust=False):
     """What a fine-tuned classifier directory says of its training, {config key: (value, where)}:
     data.multi_label and data.labels_list from config.json's problem_type and id2label,
     module.max_seq_len (and windows) from the checkpoint.json this project writes beside it (an
     export folder's export.json), module.threshold from its thresholds.json. Empty for anything
     else (a state-dict file, a bare encoder)."""
     try:
-        if not is_pretrained_dir(path) or head_labels(path) is None:
+        if not is_pretrained_dir(path) or head_labels(path, trust=trust) is None:
             return {}
-        config = AutoConfig.from_pretrained(path)
+        config = auto_config(path, trust=trust)
     except (OSError, ValueError):
         return {}  # build_model says what is wrong with it
     settings = {"data.multi_label": (saved_multi_label(config), "config.json's problem_type"),
@@ -329,7 +501,8 @@ def use_checkpoint_settings(cfg):
     (a save_pretrained directory), max_seq_len is only kept within its tokenizer's model_max_length.
     Returns what was taken, to say in one line, or None."""
     path, taken = cfg["model"]["model_path"], []
-    settings = checkpoint_settings(path, thresholds="module.threshold" not in cfg.user_keys)
+    settings = checkpoint_settings(path, thresholds="module.threshold" not in cfg.user_keys,
+                                   trust=cfg["model"]["trust_remote_code"])
     limit = tokenizer_limit(path) if settings and "module.max_seq_len" not in settings else None
     if limit is not None and cfg["module"]["max_seq_len"] > limit:
         settings["module.max_seq_len"] = (limit, "its tokenizer_config.json's model_max_length")
@@ -425,10 +598,25 @@ def load_module_weights(model, path, state):
         model.load_state_dict(state["module"])
         return
     classifier = classifier_of(model)
-    load_weights(classifier, str(Path(path) / "model.safetensors"))
+    load_saved(classifier, path)
     if model is not classifier:
         model.load_state_dict({**state.get("module_rest", {}),
                                **{STUDENT + name: tensor for name, tensor in classifier.state_dict().items()}})
+
+
+def load_saved(model, folder):
+    """The weights of a save_pretrained folder into model, as transformers reads them: the files of
+    some model types (GTE's) name and fuse weights as their original code did, not as the modules
+    do. Through model's own class, so a folder's own code needs no new permission."""
+    try:
+        with quiet_load_report():
+            saved = type(model).from_pretrained(folder)
+        model.load_state_dict(saved.state_dict())
+    except SafetensorError as e:
+        raise corrupt_weights(str(Path(folder) / "model.safetensors"), e) from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{folder}: its weights do not load into the model ({first_line(e)}); pick another "
+                         f"checkpoint") from None
 
 
 def check_shapes(path, state, expected, num_labels):
@@ -447,8 +635,9 @@ def check_shapes(path, state, expected, num_labels):
                          f"{list(want.shape)}; {hint}")
 
 
-def load_tokenizer(model_cfg):
-    """model.tokenizer_path, else the fine-tuned checkpoint's own tokenizer, else model.hf_model."""
+def load_tokenizer(model_cfg, say=None):
+    """model.tokenizer_path, else the fine-tuned checkpoint's own tokenizer, else model.hf_model;
+    one without a padding token pads with a stand-in (with_pad_token, which says it through say)."""
     path, key = model_cfg["tokenizer_path"], "model.tokenizer_path"
     if path is None and is_pretrained_dir(model_cfg["model_path"]) and any(
             os.path.isfile(os.path.join(model_cfg["model_path"], f))
@@ -456,10 +645,17 @@ def load_tokenizer(model_cfg):
         path, key = model_cfg["model_path"], "model.model_path"
     if path is None:
         path, key = model_cfg["hf_model"], "model.hf_model"
+    return tokenizer_at(path, key, model_cfg.get("trust_remote_code", False), say)
+
+
+def tokenizer_at(path, key, trust=False, say=None):
+    """AutoTokenizer of path (never a folder's code unless trust), with a padding token; errors as one line."""
+    check_custom_code(path, key, trust)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     except (OSError, ValueError) as e:
-        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({first_line(e)})") from None
+        raise load_error(e, key, path, "a tokenizer") from None
+    return with_pad_token(tokenizer, f"{key} {path!r}", say)
 
 
 def save_pretrained(model, tokenizer, directory, max_seq_len=None):

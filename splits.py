@@ -19,7 +19,7 @@ from cache import cache_folder, cached_encode, mapped
 from checkpoint import check_outputs, read_manifest
 from config import ConfigError, label_names
 from data import DataError, cap_windows, count_examples, dropped_by_truncation, encode, read_examples, window_stride
-from model import load_tokenizer
+from model import check_positions, load_tokenizer
 from processes import log, on_main, seed_everything
 
 
@@ -78,7 +78,7 @@ def read_splits(cfg, tokenizer, proc=None):
 
 
 def check_max_seq_len(cfg, tokenizer):
-    """module.max_seq_len within what the model section's tokenizer takes."""
+    """module.max_seq_len within what the model section's tokenizer and model (its positions) take."""
     # longer sequences than the model has positions would crash the first forward pass, mid-run
     if cfg["module"]["max_seq_len"] > tokenizer.model_max_length:
         # a checkpoint's tokenizer stops at the length it was trained at (model.save_pretrained)
@@ -89,6 +89,7 @@ def check_max_seq_len(cfg, tokenizer):
         raise ConfigError(f"module.max_seq_len is {cfg['module']['max_seq_len']} but the "
                           f"{'checkpoint was trained at' if ours else 'model takes at most'} "
                           f"{tokenizer.model_max_length} tokens{hint}")
+    check_positions(cfg)
 
 
 def read_split(cfg, proc, tokenizer, path, need_labels):

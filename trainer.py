@@ -61,6 +61,7 @@ from metrics import format_report
 from model import (
     ModelError,
     build_model,
+    check_attention_device,
     classifier_of,
     is_export_dir,
     load_module_weights,
@@ -561,6 +562,7 @@ def run(cfg, proc):
     if exported and cfg["data"]["train_filepath"]:
         raise ConfigError(f"model.model_path {cfg['model']['model_path']} is an export folder (ONNX): it evaluates "
                           f"and predicts only; train from the checkpoint it came from (its export.json's source)")
+    check_attention_device(cfg, proc.device)
     note = use_checkpoint_settings(cfg) if cfg["data"]["train_filepath"] is None else fit_metric_to_task(cfg)
     if note is not None:
         log(proc, f"note: {note}")
