@@ -282,7 +282,7 @@ def student_tokenizer(cfg, teacher_tokenizer):
         path, key = folder, "distill.student_model"
     if path is None:
         return None, None
-    own = tokenizer_at(path, key, cfg["model"]["trust_remote_code"])
+    own = tokenizer_at(path, key, cfg.get("model", {}).get("trust_remote_code", False))  # a partial cfg (tools): false
     if own.get_vocab() == teacher_tokenizer.get_vocab():
         return None, None  # one vocabulary: the student reads the teacher's tokens, as a depth cut does
     return own, f"{key} {path!r}"

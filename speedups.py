@@ -12,6 +12,11 @@ With trainer.speedups off nothing here runs: the model stays as transformers bui
                    output_attentions gets the whole layer.
   cpu dropout      on a CPU, dropout masks (every nn.Dropout's and the attention's) are drawn
                    from 31-bit random integers, a fraction of the work of torch's bernoulli_.
+Other architectures: first position is off for every classifier but those two exact classes
+(XLM-R, ModernBERT, DeBERTa, EuroBERT, GTE and subclasses pool or lay out their layers otherwise),
+and under flash or flex attention the layer computes as plain. CPU dropout applies to any model; its
+sdpa variant falls back to plain sdpa where a layer passes more (ModernBERT's sliding window) or
+shares keys between heads (EuroBERT); tests/test_encoders.py checks both exact on those five.
 Both change only the classes of existing modules, to subclasses defined here, so weights, their
 names, pickling (torch.save(model) / pickle) and save_pretrained checkpoints stay as they were;
 config.json never names the attention function below, so checkpoints load in plain transformers.

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 import distill
 import export
+import speedups
 import trainer
 from config import ConfigError, load_config
 from conftest import ROOT, WORDS, base_args, make_tokenizer, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
@@ -288,6 +289,28 @@ def test_a_cut_student_trains_saves_and_predicts_as_plain_transformers(job):
         "data.predict_output": output, "model.model_path": student}))
     _, probs = read_predictions(output)
     np.testing.assert_allclose(probs, plain_predictions(student, [row["text"] for row in rows]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# speedups: exact where they apply, off where they do not
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_speedups_leave_logits_and_gradients_exactly_as_they_were(arch):
+    torch.manual_seed(0)
+    plain = AutoModelForSequenceClassification.from_config(arch_config(arch, dropout=0.0, num_labels=2))
+    fast = speedups.apply(copy.deepcopy(plain), "cpu")
+    assert all(type(a) is type(b) or isinstance(b, speedups.CPUDropout) for a, b in zip(plain.modules(), fast.modules()))
+    inputs = {"input_ids": torch.tensor([[2, 7, 8, 9, 10, 11, 12, 13, 3], [2, 14, 3, 0, 0, 0, 0, 0, 0]]),
+              "attention_mask": torch.tensor([[1] * 9, [1, 1, 1] + [0] * 6]), "labels": torch.tensor([0, 1])}
+    if arch == "xlm-roberta":
+        inputs["input_ids"] = torch.tensor([[0, 7, 8, 9, 10, 11, 12, 13, 2], [0, 14, 2] + [1] * 6])
+    outputs = [model.train()(**inputs) for model in (plain, fast)]
+    assert torch.equal(outputs[0].logits, outputs[1].logits)
+    for out in outputs:
+        out.loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), fast.parameters()):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad), name
 
 
 # ---------------------------------------------------------------------------------------------
