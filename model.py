@@ -19,6 +19,12 @@ truncation=True) scores a text as evaluation here does; evaluating or predicting
 these settings (and checkpoint.json's max_seq_len, thresholds.json's multi-label thresholds) where
 the user did not set them.
 Models come back as plain transformers objects; the speed tricks are speedups.py's (trainer.speedups).
+
+What a model folder may ask of a run is checked before anything is trained: a folder whose config.json
+names Python files of its own (auto_map) loads only with model.trust_remote_code true (every call here
+passes it to transformers, so nothing prompts); model.attn_implementation must be one the model's class
+has; module.max_seq_len must fit its position embeddings (position_limit: none for rotary models); a
+tokenizer without a padding token pads with its eos, sep or unk token, and says so.
 """
 import json
 import os
@@ -610,7 +616,11 @@ def load_saved(model, folder):
     do. Through model's own class, so a folder's own code needs no new permission."""
     try:
         with quiet_load_report():
-            saved = type(model).from_pretrained(folder)
+            saved, info = type(model).from_pretrained(folder, output_loading_info=True)
+        lacking = sorted(info["missing_keys"]) + sorted(name for name, *_ in info["mismatched_keys"])
+        if lacking:
+            raise ModelError(f"{folder}: {len(lacking)} weights of the model are missing from its files or of another "
+                             f"shape (first: {lacking[0]}); pick another checkpoint")
         model.load_state_dict(saved.state_dict())
     except SafetensorError as e:
         raise corrupt_weights(str(Path(folder) / "model.safetensors"), e) from None
