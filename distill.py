@@ -14,8 +14,10 @@ hands them to trainer.Trainer.
         --model.model_path checkpoints/student-3l/best                                         # 3. evaluate
 
 Students: a depth cut of the teacher (distill.student_layers: the teacher's encoder layers to keep,
-0-based, in order, with its embeddings, pooler and classifier), or another architecture or size
-(distill.student_model and / or distill.student_config overrides, pretrained or random init).
+0-based, in order, with its embeddings, pooler and classifier; per-layer config lists such as
+ModernBERT's layer_types follow the kept layers, and the student is what plain transformers builds
+from its config.json), or another architecture or size (distill.student_model and / or
+distill.student_config overrides, pretrained or random init).
 
 Tokenizers: the student reads the teacher's tokens unless it brings its own tokenizer
 (distill.student_tokenizer, else distill.student_model's folder's, where its vocabulary differs from
