@@ -134,9 +134,10 @@ def job(request, tmp_path_factory):
 # fine-tuning against a plain loop
 
 
-def plain_loop(model_dir, train, batch_size, max_lr, warmup_prop, weight_decay, max_grad_norm, seed, max_seq_len):
+def plain_loop(model_dir, train, recipe):
     """The job as the plainest loop of torch and transformers: one batch per update, its mean loss,
     AdamW with weight decay on weight matrices, linear warmup from 1/warmup then linear decay."""
+    batch_size, max_lr, max_seq_len, seed = recipe["batch_size"], recipe["max_lr"], recipe["max_seq_len"], recipe["seed"]
     with open(train, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     texts, labels = [row["text"] for row in rows], torch.tensor([LABELS.index(row["label"]) for row in rows])
@@ -145,16 +146,16 @@ def plain_loop(model_dir, train, batch_size, max_lr, warmup_prop, weight_decay, 
     torch.manual_seed(seed)  # draws the new classification head
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": recipe["weight_decay"]},
                                    {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=max_lr)
     batches = batch_order(lengths, batch_size, seed, 0)
-    warmup = round(warmup_prop * len(batches))
+    warmup = round(recipe["warmup_prop"] * len(batches))
     model.train()
     for update, indices in enumerate(batches):
         inputs = tokenizer([texts[i] for i in indices], padding=True, truncation=True, max_length=max_seq_len,
                            return_tensors="pt")
         model(**inputs, labels=labels[indices]).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["max_grad_norm"])
         multiplier = (update + 1) / warmup if update < warmup else (len(batches) - update) / (len(batches) - warmup)
         for group in optimizer.param_groups:
             group["lr"] = max_lr * multiplier
@@ -170,7 +171,7 @@ def test_fine_tuning_matches_a_plain_loop(tmp_path, arch):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(13, seed=5))
     recipe = {"batch_size": 4, "max_lr": 3e-3, "warmup_prop": 0.5, "weight_decay": 0.01, "max_grad_norm": 0.3,
               "seed": 42, "max_seq_len": 16}
-    reference = plain_loop(model, train, **recipe)
+    reference = plain_loop(model, train, recipe)
     run_main(trainer.main, base_args(tmp_path, model, train, "null", **{
         "trainer.epochs": 1, "trainer.train_batch_size": 4, "trainer.gpu_batch_size_limit": 4, "module.max_lr": 3e-3,
         "module.warmup_prop": 0.5, "module.weight_decay": 0.01, "trainer.max_grad_norm": 0.3, "trainer.seed": 42}))
