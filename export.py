@@ -48,10 +48,11 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 import speedups
-from checkpoint import CheckpointError, check_writable_dir, first_line, new_session
+from checkpoint import CheckpointError
 from config import ConfigError, answer_help, label_names, load_config, task_of
-from data import DataError, collate, encode, read_examples, window_stride
+from data import DataError, collate
 from evaluation import document_logits, fixed_thresholds, predict_logits, sigmoid, softmax, split_metrics, thresholds_of
+from files import check_writable_dir, first_line, publish_folder, remove_abandoned, temporary_folder
 from model import (
     EXPORT_MANIFEST,
     EXPORTED_BY,
@@ -67,7 +68,7 @@ from model import (
     use_checkpoint_settings,
 )
 from processes import single_process
-from splits import Split
+from splits import load_split
 
 ARTIFACTS = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
 REPORT = "export_report.json"
@@ -289,16 +290,7 @@ def export_folder(cfg, checkpoint):
     return target
 
 
-def temporary_folder(target):
-    """A new folder beside target to write in, .export-tmp-<name>-<session>; what a killed export
-    of the same target left there is removed first."""
-    for stale in target.parent.glob(f".export-tmp-{target.name}-*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
-            print(f"note: removed {stale.name}, an export that an earlier run did not finish")
-    tmp = target.parent / f".export-tmp-{target.name}-{new_session()}"
-    tmp.mkdir()
-    return tmp
+EXPORT_WRITING = "export being written by pid"  # the mark of an export's temporary folder
 
 
 def run(cfg):
@@ -312,57 +304,57 @@ def run(cfg):
     note = use_checkpoint_settings(cfg)
     if note is not None:
         print(f"note: {note}")
-    data, export_cfg = cfg["data"], cfg["export"]
-    threads = export_cfg["threads"] or len(os.sched_getaffinity(0))
+    threads = cfg["export"]["threads"] or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(cfg["model"])
-    examples = read_examples(data["val_filepath"], data, data["labels_list"], need_labels=True)
-    split = Split(data["val_filepath"], encode(tokenizer, examples, cfg["module"]["max_seq_len"],
-                                               stride=window_stride(data)))
-    model = build_model(cfg["model"], data["labels_list"], multi_label=data["multi_label"]).eval()
-    proc = single_process()
-    task = task_of(data)
-    tmp = temporary_folder(target)
-    try:
+    split = load_split(cfg, tokenizer, cfg["data"]["val_filepath"])
+    model = build_model(cfg["model"], cfg["data"]["labels_list"], multi_label=cfg["data"]["multi_label"]).eval()
+    remove_abandoned(target.parent, target.name, EXPORT_WRITING, say=print)
+    with temporary_folder(target.parent, target.name, EXPORT_WRITING) as tmp:
         print(f"exporting {checkpoint} to ONNX ...")
         export_fp32(model, example_inputs(split.encoded, tokenizer), tmp / ARTIFACTS["onnx_fp32"], checkpoint)
-        if export_cfg["int8"]:
+        if cfg["export"]["int8"]:
             quantize_int8(tmp / ARTIFACTS["onnx_fp32"], tmp / ARTIFACTS["onnx_int8"])
         if cfg["trainer"]["speedups"]:  # PyTorch as trainer.py evaluates it; model.onnx has its own graph
-            speedups.apply(model, proc.device)
-        reference, metrics, ex_s = run_on_split(model, split, cfg, proc, tokenizer.pad_token_id, "torch")
-        thresholds = fixed_thresholds(cfg)
-        if task == "multi_label" and thresholds is None:  # tuned on this file: every artifact decides at PyTorch's
-            thresholds = thresholds_of(metrics)
-            cfg["module"]["threshold"] = thresholds.tolist()
-        metric_name = cfg["module"]["metric"]
-        report = {"checkpoint": str(checkpoint), "val_filepath": data["val_filepath"], "metric_name": metric_name,
-                  "documents": split.encoded.num_documents, "batch_size": cfg["trainer"]["val_batch_size"],
-                  "threads": threads,
-                  "torch": {"metric": metrics[metric_name], "identical": 1.0, "max_prob_diff": 0.0, "ex_s": ex_s,
-                            "kept": None}}
-        for name, file in ARTIFACTS.items():
-            if not (tmp / file).exists():
-                continue
-            logits, metrics, ex_s = run_on_split(OnnxClassifier(tmp / file, threads), split, cfg, proc,
-                                                 tokenizer.pad_token_id, name)
-            identical, max_diff = agreement(logits, reference, task, thresholds)
-            row = {"metric": metrics[metric_name], "identical": identical, "max_prob_diff": max_diff, "ex_s": ex_s}
-            refused = gate(name, row, report["torch"], export_cfg)
-            report[name] = {**row, "kept": refused is None, "file": file, **({"refused": refused} if refused else {})}
-            if refused:
-                (tmp / file).unlink()
+            speedups.apply(model, torch.device("cpu"))
+        report, thresholds = check_artifacts(cfg, model, split, tokenizer, tmp)
+        report = {"checkpoint": str(checkpoint), "threads": threads, **report}
         print(format_table(report))
         kept = {name: ARTIFACTS[name] for name in ARTIFACTS if report.get(name, {}).get("kept")}
         if not kept:
             sys.stderr.write("error: no model passed its gate (the table above says why); nothing was written\n")
             return 1
         write_folder(tmp, cfg, checkpoint, tokenizer, thresholds, kept, report)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        publish_folder(tmp, target)
     print(f"export folder: {target}")
     return 0
+
+
+def check_artifacts(cfg, model, split, tokenizer, folder):
+    """Every ONNX model in folder run on the validation split beside PyTorch's model, and those that
+    fail their gate deleted: (the report's rows and settings, the multi-label thresholds the
+    decisions were compared at, or None)."""
+    proc, task, metric_name = single_process(), task_of(cfg["data"]), cfg["module"]["metric"]
+    reference, metrics, ex_s = run_on_split(model, split, cfg, proc, tokenizer.pad_token_id, "torch")
+    thresholds = fixed_thresholds(cfg)
+    if task == "multi_label" and thresholds is None:  # tuned on this file: every artifact decides at PyTorch's
+        thresholds = thresholds_of(metrics)
+        cfg["module"]["threshold"] = thresholds.tolist()
+    report = {"val_filepath": cfg["data"]["val_filepath"], "metric_name": metric_name,
+              "documents": split.encoded.num_documents, "batch_size": cfg["trainer"]["val_batch_size"],
+              "torch": {"metric": metrics[metric_name], "identical": 1.0, "max_prob_diff": 0.0, "ex_s": ex_s, "kept": None}}
+    for name, file in ARTIFACTS.items():
+        if not (folder / file).exists():
+            continue
+        onnx_model = OnnxClassifier(folder / file, torch.get_num_threads())
+        logits, metrics, ex_s = run_on_split(onnx_model, split, cfg, proc, tokenizer.pad_token_id, name)
+        identical, max_diff = agreement(logits, reference, task, thresholds)
+        row = {"metric": metrics[metric_name], "identical": identical, "max_prob_diff": max_diff, "ex_s": ex_s}
+        refused = gate(name, row, report["torch"], cfg["export"])
+        report[name] = {**row, "kept": refused is None, "file": file, **({"refused": refused} if refused else {})}
+        if refused:
+            (folder / file).unlink()
+    return report, thresholds
 
 
 def write_folder(folder, cfg, checkpoint, tokenizer, thresholds, kept, report):

@@ -55,7 +55,7 @@ def load_rows(checkpoint, data_path, rows):
                        "--data.val_filepath", data_path])
     use_checkpoint_settings(cfg)
     tokenizer = load_tokenizer(cfg["model"])
-    examples = read_examples(data_path, cfg["data"], cfg["data"]["labels_list"], need_labels=True)
+    examples = read_examples(data_path, cfg["data"], need_labels=True)
     examples = replace(examples, texts_a=examples.texts_a[:rows], labels=examples.labels[:rows],
                        texts_b=None if examples.texts_b is None else examples.texts_b[:rows])
     return cfg, tokenizer, encode(tokenizer, examples, cfg["module"]["max_seq_len"], stride=window_stride(cfg["data"]))

@@ -50,9 +50,9 @@ def export_args(checkpoint, val, **more):
 def train_checkpoint(tmp, rows_of, **overrides):
     """A tiny checkpoint trained in this process by trainer.main: (checkpoint folder, validation file)."""
     model = save_tiny_encoder(tmp / "bert")
-    train = write_csv(tmp / "train.csv", rows_of(64, 1))
+    train = write_csv(tmp / "train.csv", rows_of(128, 1))
     val = write_csv(tmp / "val.csv", rows_of(40, 2))
-    run_main(trainer.main, base_args(tmp, model, train, val, **{"trainer.epochs": 2, **overrides}))
+    run_main(trainer.main, base_args(tmp, model, train, val, **{"trainer.epochs": 1, **overrides}))
     return tmp / "ckpt" / "best", val
 
 
@@ -63,7 +63,7 @@ def torch_and_onnx_logits(checkpoint, folder, val, artifact="onnx_fp32", **more)
     use_checkpoint_settings(cfg)
     onnx_model, tokenizer = export.load_exported(folder, threads=1, artifact=artifact)
     data = cfg["data"]
-    examples = read_examples(val, data, data["labels_list"], need_labels=True)
+    examples = read_examples(val, data, need_labels=True)
     encoded = encode(tokenizer, examples, cfg["module"]["max_seq_len"], stride=window_stride(data))
     torch_model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     return [evaluation.document_logits(evaluation.predict_logits(m, encoded, 8, tokenizer.pad_token_id, MAIN), encoded, cfg)
@@ -85,7 +85,7 @@ def test_the_export_folder_holds_both_models_what_reading_needs_and_the_report(s
     names = {p.name for p in folder.iterdir()}
     assert {"model.onnx", "model.int8.onnx", "config.json", "tokenizer_config.json", "export.json",
             "export_report.json"} <= names
-    assert not list(folder.parent.glob(".export-tmp-*"))  # written under a temporary name, renamed
+    assert not list(folder.parent.glob(f".{folder.name}-*.tmp"))  # written under a temporary name, renamed
     manifest = json.loads((folder / "export.json").read_text())
     assert manifest["source"] == str(single["checkpoint"].resolve())
     assert manifest["config"]["module"]["max_seq_len"] == 16
@@ -109,7 +109,7 @@ def test_exported_logits_equal_the_pytorch_logits(single):
     assert not np.array_equal(int8, fp32)  # and it is another model
 
 
-def test_prediction_through_the_export_folder_equals_prediction_through_pytorch(single, tmp_path):
+def test_prediction_through_the_export_folder_equals_prediction_through_pytorch(single, tmp_path, monkeypatch):
     """evaluation.predict_file, unchanged, with the ONNX model in place of the PyTorch one."""
     rows = [{"id": f"r{i}", "text": row["text"]} for i, row in enumerate(sentiment_rows(25, seed=7))]
     new = write_csv(tmp_path / "new.csv", rows)
@@ -125,7 +125,8 @@ def test_prediction_through_the_export_folder_equals_prediction_through_pytorch(
         else:
             model, tokenizer = build_model(cfg["model"], cfg["data"]["labels_list"]), load_tokenizer(cfg["model"])
         with contextlib.redirect_stdout(io.StringIO()):
-            path = evaluation.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=10)
+            monkeypatch.setattr(evaluation, "PREDICT_CHUNK", 10)
+            path = evaluation.predict_file(cfg, MAIN, model, tokenizer, None)
         with open(path, newline="", encoding="utf-8") as f:
             written[kind] = list(csv.DictReader(f))
     assert [r["id"] for r in written["onnx"]] == [r["id"] for r in rows]
