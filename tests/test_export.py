@@ -172,8 +172,10 @@ def damaged(path, out):
 @pytest.fixture
 def reuse_export(single, monkeypatch):
     """export.py's tracing replaced by a copy of the module's model.onnx (the gate is under test)."""
-    monkeypatch.setattr(export, "export_fp32",
-                        lambda model, example, path, source: shutil.copyfile(single["folder"] / "model.onnx", path))
+    def copy(model, example, path, source):
+        shutil.copyfile(single["folder"] / "model.onnx", path)
+        return "a copy"  # what export_fp32 returns: the exporter that wrote the graph
+    monkeypatch.setattr(export, "export_fp32", copy)
 
 
 def test_a_damaged_int8_model_is_refused_and_the_fp32_one_kept(single, reuse_export, monkeypatch, tmp_path):
@@ -194,7 +196,7 @@ def test_a_damaged_int8_model_is_refused_and_the_fp32_one_kept(single, reuse_exp
 
 def test_nothing_is_written_and_the_exit_status_is_1_when_no_model_passes(single, monkeypatch, tmp_path):
     monkeypatch.setattr(export, "export_fp32", lambda model, example, path, source:
-                        damaged(single["folder"] / "model.onnx", path))
+                        damaged(single["folder"] / "model.onnx", path) or "a damaged copy")
     out, err = run_main(export.main, export_args(single["checkpoint"], single["val"],
                                                  **{"export.output_dir": tmp_path / "served"}), expect=1)
     assert err.splitlines()[-1] == "error: no model passed its gate (the table above says why); nothing was written"
