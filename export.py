@@ -175,13 +175,22 @@ def export_fp32(model, example, path, source):
     eager attention, the one ONNX Runtime's transformer optimizer knows how to fuse (optimize_fp32);
     torch.export's graph where that exporter fails. Returns which exporter wrote it."""
     try:
-        with quiet_exporter(), eager_attention(model):
-            axes = {name: {0: "batch", 1: "sequence"} for name in example} | {"logits": {0: "batch"}}
-            torch.onnx.export(model, (), str(path), kwargs=example, dynamo=False, input_names=list(example),
-                              output_names=["logits"], dynamic_axes=axes, opset_version=17)
+        export_torchscript(model, example, path)
         return "torchscript"
     except Exception:  # noqa: BLE001 (tracing raises many kinds): the newer exporter may still manage
-        pass
+        return export_dynamo(model, example, path, source)
+
+
+def export_torchscript(model, example, path):
+    """The TorchScript exporter's graph (torch.jit tracing) of the model with eager attention."""
+    axes = {name: {0: "batch", 1: "sequence"} for name in example} | {"logits": {0: "batch"}}
+    with quiet_exporter(), eager_attention(model):
+        torch.onnx.export(model, (), str(path), kwargs=example, dynamo=False, input_names=list(example),
+                          output_names=["logits"], dynamic_axes=axes, opset_version=17)
+
+
+def export_dynamo(model, example, path, source):
+    """torch.export's graph: the exporter torch recommends, whose attention the optimizer does not fuse."""
     dims = {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in example}
     try:
         with quiet_exporter():

@@ -101,6 +101,32 @@ def test_the_export_folder_holds_both_models_what_reading_needs_and_the_report(s
     assert "onnx_fp32" in single["out"] and "yes: model.onnx" in single["out"]
 
 
+def test_the_graph_is_fused_by_onnx_runtimes_optimizer_before_the_gate(single):
+    """The TorchScript exporter's graph, fused: one Attention per layer, LayerNorms with their residuals,
+    GELU with its bias; int8 quantizes the fused attention whole (QAttention)."""
+    report = json.loads((single["folder"] / "export_report.json").read_text())
+    assert report["graph"] == {"exporter": "torchscript", "fused": {
+        "EmbedLayerNormalization": 1, "Attention": 2, "BiasGelu": 2, "SkipLayerNormalization": 4}}
+    assert "graph: torchscript exporter; fused EmbedLayerNormalization x1, Attention x2" in single["out"]
+    ops = {node.op_type for node in onnx.load(str(single["folder"] / "model.int8.onnx")).graph.node}
+    assert "QAttention" in ops and "Softmax" not in ops
+
+
+def test_a_graph_the_torchscript_exporter_or_the_optimizer_fails_on_is_kept_as_torch_export_wrote_it(
+        single, monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot trace this model\nlong traceback")
+    monkeypatch.setattr(export, "export_torchscript", refuse)
+    monkeypatch.setattr(export, "optimize_model", refuse)
+    out, _ = run_main(export.main, export_args(single["checkpoint"], single["val"], **{
+        "export.output_dir": tmp_path / "served", "export.int8": "false"}))
+    report = json.loads((tmp_path / "served" / "export_report.json").read_text())
+    assert report["graph"] == {"exporter": "torch.export", "fused": {
+        "note": "kept as exported: ONNX Runtime's optimizer failed on it (cannot trace this model)"}}
+    assert report["onnx_fp32"]["kept"] and report["onnx_fp32"]["identical"] == 1.0
+    assert "graph: torch.export exporter; kept as exported" in out
+
+
 def test_exported_logits_equal_the_pytorch_logits(single):
     reference, fp32 = torch_and_onnx_logits(single["checkpoint"], single["folder"], single["val"])
     np.testing.assert_allclose(fp32, reference, atol=1e-5)

@@ -21,6 +21,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 import serve
@@ -149,6 +150,16 @@ def test_answers_equal_the_prediction_csv_one_text_or_many(single, client, tmp_p
     assert_answers_equal_csv(many.json(), predicted, names)
     one = client.post("/predict", json={"inputs": rows[3]["text"]})  # a lone text: one list, not a list of lists
     assert_answers_equal_csv([one.json()], predicted[3:4], names)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_the_answers_equal_the_prediction_csv_written_on_the_gpu(single, tmp_path):
+    rows = [{"text": row["text"]} for row in sentiment_rows(30, seed=6)]
+    predicted = predicted_csv(tmp_path, single["checkpoint"], rows, **{"trainer.device": "cuda"})
+    with client_of(single["checkpoint"], **{"trainer.device": "cuda"}) as client:
+        assert client.get("/info").json()["device"].startswith("cuda")
+        answers = client.post("/predict", json={"inputs": [row["text"] for row in rows]}).json()
+    assert_answers_equal_csv(answers, predicted, ["negative", "positive"])
 
 
 @pytest.mark.parametrize("task", ["multi_label_windows", "regression_pairs"])
