@@ -544,3 +544,18 @@ def test_the_page_shows_the_labels_as_bars_in_a_real_browser(single, client, tmp
         assert width == pytest.approx(entry["score"], abs=0.02)  # the bar is the probability
     assert error == "inputs[0] is empty"
 
+
+
+@pytest.mark.slow
+def test_the_load_test_runs_on_a_tiny_model(single, tmp_path):
+    """bench/serve_bench.py end to end, tiny: both servers start, answer every request, and the table says so."""
+    texts = write_csv(tmp_path / "texts.csv", [{"text": row["text"]} for row in sentiment_rows(12, seed=13)])
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_bench.py"), "--model", str(single["checkpoint"]),
+                             "--data", texts, "--requests", "6", "--seconds", "30", "--clients", "1", "3", "--rounds", "1",
+                             "--threads", "1", "--json", str(tmp_path / "load.json")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, stderr_tail(result.stderr)
+    results = json.loads((tmp_path / "load.json").read_text())
+    assert [row["clients"] for row in results["serve"]] == [1, 3] == [row["clients"] for row in results["naive"]]
+    assert all(row["requests"] == 6 and row["p99_ms"] >= row["p50_ms"] > 0 for row in results["serve"] + results["naive"])
+    assert results["offline_ex_s"] > 0 and "at 3 clients: serve.py" in result.stdout
