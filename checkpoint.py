@@ -410,8 +410,9 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
         for name, value in values.items():
             # a key newer than the checkpoint: its run behaved as the key's default says
             key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name, golden.get(section, {}).get(name))
-            # export.py's keys never reach training
-            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or key in LAUNCH_KEYS or section == "export" or old == value:
+            # export.py's and serve.py's keys never reach training
+            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or key in LAUNCH_KEYS or section in ("export", "serve") \
+                    or old == value:
                 continue
             if key == "trainer.epochs" and value > old:
                 continue  # a finished run can be extended

@@ -46,6 +46,7 @@ CHOICES = {
     "trainer.backend": ["auto", "sp", "sp-amp", "ddp", "ddp-amp"],
     "trainer.amp_dtype": ["auto", "bf16", "fp16"],
     "trainer.device": ["auto", "cpu", "cuda"],
+    "serve.artifact": ["auto", "onnx_fp32", "onnx_int8"],
 }
 # keys that take null or several types; every other key takes the type of its golden value
 TYPES = {
@@ -62,6 +63,7 @@ TYPES = {
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
     "sweep.samples": (int, None), "sweep.rungs": (list, None),
     "export.output_dir": (str, None),
+    "serve.max_wait_ms": (float,),
 }
 
 
@@ -269,6 +271,7 @@ def check_config(cfg):
     check_predict_output(cfg)
     check_checkpoint_names(cfg["ckpt"])
     check_export(cfg["export"])
+    check_serve(cfg["serve"])
 
 
 def check_numbers(cfg):
@@ -362,6 +365,22 @@ def check_what_runs(cfg):
         if data["val_filepath"] is None and data["predict_filepath"] is None:
             raise ConfigError("nothing to do: set data.train_filepath, data.val_filepath or "
                               "data.predict_filepath")
+
+
+def check_serve(serve):
+    """serve.py's address, batching and limits."""
+    if not serve["host"] or any(c.isspace() for c in serve["host"]):
+        raise ConfigError(f"serve.host is {serve['host']!r}; give an address such as 127.0.0.1 (this machine only)")
+    if not 1 <= serve["port"] <= 65535:
+        raise ConfigError(f"serve.port is {serve['port']}; it must be a TCP port, 1 to 65535")
+    for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_inputs", "max_chars", "max_body_bytes"):
+        if serve[name] < 1:
+            raise ConfigError(f"serve.{name} is {serve[name]}; it must be at least 1")
+    if serve["max_wait_ms"] < 0:
+        raise ConfigError(f"serve.max_wait_ms is {serve['max_wait_ms']}; it must not be negative (0 = no wait)")
+    if serve["max_queue"] < serve["max_inputs"]:  # else a request of max_inputs texts could never be taken
+        raise ConfigError(f"serve.max_queue {serve['max_queue']} is less than serve.max_inputs {serve['max_inputs']}; "
+                          f"raise max_queue")
 
 
 def check_export(export):

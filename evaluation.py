@@ -86,16 +86,16 @@ class Thresholds:
 
 
 @torch.inference_mode()
-def predict_logits(model, encoded, batch_size, pad_token_id, proc, desc="evaluate"):
+def predict_logits(model, encoded, batch_size, pad_token_id, proc, desc="evaluate", batches=None):
     """Float32 logits of every example in input order, on the main process (None on the others);
-    batches sorted by length, sharded by rank.
+    batches sorted by length, sharded by rank, or the index arrays `batches` if given (serve.py's).
 
     Rank 0 shows a progress bar named desc, with the device, for it may take minutes.
     """
     was_training = model.training
     model.eval()
     indices, outputs = [], []
-    batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size)
+    batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size) if batches is None else batches
     for batch_indices in tqdm(batches, desc=f"{desc} on {proc.device}", unit="batch", leave=False,
                               disable=not proc.is_main, dynamic_ncols=True, file=sys.stderr):
         batch = {k: v.to(proc.device, non_blocking=True)
@@ -277,12 +277,19 @@ def prediction_cells(logits, names, thresholds=None, sep="|"):
     the labels at or above their thresholds joined by sep, and each label's sigmoid probability."""
     if names is None:
         return [[f"{score:.6g}"] for score in logits[:, 0]]
+    probs = scores_of(logits, names, thresholds)
     if thresholds is not None:
-        probs = sigmoid(logits)
         return [[sep.join(n for n, p, t in zip(names, row, thresholds) if p >= t)] + [f"{p:.6f}" for p in row]
                 for row in probs]
-    probs = softmax(logits)
     return [[names[int(row.argmax())]] + [f"{p:.6f}" for p in row] for row in probs]
+
+
+def scores_of(logits, names, thresholds=None):
+    """What a prediction says of each row of logits: a regression's score (names None), each label's
+    sigmoid (multi-label, whose thresholds are given) or each class's softmax."""
+    if names is None:
+        return logits[:, :1]
+    return sigmoid(logits) if thresholds is not None else softmax(logits)
 
 
 def write_prediction_rows(writer, examples, logits, names, thresholds=None, sep="|"):

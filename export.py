@@ -43,9 +43,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import onnxruntime
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.optimizer import optimize_model
 
 import speedups
 from checkpoint import CheckpointError
@@ -170,7 +172,26 @@ def example_inputs(encoded, tokenizer):
 
 
 def export_fp32(model, example, path, source):
-    """model.onnx: the model as torch.export traces it, batch and sequence length dynamic."""
+    """model.onnx, batch and sequence length dynamic: the TorchScript exporter's graph of the model with
+    eager attention, the one ONNX Runtime's transformer optimizer knows how to fuse (optimize_fp32);
+    torch.export's graph where that exporter fails. Returns which exporter wrote it."""
+    try:
+        export_torchscript(model, example, path)
+        return "torchscript"
+    except Exception:  # noqa: BLE001 (tracing raises many kinds): the newer exporter may still manage
+        return export_dynamo(model, example, path, source)
+
+
+def export_torchscript(model, example, path):
+    """The TorchScript exporter's graph (torch.jit tracing) of the model with eager attention."""
+    axes = {name: {0: "batch", 1: "sequence"} for name in example} | {"logits": {0: "batch"}}
+    with quiet_exporter(), eager_attention(model):
+        torch.onnx.export(model, (), str(path), kwargs=example, dynamo=False, input_names=list(example),
+                          output_names=["logits"], dynamic_axes=axes, opset_version=17)
+
+
+def export_dynamo(model, example, path, source):
+    """torch.export's graph: the exporter torch recommends, whose attention the optimizer does not fuse."""
     dims = {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in example}
     try:
         with quiet_exporter():
@@ -180,13 +201,47 @@ def export_fp32(model, example, path, source):
     except Exception as e:  # noqa: BLE001 (torch.export and the ONNX translation raise many kinds)
         raise ModelError(f"model.model_path {source}: its model ({type(model).__name__}) does not export to "
                          f"ONNX: {first_line(e)[:300]}") from None
+    return "torch.export"
+
+
+@contextmanager
+def eager_attention(model):
+    """The model with transformers' eager attention (matmul, softmax, matmul) while it is traced: SDPA
+    traces into a graph whose attention the optimizer does not recognise. The same weights, the same
+    arithmetic; the model's own attention again afterwards."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+def optimize_fp32(path, config):
+    """model.onnx rewritten in place by ONNX Runtime's transformer optimizer (model type bert): attention,
+    embedding + LayerNorm, residual + LayerNorm and bias + GELU fused into single operators, the usual CPU
+    recipe before dynamic int8. Returns {fused operator: count}, or a note saying why the graph is
+    kept as exported (the optimizer failed on it, or fused nothing)."""
+    try:
+        with quiet_exporter():
+            optimized = optimize_model(str(path), model_type="bert", num_heads=getattr(config, "num_attention_heads", 0),
+                                       hidden_size=getattr(config, "hidden_size", 0), opt_level=0)
+    except Exception as e:  # noqa: BLE001 (a graph of another shape than BERT's can raise anything)
+        return {"note": f"kept as exported: ONNX Runtime's optimizer failed on it ({first_line(e)[:200]})"}
+    fused = {name: count for name, count in optimized.get_fused_operator_statistics().items() if count}
+    if not fused:
+        return {"note": "kept as exported: ONNX Runtime's optimizer found nothing to fuse in it"}
+    optimized.save_model_to_file(str(path))
+    return fused
 
 
 def quantize_int8(fp32_path, path):
     """model.int8.onnx: ONNX Runtime's dynamic quantization (int8 weights per output channel, each
-    batch's activations quantized as it runs)."""
+    batch's activations quantized as it runs); a fused Attention becomes QAttention."""
     with quiet_exporter():
-        quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8, per_channel=True)
+        # the optimizer's operators (com.microsoft) carry no types that shape inference can read: float32
+        quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,10 +296,20 @@ def gate(name, row, reference, export_cfg):
     return None
 
 
+def graph_line(graph):
+    """What the ONNX graph is: which exporter traced it and what ONNX Runtime's optimizer fused in it."""
+    if graph is None:
+        return "graph: as exported"
+    fused = graph["fused"]
+    what = fused["note"] if "note" in fused else "fused " + ", ".join(f"{name} x{count}" for name, count in fused.items())
+    return f"graph: {graph['exporter']} exporter; {what}"
+
+
 def format_table(report):
     metric = report["metric_name"]
     lines = [(f"export check of {report['checkpoint']} on {report['val_filepath']} ({report['documents']} "
               f"examples, batch {report['batch_size']}, {report['threads']} threads)"),
+             graph_line(report.get("graph")),
              f"{'model':<10} {metric:>11} {'identical':>9} {'max prob diff':>13} {'ex/s':>8} {'speed':>6}  kept"]
     torch_speed = report["torch"]["ex_s"]
     for name in ("torch", *ARTIFACTS):
@@ -312,13 +377,14 @@ def run(cfg):
     remove_abandoned(target.parent, target.name, EXPORT_WRITING, say=print)
     with temporary_folder(target.parent, target.name, EXPORT_WRITING) as tmp:
         print(f"exporting {checkpoint} to ONNX ...")
-        export_fp32(model, example_inputs(split.encoded, tokenizer), tmp / ARTIFACTS["onnx_fp32"], checkpoint)
-        if cfg["export"]["int8"]:
+        exporter = export_fp32(model, example_inputs(split.encoded, tokenizer), tmp / ARTIFACTS["onnx_fp32"], checkpoint)
+        graph = {"exporter": exporter, "fused": optimize_fp32(tmp / ARTIFACTS["onnx_fp32"], model.config)}
+        if cfg["export"]["int8"]:  # quantized after fusion: a fused attention quantizes as one operator
             quantize_int8(tmp / ARTIFACTS["onnx_fp32"], tmp / ARTIFACTS["onnx_int8"])
         if cfg["trainer"]["speedups"]:  # PyTorch as trainer.py evaluates it; model.onnx has its own graph
             speedups.apply(model, torch.device("cpu"))
         report, thresholds = check_artifacts(cfg, model, split, tokenizer, tmp)
-        report = {"checkpoint": str(checkpoint), "threads": threads, **report}
+        report = {"checkpoint": str(checkpoint), "threads": threads, "graph": graph, **report}
         print(format_table(report))
         kept = {name: ARTIFACTS[name] for name in ARTIFACTS if report.get(name, {}).get("kept")}
         if not kept:

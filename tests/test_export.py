@@ -101,6 +101,32 @@ def test_the_export_folder_holds_both_models_what_reading_needs_and_the_report(s
     assert "onnx_fp32" in single["out"] and "yes: model.onnx" in single["out"]
 
 
+def test_the_graph_is_fused_by_onnx_runtimes_optimizer_before_the_gate(single):
+    """The TorchScript exporter's graph, fused: one Attention per layer, LayerNorms with their residuals,
+    GELU with its bias; int8 quantizes the fused attention whole (QAttention)."""
+    report = json.loads((single["folder"] / "export_report.json").read_text())
+    assert report["graph"] == {"exporter": "torchscript", "fused": {
+        "EmbedLayerNormalization": 1, "Attention": 2, "BiasGelu": 2, "SkipLayerNormalization": 4}}
+    assert "graph: torchscript exporter; fused EmbedLayerNormalization x1, Attention x2" in single["out"]
+    ops = {node.op_type for node in onnx.load(str(single["folder"] / "model.int8.onnx")).graph.node}
+    assert "QAttention" in ops and "Softmax" not in ops
+
+
+def test_a_graph_the_torchscript_exporter_or_the_optimizer_fails_on_is_kept_as_torch_export_wrote_it(
+        single, monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot trace this model\nlong traceback")
+    monkeypatch.setattr(export, "export_torchscript", refuse)
+    monkeypatch.setattr(export, "optimize_model", refuse)
+    out, _ = run_main(export.main, export_args(single["checkpoint"], single["val"], **{
+        "export.output_dir": tmp_path / "served", "export.int8": "false"}))
+    report = json.loads((tmp_path / "served" / "export_report.json").read_text())
+    assert report["graph"] == {"exporter": "torch.export", "fused": {
+        "note": "kept as exported: ONNX Runtime's optimizer failed on it (cannot trace this model)"}}
+    assert report["onnx_fp32"]["kept"] and report["onnx_fp32"]["identical"] == 1.0
+    assert "graph: torch.export exporter; kept as exported" in out
+
+
 def test_exported_logits_equal_the_pytorch_logits(single):
     reference, fp32 = torch_and_onnx_logits(single["checkpoint"], single["folder"], single["val"])
     np.testing.assert_allclose(fp32, reference, atol=1e-5)
@@ -173,8 +199,10 @@ def damaged(path, out):
 @pytest.fixture
 def reuse_export(single, monkeypatch):
     """export.py's tracing replaced by a copy of the module's model.onnx (the gate is under test)."""
-    monkeypatch.setattr(export, "export_fp32",
-                        lambda model, example, path, source: shutil.copyfile(single["folder"] / "model.onnx", path))
+    def copy(model, example, path, source):
+        shutil.copyfile(single["folder"] / "model.onnx", path)
+        return "a copy"  # what export_fp32 returns: the exporter that wrote the graph
+    monkeypatch.setattr(export, "export_fp32", copy)
 
 
 def test_a_damaged_int8_model_is_refused_and_the_fp32_one_kept(single, reuse_export, monkeypatch, tmp_path):
@@ -195,7 +223,7 @@ def test_a_damaged_int8_model_is_refused_and_the_fp32_one_kept(single, reuse_exp
 
 def test_nothing_is_written_and_the_exit_status_is_1_when_no_model_passes(single, monkeypatch, tmp_path):
     monkeypatch.setattr(export, "export_fp32", lambda model, example, path, source:
-                        damaged(single["folder"] / "model.onnx", path))
+                        damaged(single["folder"] / "model.onnx", path) or "a damaged copy")
     out, err = run_main(export.main, export_args(single["checkpoint"], single["val"],
                                                  **{"export.output_dir": tmp_path / "served"}), expect=1)
     assert err.splitlines()[-1] == "error: no model passed its gate (the table above says why); nothing was written"

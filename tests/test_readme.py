@@ -13,7 +13,7 @@ from config import GOLDEN_CONFIG, ConfigError, load_config, read_yaml
 ROOT = GOLDEN_CONFIG.parent
 README = ROOT / "README.md"
 # the scripts that take config.yaml's keys; a script not in the repository yet is skipped until it lands
-SCRIPTS = ("trainer.py", "distill.py", "export.py", "sweep.py")
+SCRIPTS = ("trainer.py", "distill.py", "export.py", "sweep.py", "serve.py")
 LAUNCHERS = ("python", "python3", "torchrun")
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&"}
 
