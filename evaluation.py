@@ -4,7 +4,7 @@
     metrics = split_metrics(logits, split, cfg, "at step 100")                     # windows pooled first
     path = predict_file(cfg, proc, model, tokenizer, run_dir, thresholds=...)      # streamed, in order
     metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, val)             # a -eval run folder
-    result = evaluate_and_predict(cfg, proc, inputs)    # a run without training: evaluate, predict
+    result = evaluate_and_predict(cfg, proc)            # a run without training: evaluate, predict
 
 Every rank evaluates its shard of the examples (each on exactly one rank) and the main process
 gathers them, so the metrics are those of one process. A long document's windows are pooled into
@@ -21,14 +21,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import atomic_output, read_manifest, sweep_outputs, write_json, writing_to
+from checkpoint import read_manifest
 from config import label_names
 from data import collate, eval_batches, example_chunks
+from files import atomic_output, sweep_outputs, write_json, writing_to
 from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
-from model import save_thresholds, saved_thresholds
-from processes import autocast, log, on_main
+from model import build_classifier, is_export_dir, save_thresholds, saved_thresholds, use_checkpoint_settings
+from processes import autocast, on_main
 from runlog import RunLog, new_run_dir
-from splits import encode_examples
+from splits import prepare_run, tokenize
 
 # rows of a predict file read, tokenized, run and written at a time: what prediction holds
 PREDICT_CHUNK = 10_000
@@ -85,16 +86,16 @@ class Thresholds:
 
 
 @torch.inference_mode()
-def predict_logits(model, encoded, batch_size, pad_token_id, proc, desc="evaluate"):
+def predict_logits(model, encoded, batch_size, pad_token_id, proc, desc="evaluate", batches=None):
     """Float32 logits of every example in input order, on the main process (None on the others);
-    batches sorted by length, sharded by rank.
+    batches sorted by length, sharded by rank, or the index arrays `batches` if given (serve.py's).
 
     Rank 0 shows a progress bar named desc, with the device, for it may take minutes.
     """
     was_training = model.training
     model.eval()
     indices, outputs = [], []
-    batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size)
+    batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size) if batches is None else batches
     for batch_indices in tqdm(batches, desc=f"{desc} on {proc.device}", unit="batch", leave=False,
                               disable=not proc.is_main, dynamic_ncols=True, file=sys.stderr):
         batch = {k: v.to(proc.device, non_blocking=True)
@@ -205,19 +206,33 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
     """Metrics of a fine-tuned model on a labelled file, with a per-class table, and the run folder
     they are written to (main process): (metrics, run_dir)."""
     # said before the wait, with the device, as training's first line is
-    log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
-              f"({val.encoded.num_documents} examples), device {proc.device}")
+    proc.say(f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
+             f"({val.encoded.num_documents} examples), device {proc.device}")
     logits = predict_logits(model, val.encoded, cfg["trainer"]["val_batch_size"],
                             tokenizer.pad_token_id, proc)
     metrics = on_main(proc, split_metrics, logits, val, cfg, f"on {cfg['data']['val_filepath']}")
-    log(proc, format_report(metrics))
-    run_dir = on_main(proc, lambda: write_eval_metrics(cfg, metrics, curves_of(logits, val, cfg)))
+    proc.say(format_report(metrics))
+    run_dir = on_main(proc, write_eval_metrics, cfg, metrics, curves_of(logits, val, cfg) if proc.is_main else None)
     return metrics, run_dir
 
 
-def evaluate_and_predict(cfg, proc, inputs):
-    """A run without training: inputs.built's metrics on data.val_filepath and its predictions of
+def evaluated_model(cfg, proc):
+    """model.model_path to evaluate: an export folder through ONNX Runtime on the CPU, in this
+    process's threads (export.py, imported only for it), else the checkpoint as training builds it."""
+    if is_export_dir(cfg["model"]["model_path"]):
+        from export import load_exported
+        return load_exported(cfg["model"]["model_path"], threads=torch.get_num_threads())[0]
+    return build_classifier(cfg, proc.device, say=proc.say)
+
+
+def evaluate_and_predict(cfg, proc):
+    """A run without training: model.model_path, read as it was trained (its labels, task and
+    max_seq_len: model.use_checkpoint_settings), evaluated on data.val_filepath and predicting
     data.predict_filepath, each if set. The final result (main process)."""
+    note = use_checkpoint_settings(cfg)
+    if note is not None:
+        proc.say(f"note: {note}")
+    inputs = prepare_run(cfg, proc, lambda tokenizer: evaluated_model(cfg, proc))
     model, tokenizer, thresholds = inputs.built, inputs.tokenizer, fixed_thresholds(cfg)
     if inputs.val:
         metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, inputs.val)
@@ -262,12 +277,19 @@ def prediction_cells(logits, names, thresholds=None, sep="|"):
     the labels at or above their thresholds joined by sep, and each label's sigmoid probability."""
     if names is None:
         return [[f"{score:.6g}"] for score in logits[:, 0]]
+    probs = scores_of(logits, names, thresholds)
     if thresholds is not None:
-        probs = sigmoid(logits)
         return [[sep.join(n for n, p, t in zip(names, row, thresholds) if p >= t)] + [f"{p:.6f}" for p in row]
                 for row in probs]
-    probs = softmax(logits)
     return [[names[int(row.argmax())]] + [f"{p:.6f}" for p in row] for row in probs]
+
+
+def scores_of(logits, names, thresholds=None):
+    """What a prediction says of each row of logits: a regression's score (names None), each label's
+    sigmoid (multi-label, whose thresholds are given) or each class's softmax."""
+    if names is None:
+        return logits[:, :1]
+    return sigmoid(logits) if thresholds is not None else softmax(logits)
 
 
 def write_prediction_rows(writer, examples, logits, names, thresholds=None, sep="|"):
@@ -284,23 +306,23 @@ def predict_output(cfg, run_dir):
     return path
 
 
-def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, thresholds=None, total_rows=None):
-    """Label data.predict_filepath, a file of any size, chunk_rows rows (PREDICT_CHUNK) at a time:
+def predict_file(cfg, proc, model, tokenizer, run_dir, thresholds=None, total_rows=None):
+    """Label data.predict_filepath, a file of any size, PREDICT_CHUNK rows at a time:
     read, tokenize, run (sharded over the ranks, gathered on the main process) and write each
     chunk in turn, so memory follows the chunk, not the file. The output is written in a folder
     of its own beside it and renamed when complete (a killed run's is swept at the next);
-    read_splits checked every row before, so no bad row can turn up after the first prediction
+    prepare_run checked every row before, so no bad row can turn up after the first prediction
     is written. thresholds: multi-label's, per label.
-    total_rows (read_splits counted them): a bar over the whole file, beside each chunk's.
+    total_rows (prepare_run counted them): a bar over the whole file, beside each chunk's.
     The output path (main process)."""
     data, names = cfg["data"], label_names(cfg)
     path = on_main(proc, predict_output, cfg, run_dir)
-    log(proc, f"prediction of {data['predict_filepath']}, device {proc.device}")
-    rows, chunk_rows = 0, chunk_rows or PREDICT_CHUNK
+    proc.say(f"prediction of {data['predict_filepath']}, device {proc.device}")
+    rows, chunk_rows = 0, PREDICT_CHUNK
     whole = tqdm(total=total_rows, desc=f"predict {data['predict_filepath']}", unit="row", leave=False, position=1,
                  disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True, file=sys.stderr)
     if proc.is_main:
-        sweep_outputs(path, say=lambda message: log(proc, message))
+        sweep_outputs(path, say=proc.say)
     with writing_to("data.predict_output", path), \
             atomic_output(path, newline="") if proc.is_main else nullcontext() as f, whole:
         writer = csv.writer(f) if proc.is_main else None
@@ -310,16 +332,16 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, threshol
                 writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds))
             write_prediction_rows(writer, examples, document_logits(logits, encoded, cfg), names, thresholds,
                                   data["label_sep"])
-        for examples in example_chunks(data["predict_filepath"], data, data["labels_list"], chunk_rows):
-            # a predict file is read once: tokenized chunk by chunk, not cached
-            encoded = encode_examples(cfg, tokenizer, examples)
+        for examples in example_chunks(data["predict_filepath"], data, chunk_rows):
+            # a predict file is read once: tokenized chunk by chunk in this process, not cached
+            encoded = tokenize(cfg, None, tokenizer, data["predict_filepath"], examples).encoded
             logits = predict_logits(model, encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
                                     proc, desc="predict")
             with writing_to("data.predict_output", path):
                 on_main(proc, write_chunk)  # a write that fails (a full disk) ends every rank
             rows += encoded.num_documents
             whole.update(encoded.num_documents)
-    log(proc, f"predictions for {rows} texts written to {path}")
+    proc.say(f"predictions for {rows} texts written to {path}")
     return path if proc.is_main else None
 
 
