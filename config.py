@@ -56,6 +56,7 @@ TYPES = {
     "data.label_col": (str, int), "data.cache_dir": (str, None), "data.max_windows": (int, None),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
+    "model.lora_alpha": (float,), "model.lora_targets": (list, None), "module.head_lr": (float, None),
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.log_steps": (int, str),
     "trainer.stop_after_epochs": (int, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
@@ -264,6 +265,7 @@ def fit_metric_to_task(cfg):
 def check_config(cfg):
     """Values that are well typed but cannot work, caught before anything runs."""
     check_numbers(cfg)
+    check_optimizer(cfg)
     check_steps(cfg)
     check_task(cfg)
     check_what_runs(cfg)
@@ -305,6 +307,24 @@ def check_numbers(cfg):
         raise ConfigError(f"trainer.seed is {tcfg['seed']}; it must be in [0, 2**32 - 1]")
     if not 0 <= module["warmup_prop"] <= 1:
         raise ConfigError(f"module.warmup_prop is {module['warmup_prop']}; it must be in [0, 1]")
+
+
+def check_optimizer(cfg):
+    """The LoRA adapters (model.lora_*) and the rates of the parameter groups (module.head_lr, layer_lr_decay)."""
+    model, module = cfg["model"], cfg["module"]
+    if model["lora_rank"] < 0:
+        raise ConfigError(f"model.lora_rank is {model['lora_rank']}; use 0 (LoRA off) or a rank such as 8")
+    if model["lora_alpha"] <= 0:
+        raise ConfigError(f"model.lora_alpha is {model['lora_alpha']}; it must be positive (e.g. 16)")
+    if not 0 <= model["lora_dropout"] < 1:
+        raise ConfigError(f"model.lora_dropout is {model['lora_dropout']}; it must be in [0, 1)")
+    targets = model["lora_targets"]
+    if targets is not None and not (targets and all(isinstance(t, str) and t.strip() == t and t for t in targets)):
+        raise ConfigError(f"model.lora_targets {targets} must be names of linear layers (e.g. [query, value]), or null")
+    if module["head_lr"] is not None and module["head_lr"] <= 0:
+        raise ConfigError(f"module.head_lr is {module['head_lr']}; it must be positive, or null for module.max_lr")
+    if not 0 < module["layer_lr_decay"] <= 1:
+        raise ConfigError(f"module.layer_lr_decay is {module['layer_lr_decay']}; it must be in (0, 1] (1.0 = off)")
 
 
 def check_steps(cfg):

@@ -16,6 +16,8 @@ hands them to trainer.Trainer.
 Students: a depth cut of the teacher (distill.student_layers: the teacher's encoder layers to keep,
 0-based, in order, with its embeddings, pooler and classifier), or another architecture or size
 (distill.student_model and / or distill.student_config overrides, pretrained or random init).
+With model.lora_rank set, the student trains LoRA adapters (lora.py) and its head, its encoder
+frozen; the teacher is used as it is (a LoRA checkpoint is a plain folder, its adapters merged).
 
 Tokenizers: the student reads the teacher's tokens unless it brings its own tokenizer
 (distill.student_tokenizer, else distill.student_model's folder's, where its vocabulary differs from
@@ -62,6 +64,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
+import lora
 import speedups
 from config import ConfigError, task_of
 from data import Encoded
@@ -488,6 +491,8 @@ def run(cfg, proc):
     def build(tokenizer):
         teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
         student = build_student(cfg, teacher, tokenizer, say=proc.say)  # once, not per rank
+        if cfg["model"]["lora_rank"]:  # a LoRA student: adapters on its encoder, its head trained fully
+            lora.add_adapters(student, cfg["model"], say=proc.say)
         return teacher, student, DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
     # the student's tokenizer drives training, evaluation and its checkpoint
     inputs = prepare_run(cfg, proc, build, extra_paths=d["unlabeled_filepaths"],

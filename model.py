@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+import lora
 import speedups
 from checkpoint import MANIFEST, check_saved_config, load_failure, read_manifest
 from config import TASK_NAMES, ConfigError, check_config, check_threshold_fits, fit_metric_to_task, task_of
@@ -234,10 +235,13 @@ def build_model(model_cfg, labels_list, say=print, multi_label=False, **kwargs):
     return model
 
 
-def build_classifier(cfg, device, say=print):
+def build_classifier(cfg, device, say=print, adapters=False):
     """The run's classifier on device: build_model of the config's model section, with speedups.py's
-    exact speed-ups applied when trainer.speedups is on."""
+    exact speed-ups applied when trainer.speedups is on. adapters (a model to train): LoRA
+    adapters when model.lora_rank is set (lora.py)."""
     model = build_model(cfg["model"], cfg["data"]["labels_list"], say=say, multi_label=cfg["data"]["multi_label"])
+    if adapters and cfg["model"]["lora_rank"]:  # before the speed-ups, which then draw its dropout too
+        lora.add_adapters(model, cfg["model"], say=say)
     if cfg["trainer"]["speedups"]:
         speedups.apply(model, device)  # the same arithmetic, less of it (speedups.py)
     return model.to(device)
@@ -432,6 +436,9 @@ def module_rest(model):
 
 def load_module_weights(model, path, state):
     """The weights of what a Trainer optimizes from checkpoint `path` and its training state."""
+    if lora.adapted(model):  # the frozen weights are the pretrained ones; what trained is in the adapter file
+        lora.load_adapter(model, path)
+        return
     if "module" in state:  # a checkpoint that held the whole module, student included, in its state
         model.load_state_dict(state["module"])
         return
@@ -440,6 +447,16 @@ def load_module_weights(model, path, state):
     if model is not classifier:
         model.load_state_dict({**state.get("module_rest", {}),
                                **{STUDENT + name: tensor for name, tensor in classifier.state_dict().items()}})
+
+
+def load_trained_weights(model, path):
+    """The classifier's trained weights from checkpoint folder path (the best one, at the end of a
+    run): its LoRA adapter file for a model with adapters (model.safetensors holds them merged into
+    the weights, where they would count twice), else its model.safetensors."""
+    if lora.adapted(model):
+        lora.load_adapter(model, path)
+    else:
+        load_weights(classifier_of(model), str(Path(path) / "model.safetensors"))
 
 
 def check_shapes(path, state, expected, num_labels):
@@ -479,8 +496,9 @@ def save_pretrained(model, tokenizer, directory, max_seq_len=None):
 
     With max_seq_len, the saved tokenizer's model_max_length is max_seq_len, so that truncation=True
     in plain transformers (pipeline included) cuts where training did; the run's tokenizer keeps its own.
+    A model with LoRA adapters is saved as the plain model, its adapters merged into the weights.
     """
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=lora.merged_state_dict(model))
     tokenizer.save_pretrained(directory)
     if max_seq_len is not None:
         path = Path(directory) / "tokenizer_config.json"

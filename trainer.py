@@ -34,11 +34,11 @@ import functools
 import gc
 import json
 import os
+import re
 import signal
 import time
 import warnings
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,7 @@ tqdm.monitor_interval = 0
 # our GPU machine) lacks: its FutureWarning, once per rank, says nothing to a user
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
+import lora
 from checkpoint import SaveDir, checkpoint_path, load_checkpoint, open_save_dir
 from config import ConfigError, answer_help, fit_metric_to_task, load_config
 from data import DataError, collate, micro_batches, train_batches
@@ -64,7 +65,7 @@ from model import (
     classifier_of,
     is_export_dir,
     load_module_weights,
-    load_weights,
+    load_trained_weights,
     module_rest,
     save_pretrained,
 )
@@ -119,9 +120,11 @@ class Trainer:
         self.warmup_steps = round(cfg["module"]["warmup_prop"] * self.total_steps)
         self.log_steps = log_interval(tcfg["log_steps"], self.total_steps)
 
-        # the optimizer reads its learning rate from a tensor on the device, set before each update
+        # the optimizer reads its learning rates from tensors on the device, set before each update:
+        # self.lr is module.max_lr's, and each parameter group's rate is its lr_scale times it
         self.lr = torch.zeros((), device=device)
-        self.optimizer = build_optimizer(self.model, self.lr, cfg["module"]["weight_decay"])
+        self.optimizer = build_optimizer(self.model, cfg["module"])
+        self.group_lrs, self.lr_scales = group_rates(self.optimizer, device)
         # loss scaling guards float16 gradients from underflow; bfloat16 has float32's range
         self.scaler = torch.amp.GradScaler(device.type, enabled=proc.amp_dtype == torch.float16)
 
@@ -232,6 +235,7 @@ class Trainer:
 
         # the schedule counts updates made, not steps taken: a skipped update does not advance it
         self.lr.copy_(self.cfg["module"]["max_lr"] * lr_multiplier(self.updates, self.warmup_steps, self.total_steps))
+        torch.mul(self.lr_scales, self.lr, out=self.group_lrs)  # every group's rate in one kernel
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -336,7 +340,7 @@ class Trainer:
         if self.best is None:
             return {"step": self.step, **times}
         if self.best["path"] is not None and self.best["step"] != self.step:
-            load_weights(classifier_of(self.model), str(Path(self.best["path"]) / "model.safetensors"))
+            load_trained_weights(self.model, self.best["path"])
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
                   "best_checkpoint": self.best["path"]}
         self.thresholds.of_best(self.best["metrics"])
@@ -367,6 +371,7 @@ class Trainer:
                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
                       f"logging every {self.log_steps} steps, device {self.proc.device}")
+        self.proc.say(describe_optimizer(self.optimizer, self.cfg["module"]["max_lr"], self.model))
         return self.runlog.run_dir
 
     def log_scalars(self, scalars, metrics=None, logits=None):
@@ -404,6 +409,8 @@ class Trainer:
                  "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
         if self.model is not classifier:  # distillation: what the module holds beside the student
             state["module_rest"] = module_rest(self.model)
+        if lora.adapted(self.model):  # what trained, unmerged: resume loads it onto the frozen weights
+            lora.save_adapter(self.model, folder)
         torch.save(state, folder / f"training_state{cfg['ckpt']['file_ext']}")
 
     def resume_from(self, path):
@@ -412,8 +419,7 @@ class Trainer:
         device = self.proc.device
         load_module_weights(self.model, path, state)
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # the loaded groups hold a copy of the saved rate
-            group["lr"] = self.lr
+        self.group_lrs, self.lr_scales = group_rates(self.optimizer, device)  # the loaded groups hold copies
         self.scaler.load_state_dict(state["scaler"])
         self.updates.copy_(state["updates"])
         self.skipped.copy_(state["skipped"])
@@ -469,16 +475,90 @@ def lr_multiplier(update, warmup_steps, total_steps):
     return torch.where(update < warmup_steps, warmup, decay)
 
 
-def build_optimizer(model, lr, weight_decay):
-    """AdamW with weight decay on weight matrices only: biases and LayerNorm gains are exempt.
+def build_optimizer(model, module_cfg):
+    """AdamW over the parameters that train, in parameter_groups of module.weight_decay,
+    module.head_lr and module.layer_lr_decay; group_rates then gives each group its rate tensor.
 
     fused: one kernel over all parameters, on CPU and CUDA; it also reads the learning rate from a
     tensor and skips an update on the device when told to (found_inf), which the loop relies on.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
+    head_lr = module_cfg["head_lr"]
+    groups = parameter_groups(model, module_cfg["weight_decay"], 1.0 if head_lr is None else head_lr / module_cfg["max_lr"],
+                              module_cfg["layer_lr_decay"])
+    return torch.optim.AdamW(groups, lr=module_cfg["max_lr"], fused=True)
+
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")  # encoder.layer.3. (BERT), layers.3. (ModernBERT)
+
+
+def encoder_parts(model, per_layer):
+    """{id(parameter): (part, depth)} of the pretrained encoder's parameters (model.base_model):
+    depth 0 the embeddings, i + 1 layer i, the number of layers for what sits above them (a
+    pooler, a final norm), which goes with the top layer. Not per_layer: all one part, the encoder."""
+    classifier = classifier_of(model)
+    encoder = getattr(classifier, "base_model", classifier)  # a plain torch module: all encoder
+    named = list(encoder.named_parameters())
+    layers = 1 + max((int(m.group(1)) for name, _ in named if (m := LAYER_INDEX.search(name))), default=-1)
+    parts = {}
+    for name, p in named:
+        match = LAYER_INDEX.search(name)
+        depth = int(match.group(1)) + 1 if match else 0 if name.startswith("embeddings.") else layers
+        if not per_layer:
+            parts[id(p)] = ("encoder", layers)
+        else:
+            parts[id(p)] = ("embeddings" if depth == 0 else f"layer {depth - 1}", depth)
+    return parts, layers
+
+
+def parameter_groups(model, weight_decay, head_lr_scale=1.0, layer_lr_decay=1.0):
+    """AdamW's groups of the parameters that train, each with its weight decay, its lr_scale (its
+    peak rate over module.max_lr) and the parts of the model it holds.
+
+    Weight decay on weight matrices only: biases and LayerNorm gains are exempt. The head
+    (whatever is not the pretrained encoder: the classifier, a distillation projection) learns at
+    head_lr_scale; with layer-wise decay, layer i of L at layer_lr_decay ** (L - 1 - i) and the
+    embeddings at layer_lr_decay ** L, so the top layer learns at max_lr and each one below at a
+    fraction of the rate above it. Parameters of the same rate and weight decay share a group.
+    """
+    parts, layers = encoder_parts(model, per_layer=layer_lr_decay != 1)
+    groups = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        part, depth = parts.get(id(p), ("head", None))
+        scale = head_lr_scale if depth is None else layer_lr_decay ** (layers - depth)
+        decays = p.ndim >= 2
+        group = groups.setdefault((scale, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                    "lr_scale": scale, "parts": []})
+        group["params"].append(p)
+        if part not in group["parts"]:
+            group["parts"].append(part)
+    return list(groups.values())
+
+
+def group_rates(optimizer, device):
+    """(rates, scales): each parameter group's learning rate as one element of a tensor on the
+    device, the "lr" fused AdamW reads (a view, so one kernel sets them all), and its lr_scale."""
+    scales = torch.tensor([group["lr_scale"] for group in optimizer.param_groups], device=device)
+    rates = torch.zeros_like(scales)
+    for group, rate in zip(optimizer.param_groups, rates):  # iterating a tensor gives views of it
+        group["lr"] = rate
+    return rates, scales
+
+
+def describe_optimizer(optimizer, max_lr, model):
+    """The start-up line of the optimizer: its groups, each part's peak rate, what trains."""
+    rates = {}
+    for group in optimizer.param_groups:
+        for part in group["parts"]:
+            rates[part] = group["lr_scale"] * max_lr
+    trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    total = sum(p.numel() for p in model.parameters())
+    peaks = ", ".join(f"{part} {rate:.2e}" for part, rate in rates.items())
+    if len(set(rates.values())) == 1:
+        peaks = f"all {max_lr:.2e}"
+    return (f"optimizer: AdamW, {len(optimizer.param_groups)} parameter groups, peak learning rates {peaks}; "
+            f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train")
 
 
 def supervised_loss(model, batch, indices=None, class_weights=None):
@@ -561,7 +641,7 @@ def run(cfg, proc):
     if note is not None:
         proc.say(f"note: {note}")
     notes = []  # of building the model: fit says them unless the run resumes
-    inputs = prepare_run(cfg, proc, lambda tokenizer: build_classifier(cfg, proc.device, say=notes.append))
+    inputs = prepare_run(cfg, proc, lambda tokenizer: build_classifier(cfg, proc.device, say=notes.append, adapters=True))
     train = training_split(cfg, proc, inputs.train)
     weights = class_weights(cfg, train, proc.device, say=proc.say)
     trainer = Trainer(cfg, proc, inputs.built, inputs.tokenizer, train, inputs.val,
