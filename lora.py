@@ -128,8 +128,8 @@ def add_adapters(model, model_cfg, say=print):
     encoder.requires_grad_(False)
     layers = targets_of(encoder, targets)
     for _, parent, attribute, linear in layers:
-        setattr(parent, attribute, LoRALinear(linear, model_cfg["lora_rank"], model_cfg["lora_alpha"],
-                                              model_cfg["lora_dropout"]))
+        adapter = LoRALinear(linear, model_cfg["lora_rank"], model_cfg["lora_alpha"], model_cfg["lora_dropout"])
+        setattr(parent, attribute, adapter.train(linear.training))  # in the model's mode (its dropout)
     if model_cfg["lora_train_embeddings"]:  # the whole embedding block: tokens, positions, its norm
         embeddings = getattr(encoder, "embeddings", None)
         (encoder.get_input_embeddings() if embeddings is None else embeddings).requires_grad_(True)
