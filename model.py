@@ -19,6 +19,8 @@ truncation=True) scores a text as evaluation here does; evaluating or predicting
 these settings (and checkpoint.json's max_seq_len, thresholds.json's multi-label thresholds) where
 the user did not set them.
 Models come back as plain transformers objects; the speed tricks are speedups.py's (trainer.speedups).
+A model being trained may carry LoRA adapters (build_classifier(..., adapters=True), lora.py):
+save_pretrained writes it as the plain model, its adapters merged, and a resume loads the adapter file.
 """
 import json
 import os

@@ -103,6 +103,33 @@ def test_head_lr_and_layer_lr_decay_give_each_part_its_rate(tiny_bert):
         "classifier.weight": pytest.approx(1e-2), "classifier.bias": pytest.approx(1e-2)}
 
 
+def test_layer_decay_finds_the_layers_of_other_encoders():
+    """ModernBERT's layers are model.layers.i, its final norm sits above them; DeBERTa-v2's
+    relative position embeddings belong to its encoder, not to the embeddings below layer 0."""
+    from test_lora import tiny_classifier
+    modernbert = rates_of(tiny_classifier("modernbert"), {"layer_lr_decay": 0.5})
+    assert modernbert["model.embeddings.tok_embeddings.weight"] == pytest.approx(2.5e-4)
+    assert modernbert["model.layers.0.attn.Wqkv.weight"] == pytest.approx(5e-4)
+    assert modernbert["model.layers.1.mlp.Wo.weight"] == modernbert["model.final_norm.weight"] == pytest.approx(1e-3)
+    assert modernbert["head.dense.weight"] == modernbert["classifier.weight"] == pytest.approx(1e-3)
+    deberta = rates_of(tiny_classifier("deberta-v2"), {"layer_lr_decay": 0.5, "head_lr": 2e-3})
+    assert deberta["deberta.encoder.rel_embeddings.weight"] == pytest.approx(1e-3)
+    assert deberta["deberta.embeddings.word_embeddings.weight"] == pytest.approx(2.5e-4)
+    assert deberta["pooler.dense.weight"] == deberta["classifier.bias"] == pytest.approx(2e-3)
+
+
+def test_the_start_up_line_says_the_groups_and_their_rates(tiny_bert):
+    model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None}, ["negative", "positive"])
+    optimizer = build_optimizer(model, {**MODULE, "head_lr": 1e-2, "layer_lr_decay": 0.5})
+    total = sum(p.numel() for p in model.parameters()) / 1e6
+    assert trainer.describe_optimizer(optimizer, 1e-3, model) == (
+        "optimizer: AdamW, 8 parameter groups, peak learning rates embeddings 2.50e-04, layer 0 5.00e-04, "
+        f"layer 1 1.00e-03, head 1.00e-02; {total:.2f}M of {total:.2f}M parameters train")
+    optimizer = build_optimizer(model, MODULE)
+    assert trainer.describe_optimizer(optimizer, 1e-3, model).startswith(
+        "optimizer: AdamW, 2 parameter groups, peak learning rates all 1.00e-03;")
+
+
 def test_weight_decay_groups_are_unchanged_by_the_rates(tiny_bert):
     model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None}, ["negative", "positive"])
     optimizer = build_optimizer(model, {**MODULE, "head_lr": 1e-2, "layer_lr_decay": 0.8})
