@@ -53,10 +53,21 @@ tqdm.monitor_interval = 0
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
 import speedups
+from card import checkpoint_facts, write_card
 from checkpoint import CheckpointError, checkpoint_name, load_checkpoint, new_session, open_save_dir, save_step
 from config import ConfigError, answer_help, fit_metric_to_task, load_config
 from data import DataError, collate, micro_batches, train_batches
-from evaluation import Thresholds, curves_of, evaluate_and_predict, predict_file, predict_logits, scalar_metrics, split_metrics
+from evaluation import (
+    Calibration,
+    Decisions,
+    Thresholds,
+    curves_of,
+    evaluate_and_predict,
+    predict_file,
+    predict_logits,
+    scalar_metrics,
+    split_metrics,
+)
 from metrics import format_report
 from model import (
     ModelError,
@@ -132,6 +143,8 @@ class Trainer:
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.bad_validations = 0  # in a row, without an improvement of more than min_delta
         self.thresholds = Thresholds(cfg)  # multi-label decisions
+        self.calibration = Calibration(cfg, say=lambda message: log(proc, message))  # the temperature
+        self.validation = None  # (step, metrics) of the latest validation: what a model card reports
         self.interval = new_interval(device)  # sums of the current logging interval
         self.run_dir, self.runlog = None, None  # the log folder; its writers on the main process
         self.session, self.save_dir, self.digests = new_session(), None, None  # the last two: main process
@@ -284,8 +297,11 @@ class Trainer:
         # the main process has the logits; every rank gets the metrics, to agree on the best
         metrics = on_main(self.proc, split_metrics, logits, self.val_split, self.cfg, f"at step {self.step}")
         self.thresholds.validated(metrics, self.step)
+        self.calibration.validated(metrics, self.step)
+        self.validation = (self.step, metrics)
         self.log_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
-        on_main(self.proc, lambda: self.runlog.write_figures(self.step, metrics, curves_of(logits, self.val_split, self.cfg)))
+        on_main(self.proc, lambda: self.runlog.write_figures(self.step, metrics,
+                                                             curves_of(logits, self.val_split, self.cfg, metrics)))
         value, ckpt, tcfg = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"], self.cfg["trainer"]
         improved = self.best is None or value > self.best["value"] + tcfg["early_stopping_min_delta"]
         self.bad_validations = 0 if improved else self.bad_validations + 1
@@ -333,6 +349,7 @@ class Trainer:
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
                   "best_checkpoint": self.best["path"]}
         self.thresholds.of_best(self.best["metrics"])
+        self.calibration.of_best(self.best["metrics"])
         if self.stop_early():
             result["stopped_early_at_step"] = self.step
         elif self.paused():
@@ -382,10 +399,13 @@ class Trainer:
 
     def write_checkpoint(self, per_rank, reason):
         cfg, classifier = self.cfg, classifier_of(self.model)
+        card = checkpoint_facts(self)  # the model card's facts, kept in checkpoint.json too (export's card)
 
         def write_files(folder):
             save_pretrained(classifier, self.tokenizer, folder, max_seq_len=cfg["module"]["max_seq_len"])  # truncates as trained
             self.thresholds.write(folder)
+            self.calibration.write(folder)
+            write_card(folder, card, cfg)  # README.md, renamed into place with the rest
             state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
             if self.model is not classifier:  # distillation: what the module holds beside the student
@@ -394,7 +414,7 @@ class Trainer:
         manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "best": self.best, "bad_validations": self.bad_validations,
                     "run_dir": self.run_dir, "world_size": self.proc.world_size,
-                    "config": cfg, "data": self.digests}
+                    "config": cfg, "data": self.digests, "card": card}
         path = save_step(cfg["ckpt"], self.checkpoint_name(), self.session, (self.epoch, self.batch_in_epoch),
                          write_files, manifest, reason, [self.best and self.best["path"]],
                          say=lambda message: log(self.proc, message))
@@ -417,6 +437,7 @@ class Trainer:
         self.best, self.run_dir = manifest["best"], manifest["run_dir"]
         self.bad_validations = manifest["bad_validations"]
         self.thresholds.resumed(path)
+        self.calibration.resumed(path)
         mine = state["ranks"][self.proc.rank]
         set_rng_state(mine["rng"], device)
         saved = mine["window"]
@@ -584,8 +605,9 @@ def run(cfg, proc):
     trainer, result = fit(cfg, proc, inputs.built, inputs.tokenizer, train, inputs.val,
                           loss_fn=functools.partial(supervised_loss, class_weights=weights), notes=notes)
     if result is not None and cfg["data"]["predict_filepath"]:
+        decisions = Decisions(trainer.thresholds.values, trainer.calibration.temperature or 1.0)  # the best model's
         result["predictions"] = predict_file(cfg, proc, classifier_of(trainer.model), inputs.tokenizer, trainer.run_dir,
-                                             thresholds=trainer.thresholds.values, total_rows=inputs.predict_rows)
+                                             total_rows=inputs.predict_rows, decisions=decisions)
     return result
 
 
