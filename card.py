@@ -115,7 +115,8 @@ def write_card(folder, facts, cfg):
 
 def card_text(facts, cfg):
     """The card: YAML front matter, then sections in plain words."""
-    sections = [summary(facts, cfg), validation_section(facts, cfg), data_section(facts), settings_section(cfg),
+    sections = [summary(facts, cfg), validation_section(facts, cfg), data_section(facts),
+                settings_section(cfg) if trained_by(facts) is not None else None,
                 calibration_section(facts, cfg), thresholds_section(facts), provenance_section(facts, cfg),
                 use_section(facts, cfg), limitations_section(facts, cfg)]
     front = yaml.safe_dump(front_matter(facts, cfg), sort_keys=False, allow_unicode=True, width=1000)
@@ -126,10 +127,12 @@ def front_matter(facts, cfg):
     """What the Hub reads: pipeline tag, library, base model, tags, and the validation metrics."""
     task, exported = task_of(cfg["data"]), facts["made_by"] == "export.py"
     tags = ["text-classification", task.replace("_", "-"), "trainer.py"]
-    tags += ["distillation"] * (facts.get("source_made_by", facts["made_by"]) == "distill.py")
+    tags += ["distillation"] * (trained_by(facts) == "distill.py")
     tags += ["temperature-scaling"] * (facts["calibration"] is not None) + ["onnx"] * exported
-    meta = {"library_name": "onnx" if exported else "transformers", "pipeline_tag": "text-classification",
-            "base_model": base_model(cfg, facts), "tags": tags}
+    meta = {"library_name": "onnx" if exported else "transformers", "pipeline_tag": "text-classification"}
+    if trained_by(facts) is not None:  # else not known: an export of a folder this project did not write
+        meta["base_model"] = base_model(cfg, facts)
+    meta["tags"] = tags
     validation = facts["validation"]
     if validation is not None:
         metrics = [{"type": METRIC_TYPES.get(key, key), "value": value, "name": key}
@@ -144,20 +147,24 @@ def front_matter(facts, cfg):
 
 def base_model(cfg, facts):
     """The pretrained model it grew from: model.hf_model, or a distilled student's own model."""
-    distilled = facts.get("source_made_by", facts["made_by"]) == "distill.py"
-    return (distilled and cfg["distill"].get("student_model")) or cfg["model"]["hf_model"]
+    return (trained_by(facts) == "distill.py" and cfg["distill"].get("student_model")) or cfg["model"]["hf_model"]
+
+
+def trained_by(facts):
+    """trainer.py or distill.py, whichever trained the weights (an export's: its checkpoint's); None
+    for an export of a folder this project did not write, whose training is not known."""
+    return facts.get("source_made_by") if facts["made_by"] == "export.py" else facts["made_by"]
 
 
 def summary(facts, cfg):
-    names, task = label_names(cfg), task_of(cfg["data"])
+    names, task, model = label_names(cfg), task_of(cfg["data"]), cfg["model"]
     what = (f"over {len(names)} {'labels' if task == 'multi_label' else 'classes'} ({', '.join(names)})"
             if names else f"of one score ({cfg['data']['labels_list'][0]})")
-    made_by = facts.get("source_made_by") or facts["made_by"]
-    how = (f"distilled by distill.py from the teacher `{cfg['model']['model_path'] or cfg['model']['hf_model']}`"
-           if made_by == "distill.py" else f"fine-tuned by trainer.py from `{cfg['model']['hf_model']}`"
-           + (f", starting from the weights of `{cfg['model']['model_path']}`" if cfg["model"]["model_path"] else ""))
+    how = {"distill.py": f", distilled by distill.py from the teacher `{model['model_path'] or model['hf_model']}`",
+           "trainer.py": f", fine-tuned by trainer.py from `{model['hf_model']}`"
+           + (f", starting from the weights of `{model['model_path']}`" if model["model_path"] else "")}
     where = f"step {facts['step']}, epoch {facts['epoch']} of {cfg['trainer']['epochs']}" if facts["step"] is not None else ""
-    text = f"# {facts['name']}\n\nA {TASK_NAMES[task]} model {what}, {how}"
+    text = f"# {facts['name']}\n\nA {TASK_NAMES[task]} model {what}{how.get(trained_by(facts), '')}"
     if facts["made_by"] == "export.py":
         return text + f"; exported to ONNX by export.py from its checkpoint `{facts['export']['source']}`" + \
             (f" ({where})." if where else ".")
@@ -273,7 +280,7 @@ def provenance_section(facts, cfg):
             kept = "reference" if row["kept"] is None else "yes" if row["kept"] else f"no: {row.get('refused', '')}"
             lines.append(f"| {name} | {row['metric']:.4f} | {row['identical']:.2%} | {row['max_prob_diff']:.2e} | {kept} |")
         return "\n".join(lines)
-    if facts.get("source_made_by", facts["made_by"]) != "distill.py":
+    if trained_by(facts) != "distill.py":
         return None
     d = cfg["distill"]
     student = (f"layers {d['student_layers']} of the teacher's encoder" if d.get("student_layers") else

@@ -14,8 +14,8 @@ fixed or tuned on the validation file), saved with each checkpoint.
 
 Probabilities are calibrated (module.calibrate, temperature scaling): training fits a temperature on
 the validation logits at each validation (fit_temperature), keeps it with each checkpoint and applies
-it from then on; evaluation and prediction apply the checkpoint's. Every probability this project
-gives, the predictions CSV's, export's and the server's, comes from probabilities(). With
+it from then on; evaluation and prediction apply the checkpoint's. probabilities() is the one place
+where logits become probabilities: the metrics', the predictions CSV's, export's check's. With
 data.abstain_below, a prediction less sure than that is abstained (decision_confidence).
 """
 import csv
