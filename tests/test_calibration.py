@@ -411,3 +411,24 @@ def test_a_regression_is_not_calibrated_and_says_so(tmp_path, tiny_bert):
     assert out.count("note: module.calibrate: a regression's scores are no probabilities; nothing is calibrated") == 1
     assert "temperature" not in last_json_line(out) and "ece" not in last_json_line(out)
     assert not (tmp_path / "ckpt" / "best" / "calibration.json").exists()
+
+
+def test_a_resumed_checkpoint_from_before_calibration_says_so_once_and_the_next_validation_fits(tmp_path, tiny_bert):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(64, seed=1))
+    val = write_csv(tmp_path / "val.csv", sentiment_rows(24, seed=2))
+    argv = base_args(tmp_path, tiny_bert, train, val, **{"trainer.epochs": 2})
+    run_main(trainer.main, argv + ["--trainer.stop_after_epochs", "1"])
+    # make its checkpoint one of before calibration: no calibration.json, no key in config.json
+    folder = (tmp_path / "ckpt" / "last").resolve()
+    (folder / "calibration.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    del config["calibration_temperature"]
+    (folder / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    del manifest["files"]["calibration.json"]
+    manifest["files"]["config.json"] = (folder / "config.json").stat().st_size
+    (folder / "checkpoint.json").write_text(json.dumps(manifest))
+    out = run_main(trainer.main, argv + ["--ckpt.resume", "auto"])
+    assert out.count(f"note: {folder} holds no temperature") == 1
+    final = (tmp_path / "ckpt" / "last").resolve()
+    assert json.loads((final / "calibration.json").read_text())["chosen"].endswith("at the validation of step 8 (the NLL-best)")

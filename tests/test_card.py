@@ -153,3 +153,18 @@ def test_a_multi_label_card_lists_its_thresholds_and_temperatures_and_parses():
     assert "one temperature per label (1.5, 0.8)" in text and "sport 0.35, tech 0.60" in text
     assert "No validation row has tech: nothing is known of how it does there." in text
     assert "1 / (1 + np.exp(-s[\"score\"] / temperature[s[\"label\"]]))" in text  # the sigmoid recipe
+
+
+def test_an_export_of_a_folder_we_did_not_write_claims_no_base_model_or_settings():
+    cfg = load_config(["--data.labels_list", "[no, yes]"])
+    metrics = {"acc": 0.9, "per_class": {n: {"precision": 0.9, "recall": 0.9, "f1": 0.9, "support": 5} for n in ("no", "yes")}}
+    facts = {"name": "plain-onnx", "path": "exports/plain-onnx", "made_by": "export.py", "source_made_by": None,
+             "step": None, "epoch": None, "validation": {"file": "val.csv", "metrics": metrics},
+             "data": [{"role": "validation", "file": "val.csv", "rows": 10, "counts": {"no": 5, "yes": 5}}],
+             "calibration": None, "thresholds": None,
+             "export": {"source": "/models/plain", "metric": "acc", "checks": {}}}
+    text = card.card_text(facts, cfg)
+    loaded = ModelCard(text)
+    assert loaded.data.base_model is None and loaded.data.library_name == "onnx"
+    assert "## Training settings" not in text and "fine-tuned by" not in text
+    assert "exported to ONNX by export.py from its checkpoint `/models/plain`." in text
