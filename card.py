@@ -5,7 +5,7 @@ in plain words: the labels and how well it does on each, the data it learned fro
 on, its key settings, calibration, thresholds, how to load it, where it came from, and what its
 validation does not cover.
 
-    facts = checkpoint_facts(trainer)     # trainer.py: what the run knows of the checkpoint it writes
+    facts = checkpoint_facts(trainer, path)   # trainer.py: what the run knows of the checkpoint it writes
     write_card(folder, facts, cfg)        # README.md, in the checkpoint's temporary folder
     facts, cfg = export_facts(cfg, checkpoint, target, metrics, split, report)   # export.py
 
@@ -39,16 +39,15 @@ KEY_SETTINGS = ("module.max_lr", "module.warmup_prop", "module.weight_decay", "m
 # the facts
 
 
-def checkpoint_facts(trainer):
-    """What a Trainer knows of the checkpoint it is about to write, as plain data (JSON)."""
-    cfg, step = trainer.cfg, trainer.step
-    name = trainer.checkpoint_name()
+def checkpoint_facts(trainer, path):
+    """What a Trainer knows of the checkpoint it is about to write at path, as plain data (JSON)."""
+    cfg, step, name = trainer.cfg, trainer.step, Path(path).name
     validated = trainer.validation is not None and trainer.validation[0] == step
     data = [data_facts("training", cfg["data"]["train_filepath"], trainer.train_split, cfg)]
     if trainer.val_split is not None:
         data.append(data_facts("validation", cfg["data"]["val_filepath"], trainer.val_split, cfg))
     thresholds = trainer.thresholds.values
-    return {"name": name, "path": str(Path(cfg["ckpt"]["model_state_save_dir"]) / name),
+    return {"name": name, "path": str(path),
             "made_by": "trainer.py" if classifier_of(trainer.model) is trainer.model else "distill.py",
             "step": step, "epoch": trainer.epoch_number, "data": data,
             "validation": {"file": cfg["data"]["val_filepath"], "metrics": trainer.validation[1]} if validated else None,

@@ -5,7 +5,7 @@
     probs = probabilities(logits, multi_label, temperature)                        # the one place
     path = predict_file(cfg, proc, model, tokenizer, run_dir, decisions=...)       # streamed, in order
     metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, val)             # a -eval run folder
-    result = evaluate_and_predict(cfg, proc, inputs)    # a run without training: evaluate, predict
+    result = evaluate_and_predict(cfg, proc)            # a run without training: evaluate, predict
 
 Every rank evaluates its shard of the examples (each on exactly one rank) and the main process
 gathers them, so the metrics are those of one process. A long document's windows are pooled into
@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoint import atomic_output, read_manifest, sweep_outputs, write_json, writing_to
+from checkpoint import read_manifest
 from config import label_names
 from data import collate, eval_batches, example_chunks
+from files import atomic_output, sweep_outputs, write_json, writing_to
 from metrics import (
     best_thresholds,
     calibration_metrics,
@@ -41,10 +42,18 @@ from metrics import (
     multilabel_metrics,
     selective_accuracy,
 )
-from model import save_temperature, save_thresholds, saved_temperature, saved_thresholds
-from processes import autocast, log, on_main
+from model import (
+    build_classifier,
+    is_export_dir,
+    save_temperature,
+    save_thresholds,
+    saved_temperature,
+    saved_thresholds,
+    use_checkpoint_settings,
+)
+from processes import autocast, on_main
 from runlog import RunLog, new_run_dir
-from splits import encode_examples
+from splits import prepare_run, tokenize
 
 # rows of a predict file read, tokenized, run and written at a time: what prediction holds
 PREDICT_CHUNK = 10_000
@@ -203,16 +212,16 @@ def decision_confidence(probs, thresholds=None):
 
 
 @torch.inference_mode()
-def predict_logits(model, encoded, batch_size, pad_token_id, proc, desc="evaluate"):
+def predict_logits(model, encoded, batch_size, pad_token_id, proc, desc="evaluate", batches=None):
     """Float32 logits of every example in input order, on the main process (None on the others);
-    batches sorted by length, sharded by rank.
+    batches sorted by length, sharded by rank, or the index arrays `batches` if given (serve.py's).
 
     Rank 0 shows a progress bar named desc, with the device, for it may take minutes.
     """
     was_training = model.training
     model.eval()
     indices, outputs = [], []
-    batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size)
+    batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size) if batches is None else batches
     for batch_indices in tqdm(batches, desc=f"{desc} on {proc.device}", unit="batch", leave=False,
                               disable=not proc.is_main, dynamic_ncols=True, file=sys.stderr):
         batch = {k: v.to(proc.device, non_blocking=True)
@@ -357,19 +366,33 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
     """Metrics of a fine-tuned model on a labelled file, with a per-class table, and the run folder
     they are written to (main process): (metrics, run_dir)."""
     # said before the wait, with the device, as training's first line is
-    log(proc, f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
-              f"({val.encoded.num_documents} examples), device {proc.device}")
+    proc.say(f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
+             f"({val.encoded.num_documents} examples), device {proc.device}")
     logits = predict_logits(model, val.encoded, cfg["trainer"]["val_batch_size"],
                             tokenizer.pad_token_id, proc)
     metrics = on_main(proc, split_metrics, logits, val, cfg, f"on {cfg['data']['val_filepath']}")
-    log(proc, format_report(metrics))
-    run_dir = on_main(proc, lambda: write_eval_metrics(cfg, metrics, curves_of(logits, val, cfg, metrics)))
+    proc.say(format_report(metrics))
+    run_dir = on_main(proc, write_eval_metrics, cfg, metrics, curves_of(logits, val, cfg, metrics) if proc.is_main else None)
     return metrics, run_dir
 
 
-def evaluate_and_predict(cfg, proc, inputs):
-    """A run without training: inputs.built's metrics on data.val_filepath and its predictions of
+def evaluated_model(cfg, proc):
+    """model.model_path to evaluate: an export folder through ONNX Runtime on the CPU, in this
+    process's threads (export.py, imported only for it), else the checkpoint as training builds it."""
+    if is_export_dir(cfg["model"]["model_path"]):
+        from export import load_exported
+        return load_exported(cfg["model"]["model_path"], threads=torch.get_num_threads())[0]
+    return build_classifier(cfg, proc.device, say=proc.say)
+
+
+def evaluate_and_predict(cfg, proc):
+    """A run without training: model.model_path, read as it was trained (its labels, task and
+    max_seq_len: model.use_checkpoint_settings), evaluated on data.val_filepath and predicting
     data.predict_filepath, each if set. The final result (main process)."""
+    note = use_checkpoint_settings(cfg)
+    if note is not None:
+        proc.say(f"note: {note}")
+    inputs = prepare_run(cfg, proc, lambda tokenizer: evaluated_model(cfg, proc))
     model, tokenizer, thresholds = inputs.built, inputs.tokenizer, fixed_thresholds(cfg)
     if inputs.val:
         metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, inputs.val)
@@ -424,7 +447,7 @@ def prediction_cells(logits, names, thresholds=None, sep="|", temperature=1.0, a
     gets no label and abstained 1; the others abstained 0."""
     if names is None:
         return [[f"{score:.6g}"] for score in logits[:, 0]]
-    probs = probabilities(logits, thresholds is not None, temperature)
+    probs = scores_of(logits, names, thresholds, temperature)
     if thresholds is not None:
         labels = [sep.join(n for n, p, t in zip(names, row, thresholds) if p >= t) for row in probs]
     else:
@@ -434,6 +457,15 @@ def prediction_cells(logits, names, thresholds=None, sep="|", temperature=1.0, a
         abstained = decision_confidence(probs, thresholds) < abstain_below
         cells = [["", "1"] if no else [label, "0"] for label, no in zip(labels, abstained)]
     return [cell + [f"{p:.6f}" for p in row] for cell, row in zip(cells, probs)]
+
+
+def scores_of(logits, names, thresholds=None, temperature=1.0):
+    """What a prediction says of each row of logits: a regression's score (names None), or each
+    label's (multi-label, whose thresholds are given) or class's probability at the temperature
+    (module.calibrate: temperature_of(cfg) once use_checkpoint_settings took a checkpoint's)."""
+    if names is None:
+        return logits[:, :1]
+    return probabilities(logits, thresholds is not None, temperature)
 
 
 def write_prediction_rows(writer, examples, cells):
@@ -450,26 +482,26 @@ def predict_output(cfg, run_dir):
     return path
 
 
-def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, total_rows=None, decisions=None):
-    """Label data.predict_filepath, a file of any size, chunk_rows rows (PREDICT_CHUNK) at a time:
+def predict_file(cfg, proc, model, tokenizer, run_dir, total_rows=None, decisions=None):
+    """Label data.predict_filepath, a file of any size, PREDICT_CHUNK rows at a time:
     read, tokenize, run (sharded over the ranks, gathered on the main process) and write each
     chunk in turn, so memory follows the chunk, not the file. The output is written in a folder
     of its own beside it and renamed when complete (a killed run's is swept at the next);
-    read_splits checked every row before, so no bad row can turn up after the first prediction
+    prepare_run checked every row before, so no bad row can turn up after the first prediction
     is written. decisions: the thresholds and temperature to predict with (a Decisions), or those
     cfg holds (module.threshold, module.calibrate: a checkpoint's, once use_checkpoint_settings took them).
-    total_rows (read_splits counted them): a bar over the whole file, beside each chunk's.
+    total_rows (prepare_run counted them): a bar over the whole file, beside each chunk's.
     The output path (main process)."""
     data, names = cfg["data"], label_names(cfg)
     decisions = decisions or Decisions(fixed_thresholds(cfg), temperature_of(cfg))
     thresholds, abstain_below = decisions.thresholds, data["abstain_below"]
     path = on_main(proc, predict_output, cfg, run_dir)
-    log(proc, f"prediction of {data['predict_filepath']}, device {proc.device}")
-    rows, chunk_rows = 0, chunk_rows or PREDICT_CHUNK
+    proc.say(f"prediction of {data['predict_filepath']}, device {proc.device}")
+    rows, chunk_rows = 0, PREDICT_CHUNK
     whole = tqdm(total=total_rows, desc=f"predict {data['predict_filepath']}", unit="row", leave=False, position=1,
                  disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True, file=sys.stderr)
     if proc.is_main:
-        sweep_outputs(path, say=lambda message: log(proc, message))
+        sweep_outputs(path, say=proc.say)
     with writing_to("data.predict_output", path), \
             atomic_output(path, newline="") if proc.is_main else nullcontext() as f, whole:
         writer = csv.writer(f) if proc.is_main else None
@@ -480,16 +512,16 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, chunk_rows=None, total_ro
                                                                                        abstain_below is not None))
             write_prediction_rows(writer, examples, prediction_cells(document_logits(logits, encoded, cfg), names, thresholds,
                                                                      data["label_sep"], decisions.temperature, abstain_below))
-        for examples in example_chunks(data["predict_filepath"], data, data["labels_list"], chunk_rows):
-            # a predict file is read once: tokenized chunk by chunk, not cached
-            encoded = encode_examples(cfg, tokenizer, examples)
+        for examples in example_chunks(data["predict_filepath"], data, chunk_rows):
+            # a predict file is read once: tokenized chunk by chunk in this process, not cached
+            encoded = tokenize(cfg, None, tokenizer, data["predict_filepath"], examples).encoded
             logits = predict_logits(model, encoded, cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id,
                                     proc, desc="predict")
             with writing_to("data.predict_output", path):
                 on_main(proc, write_chunk)  # a write that fails (a full disk) ends every rank
             rows += encoded.num_documents
             whole.update(encoded.num_documents)
-    log(proc, f"predictions for {rows} texts written to {path}")
+    proc.say(f"predictions for {rows} texts written to {path}")
     return path if proc.is_main else None
 
 

@@ -33,8 +33,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from checkpoint import MANIFEST, check_saved_config, first_line, load_failure, read_manifest
+import speedups
+from checkpoint import MANIFEST, check_saved_config, load_failure, read_manifest
 from config import TASK_NAMES, ConfigError, check_config, check_threshold_fits, fit_metric_to_task, task_of
+from files import first_line
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
 hf_logging.disable_progress_bar()
@@ -235,6 +237,15 @@ def build_model(model_cfg, labels_list, say=print, multi_label=False, **kwargs):
         if path is not None:
             load_weights(model, path)
     return model
+
+
+def build_classifier(cfg, device, say=print):
+    """The run's classifier on device: build_model of the config's model section, with speedups.py's
+    exact speed-ups applied when trainer.speedups is on."""
+    model = build_model(cfg["model"], cfg["data"]["labels_list"], say=say, multi_label=cfg["data"]["multi_label"])
+    if cfg["trainer"]["speedups"]:
+        speedups.apply(model, device)  # the same arithmetic, less of it (speedups.py)
+    return model.to(device)
 
 
 def checkpoint_settings(path, thresholds=True, temperature=True):

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_write, read_manifest, write_json, writing_to
+from checkpoint import read_manifest
+from files import atomic_write, write_json, writing_to
 from metrics import expected_calibration_error, reliability, risk_coverage, selective_accuracy
 
 # what a run folder is named after: <date>-<time>-<kind>[-n] (new_run_dir)

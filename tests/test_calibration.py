@@ -13,6 +13,7 @@ from math import log
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -21,6 +22,7 @@ import evaluation
 import export
 import processes
 import runlog
+import serve
 import trainer
 from config import ConfigError, load_config
 from conftest import NEGATIVE, NEUTRAL, POSITIVE, base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
@@ -116,7 +118,7 @@ def test_a_temperature_lowers_the_nll_of_an_over_confident_model_and_changes_no_
         model.classifier.bias *= 20
     tokenizer = AutoTokenizer.from_pretrained(single["best"])
     cfg = load_config(["--data.text_a_col", "text", "--data.label_col", "label", "--data.labels_list", "[negative, positive]"])
-    examples = read_examples(single["val"], cfg["data"], cfg["data"]["labels_list"], need_labels=True)
+    examples = read_examples(single["val"], cfg["data"], need_labels=True)
     encoded = encode(tokenizer, examples, 16)
     logits = evaluation.predict_logits(model, encoded, 32, tokenizer.pad_token_id, MAIN)
     labels = encoded.labels
@@ -311,6 +313,20 @@ def test_export_carries_the_temperature_into_its_folder_and_its_predictions(sing
     logits = checkpoint_logits(single["best"], single["new"])
     np.testing.assert_allclose([float(row["prob_positive"]) for row in written["onnx"]],
                                evaluation.probabilities(logits, False, temperature)[:, 1], atol=1e-5)
+
+
+def test_the_server_answers_with_the_checkpoints_temperature(single):
+    cfg = load_config(["--model.model_path", str(single["best"]), "--trainer.device", "cpu", "--trainer.num_threads", "1"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        served = serve.load_served(cfg)
+    texts = [row["text"] for row in read_csv(single["new"])][:cfg["serve"]["max_inputs"]]
+    with TestClient(serve.create_app(served, cfg["serve"])) as client:
+        info = client.get("/info").json()
+        answers = client.post("/predict", json={"inputs": texts}).json()
+    assert info["temperature"] == single["result"]["temperature"]
+    for answer, row in zip(answers, read_csv(single["tmp"] / "predictions.csv")[:len(texts)], strict=True):
+        assert {e["label"]: e["score"] for e in answer} == \
+            pytest.approx({n: float(row[f"prob_{n}"]) for n in ("negative", "positive")}, abs=1e-5)
 
 
 # -- multi-label ---------------------------------------------------------------------------------

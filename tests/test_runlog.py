@@ -1,4 +1,4 @@
-"""Runs that say what they were and output that tells the truth (issue 28): every run folder records
+"""runlog.py: runs that say what they were and output that tells the truth: every run folder records
 its command, checkpoint, files, config and times; `--runs` tables them; a checkpoint carries how its
 files were read; a resume says only what is true; TensorBoard shows PR curves, the confusion matrix
 and the per-class table; a distilled student's weights are stored once."""
@@ -269,11 +269,13 @@ def test_a_resume_does_not_announce_a_new_head_and_a_complete_run_trains_nothing
 
 
 def test_a_stopped_run_prints_the_full_command_that_resumes_it(job, monkeypatch, capsys):
-    def stop_at_step_2(self):
-        if self.step == 2:
+    real_step = trainer.Trainer.train_step
+
+    def stop_at_step_2(self, *args):  # as a SIGTERM during step 2 does
+        real_step(self, *args)
+        if self.step == 1:
             self.stop_signal = "SIGTERM"
-        return self.stop_signal is not None
-    monkeypatch.setattr(trainer.Trainer, "agree_to_stop", stop_at_step_2)
+    monkeypatch.setattr(trainer.Trainer, "train_step", stop_at_step_2)
     argv = base_args(job["tmp"] / "stopped", job["model"], job["train"], job["val"], **{
         "trainer.epochs": 1, "data.text_a_col": "review", "data.label_col": "verdict",
         "data.labels_list": "[negative, positive]", "ckpt.resume": "/some where/old"})
@@ -324,6 +326,7 @@ def distill_argv(job, teacher, name, **more):
         "data.text_a_col": "review", "data.label_col": "verdict", **more})
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_a_students_checkpoint_stores_its_weights_once_and_resumes(job, teacher, capsys):
     capsys.readouterr()
     reference = distill_argv(job, teacher, "distil")
