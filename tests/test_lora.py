@@ -188,6 +188,8 @@ def test_a_lora_checkpoint_is_a_plain_model_that_predicts_as_our_evaluation(job,
     model, info = AutoModelForSequenceClassification.from_pretrained(checkpoint, output_loading_info=True)
     assert not any(info.values())  # no missing, unexpected or mismatched weights: a plain BERT
     assert "optimizer: AdamW, 2 parameter groups, peak learning rates all 1.00e-02;" in lora_run["out"]
+    card = (checkpoint / "README.md").read_text(encoding="utf-8")
+    assert "| model.lora_rank | 4 |" in card and "| model.lora_alpha | 8 |" in card  # the model card says how it trained
 
     rows = sentiment_rows(40, seed=2)
     predict = write_csv(tmp_path / "texts.csv", rows, columns=["text"])
@@ -202,7 +204,8 @@ def test_a_lora_checkpoint_is_a_plain_model_that_predicts_as_our_evaluation(job,
         logits = model.eval()(**tokenizer([r["text"] for r in rows], padding=True, truncation=True,
                                           return_tensors="pt")).logits
     ours = [float(r["prob_positive"]) for r in csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8"))]
-    torch.testing.assert_close(torch.tensor(ours), logits.softmax(-1)[:, 1], atol=1e-5, rtol=0)
+    temperature = model.config.calibration_temperature  # as the card's recipe says: config.json's temperature
+    torch.testing.assert_close(torch.tensor(ours), (logits / temperature).softmax(-1)[:, 1], atol=1e-5, rtol=0)
 
 
 def test_the_frozen_weights_stay_pretrained_and_the_adapter_file_holds_what_trained(job, lora_run):
