@@ -133,10 +133,10 @@ class Trainer:
         self.log_steps = log_interval(tcfg["log_steps"], self.total_steps)
 
         # the optimizer reads its learning rates from tensors on the device, set before each update:
-        # self.lr is module.max_lr's, and each parameter group's rate is its lr_scale times it
+        # each parameter group's (group_lrs) and module.max_lr's (lr), which the logs show
         self.lr = torch.zeros((), device=device)
         self.optimizer = build_optimizer(self.model, cfg["module"])
-        self.group_lrs, self.lr_scales = group_rates(self.optimizer, device)
+        self.group_lrs, self.peak_lrs = group_rates(self.optimizer, device)
         # loss scaling guards float16 gradients from underflow; bfloat16 has float32's range
         self.scaler = torch.amp.GradScaler(device.type, enabled=proc.amp_dtype == torch.float16)
 
@@ -248,8 +248,9 @@ class Trainer:
         interval["examples"] += len(rank_indices)  # summed over ranks at log time
 
         # the schedule counts updates made, not steps taken: a skipped update does not advance it
-        self.lr.copy_(self.cfg["module"]["max_lr"] * lr_multiplier(self.updates, self.warmup_steps, self.total_steps))
-        torch.mul(self.lr_scales, self.lr, out=self.group_lrs)  # every group's rate in one kernel
+        multiplier = lr_multiplier(self.updates, self.warmup_steps, self.total_steps)
+        self.lr.copy_(self.cfg["module"]["max_lr"] * multiplier)
+        torch.mul(self.peak_lrs, multiplier, out=self.group_lrs)  # each group's peak x the schedule, one kernel
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -388,7 +389,7 @@ class Trainer:
                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
                       f"logging every {self.log_steps} steps, device {self.proc.device}")
-        self.proc.say(describe_optimizer(self.optimizer, self.cfg["module"]["max_lr"], self.model))
+        self.proc.say(describe_optimizer(self.optimizer, self.model))
         return self.runlog.run_dir
 
     def log_scalars(self, scalars, metrics=None, logits=None):
@@ -440,7 +441,7 @@ class Trainer:
         device = self.proc.device
         load_module_weights(self.model, path, state)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.group_lrs, self.lr_scales = group_rates(self.optimizer, device)  # the loaded groups hold copies
+        self.group_lrs, self.peak_lrs = group_rates(self.optimizer, device)  # the loaded groups hold copies
         self.scaler.load_state_dict(state["scaler"])
         self.updates.copy_(state["updates"])
         self.skipped.copy_(state["skipped"])
@@ -498,14 +499,14 @@ def lr_multiplier(update, warmup_steps, total_steps):
 
 
 def build_optimizer(model, module_cfg):
-    """AdamW over the parameters that train, in parameter_groups of module.weight_decay,
-    module.head_lr and module.layer_lr_decay; group_rates then gives each group its rate tensor.
+    """AdamW over the parameters that train, in the parameter_groups of module.weight_decay,
+    module.max_lr, module.head_lr and module.layer_lr_decay; group_rates then gives each group
+    the rate tensor that the schedule sets.
 
     fused: one kernel over all parameters, on CPU and CUDA; it also reads the learning rate from a
     tensor and skips an update on the device when told to (found_inf), which the loop relies on.
     """
-    head_lr = module_cfg["head_lr"]
-    groups = parameter_groups(model, module_cfg["weight_decay"], 1.0 if head_lr is None else head_lr / module_cfg["max_lr"],
+    groups = parameter_groups(model, module_cfg["weight_decay"], module_cfg["max_lr"], module_cfg["head_lr"],
                               module_cfg["layer_lr_decay"])
     return torch.optim.AdamW(groups, lr=module_cfg["max_lr"], fused=True)
 
@@ -514,9 +515,10 @@ LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")  # encoder.layer.3. (BERT)
 
 
 def encoder_parts(model, per_layer):
-    """{id(parameter): (part, depth)} of the pretrained encoder's parameters (model.base_model):
-    depth 0 the embeddings, i + 1 layer i, the number of layers for what sits above them (a
-    pooler, a final norm), which goes with the top layer. Not per_layer: all one part, the encoder."""
+    """({id(parameter): (part, depth)} of the pretrained encoder's (model.base_model) parameters,
+    the number of layers): depth 0 the embeddings, i + 1 layer i, and the number of layers for
+    what sits above them (a pooler, a final norm), which goes with the top layer. Not per_layer:
+    all one part, the encoder, at the top."""
     classifier = classifier_of(model)
     encoder = getattr(classifier, "base_model", classifier)  # a plain torch module: all encoder
     named = list(encoder.named_parameters())
@@ -532,15 +534,15 @@ def encoder_parts(model, per_layer):
     return parts, layers
 
 
-def parameter_groups(model, weight_decay, head_lr_scale=1.0, layer_lr_decay=1.0):
-    """AdamW's groups of the parameters that train, each with its weight decay, its lr_scale (its
-    peak rate over module.max_lr) and the parts of the model it holds.
+def parameter_groups(model, weight_decay, max_lr, head_lr=None, layer_lr_decay=1.0):
+    """AdamW's groups of the parameters that train, each with its weight decay, its peak learning
+    rate (peak_lr, which the schedule multiplies) and the parts of the model it holds.
 
     Weight decay on weight matrices only: biases and LayerNorm gains are exempt. The head
-    (whatever is not the pretrained encoder: the classifier, a distillation projection) learns at
-    head_lr_scale; with layer-wise decay, layer i of L at layer_lr_decay ** (L - 1 - i) and the
-    embeddings at layer_lr_decay ** L, so the top layer learns at max_lr and each one below at a
-    fraction of the rate above it. Parameters of the same rate and weight decay share a group.
+    (whatever is not the pretrained encoder: the classifier, a distillation projection) peaks at
+    head_lr (None: max_lr). With layer-wise decay, layer i of L peaks at max_lr * layer_lr_decay **
+    (L - 1 - i) and the embeddings at max_lr * layer_lr_decay ** L: the top layer at max_lr, each
+    one below at a fraction of the rate above it. Parameters of one rate and weight decay share a group.
     """
     parts, layers = encoder_parts(model, per_layer=layer_lr_decay != 1)
     groups = {}
@@ -548,10 +550,13 @@ def parameter_groups(model, weight_decay, head_lr_scale=1.0, layer_lr_decay=1.0)
         if not p.requires_grad:
             continue
         part, depth = parts.get(id(p), ("head", None))
-        scale = head_lr_scale if depth is None else layer_lr_decay ** (layers - depth)
+        if depth is None:
+            peak = max_lr if head_lr is None else head_lr
+        else:
+            peak = max_lr * layer_lr_decay ** (layers - depth)
         decays = p.ndim >= 2
-        group = groups.setdefault((scale, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
-                                                    "lr_scale": scale, "parts": []})
+        group = groups.setdefault((peak, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                   "peak_lr": peak, "parts": []})
         group["params"].append(p)
         if part not in group["parts"]:
             group["parts"].append(part)
@@ -559,27 +564,25 @@ def parameter_groups(model, weight_decay, head_lr_scale=1.0, layer_lr_decay=1.0)
 
 
 def group_rates(optimizer, device):
-    """(rates, scales): each parameter group's learning rate as one element of a tensor on the
-    device, the "lr" fused AdamW reads (a view, so one kernel sets them all), and its lr_scale."""
-    scales = torch.tensor([group["lr_scale"] for group in optimizer.param_groups], device=device)
-    rates = torch.zeros_like(scales)
+    """(rates, peaks): each parameter group's learning rate as one element of a float32 tensor on
+    the device, the "lr" fused AdamW reads (a view, so one kernel sets them all), and the groups'
+    peak rates (float64, as the schedule's multiplier)."""
+    peaks = torch.tensor([group["peak_lr"] for group in optimizer.param_groups], dtype=torch.float64, device=device)
+    rates = torch.zeros(len(peaks), device=device)
     for group, rate in zip(optimizer.param_groups, rates):  # iterating a tensor gives views of it
         group["lr"] = rate
-    return rates, scales
+    return rates, peaks
 
 
-def describe_optimizer(optimizer, max_lr, model):
+def describe_optimizer(optimizer, model):
     """The start-up line of the optimizer: its groups, each part's peak rate, what trains."""
-    rates = {}
-    for group in optimizer.param_groups:
-        for part in group["parts"]:
-            rates[part] = group["lr_scale"] * max_lr
+    peaks = {part: group["peak_lr"] for group in optimizer.param_groups for part in group["parts"]}
     trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     total = sum(p.numel() for p in model.parameters())
-    peaks = ", ".join(f"{part} {rate:.2e}" for part, rate in rates.items())
-    if len(set(rates.values())) == 1:
-        peaks = f"all {max_lr:.2e}"
-    return (f"optimizer: AdamW, {len(optimizer.param_groups)} parameter groups, peak learning rates {peaks}; "
+    rates = ", ".join(f"{part} {peak:.2e}" for part, peak in peaks.items())
+    if len(set(peaks.values())) == 1:
+        rates = f"all {next(iter(peaks.values())):.2e}"
+    return (f"optimizer: AdamW, {len(optimizer.param_groups)} parameter groups, peak learning rates {rates}; "
             f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train")
 
 

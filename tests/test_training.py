@@ -85,7 +85,7 @@ def rates_of(model, module_cfg):
     """{parameter name: peak learning rate} of build_optimizer's groups for module_cfg."""
     optimizer = build_optimizer(model, {**MODULE, **module_cfg})
     name_of = {id(p): name for name, p in model.named_parameters()}
-    return {name_of[id(p)]: g["lr_scale"] * optimizer.defaults["lr"] for g in optimizer.param_groups for p in g["params"]}
+    return {name_of[id(p)]: g["peak_lr"] for g in optimizer.param_groups for p in g["params"]}
 
 
 def test_head_lr_and_layer_lr_decay_give_each_part_its_rate(tiny_bert):
@@ -122,11 +122,11 @@ def test_the_start_up_line_says_the_groups_and_their_rates(tiny_bert):
     model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None}, ["negative", "positive"])
     optimizer = build_optimizer(model, {**MODULE, "head_lr": 1e-2, "layer_lr_decay": 0.5})
     total = sum(p.numel() for p in model.parameters()) / 1e6
-    assert trainer.describe_optimizer(optimizer, 1e-3, model) == (
+    assert trainer.describe_optimizer(optimizer, model) == (
         "optimizer: AdamW, 8 parameter groups, peak learning rates embeddings 2.50e-04, layer 0 5.00e-04, "
         f"layer 1 1.00e-03, head 1.00e-02; {total:.2f}M of {total:.2f}M parameters train")
     optimizer = build_optimizer(model, MODULE)
-    assert trainer.describe_optimizer(optimizer, 1e-3, model).startswith(
+    assert trainer.describe_optimizer(optimizer, model).startswith(
         "optimizer: AdamW, 2 parameter groups, peak learning rates all 1.00e-03;")
 
 
