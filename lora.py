@@ -61,7 +61,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear draws its weight, and the paper's code A
         self.scale = alpha / rank
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
     def forward(self, x):
@@ -165,7 +165,8 @@ def trainable_state(model):
 
 def save_adapter(model, folder):
     """ADAPTER_FILE in folder: every parameter of model that trains (the adapters, the head, a
-    distillation projection), by name; the frozen rest is the pretrained model's."""
+    distillation projection), by name; the frozen rest is the model it was built from (model.hf_model
+    or model.model_path), which a resume builds again."""
     save_file({name: p.detach().contiguous() for name, p in trainable_state(model).items()},
               str(Path(folder) / ADAPTER_FILE), metadata={"format": "pt"})
 
@@ -186,3 +187,18 @@ def load_adapter(model, folder):
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(saved[name])
+
+
+def check_frozen(classifier, weights_file):
+    """CheckpointError unless classifier, its adapters loaded, merges to the weights_file its
+    checkpoint saved: the frozen weights under the adapters must be the ones it trained on (a
+    model.hf_model folder replaced since would resume another model without a word)."""
+    try:
+        saved = load_file(str(weights_file))
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{weights_file}: cannot read it ({first_line(e)[:200]})") from None
+    for name, tensor in merged_state_dict(classifier).items():
+        if name in saved and not torch.allclose(saved[name], tensor.detach().cpu(), rtol=1e-5, atol=1e-6):
+            raise CheckpointError(f"{weights_file}: {name} is not the frozen weight plus its adapter: the model it "
+                                  f"was trained from (model.hf_model, model.model_path) has changed since; resume "
+                                  f"with those files, or start a new run from this checkpoint's weights")

@@ -497,8 +497,9 @@ def module_rest(model):
 
 def load_module_weights(model, path, state):
     """The weights of what a Trainer optimizes from checkpoint `path` and its training state."""
-    if lora.adapted(model):  # the frozen weights are the pretrained ones; what trained is in the adapter file
+    if lora.adapted(model):  # the frozen weights are those it was built from; what trained is in the adapter file
         lora.load_adapter(model, path)
+        lora.check_frozen(classifier_of(model), Path(path) / "model.safetensors")
         return
     if "module" in state:  # a checkpoint that held the whole module, student included, in its state
         model.load_state_dict(state["module"])

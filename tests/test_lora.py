@@ -259,6 +259,20 @@ def test_resuming_mid_epoch_ends_bitwise_as_the_run_never_interrupted(job, lora_
     assert last_json_line(out)["acc"] == lora_run["result"]["acc"]
 
 
+def test_a_resume_onto_other_frozen_weights_is_refused_in_one_line(job, tmp_path, capsys):
+    """The adapters sit on the weights the run was built from: if model.hf_model's files changed
+    since, the resumed run would be another model, so it stops before step 1."""
+    model = save_tiny_encoder(tmp_path / "bert")
+    args = job["args"]("changed", **{"model.hf_model": model})
+    assert run_quietly(trainer.main, args)[0] == 0
+    save_tiny_encoder(tmp_path / "bert", seed=1)  # the same architecture, other weights
+    capsys.readouterr()
+    rc, out, err = run_quietly(trainer.main, args + ["--ckpt.resume", "auto"])
+    assert rc == 2
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "model.safetensors: bert." in line and "is not the frozen weight plus its adapter" in line
+
+
 @pytest.mark.slow  # trains two epochs
 def test_stopped_after_epoch_1_and_resumed_is_the_uninterrupted_run(job):
     args = {"trainer.epochs": 2, "ckpt.save_steps": 0, "module.head_lr": "3e-3", "module.layer_lr_decay": 0.8}
