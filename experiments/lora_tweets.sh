@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # LoRA against full fine-tuning, and a head learning rate / layer-wise learning-rate decay against
 # plain fine-tuning, on the default tweet job (MiniLM, 4,000 tweets, 1 epoch, validated on 1,000).
-#   experiments/lora_tweets.sh                           # 8 recipes x 2 seeds, one run at a time
+#   experiments/lora_tweets.sh                           # 9 recipes x 2 seeds, then 3 epochs of two
+#   LONG=0 experiments/lora_tweets.sh                    # without the 3-epoch runs
 #   OUT=/tmp/lora SEEDS="42" THREADS=1 experiments/lora_tweets.sh
 # Each run is skipped when its result exists, so the script can be re-run after an interruption.
 # Results: $OUT/<run>.out (trainer.py's stdout: its start-up lines and final JSON line), the
@@ -34,6 +35,15 @@ for seed in $SEEDS; do
   run "head-s$seed" --trainer.seed "$seed" --module.head_lr 1e-3
   run "decay-head-s$seed" --trainer.seed "$seed" --module.layer_lr_decay 0.8 --module.head_lr 1e-3
 done
+
+# beyond the grid: a higher LoRA rate on both seeds, and three epochs on one seed (LONG=0 skips those)
+for seed in $SEEDS; do
+  run "lora8-lr2e-3-s$seed" --trainer.seed "$seed" --model.lora_rank 8 --module.max_lr 2e-3
+done
+if [ "${LONG:-1}" = 1 ]; then
+  run "lora8-3ep-s42" --trainer.epochs 3 --model.lora_rank 8 --module.max_lr "$LORA_LR"
+  run "full-3ep-s42" --trainer.epochs 3
+fi
 
 python experiments/lora_table.py "$OUT" > experiments/results/lora.md
 cat experiments/results/lora.md
