@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # LoRA against full fine-tuning, and a head learning rate / layer-wise learning-rate decay against
 # plain fine-tuning, on the default tweet job (MiniLM, 4,000 tweets, 1 epoch, validated on 1,000).
-#   experiments/lora_tweets.sh                           # 9 recipes x 2 seeds, then 3 epochs of two
+#   experiments/lora_tweets.sh                           # 11 recipes x 2 seeds, then 3 epochs of two
 #   LONG=0 experiments/lora_tweets.sh                    # without the 3-epoch runs
 #   OUT=/tmp/lora SEEDS="42" THREADS=1 experiments/lora_tweets.sh
 # Each run is skipped when its result exists, so the script can be re-run after an interruption.
@@ -38,7 +38,9 @@ done
 
 # beyond the grid: a higher LoRA rate on both seeds, and three epochs on one seed (LONG=0 skips those)
 for seed in $SEEDS; do
-  run "lora8-lr2e-3-s$seed" --trainer.seed "$seed" --model.lora_rank 8 --module.max_lr 2e-3
+  for rank in 8 4 16; do
+    run "lora$rank-lr2e-3-s$seed" --trainer.seed "$seed" --model.lora_rank "$rank" --module.max_lr 2e-3
+  done
 done
 if [ "${LONG:-1}" = 1 ]; then
   run "lora8-3ep-s42" --trainer.epochs 3 --model.lora_rank 8 --module.max_lr "$LORA_LR"
