@@ -87,7 +87,29 @@ def read_yaml(path):
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
         raise ConfigError(f"{path}: expected sections (data:, model:, ...) holding key: value pairs")
+    check_tree(content, path)
     return content
+
+
+# the most items a value read from YAML may hold (config.yaml's largest holds a few dozen)
+MAX_VALUE_ITEMS = 100_000
+
+
+def check_tree(value, source):
+    """A value read from YAML must be a finite tree: an alias inside its own anchor (&a [*a]) makes a
+    value without end, and aliases of aliases one of billions of items; both are one error line."""
+    count, stack = 0, [(value, frozenset())]
+    while stack:
+        item, above = stack.pop()
+        count += 1
+        if count > MAX_VALUE_ITEMS:
+            raise ConfigError(f"{source}: a value of more than {MAX_VALUE_ITEMS} items (YAML aliases of "
+                              f"aliases?); write the value out")
+        if isinstance(item, (list, dict)):
+            if id(item) in above:
+                raise ConfigError(f"{source}: a YAML alias inside its own anchor (such as &a [*a]) makes a "
+                                  f"value without end; write the value out")
+            stack.extend((child, above | {id(item)}) for child in (item.values() if isinstance(item, dict) else item))
 
 
 def type_ok(value, types):
@@ -146,9 +168,11 @@ def parse_args(argv, text_keys=()):
             continue
         try:
             quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-            overrides.append((key, value if key in text_keys and not quoted else yaml.load(value, Loader=YamlLoader)))
+            value = value if key in text_keys and not quoted else yaml.load(value, Loader=YamlLoader)
         except yaml.YAMLError:
             raise ConfigError(f"--{key}: cannot read {value!r} as a YAML value") from None
+        check_tree(value, f"--{key}")
+        overrides.append((key, value))
     return config_path, overrides
 
 

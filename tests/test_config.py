@@ -115,6 +115,30 @@ def test_config_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
     assert "latin1.yaml:2:" in message and "UTF-8" in message
 
 
+@pytest.mark.parametrize("value", ["&a [*a]", "&a {x: *a}", "[1, &a [2, *a]]"])
+def test_a_yaml_alias_inside_its_own_anchor_is_one_line_not_a_recursion(value):
+    message = config_error(["--data.labels_list", value])
+    assert message.startswith("--data.labels_list: a YAML alias inside its own anchor")
+
+
+def test_a_recursive_alias_in_a_config_file_names_the_file(tmp_path):
+    path = write_config(tmp_path, "sweep:\n  grid: &g {module.max_lr: [1e-5], nested: *g}\n")
+    assert config_error(["--config_path", path]).startswith(f"{path}: a YAML alias inside its own anchor")
+
+
+def test_aliases_of_aliases_that_would_make_a_billion_items_are_refused():
+    nested = "[&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    nested += "".join(f", &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)) + "]"
+    assert "more than 100000 items" in config_error(["--data.labels_list", nested])
+
+
+def test_an_alias_used_twice_without_recursion_is_an_ordinary_value():
+    cfg = load_config(["--distill.loss_types", "[&t logits, labels]", "--distill.loss_weights", "[0.5, 0.5]"])
+    assert cfg["distill"]["loss_types"] == ["logits", "labels"]
+    _, overrides = parse_args(["--sweep.grid", "{module.max_lr: &lr [1e-5, 2e-5], module.weight_decay: *lr}"])
+    assert overrides == [("sweep.grid", {"module.max_lr": [1e-5, 2e-5], "module.weight_decay": [1e-5, 2e-5]})]
+
+
 def test_config_file_without_sections_is_refused(tmp_path):
     path = write_config(tmp_path, "max_lr: 2e-5\n")
     assert "sections" in config_error(["--config_path", path])
