@@ -37,6 +37,7 @@ import speedups
 from checkpoint import MANIFEST, check_saved_config, load_failure, read_manifest
 from config import TASK_NAMES, ConfigError, check_config, check_threshold_fits, fit_metric_to_task, task_of
 from files import first_line
+from processes import launch_rank
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
 hf_logging.disable_progress_bar()
@@ -63,7 +64,7 @@ class ModelError(Exception):
 def warn(message):
     """A warning on stderr; under torchrun from rank 0 alone: every rank loads the same files, so
     every rank would print it alike."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if launch_rank() == 0:
         print(message, file=sys.stderr)
 
 

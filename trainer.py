@@ -33,7 +33,6 @@ if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:])
 import functools
 import gc
 import json
-import os
 import signal
 import time
 import warnings
@@ -74,6 +73,7 @@ from processes import (
     agree,
     autocast,
     gather,
+    launch_rank,
     on_main,
     per_rank_batch,
     rng_state,
@@ -603,7 +603,7 @@ def main(argv=None, run_fn=run, doc=__doc__):
     except (ConfigError, DataError, ModelError, TrainingError, OutputError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise
-        if int(os.environ.get("RANK", 0)) == 0 or not (shared or isinstance(e, MainProcessFailed)):
+        if launch_rank() == 0 or not (shared or isinstance(e, MainProcessFailed)):
             # one write: print writes the newline apart, and under torchrun ranks share one stderr
             sys.stderr.write(f"error: {e}\n")
         return 2
