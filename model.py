@@ -468,10 +468,15 @@ def load_tokenizer(model_cfg):
         path, key = model_cfg["model_path"], "model.model_path"
     if path is None:
         path, key = model_cfg["hf_model"], "model.hf_model"
+    return read_tokenizer(path, key)
+
+
+def read_tokenizer(path, key):
+    """AutoTokenizer.from_pretrained(path), a folder that does not load being one ModelError naming key."""
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 (a damaged file raises anything: a tokenizer.json of {} a KeyError)
+        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({first_line(e)[:300]})") from None
 
 
 def save_pretrained(model, tokenizer, directory, max_seq_len=None):
