@@ -146,8 +146,14 @@ def load_checkpoint(path, file_ext):
     reason = incomplete_reason(path, manifest)
     if reason is not None:
         raise CheckpointError(f"{path}: incomplete checkpoint: {reason}")
+    state_file = path / f"training_state{file_ext}"
+    written = [name for name in manifest["files"] if name.startswith("training_state")]
+    if state_file.name not in manifest["files"] and written:  # a ckpt.file_ext other than the run's
+        ext = written[0].removeprefix("training_state")
+        raise CheckpointError(f"{path}: holds {written[0]}, not {state_file.name}; pass --ckpt.file_ext "
+                              f"{ext or repr('')} as the run that wrote it did")
     try:
-        state = torch.load(path / f"training_state{file_ext}", map_location="cpu", weights_only=True)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal, a torn file, a wrong format: all mean "not usable"
         raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({load_failure(e)})") from None
     return state, manifest
@@ -461,7 +467,7 @@ class SaveDir:
             self.move_aside([path for _, path, _ in ours], "replaced by this run")
             return None
         chosen = self.resume_candidate(ours)
-        if chosen is None:  # auto, and none of ours loads: a fresh run, not mixed with the broken ones
+        if chosen is None:  # auto, and none of ours loads: a fresh run only if told to replace them
             self.move_aside([path for _, path, _ in ours], "that do not load")
             return None
         path, manifest = chosen
@@ -507,15 +513,28 @@ class SaveDir:
         return path
 
     def resume_candidate(self, ours):
-        """(path, manifest) of ckpt.resume: the newest of ours that loads for auto."""
+        """(path, manifest) of ckpt.resume: the newest of ours that loads for auto. None when there
+        is none (a fresh run); when none of them loads, a CheckpointError naming them, unless
+        ckpt.overwrite lets a fresh run replace them."""
         if self.ckpt["resume"] != "auto":
             path = Path(self.ckpt["resume"])
             return path, load_checkpoint(path, self.ckpt["file_ext"])[1]
+        failures = []
         for _, path, _ in reversed(ours):
             try:
-                return path, load_checkpoint(path, self.ckpt["file_ext"])[1]
+                manifest = load_checkpoint(path, self.ckpt["file_ext"])[1]
             except CheckpointError as e:
-                self.say(f"note: skipping {path.name}: {e}")
+                failures.append((path, str(e).removeprefix(f"{path}: ")))
+                continue
+            for skipped, why in failures:
+                self.say(f"note: skipping {skipped.name}: {why}")
+            return path, manifest
+        if failures and not self.ckpt["overwrite"]:
+            # starting afresh would delete them at the first save: a wrong ckpt.file_ext must not cost them
+            reasons = "; ".join(f"{path.name}: {why[:200]}" for path, why in failures[:3])
+            raise CheckpointError(f"--ckpt.resume auto: none of the {len(failures)} checkpoints in {self.path} loads "
+                                  f"({reasons}{'; ...' * (len(failures) > 3)}); fix what stops them, or pass "
+                                  f"--ckpt.overwrite true to start a new run that replaces them")
         return None
 
     def move_aside(self, paths, why):

@@ -3,6 +3,7 @@ replaced, a resume checks what changed and keeps its books, and what a crash lea
 
 Runs are in-process (trainer.main) on a tiny model: 2 epochs x 13 steps of 16 examples.
 """
+import functools
 import json
 import os
 import pickle
@@ -133,6 +134,27 @@ def test_resume_auto_skips_a_checkpoint_that_does_not_load_and_takes_the_next(jo
         f.truncate(10)
     assert trainer.main(job["args"]("truncated", **{"ckpt.resume": str(newest)})) == 2
     assert "incomplete checkpoint: training_state.pt is 10 bytes" in error_line(capsys)
+
+
+def test_resume_auto_where_no_checkpoint_loads_stops_naming_them_and_keeps_them(job, capsys):
+    args = functools.partial(job["args"], "wrong-ext", **{"trainer.epochs": 1})
+    assert trainer.main(args()) == 0
+    ckpt = ckpt_dir(job, "wrong-ext")
+    before = sorted(p.name for p in ckpt.iterdir())
+    capsys.readouterr()
+    # a careless extension: once a fresh run from step 0 that deleted them all at its first save
+    assert trainer.main(args(**{"ckpt.resume": "auto", "ckpt.file_ext": ".bin"})) == 2
+    out, err = capsys.readouterr()
+    [line] = err.splitlines()
+    assert line.startswith(f"error: --ckpt.resume auto: none of the 5 checkpoints in {ckpt} loads "
+                           f"(checkpoint-epoch1-step13: holds training_state.pt, not training_state.bin; pass "
+                           f"--ckpt.file_ext .pt as the run that wrote it did; checkpoint-epoch1-step12: ")
+    assert line.endswith("; ...); fix what stops them, or pass --ckpt.overwrite true to start a new run that replaces them")
+    assert "note: skipping" not in out and sorted(p.name for p in ckpt.iterdir()) == before  # nothing moved
+    # told to, a new run replaces them
+    assert trainer.main(args(**{"ckpt.resume": "auto", "ckpt.file_ext": ".bin", "ckpt.overwrite": "true"})) == 0
+    assert "moved 5 checkpoints that do not load" in capsys.readouterr().out
+    assert [p.name for p in (ckpt / "last").iterdir() if p.name.startswith("training_state")] == ["training_state.bin"]
 
 
 @pytest.mark.slow  # trains more than one epoch
