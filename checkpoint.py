@@ -31,11 +31,12 @@ import re
 import secrets
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
 
-from config import GOLDEN_CONFIG, Config, ConfigError, check_config, read_yaml, set_key, uses_amp
+from config import GOLDEN_CONFIG, Config, ConfigError, check_config, config_options, read_yaml, set_key, uses_amp
 from files import LOCK, FolderLock, OutputError, check_writable_dir, file_digest, first_line, fsync_path, publish, sync_folder
 from processes import agree, on_main
 
@@ -428,8 +429,20 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
                          f"{'on' if uses_amp(cfg['trainer']) else 'off'} (trainer.amp / trainer.backend)")
     for key in DATA_FILE_KEYS:
         if saved_digests.get(key) != digests[key]:
-            conflicts.append(f"{key}: the file's content differs from the one the checkpoint trained on")
+            section, name = key.split(".")
+            trained_on = saved_cfg.get(section, {}).get(name)
+            conflicts.append(f"{key}: the file's content differs from the one the checkpoint trained on "
+                             f"({'none' if trained_on in (None, []) else trained_on})")
     return conflicts
+
+
+def own_command(manifest, world_size):
+    """The command that resumes a checkpoint with its own settings: its config as options over
+    config.yaml's, launched as this run is (a checkpoint's run.json exists only once its run ended)."""
+    from runlog import kind_of, resume_command, script_name  # runlog reads checkpoints: not at the top
+    options = config_options(manifest["config"], leave_out=("export", "serve", "sweep", "ckpt.resume", "ckpt.overwrite"))
+    launch = SimpleNamespace(ddp=world_size > 1, world_size=world_size)  # what resume_command reads of a Process
+    return resume_command(options, script_name(kind_of(manifest["run_dir"]) != "distil"), launch)
 
 
 class SaveDir:
@@ -477,8 +490,8 @@ class SaveDir:
         conflicts = resume_conflicts(manifest["config"], manifest["data"], self.cfg, self.digests)
         if conflicts:
             raise CheckpointError(f"cannot resume {path}: {'; '.join(conflicts)}. Resume with the "
-                                  f"checkpoint's settings, or start a new run from its weights with "
-                                  f"--model.model_path {path}")
+                                  f"checkpoint's settings: {own_command(manifest, world_size)}; or start a "
+                                  f"new run from its weights with --model.model_path {path}")
         newer = [p for step, p, _ in ours if step > manifest["step"] and p.resolve() != path.resolve()]
         if newer and self.ckpt["resume"] != "auto" and not self.ckpt["overwrite"]:
             raise CheckpointError(f"{self.path} holds checkpoints newer than {path.name} "

@@ -8,6 +8,7 @@ not have is an error, and every value must have the type of its default (TYPES l
 also take null or another type). check_config then refuses values that are well typed but cannot
 work, so that a bad value stops the run before anything is loaded or written.
 """
+import json
 import math
 import os
 import re
@@ -174,6 +175,34 @@ def parse_args(argv, text_keys=()):
         check_tree(value, f"--{key}")
         overrides.append((key, value))
     return config_path, overrides
+
+
+def config_options(cfg, leave_out=()):
+    """The --section.key value options that make cfg out of config.yaml's defaults (parse_args read
+    backwards): one pair per key whose value differs, except the sections and keys of leave_out.
+    A key config.yaml no longer has is left out: it steers nothing now."""
+    golden, options = read_yaml(GOLDEN_CONFIG), []
+    for section, values in cfg.items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if section in leave_out or key in leave_out or name not in golden.get(section, {}) \
+                    or value == golden[section][name]:
+                continue
+            text = option_text(value, TYPES.get(key, (type(golden[section][name]),)) == (str,))
+            # a value that starts like an option is given as --key=value, as parse_args reads it
+            options += [f"--{key}={text}"] if text.startswith("--") else [f"--{key}", text]
+    return options
+
+
+def option_text(value, text_key):
+    """A value as the command line gives it: a text key's text as typed (unless it looks quoted),
+    else YAML that reads back as the value (lists and mappings in flow style)."""
+    if isinstance(value, str) and (text_key or yaml.load(value, Loader=YamlLoader) == value):
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        return json.dumps(value) if quoted else value
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return json.dumps(value)  # numbers, true / false, null, and strings YAML would read otherwise
 
 
 def golden_keys(path=GOLDEN_CONFIG):

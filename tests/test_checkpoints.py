@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -296,6 +297,28 @@ def test_resume_with_a_changed_config_or_data_stops_before_step_one(job, capsys,
     assert line.startswith("error: cannot resume") and expected.format(tmp=job["tmp"]) in line
     assert "--model.model_path" in line
     assert sorted(p.name for p in ckpt_dir(job, name).iterdir()) == before
+
+
+def test_a_refused_resume_names_the_file_trained_on_and_the_command_that_resumes_it(job, capsys):
+    args = functools.partial(job["args"], "own-command", **{"trainer.epochs": 1})
+    assert trainer.main(args()) == 0
+    ckpt = ckpt_dir(job, "own-command")
+    other = write_csv(job["tmp"] / "other.csv", sentiment_rows(50, seed=9))
+    capsys.readouterr()
+    # a resume that forgot the run's flags and points at another training file
+    forgetful = ["--data.train_filepath", other, "--data.val_filepath", job["val"], "--data.label_col", "label",
+                 "--model.hf_model", job["model"], "--ckpt.model_state_save_dir", str(ckpt), "--ckpt.resume", "auto",
+                 "--trainer.device", "cpu", "--trainer.num_threads", "1"]
+    assert trainer.main(forgetful) == 2
+    line = error_line(capsys)
+    assert f"data.train_filepath: the file's content differs from the one the checkpoint trained on ({job['train']})" in line
+    assert "module.max_lr 0.003 -> 5e-05" in line
+    command = line.split("Resume with the checkpoint's settings: ", 1)[1].split("; or start a new run", 1)[0]
+    launcher, script, *own = shlex.split(command)
+    assert (launcher, script, own[-2:]) == ("python", "trainer.py", ["--ckpt.resume", "auto"])
+    # the command it gives resumes the checkpoint: every setting is the checkpoint's own
+    assert trainer.main(own) == 0
+    assert "the resumed run is already complete (step 13, epoch 1 of 1)" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # trains several epochs
