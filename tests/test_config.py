@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from config import GOLDEN_CONFIG, ConfigError, load_config, parse_args, print_help, read_yaml, task_of
+from config import GOLDEN_CONFIG, ConfigError, config_options, load_config, parse_args, print_help, read_yaml, task_of
 
 
 def config_error(argv):
@@ -365,3 +365,19 @@ def test_help_prints_usage_and_every_key_without_importing_torch(script):
     if script == "trainer.py":
         assert "--data.val_filepath null \\\n        --data.predict_filepath new.csv" in usage
 
+
+
+def test_config_options_give_back_the_config_they_were_made_of():
+    argv = ["--data.labels_list", "[business, 'a b', 'yes', '1']", "--module.max_lr", "2e-5", "--data.label_sep", "#",
+            "--data.header", "null", "--data.text_a_col", "0", "--data.train_filepath", "data/bbc/train.csv",
+            "--distill.student_config", "{num_hidden_layers: 2}", "--module.threshold", "[0.3, 0.4, 0.5, 0.6]",
+            "--data.multi_label", "true", "--data.val_filepath", "true.csv", "--model.tokenizer_path", "'12'",
+            "--ckpt.file_prefix=--odd", "--trainer.seed", "0", "--trainer.log_steps", "7", "--export.int8", "false"]
+    cfg = load_config(argv)
+    options = config_options(cfg, leave_out=("export", "trainer.seed"))
+    assert "--ckpt.file_prefix=--odd" in options and "--export.int8" not in options and "--trainer.seed" not in options
+    again = load_config(options)
+    assert again["trainer"]["seed"] == 42 and again["export"]["int8"] is True
+    again["trainer"]["seed"], again["export"]["int8"] = 0, False
+    assert again == cfg
+    assert config_options(load_config([])) == []
