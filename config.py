@@ -55,6 +55,7 @@ TYPES = {
     "data.predict_filepath": (str, None), "data.predict_output": (str, None),
     "data.header": (int, None), "data.text_a_col": (str, int), "data.text_b_col": (str, int, None),
     "data.label_col": (str, int), "data.cache_dir": (str, None), "data.max_windows": (int, None),
+    "data.max_rows": (int, None),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None),
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.log_steps": (int, str),
@@ -347,7 +348,7 @@ def check_numbers(cfg):
         section, name = key.split(".")
         if cfg[section][name] is not None and cfg[section][name] < 0:  # early_stopping_patience may be null
             raise ConfigError(f"{key} is {cfg[section][name]}; it must not be negative")
-    at_least_one = {"trainer.stop_after_epochs": "null", "data.max_windows": "null for all",
+    at_least_one = {"trainer.stop_after_epochs": "null", "data.max_windows": "null for all", "data.max_rows": "null for all",
                     "ckpt.keep_last": "null to keep all"}
     for key, null in at_least_one.items():
         section, name = key.split(".")

@@ -362,6 +362,8 @@ def checked_rows(path, data_cfg, need_labels):
     header = data_cfg["header"] if data_cfg["file_format"] != "jsonl" else 0
     columns, rows = read_table(path, data_cfg["file_format"], data_cfg["header"],
                                data_cfg["encoding"], data_cfg["quoting"])
+    if data_cfg.get("max_rows") is not None:  # a quick run: the rows below are never read
+        rows = itertools.islice(rows, data_cfg["max_rows"])
     col_a = resolve_column(path, "data.text_a_col", data_cfg["text_a_col"], columns, header)
     col_b = None
     if data_cfg["text_b_col"] is not None:

@@ -29,7 +29,7 @@ from metrics import best_thresholds, compute_metrics, format_report, multilabel_
 from model import build_classifier, is_export_dir, save_thresholds, saved_thresholds, use_checkpoint_settings
 from processes import autocast, on_main
 from runlog import RunLog, new_run_dir
-from splits import prepare_run, tokenize
+from splits import first_rows, prepare_run, tokenize
 
 # rows of a predict file read, tokenized, run and written at a time: what prediction holds
 PREDICT_CHUNK = 10_000
@@ -207,7 +207,7 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
     they are written to (main process): (metrics, run_dir)."""
     # said before the wait, with the device, as training's first line is
     proc.say(f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
-             f"({val.encoded.num_documents} examples), device {proc.device}")
+             f"({val.encoded.num_documents} examples{first_rows(cfg['data'])}), device {proc.device}")
     logits = predict_logits(model, val.encoded, cfg["trainer"]["val_batch_size"],
                             tokenizer.pad_token_id, proc)
     metrics = on_main(proc, split_metrics, logits, val, cfg, f"on {cfg['data']['val_filepath']}")
@@ -317,7 +317,7 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, thresholds=None, total_ro
     The output path (main process)."""
     data, names = cfg["data"], label_names(cfg)
     path = on_main(proc, predict_output, cfg, run_dir)
-    proc.say(f"prediction of {data['predict_filepath']}, device {proc.device}")
+    proc.say(f"prediction of {data['predict_filepath']}{first_rows(data)}, device {proc.device}")
     rows, chunk_rows = 0, PREDICT_CHUNK
     whole = tqdm(total=total_rows, desc=f"predict {data['predict_filepath']}", unit="row", leave=False, position=1,
                  disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True, file=sys.stderr)

@@ -134,6 +134,12 @@ def load_split(cfg, tokenizer, path, need_labels=True):
     return tokenize(cfg, None, tokenizer, path, read_split(cfg, None, tokenizer, path, need_labels))
 
 
+def first_rows(data_cfg):
+    """What the start-up lines add under data.max_rows (a quick run), else ""."""
+    n = data_cfg["max_rows"]
+    return "" if n is None else f" (data.max_rows {n}: the first {n} rows of each file)"
+
+
 MAX_POS_WEIGHT = 100.0  # a label seen twice in 10,000 texts would otherwise weigh 5,000 times
 
 

@@ -82,7 +82,7 @@ from processes import (
     uses_ddp,
 )
 from runlog import RunLog, log_interval, print_runs, record_run, resume_command, script_name
-from splits import class_weights, prepare_run, training_split
+from splits import class_weights, first_rows, prepare_run, training_split
 
 
 class Trainer:
@@ -362,7 +362,8 @@ class Trainer:
         tcfg, kind = self.cfg["trainer"], "train" if classifier_of(self.model) is self.model else "distil"
         self.runlog = RunLog.open(self.cfg, self.step, self.run_dir, say=self.proc.say, kind=kind)
         self.proc.say(f"logs: {self.runlog.run_dir}")
-        self.proc.say(f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
+        self.proc.say(f"training: {len(self.train_split.encoded)} examples{first_rows(self.cfg['data'])}, "
+                      f"{tcfg['epochs']} epochs x "
                       f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
