@@ -47,8 +47,10 @@ CHOICES = {
     "trainer.backend": ["auto", "sp", "sp-amp", "ddp", "ddp-amp"],
     "trainer.amp_dtype": ["auto", "bf16", "fp16"],
     "trainer.device": ["auto", "cpu", "cuda"],
-    "serve.artifact": ["auto", "onnx_fp32", "onnx_int8"],
+    "model.artifact": ["auto", "onnx_fp32", "onnx_int8"],
 }
+# keys of earlier versions, by their names now
+RENAMED = {"serve.artifact": "model.artifact"}
 # keys that take null or several types; every other key takes the type of its golden value
 TYPES = {
     "data.train_filepath": (str, None), "data.val_filepath": (str, None),
@@ -130,6 +132,8 @@ def type_ok(value, types):
 def set_key(cfg, key, value, source):
     """Set section.key after checking the key exists and the value has the right type."""
     section, _, name = key.partition(".")
+    if key in RENAMED:
+        raise ConfigError(f"{source}: {key} is now {RENAMED[key]}; use that name")
     if section not in cfg:
         raise ConfigError(f"{source}: unknown section {section!r}; sections are {list(cfg)}")
     if name not in cfg[section]:

@@ -26,7 +26,7 @@ from config import label_names
 from data import collate, eval_batches, example_chunks
 from files import atomic_output, sweep_outputs, write_json, writing_to
 from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
-from model import build_classifier, is_export_dir, save_thresholds, saved_thresholds, use_checkpoint_settings
+from model import build_classifier, check_artifact, is_export_dir, save_thresholds, saved_thresholds, use_checkpoint_settings
 from processes import autocast, on_main
 from runlog import RunLog, new_run_dir
 from splits import first_rows, prepare_run, tokenize
@@ -218,10 +218,16 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
 
 def evaluated_model(cfg, proc):
     """model.model_path to evaluate: an export folder through ONNX Runtime on the CPU, in this
-    process's threads (export.py, imported only for it), else the checkpoint as training builds it."""
+    process's threads (export.py, imported only for it), its model as model.artifact picks it and
+    said; else the checkpoint as training builds it."""
+    check_artifact(cfg)
     if is_export_dir(cfg["model"]["model_path"]):
         from export import load_exported
-        return load_exported(cfg["model"]["model_path"], threads=torch.get_num_threads())[0]
+        artifact = cfg["model"]["artifact"]
+        model = load_exported(cfg["model"]["model_path"], threads=torch.get_num_threads(),
+                              artifact=None if artifact == "auto" else artifact)[0]
+        proc.say(f"model: {model.path}, run by ONNX Runtime on the CPU (model.artifact {artifact})")
+        return model
     return build_classifier(cfg, proc.device, say=proc.say)
 
 
@@ -234,13 +240,14 @@ def evaluate_and_predict(cfg, proc):
         proc.say(f"note: {note}")
     inputs = prepare_run(cfg, proc, lambda tokenizer: evaluated_model(cfg, proc))
     model, tokenizer, thresholds = inputs.built, inputs.tokenizer, fixed_thresholds(cfg)
+    onnx_model = {"onnx_model": model.path} if is_export_dir(cfg["model"]["model_path"]) else {}  # for run.json
     if inputs.val:
         metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, inputs.val)
-        result = {**scalar_metrics(metrics), "run_dir": run_dir}
+        result = {**scalar_metrics(metrics), **onnx_model, "run_dir": run_dir}
         if cfg["data"]["multi_label"]:  # tune: predictions decide at the thresholds tuned on this file
             thresholds = thresholds_of(metrics)
     else:  # prediction alone gets a run folder too, to record what it read and wrote
-        result = {"run_dir": on_main(proc, new_run_dir, cfg["trainer"]["log_dir"], "predict")}
+        result = {**onnx_model, "run_dir": on_main(proc, new_run_dir, cfg["trainer"]["log_dir"], "predict")}
     if cfg["data"]["predict_filepath"]:
         result["predictions"] = predict_file(cfg, proc, model, tokenizer, result["run_dir"],
                                              thresholds=thresholds, total_rows=inputs.predict_rows)

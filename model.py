@@ -293,6 +293,14 @@ def is_export_dir(path):
     return path is not None and read_export_manifest(path) is not None
 
 
+def check_artifact(cfg):
+    """model.artifact picks a model of an export folder: with anything else in model.model_path, it is refused."""
+    path, artifact = cfg["model"]["model_path"], cfg["model"]["artifact"]
+    if artifact != "auto" and not is_export_dir(path):
+        raise ConfigError(f"model.artifact {artifact} picks a model of an export folder (export.py), and model.model_path "
+                          f"{path} is not one; leave it out")
+
+
 def saved_thresholds(path, names, chosen=False):
     """The per-label thresholds of a multi-label checkpoint's thresholds.json in labels_list order;
     with chosen, (thresholds, how they were chosen). Without the file: a warning, and None (every

@@ -232,6 +232,7 @@ def record_run(run_dir, cfg, argv, result, script="trainer.py"):
               "checkpoint_step": manifest["step"] if manifest is not None else None,
               "train_file": here(data["train_filepath"]), "val_file": here(data["val_filepath"]),
               "predict_file": here(data["predict_filepath"]), "predictions": here(result.get("predictions")),
+              "onnx_model": here(result.get("onnx_model")),  # an export folder's model that ran
               "max_rows": data["max_rows"],  # a quick run read the first rows of each file only
               "metric": cfg["module"]["metric"], "result": {k: v for k, v in result.items() if k != "run_dir"}}
     if kind == "distil":

@@ -60,6 +60,7 @@ from metrics import format_report
 from model import (
     ModelError,
     build_classifier,
+    check_artifact,
     classifier_of,
     is_export_dir,
     load_module_weights,
@@ -555,6 +556,7 @@ def run(cfg, proc):
     if not cfg["data"]["train_filepath"]:  # a fine-tuned model evaluates and / or predicts (evaluation.py)
         return evaluate_and_predict(cfg, proc)
     per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
+    check_artifact(cfg)  # an export folder, whose model it would pick, is refused next: it does not train
     if is_export_dir(cfg["model"]["model_path"]):
         raise ConfigError(f"model.model_path {cfg['model']['model_path']} is an export folder (ONNX): it evaluates "
                           f"and predicts only; train from the checkpoint it came from (its export.json's source)")
