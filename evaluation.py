@@ -28,6 +28,7 @@ from files import atomic_output, sweep_outputs, write_json, writing_to
 from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
 from model import build_classifier, check_artifact, is_export_dir, save_thresholds, saved_thresholds, use_checkpoint_settings
 from processes import autocast, on_main
+from progress import progress_bar
 from runlog import RunLog, new_run_dir
 from splits import first_rows, prepare_run, tokenize
 
@@ -96,8 +97,8 @@ def predict_logits(model, encoded, batch_size, pad_token_id, proc, desc="evaluat
     model.eval()
     indices, outputs = [], []
     batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size) if batches is None else batches
-    for batch_indices in tqdm(batches, desc=f"{desc} on {proc.device}", unit="batch", leave=False,
-                              disable=not proc.is_main, dynamic_ncols=True, file=sys.stderr):
+    for batch_indices in progress_bar(batches, desc=f"{desc} on {proc.device}", unit="batch", leave=False,
+                                      disable=not proc.is_main, dynamic_ncols=True):
         batch = {k: v.to(proc.device, non_blocking=True)
                  for k, v in collate(encoded, batch_indices, pad_token_id).items() if k != "labels"}
         with autocast(proc):
@@ -326,8 +327,8 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, thresholds=None, total_ro
     path = on_main(proc, predict_output, cfg, run_dir)
     proc.say(f"prediction of {data['predict_filepath']}{first_rows(data)}, device {proc.device}")
     rows, chunk_rows = 0, PREDICT_CHUNK
-    whole = tqdm(total=total_rows, desc=f"predict {data['predict_filepath']}", unit="row", leave=False, position=1,
-                 disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True, file=sys.stderr)
+    whole = progress_bar(desc=f"predict {data['predict_filepath']}", unit="row", total=total_rows, leave=False, position=1,
+                         disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True)
     if proc.is_main:
         sweep_outputs(path, say=proc.say)
     with writing_to("data.predict_output", path), \

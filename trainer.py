@@ -82,6 +82,7 @@ from processes import (
     this_process,
     uses_ddp,
 )
+from progress import progress_bar
 from runlog import RunLog, log_interval, print_runs, record_run, resume_command, script_name
 from splits import class_weights, first_rows, prepare_run, training_split
 
@@ -169,8 +170,9 @@ class Trainer:
         self.run_dir = on_main(self.proc, self.open_runlog)
         start = time.perf_counter()
         self.model.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.proc.is_main,
-                        desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        # off a terminal, a plain line at each log interval (log_train sets the postfix)
+        progress = progress_bar(desc="train", unit="step", total=self.total_steps, initial=self.step,
+                                disable=not self.proc.is_main, every=None, dynamic_ncols=True)
         # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:

@@ -1,6 +1,7 @@
 """evaluation.py: streaming prediction (predict_file), chunk by chunk the same CSV as the whole file at once."""
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,7 @@ def test_a_bad_row_in_a_later_chunk_leaves_no_output(job, tmp_path):
 def test_a_file_of_several_chunks_shows_one_bar_over_all_its_rows(job, tmp_path, capsys, monkeypatch):
     cfg, model, tokenizer, rows = job
     cfg["data"]["predict_output"] = str(tmp_path / "p.csv")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # tqdm's bars: on a terminal
     evaluation.predict_file(cfg, MAIN, model, tokenizer, None, total_rows=len(rows))
     err = capsys.readouterr().err
     assert f"predict {cfg['data']['predict_filepath']}:" in err and f"/{len(rows)} " in err  # 30 rows, 5 chunks
