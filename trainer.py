@@ -382,8 +382,7 @@ class Trainer:
         self.runlog = RunLog.open(self.cfg, self.step, self.run_dir, say=self.proc.say, kind=kind)
         self.proc.say(f"logs: {self.runlog.run_dir}")
         self.proc.say(f"training: {len(self.train_split.encoded)} examples{first_rows(self.cfg['data'])}, "
-                      f"{tcfg['epochs']} epochs x "
-                      f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
+                      f"{tcfg['epochs']} epochs x {self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
                       f"logging every {self.log_steps} steps, device {self.proc.device}")

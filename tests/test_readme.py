@@ -4,6 +4,7 @@ before loading anything. A renamed key, a value that is no longer accepted or a 
 example fails here instead of in a user's shell. In process and fast: nothing is trained."""
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,13 @@ def test_every_key_the_readme_names_exists():
     named = set(re.findall(rf"(?<![\w/.])((?:{'|'.join(golden)})\.{not_files}[a-z_0-9]+)(?![.\w])", prose))
     unknown = sorted(key for key in named if key.partition(".")[2] not in golden[key.partition(".")[0]])
     assert len(named) > 40 and not unknown
+
+
+@pytest.mark.parametrize("path", ["exports/minilm/model.onnx", "sweeps/results.csv", "predictions.csv", "new.csv",
+                                  "checkpoints/best", "runs/runs.csv", "data/tweets/train.csv", "models/x/config.json",
+                                  ".token_cache/x/ids.npy"])
+def test_what_the_readme_flows_write_is_not_for_git(path):
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path], check=False)
+    assert ignored.returncode == 0, f"{path} would show up in git status; add it to .gitignore"
