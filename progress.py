@@ -31,7 +31,8 @@ def progress_bar(iterable=None, *, desc, unit, total=None, initial=0, disable=Fa
 
 
 class Lines:
-    """A progress bar as plain lines: `desc: unit n/total (share), elapsed, time left, postfix`."""
+    """A progress bar as plain lines: `desc: unit n/total (share), elapsed, time left, postfix` (no
+    time left on the line that ends it: a run may end before its total, stopped early)."""
 
     def __init__(self, iterable, desc, unit, total, initial, every, file):
         self.iterable, self.desc, self.unit, self.every, self.file = iterable, desc, unit, every, file
@@ -63,14 +64,14 @@ class Lines:
 
     def close(self):
         if self.said and not self.closed and self.n != self.said_n:  # where it ended, if it said anything
-            self.say()
+            self.say(ended=True)
         self.closed = True
 
-    def say(self):
+    def say(self, ended=False):
         elapsed = time.monotonic() - self.start
         rate = (self.n - self.initial) / elapsed if elapsed > 0 else 0.0
         where = f"{self.n}/{self.total} ({self.n / self.total:.0%})" if self.total else f"{self.n}"
-        left = f", {tqdm.format_interval((self.total - self.n) / rate)} left" if self.total and rate > 0 else ""
+        left = f", {tqdm.format_interval((self.total - self.n) / rate)} left" if self.total and rate > 0 and not ended else ""
         # one write: processes that share this stream do not split each other's lines
         self.file.write(f"{self.desc}: {self.unit} {where}, {tqdm.format_interval(elapsed)}{left}"
                         f"{', ' + self.postfix if self.postfix else ''}\n")

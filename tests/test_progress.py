@@ -45,7 +45,7 @@ def test_off_a_terminal_training_prints_one_plain_line_per_log_interval(monkeypa
     bar.close()
     assert out.getvalue() == ("train: step 4/10 (40%), 00:04, 00:12 left, loss=0.6931 lr=4.00e-05\n"
                               "train: step 8/10 (80%), 00:12, 00:04 left, loss=0.6931 lr=4.00e-05\n"
-                              "train: step 10/10 (100%), 00:16, 00:00 left, loss=0.6931 lr=4.00e-05\n")
+                              "train: step 10/10 (100%), 00:16, loss=0.6931 lr=4.00e-05\n")
 
 
 def test_a_long_task_prints_a_line_every_so_often_and_a_short_one_nothing(monkeypatch, clock):
@@ -69,7 +69,7 @@ def test_iterating_yields_every_item_and_counts_them(monkeypatch, clock):
         clock.now += 1
         items.append(item)
     assert items == ["a", "b", "c"]
-    assert out.getvalue().splitlines()[-1] == "tokenize x.csv: row 3/3 (100%), 00:03, 00:00 left"
+    assert out.getvalue().splitlines()[-1] == "tokenize x.csv: row 3/3 (100%), 00:03, 00:00 left"  # every=0: at each row
 
 
 def test_on_a_terminal_it_is_tqdms_bar(monkeypatch):
