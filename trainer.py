@@ -20,7 +20,8 @@ the loss scaled by the true number of examples in each step, no gradient sync on
 micro-steps, GradScaler for float16 only, a linear warmup / decay schedule, exact resume. A step
 never waits for the GPU: the host reads the device once per log interval.
 Read Trainer first, then the schedule and losses, the process group, run and main. The other jobs
-have modules of their own: processes, splits, evaluation, runlog, checkpoint, files, config, data, model.
+have modules of their own: processes, splits, evaluation, runlog, checkpoint, files, config, data, model,
+progress.
 """
 import sys
 
