@@ -24,7 +24,7 @@ from tqdm import tqdm
 from checkpoint import read_manifest
 from config import label_names
 from data import collate, eval_batches, example_chunks
-from files import atomic_output, sweep_outputs, write_json, writing_to
+from files import atomic_output, csv_cells, sweep_outputs, write_json, writing_to
 from metrics import best_thresholds, compute_metrics, format_report, multilabel_metrics
 from model import build_classifier, is_export_dir, save_thresholds, saved_thresholds, use_checkpoint_settings
 from processes import autocast, on_main
@@ -293,9 +293,10 @@ def scores_of(logits, names, thresholds=None):
 
 
 def write_prediction_rows(writer, examples, logits, names, thresholds=None, sep="|"):
-    """A chunk's rows: the input columns, then the prediction and every class (label) probability."""
+    """A chunk's rows: the input columns, then the prediction and every class (label) probability;
+    a cell a spreadsheet would run as a formula is written as text (files.csv_cell)."""
     for row, cells in zip(examples.rows, prediction_cells(logits, names, thresholds, sep)):
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in examples.columns] + cells)
+        writer.writerow(csv_cells([row.get(c) for c in examples.columns] + cells))
 
 
 def predict_output(cfg, run_dir):
@@ -329,7 +330,7 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, thresholds=None, total_ro
 
         def write_chunk():  # one row per input row: a document's windows pooled
             if rows == 0:
-                writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds))
+                writer.writerow(csv_cells(list(examples.columns) + prediction_header(names, thresholds)))
             write_prediction_rows(writer, examples, document_logits(logits, encoded, cfg), names, thresholds,
                                   data["label_sep"])
         for examples in example_chunks(data["predict_filepath"], data, chunk_rows):
