@@ -466,7 +466,8 @@ def check_columns(data):
 
 
 def check_predict_output(cfg):
-    """Predictions written over one of the run's input files would replace the data."""
+    """Predictions written over one of the run's input files would replace the data, and into
+    model.model_path's folder over the model (model.onnx, model.safetensors)."""
     output = cfg["data"]["predict_output"]
     if output is None:
         return
@@ -479,6 +480,12 @@ def check_predict_output(cfg):
         if path is not None and os.path.realpath(path) == os.path.realpath(output):
             raise ConfigError(f"data.predict_output {output} is the input file {key}; write the "
                               f"predictions to another file")
+    model = cfg["model"]["model_path"]
+    # the model it predicts with: its weights, model.onnx, or any file of its folder
+    if model is not None and (os.path.realpath(output) == os.path.realpath(model) or (
+            os.path.isdir(model) and Path(os.path.realpath(output)).is_relative_to(os.path.realpath(model)))):
+        raise ConfigError(f"data.predict_output {output} is a file of model.model_path {model}, the model "
+                          f"it predicts with; write the predictions outside that folder")
 
 
 def check_checkpoint_names(ckpt):
