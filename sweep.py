@@ -468,6 +468,9 @@ class Sweep:
     def run(self):
         """Every rung in turn; returns the exit status."""
         self.retry_failed()
+        # one thread: the kernel sends a trial its death signal again for each thread of a killed sweep
+        # (die_with_parent), and a second signal stops a trial without its checkpoint
+        tqdm.monitor_interval = 0
         sizes = field_sizes(len(self.records), self.rungs, self.sweep["keep"])
         bar = tqdm(total=sum(sizes), initial=sum(r["launches"] for r in self.records), desc="sweep",
                    unit="trial", dynamic_ncols=True)

@@ -9,6 +9,7 @@ logic runs in seconds; the slow tests at the end run the real trainer.py.
 """
 import csv
 import errno
+import fcntl
 import io
 import json
 import os
@@ -33,7 +34,7 @@ from conftest import ROOT, base_args, last_json_line, save_tiny_encoder, sentime
 # trainer.py as the sweep sees it: the best checkpoint's folder, the metric of the rung, a pause
 # line before the last epoch. Its acc grows with module.max_lr; FAKE_FAIL (a max_lr) fails that
 # trial, FAKE_FAIL_AT (an epoch) fails every trial there, FAKE_WAIT (a file) makes the trial wait
-# for SIGTERM, writing its pid into the file first and "terminated" after.
+# for SIGTERM, writing its pid into the file first and how many signals it got after.
 FAKE_TRAINER = r'''
 import json, os, signal, sys, time
 from pathlib import Path
@@ -44,13 +45,16 @@ save, lr = Path(value("ckpt.model_state_save_dir")), float(value("module.max_lr"
 stop, epochs = value("trainer.stop_after_epochs"), int(value("trainer.epochs"))
 epoch = epochs if stop == "null" else int(stop)
 if os.environ.get("FAKE_WAIT"):
-    wait = Path(os.environ["FAKE_WAIT"])
-    def terminated(signum, frame):
-        wait.write_text("terminated")
-        sys.exit(1)
-    signal.signal(signal.SIGTERM, terminated)
+    wait, signals = Path(os.environ["FAKE_WAIT"]), []
+    signal.signal(signal.SIGTERM, lambda signum, frame: signals.append(signum))
     wait.write_text(str(os.getpid()))
-    time.sleep(120)
+    for _ in range(1200):
+        if signals:
+            break
+        time.sleep(0.1)
+    time.sleep(1)  # a second signal would come by now
+    wait.write_text(f"terminated by {len(signals)} signals")
+    sys.exit(1)
 if os.environ.get("FAKE_FAIL") == str(lr) or os.environ.get("FAKE_FAIL_AT") == str(epoch):
     sys.stderr.write("error: cannot write checkpoint: No space left on device (the disk is full)\n")
     sys.exit(2)
@@ -237,9 +241,10 @@ def test_a_trial_dies_with_its_sweep(fake, tmp_path):
         launched.kill()
         launched.wait()
         deadline = time.time() + 10
-        while wait.read_text() != "terminated" and time.time() < deadline:
+        while not wait.read_text().startswith("terminated") and time.time() < deadline:
             time.sleep(0.1)
-        assert wait.read_text() == "terminated"  # the trial got SIGTERM: with trainer.py, a checkpoint and a stop
+        # one SIGTERM: trainer.py writes a checkpoint and stops (a second one would stop it without)
+        assert wait.read_text() == "terminated by 1 signals"
     finally:
         launched.kill()
         if wait.exists() and wait.read_text().isdigit():
@@ -503,12 +508,23 @@ def test_trainer_resumes_its_save_folder_spelled_otherwise_and_moved(tmp_path):
     assert (Path(result["best_checkpoint"]) / "model.safetensors").exists()  # kept by pruning, as the best
 
 
+def lock_is_free(path):
+    """True if no process holds path (a FolderLock's file) locked."""
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+
 @pytest.mark.slow
-def test_a_killed_sweep_rerun_at_once_resumes_its_trial_and_loses_none(tmp_path):
-    """SIGKILL the sweep while a trial trains: the trial gets SIGTERM and writes its checkpoint; the
-    rerun waits for it to let go of its folder, resumes it, and every trial finishes."""
+def test_a_killed_sweep_leaves_no_trial_training_and_its_rerun_loses_none(tmp_path):
+    """SIGKILL the sweep while a trial trains: the trial gets SIGTERM, writes its checkpoint and lets
+    go of its folder at once (an orphan would train on, holding it); the rerun resumes it, and every
+    trial finishes."""
     model = save_tiny_encoder(tmp_path / "bert")
-    train = write_csv(tmp_path / "train.csv", sentiment_rows(256, seed=1))
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(8192, seed=1))  # seconds of training left to kill
     val = write_csv(tmp_path / "val.csv", sentiment_rows(32, seed=2))
     args = base_args(tmp_path, model, train, val, **{"trainer.epochs": 1, "sweep.dir": str(tmp_path / "sweeps"),
                                                      "trainer.train_batch_size": 4, "trainer.gpu_batch_size_limit": 4})
@@ -516,15 +532,20 @@ def test_a_killed_sweep_rerun_at_once_resumes_its_trial_and_loses_none(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen([sys.executable, str(ROOT / "sweep.py"), *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=env)
-    trial_runs = tmp_path / "sweeps" / "trial-00" / "runs"
+    trial = tmp_path / "sweeps" / "trial-00"
     deadline = time.time() + 300
-    while not any(p.name == "metrics.jsonl" for p in trial_runs.glob("*/*")):  # trial-00 is training
+    while not any(p.stat().st_size for p in trial.glob("runs/*/metrics.jsonl")):  # trial-00 is training
         assert time.time() < deadline and first.poll() is None
         time.sleep(0.2)
     first.kill()
     first.wait()
+    deadline = time.time() + 15
+    while not lock_is_free(trial / "checkpoints" / files.LOCK):
+        assert time.time() < deadline, "the trial trains on without its sweep"
+        time.sleep(0.2)
     second = subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], capture_output=True, text=True,
                             env=env, timeout=600, check=False)
     assert second.returncode == 0, stderr_tail(second.stderr)
+    assert "resumed from" in (trial / "epoch1.stdout").read_text()  # the checkpoint its SIGTERM wrote
     rows = rows_of(tmp_path / "sweeps")
     assert {row["status"] for row in rows.values()} <= {"winner", "finished"}, rows
