@@ -382,7 +382,7 @@ def recover(save_dir, prefix):
 RESUME_MAY_CHANGE = {"trainer.log_steps", "trainer.log_dir", "trainer.num_threads", "trainer.debug",
                      "ckpt.checkpoint", "ckpt.period", "ckpt.save_steps", "ckpt.keep_last",
                      "ckpt.resume", "ckpt.overwrite", "data.predict_filepath", "data.predict_output",
-                     "data.cache_dir", "trainer.stop_after_epochs"}
+                     "data.cache_dir", "trainer.stop_after_epochs", "data.abstain_below"}
 # how the processes were started may be said another way (auto, or sp / ddp): the world
 # size is compared on its own, and the precision through uses_amp
 LAUNCH_KEYS = {"trainer.backend", "trainer.amp"}

@@ -59,6 +59,7 @@ TYPES = {
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.log_steps": (int, str),
     "trainer.stop_after_epochs": (int, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
+    "module.calibrate": (bool, float, list), "data.abstain_below": (float, None),
     "distill.student_layers": (list, None), "distill.student_model": (str, None), "distill.student_tokenizer": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
     "sweep.samples": (int, None), "sweep.rungs": (list, None),
@@ -326,7 +327,7 @@ def check_steps(cfg):
 
 
 def check_task(cfg):
-    """The labels, columns, metric, thresholds and class weights fit the task they describe."""
+    """The labels, columns, metric, thresholds, calibration and class weights fit the task they describe."""
     data, module = cfg["data"], cfg["module"]
     labels = [str(label).strip() for label in data["labels_list"]]
     if not labels or len(set(labels)) != len(labels):
@@ -339,6 +340,7 @@ def check_task(cfg):
                           f"{' (one label)' * (task == 'regression')}; use "
                           f"{', '.join(others) + ' or ' if others else ''}{last}")
     check_threshold(module["threshold"], labels)
+    check_calibration(module["calibrate"], data["abstain_below"], labels, task)
     if data["train_filepath"] is not None:  # evaluation may learn its task from the checkpoint first
         check_threshold_fits(cfg)
     if data["multi_label"] and (not data["label_sep"] or data["label_sep"].strip() != data["label_sep"]):
@@ -420,6 +422,23 @@ def check_class_weights(weights, labels, task):
     if len(weights) != len(labels) or not all(type_ok(w, (float,)) and w > 0 for w in weights):
         raise ConfigError(f"module.class_weights {weights} must be {len(labels)} positive numbers, one per "
                           f"data.labels_list entry {labels}")
+
+
+def check_calibration(calibrate, abstain_below, labels, task):
+    """module.calibrate: true, false, a positive temperature, or (multi-label) one per label;
+    data.abstain_below: a probability. Both are for classification: a regression has no probabilities."""
+    if task == "regression" and (abstain_below is not None or not isinstance(calibrate, bool)):
+        key = "data.abstain_below" if abstain_below is not None else "module.calibrate"
+        raise ConfigError(f"{key} is set, but one label means regression, whose scores are no probabilities; "
+                          f"leave it out")
+    if isinstance(calibrate, list) and (task != "multi_label" or len(calibrate) != len(labels)):
+        raise ConfigError(f"module.calibrate {calibrate}: a list is one temperature per label of a multi-label task "
+                          f"({len(labels)} labels); give one number, true or false")
+    temperatures = calibrate if isinstance(calibrate, list) else [] if isinstance(calibrate, bool) else [calibrate]
+    if not all(type_ok(t, (float,)) and t > 0 for t in temperatures):
+        raise ConfigError(f"module.calibrate {calibrate}: a temperature is a positive number (1 changes nothing)")
+    if abstain_below is not None and not 0 < abstain_below < 1:
+        raise ConfigError(f"data.abstain_below is {abstain_below}; it must be a probability between 0 and 1, or null")
 
 
 def check_threshold_fits(cfg):

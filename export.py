@@ -20,9 +20,11 @@ written as export_report.json.
 
 The export folder, written under a temporary name beside it and renamed when complete, holds
 model.onnx and / or model.int8.onnx, the tokenizer, the checkpoint's config.json (labels, task) and
-thresholds.json, export.json (the checkpoint it came from, max_seq_len and windows, the artifacts
-kept) and export_report.json. Exit status 0 if an artifact was kept, 1 if none passed (nothing is
-written then), 2 for bad input.
+thresholds.json, its calibration.json (the temperature: the graph gives logits, and prediction
+through the folder divides them as the checkpoint's prediction does; the gate compares calibrated
+probabilities), export.json (the checkpoint it came from, max_seq_len and windows, the artifacts
+kept), export_report.json and a model card, README.md. Exit status 0 if an artifact was kept, 1 if
+none passed (nothing is written then), 2 for bad input.
 """
 import sys
 
@@ -52,12 +54,22 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
 
 import speedups
+from card import export_facts, write_card
 from checkpoint import CheckpointError, read_manifest
 from config import ConfigError, answer_help, label_names, load_config, task_of
 from data import DataError, collate
-from evaluation import document_logits, fixed_thresholds, predict_logits, sigmoid, softmax, split_metrics, thresholds_of
+from evaluation import (
+    document_logits,
+    fixed_thresholds,
+    predict_logits,
+    probabilities,
+    split_metrics,
+    temperature_of,
+    thresholds_of,
+)
 from files import OutputError, check_writable_dir, first_line, publish_folder, remove_abandoned, temporary_folder
 from model import (
+    CALIBRATION_FILE,
     EXPORT_ARTIFACTS,
     EXPORT_MANIFEST,
     EXPORTED_BY,
@@ -70,6 +82,7 @@ from model import (
     is_pretrained_dir,
     load_tokenizer,
     read_export_manifest,
+    save_temperature,
     save_thresholds,
     use_checkpoint_settings,
 )
@@ -306,22 +319,20 @@ def run_on_split(model, split, cfg, proc, pad_token_id, desc):
     return document_logits(logits, split.encoded, cfg), metrics, split.encoded.num_documents / seconds
 
 
-def predictions_of(logits, task, thresholds):
+def predictions_of(logits, task, thresholds, temperature=1.0):
     """(predictions, probabilities) of document logits: the class and softmax, the labels at their
-    thresholds and sigmoids, or a regression's score (twice)."""
+    thresholds and sigmoids (probabilities at the temperature), or a regression's score (twice)."""
     if task == "regression":
         return logits[:, 0], logits[:, 0]
-    if task == "multi_label":
-        probabilities = sigmoid(logits)
-        return probabilities >= thresholds, probabilities
-    return logits.argmax(axis=1), softmax(logits)
+    probs = probabilities(logits, task == "multi_label", temperature)
+    return (probs >= thresholds if task == "multi_label" else logits.argmax(axis=1)), probs
 
 
-def agreement(logits, reference, task, thresholds):
+def agreement(logits, reference, task, thresholds, temperature=1.0):
     """(share of documents predicted as the reference predicts them, largest absolute difference
-    of probabilities, or of scores in a regression)."""
-    ours, our_probs = predictions_of(logits, task, thresholds)
-    theirs, their_probs = predictions_of(reference, task, thresholds)
+    of probabilities, calibrated as predictions are (module.calibrate), or of scores in a regression)."""
+    ours, our_probs = predictions_of(logits, task, thresholds, temperature)
+    theirs, their_probs = predictions_of(reference, task, thresholds, temperature)
     if task == "regression":
         same = np.abs(ours - theirs) <= SCORE_TOLERANCE * (theirs.std() or 1.0)
     elif task == "multi_label":
@@ -447,7 +458,7 @@ def run(cfg):
             quantize_int8(tmp / ARTIFACTS["onnx_fp32"], tmp / ARTIFACTS["onnx_int8"])
         if cfg["trainer"]["speedups"]:  # PyTorch as trainer.py evaluates it; model.onnx has its own graph
             speedups.apply(model, torch.device("cpu"))
-        report, thresholds = check_artifacts(cfg, model, split, tokenizer, tmp)
+        report, thresholds, metrics = check_artifacts(cfg, model, split, tokenizer, tmp)
         report = {"checkpoint": str(checkpoint), "threads": threads, "graph": graph, **report}
         print(format_table(report))
         kept = {name: ARTIFACTS[name] for name in ARTIFACTS if report.get(name, {}).get("kept")}
@@ -455,6 +466,7 @@ def run(cfg):
             sys.stderr.write("error: no model passed its gate (the table above says why); nothing was written\n")
             return 1
         write_folder(tmp, cfg, checkpoint, tokenizer, thresholds, kept, report)
+        write_card(tmp, *export_facts(cfg, checkpoint, target, metrics, split, report))
         publish(tmp, target)
     print(f"export folder: {target}")
     return 0
@@ -474,9 +486,11 @@ def publish(tmp, target):
 def check_artifacts(cfg, model, split, tokenizer, folder):
     """Every ONNX model in folder run on the validation split beside PyTorch's model, and those that
     fail their gate deleted: (the report's rows and settings, the multi-label thresholds the
-    decisions were compared at, or None)."""
+    decisions were compared at, or None; PyTorch's metrics, the model card's). Probabilities are
+    compared calibrated, at the checkpoint's temperature (module.calibrate), as prediction gives them."""
     proc, task, metric_name = single_process(), task_of(cfg["data"]), cfg["module"]["metric"]
     reference, metrics, ex_s = run_on_split(model, split, cfg, proc, tokenizer.pad_token_id, "torch")
+    torch_metrics = metrics
     thresholds = fixed_thresholds(cfg)
     if task == "multi_label" and thresholds is None:  # tuned on this file: every artifact decides at PyTorch's
         thresholds = thresholds_of(metrics)
@@ -489,13 +503,13 @@ def check_artifacts(cfg, model, split, tokenizer, folder):
             continue
         onnx_model = OnnxClassifier(folder / file, model.config.num_labels, torch.get_num_threads())
         logits, metrics, ex_s = run_on_split(onnx_model, split, cfg, proc, tokenizer.pad_token_id, name)
-        identical, max_diff = agreement(logits, reference, task, thresholds)
+        identical, max_diff = agreement(logits, reference, task, thresholds, temperature_of(cfg))
         row = {"metric": metrics[metric_name], "identical": identical, "max_prob_diff": max_diff, "ex_s": ex_s}
         refused = gate(name, row, report["torch"], cfg["export"])
         report[name] = {**row, "kept": refused is None, "file": file, **({"refused": refused} if refused else {})}
         if refused:
             (folder / file).unlink()
-    return report, thresholds
+    return report, thresholds, torch_metrics
 
 
 def write_folder(folder, cfg, checkpoint, tokenizer, thresholds, kept, report):
@@ -505,6 +519,10 @@ def write_folder(folder, cfg, checkpoint, tokenizer, thresholds, kept, report):
     if thresholds is not None:
         save_thresholds(folder, label_names(cfg), thresholds,
                         f"those export.py checked the models with (from {checkpoint / THRESHOLDS_FILE} or module.threshold)")
+    if label_names(cfg) is not None:  # the temperature the models were checked with; config.json's key follows it
+        calibrate = cfg["module"]["calibrate"]
+        save_temperature(folder, label_names(cfg), None if isinstance(calibrate, bool) else temperature_of(cfg),
+                         f"the one export.py checked the models with (from {checkpoint / CALIBRATION_FILE} or module.calibrate)")
     settings = {"module": {"max_seq_len": cfg["module"]["max_seq_len"]},
                 "data": {key: cfg["data"][key] for key in ("long_texts", "window_stride", "window_pool")}}
     manifest = {"written_by": EXPORTED_BY, "source": str(checkpoint), "config": settings, "artifacts": kept}

@@ -52,10 +52,21 @@ tqdm.monitor_interval = 0
 # our GPU machine) lacks: its FutureWarning, once per rank, says nothing to a user
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
+from card import checkpoint_facts, write_card
 from checkpoint import SaveDir, checkpoint_path, load_checkpoint, open_save_dir
 from config import ConfigError, answer_help, fit_metric_to_task, load_config
 from data import DataError, collate, micro_batches, train_batches
-from evaluation import Thresholds, curves_of, evaluate_and_predict, predict_file, predict_logits, scalar_metrics, split_metrics
+from evaluation import (
+    Calibration,
+    Decisions,
+    Thresholds,
+    curves_of,
+    evaluate_and_predict,
+    predict_file,
+    predict_logits,
+    scalar_metrics,
+    split_metrics,
+)
 from files import OutputError, new_session
 from metrics import format_report
 from model import (
@@ -132,6 +143,8 @@ class Trainer:
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.bad_validations = 0  # in a row, without an improvement of more than min_delta
         self.thresholds = Thresholds(cfg)  # multi-label decisions
+        self.calibration = Calibration(cfg, say=proc.say)  # the temperature
+        self.validation = None  # (step, metrics) of the latest validation: what a model card reports
         self.interval = new_interval(device)  # sums of the current logging interval
         self.run_dir, self.runlog = None, None  # the log folder; its writers on the main process
         self.save_dir = SaveDir(cfg, new_session(), proc.say)  # on disk through the main process only
@@ -289,6 +302,8 @@ class Trainer:
         # the main process has the logits; every rank gets the metrics, to agree on the best
         metrics = on_main(self.proc, split_metrics, logits, self.val_split, self.cfg, f"at step {self.step}")
         self.thresholds.validated(metrics, self.step)
+        self.calibration.validated(metrics, self.step)
+        self.validation = (self.step, metrics)
         self.log_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()}, metrics, logits)
         value, ckpt, tcfg = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"], self.cfg["trainer"]
         improved = self.best is None or value > self.best["value"] + tcfg["early_stopping_min_delta"]
@@ -340,6 +355,7 @@ class Trainer:
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
                   "best_checkpoint": self.best["path"]}
         self.thresholds.of_best(self.best["metrics"])
+        self.calibration.of_best(self.best["metrics"])
         if self.stop_early():
             result["stopped_early_at_step"] = self.step
         elif self.paused():
@@ -375,7 +391,7 @@ class Trainer:
         def write():
             self.runlog.write(self.step, self.epoch_number, scalars)
             if metrics is not None:
-                self.runlog.write_figures(self.step, metrics, curves_of(logits, self.val_split, self.cfg))
+                self.runlog.write_figures(self.step, metrics, curves_of(logits, self.val_split, self.cfg, metrics))
         on_main(self.proc, write)
 
     # -- checkpoints and resume: the state; checkpoint.py writes and finds the folders ----------
@@ -387,19 +403,23 @@ class Trainer:
         mine = {"rng": rng_state(self.proc.device),
                 "window": {"loss": self.interval["loss"].cpu(), "examples": self.interval["examples"],
                            "terms": {k: v.cpu() for k, v in self.interval["terms"].items()}}}
-        write_files = functools.partial(self.write_files, per_rank=gather(self.proc, mine))
+        path = checkpoint_path(self.cfg["ckpt"], self.epoch_number, self.step)
+        card = checkpoint_facts(self, path)  # the model card's facts, kept in checkpoint.json too (export's card)
+        write_files = functools.partial(self.write_files, per_rank=gather(self.proc, mine), card=card)
         manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "best": self.best, "bad_validations": self.bad_validations,
-                    "run_dir": self.run_dir, "world_size": self.proc.world_size}
-        path = checkpoint_path(self.cfg["ckpt"], self.epoch_number, self.step)
+                    "run_dir": self.run_dir, "world_size": self.proc.world_size, "card": card}
         return on_main(self.proc, self.save_dir.save, path, write_files, manifest, reason)
 
-    def write_files(self, folder, per_rank):
+    def write_files(self, folder, per_rank, card):
         """A checkpoint's files: the classifier as save_pretrained writes it, with its tokenizer
-        (truncating as trained) and decisions, and the training state of every rank."""
+        (truncating as trained), decisions (thresholds, temperature) and model card, and the
+        training state of every rank."""
         cfg, classifier = self.cfg, classifier_of(self.model)
         save_pretrained(classifier, self.tokenizer, folder, max_seq_len=cfg["module"]["max_seq_len"])
         self.thresholds.write(folder)
+        self.calibration.write(folder)
+        write_card(folder, card, cfg)  # README.md, renamed into place with the rest
         state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
         if self.model is not classifier:  # distillation: what the module holds beside the student
@@ -423,6 +443,7 @@ class Trainer:
             self.best["path"] = str(Path(path).parent / Path(self.best["path"]).name)
         self.bad_validations = manifest["bad_validations"]
         self.thresholds.resumed(path)
+        self.calibration.resumed(path)
         mine = state["ranks"][self.proc.rank]
         set_rng_state(mine["rng"], device)
         saved = mine["window"]
@@ -570,8 +591,9 @@ def run(cfg, proc):
                       loss_fn=functools.partial(supervised_loss, class_weights=weights))
     result = fit(trainer, notes)
     if result is not None and cfg["data"]["predict_filepath"]:
+        decisions = Decisions(trainer.thresholds.values, trainer.calibration.temperature or 1.0)  # the best model's
         result["predictions"] = predict_file(cfg, proc, classifier_of(trainer.model), inputs.tokenizer, trainer.run_dir,
-                                             thresholds=trainer.thresholds.values, total_rows=inputs.predict_rows)
+                                             total_rows=inputs.predict_rows, decisions=decisions)
     return result
 
 

@@ -403,6 +403,7 @@ def rewrite_json(path, change):
     ("no tokenizer", "tokenizer_config.json"),
     ("no model.onnx", "model.onnx"),
     ("multi-label without thresholds", "thresholds.json"),
+    ("calibrated without its temperature", "calibration.json"),
 ])
 def test_a_damaged_export_folder_is_refused_in_one_line(single, tmp_path, damage, missing):
     """Complete or refused: never read with the default labels, task or another tokenizer."""
@@ -412,6 +413,9 @@ def test_a_damaged_export_folder_is_refused_in_one_line(single, tmp_path, damage
             (folder / name).unlink(missing_ok=True)
     elif damage == "multi-label without thresholds":
         rewrite_json(folder / "config.json", lambda c: c.update(problem_type="multi_label_classification"))
+    elif damage == "calibrated without its temperature":
+        assert json.loads((folder / "config.json").read_text())["calibration_temperature"] > 0
+        (folder / missing).unlink()
     else:
         (folder / missing).unlink()
     _, err = predict_through(single, folder, tmp_path)

@@ -185,8 +185,11 @@ def test_multi_label_curves_carry_thresholds_and_regression_a_scatter(tmp_path):
     metrics = {"per_label": {n: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "threshold": t}
                              for n, t in zip(names, [0.3, 0.65])}}
     labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    probabilities = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6], [0.2, 0.1]])
     log.write_figures(3, metrics, {"task": "multi_label", "names": names, "labels": labels,
-                                   "probabilities": np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6], [0.2, 0.1]])})
+                                   "probabilities": probabilities, "uncalibrated": probabilities,
+                                   "confidences": np.array([0.8, 0.8, 0.6, 0.8]), "correct": np.array([1, 1, 0, 1]),
+                                   "abstain_below": None})
     rng = np.random.default_rng(0)
     truth = rng.normal(size=200)
     log.write_figures(4, {}, {"task": "regression", "labels": truth, "predictions": truth + 0.1})

@@ -351,14 +351,15 @@ def test_predict_writes_input_columns_labels_and_probabilities_in_input_order(tr
         [["negative", "positive"][i] for i in probs.argmax(axis=1)]
     accuracy = np.mean([p["predicted_label"] == row["label"] for p, row in zip(predicted, rows)])
     assert accuracy > 0.9
-    # the same probabilities as the checkpoint gives in plain transformers
+    # the same probabilities as the checkpoint gives in plain transformers, at its temperature (config.json)
     best = trained.ckpt / "best"
     model = AutoModelForSequenceClassification.from_pretrained(best).eval()
     tokenizer = AutoTokenizer.from_pretrained(best)
     with torch.no_grad():
         logits = model(**tokenizer([row["text"] for row in rows], padding=True, truncation=True,
                                    max_length=16, return_tensors="pt")).logits
-    np.testing.assert_allclose(probs, torch.softmax(logits, dim=1).numpy(), atol=2e-6)
+    temperature = model.config.calibration_temperature
+    np.testing.assert_allclose(probs, torch.softmax(logits / temperature, dim=1).numpy(), atol=2e-6)
 
 
 def test_evaluate_and_predict_in_one_run_write_predictions_to_the_run_folder(trained):

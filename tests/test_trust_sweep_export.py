@@ -418,8 +418,8 @@ def test_the_sweep_table_neutralises_formulas(fake, capsys):
 def test_prediction_cells_and_label_names_are_neutralised():
     examples = SimpleNamespace(columns=["id", "text"], rows=[{"id": "-7", "text": "=cmd()"}, {"id": "3", "text": "@x"}])
     out = io.StringIO()
-    evaluation.write_prediction_rows(csv.writer(out), examples, np.array([[2.0, 0.0], [0.0, 2.0]], dtype=np.float32),
-                                     ["=bad", "+good"])
+    logits = np.array([[2.0, 0.0], [0.0, 2.0]], dtype=np.float32)
+    evaluation.write_prediction_rows(csv.writer(out), examples, evaluation.prediction_cells(logits, ["=bad", "+good"]))
     rows = list(csv.reader(io.StringIO(out.getvalue())))
     assert [row[:3] for row in rows] == [["-7", "'=cmd()", "'=bad"], ["3", "'@x", "'+good"]]
     assert float(rows[0][3]) > 0.5  # probabilities stay numbers
