@@ -476,8 +476,8 @@ def publish(tmp, target):
     """The written folder renamed onto target, unless another export (or a user) made target meanwhile."""
     try:
         publish_folder(tmp, target)
-    except OSError:
-        if not (target.exists() or target.is_symlink()):
+    except OSError as e:  # the rename found a folder (or a file) in its way
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise
         raise CheckpointError(f"{target} was made while this export ran (another export to the same folder?); "
                               f"nothing was written; remove it, or choose another --export.output_dir") from None
