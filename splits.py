@@ -19,6 +19,7 @@ from cache import cache_folder, cached_encode, mapped
 from checkpoint import check_outputs, read_manifest
 from config import ConfigError, label_names
 from data import DataError, cap_windows, count_examples, dropped_by_truncation, encode, read_examples, window_stride
+from datacheck import leak_warning
 from model import load_tokenizer
 from processes import log, on_main, seed_everything
 
@@ -54,6 +55,11 @@ def prepare_run(cfg, proc, build, extra_paths=(), tokenizer=None):
     seed_everything(cfg["trainer"]["seed"])
     tokenizer = load_tokenizer(cfg["model"]) if tokenizer is None else tokenizer
     train, val, predict_rows = read_splits(cfg, tokenizer, proc)
+    if proc.is_main:  # texts in both files, or labelled twice (datacheck.py): one line at most
+        line = leak_warning(*[s and s.examples for s in (train, val)],
+                            cached=[s.path for s in (train, val) if s is not None and s.examples is None])
+        if line is not None:
+            log(proc, line)
     extra = [read_split(cfg, proc, tokenizer, path, need_labels=False) for path in extra_paths]
     built = build(tokenizer)
     on_main(proc, check_outputs, cfg, cache_folder(cfg))

@@ -205,15 +205,16 @@ def write_json_atomic(path, obj):
         os.close(fd)
 
 
-def lock_dir(sweep_dir):
-    """An exclusive flock on sweep.dir/.lock while the sweep runs: a second sweep there is refused."""
+def lock_dir(sweep_dir, key="sweep.dir"):
+    """An exclusive flock on sweep_dir/.lock while the sweep runs: a second sweep there is refused
+    (crossval.py locks its folder, the key crossval.dir, alike)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     lock = open(sweep_dir / ".lock", "a+", encoding="utf-8")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        raise SweepError(f"{sweep_dir} is in use by another sweep; wait for it to end or choose another --sweep.dir") from None
+        raise SweepError(f"{sweep_dir} is in use by another run; wait for it to end or choose another --{key}") from None
     return lock
 
 
