@@ -106,11 +106,19 @@ def rows_of(groups):
     return [[i + 1 for i in group] for group in groups]
 
 
+def keys_of(examples):
+    """(exact keys, normalised keys, rows left blank once normalised: either text of a pair)."""
+    near_a = normalise_all(examples.texts_a)
+    near_b = None if examples.texts_b is None else normalise_all(examples.texts_b)
+    blank = [i for i, text in enumerate(near_a) if not text or (near_b is not None and not near_b[i])]
+    return text_keys(examples.texts_a, examples.texts_b), text_keys(near_a, near_b), blank
+
+
 def file_report(cfg, tokenizer, name, key, examples, keys):
     """Everything about one file on its own."""
-    exact, near = keys
+    exact, near, blank = keys
     report = {"name": name, "key": key, "path": examples.path, "rows": len(examples.texts_a),
-              "blank_once_normalised": [i + 1 for i, text in enumerate(normalise_all(examples.texts_a)) if not text]}
+              "blank_once_normalised": [i + 1 for i in blank]}
     if examples.labels is not None:
         report.update(label_report(cfg, examples.labels))
     for kind, k in (("exact", exact), ("normalised", near)):
@@ -152,7 +160,7 @@ def check(cfg):
     examples = [(name, key, read_examples(path, cfg["data"], cfg["data"]["labels_list"], labelled))
                 for name, key, path, labelled in files_of(cfg)]
     tokenizer = load_tokenizer(cfg["model"])
-    keys = [(text_keys(e.texts_a, e.texts_b), text_keys(e.texts_a, e.texts_b, normalised=True)) for _, _, e in examples]
+    keys = [keys_of(e) for _, _, e in examples]
     reports = [file_report(cfg, tokenizer, name, key, e, k) for (name, key, e), k in zip(examples, keys)]
     leaks = [leak_report((a[0], a[2]), (b[0], b[2]), ka, kb)
              for (a, ka), (b, kb) in combinations(zip(examples, keys), 2)]

@@ -193,11 +193,12 @@ def run_args(base, overrides):
 
 def fold_args(base, folder, pair):
     """A fold's trainer.py arguments: the base config, its files and its folders."""
-    return run_args(base, {"data.train_filepath": folder / "train.jsonl", "data.val_filepath": folder / "heldout.jsonl",
-            "data.file_format": "jsonl", "data.encoding": "utf-8", "data.text_a_col": "text",
-            "data.text_b_col": "text_b" if pair else None, "data.label_col": "label",
-            "data.predict_filepath": folder / "heldout.jsonl", "data.predict_output": folder / "heldout_predictions.csv",
-            "ckpt.model_state_save_dir": folder / "checkpoints", "trainer.log_dir": folder / "runs"})
+    files = {"data.train_filepath": folder / "train.jsonl", "data.val_filepath": folder / "heldout.jsonl",
+             "data.predict_filepath": folder / "heldout.jsonl", "data.predict_output": folder / "heldout_predictions.csv"}
+    columns = {"data.file_format": "jsonl", "data.encoding": "utf-8", "data.text_a_col": "text",
+               "data.text_b_col": "text_b" if pair else None, "data.label_col": "label"}
+    folders = {"ckpt.model_state_save_dir": folder / "checkpoints", "trainer.log_dir": folder / "runs"}
+    return run_args(base, {**files, **columns, **folders})
 
 
 def checked_run(name, args):
@@ -304,7 +305,8 @@ def our_folder(top, name, run_id):
     folder.mkdir(exist_ok=True)
     if mark.exists() and not mark.is_symlink() and mark.read_text(encoding="utf-8").strip() == run_id:
         return folder
-    if mark.exists() or mark.is_symlink() or any(folder.iterdir()):
+    # a kill while the mark was written leaves only atomic_write's temporary of it
+    if mark.exists() or mark.is_symlink() or any(not p.name.startswith(f".{MARKER}.") for p in folder.iterdir()):
         raise CrossValError(f"{folder} was not made by this cross-validation; move it away or choose another --crossval.dir")
     with atomic_write(mark) as f:
         f.write(run_id + "\n")
