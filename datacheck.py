@@ -126,10 +126,10 @@ def leak_warning(train, val, cached=()):
         leaked, near_leaked = shared(*exact)[1].sum(), shared(*near)[1].sum()
         if near_leaked:  # every exact match is a normalised one too
             findings.insert(0, f"{leaked} of the {len(val.texts_a)} validation texts are also in the training file "
-                               f"({near_leaked} once case, whitespace and punctuation are ignored)")
+                               f"({near_leaked} once case, whitespace and punctuation are ignored), so the "
+                               f"validation metric may flatter the model")
     if findings:
-        return (f"warning: {' and '.join(findings)}; the validation metric may flatter the model: "
-                f"python check_data.py lists them")
+        return f"warning: {', and '.join(findings)}; python check_data.py lists them"
     if cached:
         return (f"note: {', '.join(cached)} came from the token cache unread, so no leak between it and "
                 f"{read[0].path} was looked for; python check_data.py compares every file")

@@ -85,9 +85,11 @@ def test_the_trainer_warning_counts_leaks_and_conflicts_and_is_quiet_on_clean_da
     train = examples(["good movie", "bad plot", "nice film", "nice film"], [1, 0, 1, 0])
     val = examples(["Good movie.", "bad plot", "other"], [1, 0, 1])
     line = leak_warning(train, val)
-    assert line.startswith("warning: 1 of the 3 validation texts are also in the training file (2 once case, "
-                           "whitespace and punctuation are ignored) and 1 texts have different labels in different rows")
-    assert "python check_data.py" in line and "\n" not in line
+    assert line == ("warning: 1 of the 3 validation texts are also in the training file (2 once case, whitespace "
+                    "and punctuation are ignored), so the validation metric may flatter the model, and 1 texts have "
+                    "different labels in different rows; python check_data.py lists them")
+    conflicts = leak_warning(train, examples(["other"], [1]))
+    assert conflicts == "warning: 1 texts have different labels in different rows; python check_data.py lists them"
     clean = examples(["good movie", "bad plot"], [1, 0])
     assert leak_warning(clean, examples(["other text", "more"], [1, 0])) is None
     assert leak_warning(clean, None) is None and leak_warning(None, None) is None
@@ -175,6 +177,17 @@ def test_class_counts_imbalance_and_labels_missing_from_training(tmp_path, capsy
     assert "val holds labels the training file never does: ['neutral']" in out
 
 
+def test_regression_files_get_a_summary_of_their_targets(tmp_path, capsys, tiny_bert):
+    train = write_csv(tmp_path / "train.csv", [{"text": "good film", "label": 4.5}, {"text": "bad film", "label": 1.0},
+                                               {"text": "Good film", "label": 2.5}, {"text": "so so", "label": 3.0}])
+    val = write_csv(tmp_path / "val.csv", [{"text": "fine", "label": 3.0}])
+    report, _ = run_check(tmp_path, capsys, tiny_bert, train, val, **{"data.labels_list": "[score]",
+                                                                      "module.metric": "pcc_and_scc"})
+    train_report = report["files"][0]
+    assert train_report["targets"] == {"mean": 2.75, "std": pytest.approx(1.25), "min": 1.0, "max": 4.5}
+    assert train_report["conflicts_normalised"] == [[1, 3]] and train_report["conflicts_exact"] == []
+
+
 def test_multilabel_pairs_are_read_as_training_reads_them(tmp_path, capsys, tiny_bert):
     rows = [{"text": "good film", "text_b": "the plot", "label": ["positive"]},
             {"text": "good film", "text_b": "the plot", "label": ["positive", "negative"]},  # conflict
@@ -248,7 +261,7 @@ def test_training_says_one_warning_line_for_leaks_and_a_note_when_the_cache_hid_
     prepare_run(cfg, single_process(), build=lambda tokenizer: None, tokenizer=make_tokenizer())
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("warning:", "note:"))]
     assert lines == ["warning: 1 of the 6 validation texts are also in the training file (2 once case, whitespace "
-                     "and punctuation are ignored); the validation metric may flatter the model: python "
+                     "and punctuation are ignored), so the validation metric may flatter the model; python "
                      "check_data.py lists them"]
     # both files now come from the token cache: nothing to say; a new validation file beside the
     # cached training file is read alone, and the line says the training file was not compared

@@ -30,7 +30,7 @@ from conftest import (
 )
 from crossval import assign_folds, dealt_folds, iterative_folds, main, units_of
 from data import Examples
-from datacheck import confident_thresholds, issue_order, label_issues, multilabel_issues
+from datacheck import confident_thresholds, issue_order, label_issues, multilabel_issues, regression_issues
 
 # -- folds (pure functions) ----------------------------------------------------------------------
 
@@ -146,6 +146,14 @@ def test_multilabel_issues_flip_the_doubted_labels_only():
     assert issues.tolist() == [False, False, False, False, True]
     assert suggested[4].tolist() == [0, 1] and suggested[:4].tolist() == labels[:4].tolist()
     assert scores[4] == pytest.approx(0.9)
+
+
+def test_regression_ranks_by_absolute_error_and_flags_beyond_three_deviations():
+    targets = np.zeros(20)
+    predictions = np.r_[np.full(19, 0.1), 5.0]
+    scores, suggested, issues = regression_issues(predictions, targets)
+    assert scores == pytest.approx(np.r_[np.full(19, 0.1), 5.0]) and suggested[19] == 5.0
+    assert issues.tolist() == [False] * 19 + [True]  # errors' std is about 1.07: 5.0 is past 3 of them
 
 
 # -- bad input: one line, before any fold starts (in process) ---------------------------------------
