@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from checkpoint import abandoned, file_digest, fsync_path, writing_mark
 from data import DataError, Encoded, encode, window_stride
+from files import abandoned, file_digest, fsync_path, sync_folder, writing_mark
 from processes import agree
 
 VERSION = 2  # of the layout below: an entry of another version is rebuilt
@@ -198,7 +198,8 @@ def out_of_range(encoded, source, limits):
 
 
 def write_entry(folder, key, source, encoded, path, limits=None):
-    """Write an entry: into a temporary folder beside it, then renamed onto its name when complete."""
+    """Write an entry: into a temporary folder beside it, marked ours while written (files.writing_mark),
+    then renamed onto its name when complete."""
     tmp = folder.with_name(f".tmp-{folder.name[:16]}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
@@ -208,20 +209,15 @@ def write_entry(folder, key, source, encoded, path, limits=None):
                 array = getattr(encoded, name)
                 if array is None:
                     continue
-                with open(tmp / f"{name}.npy", "wb") as f:
-                    np.save(f, np.ascontiguousarray(array))
-                    f.flush()
-                    os.fsync(f.fileno())
+                np.save(tmp / f"{name}.npy", np.ascontiguousarray(array))
                 arrays[name] = {"dtype": str(array.dtype), "shape": list(array.shape),
                                 "bytes": (tmp / f"{name}.npy").stat().st_size}
             manifest = {"version": VERSION, "key": key, "file": str(path), "rows": encoded.num_documents,
                         "source": source, "arrays": arrays}
-            with open(tmp / "manifest.json", "w", encoding="utf-8") as f:  # last: it marks the entry complete
-                f.write(json.dumps(manifest, indent=2) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            # last: it marks the entry complete
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
             (tmp / BUILDING).unlink()  # an entry holds its arrays and manifest only
-            fsync_path(tmp)
+            sync_folder(tmp)  # files.py's rule: every file synced before the rename
             publish(tmp, folder, key, encoded.num_documents, limits)
             fsync_path(folder.parent)
     except BaseException:
@@ -276,7 +272,7 @@ def remove_entry(folder):
 # one build per machine
 
 
-def mapped(cache_dir, tokenizer, path, data_cfg, max_seq_len, labelled, proc, say=print):
+def mapped(cache_dir, tokenizer, path, data_cfg, max_seq_len, labelled, proc):
     """A file's Encoded (ids, and labels where labelled) mapped from its complete entry, without
     reading the file, when every rank of the run finds one; else None (the file is read, checked
     and tokenized through cached_encode). A file that cannot be hashed (missing, unreadable) is
@@ -284,7 +280,7 @@ def mapped(cache_dir, tokenizer, path, data_cfg, max_seq_len, labelled, proc, sa
     encoded = None
     if cache_dir is not None:
         if proc.local_rank == 0:
-            sweep(cache_dir, say)
+            sweep(cache_dir, proc.say)
         try:
             key, _ = cache_key(path, tokenizer, data_cfg, max_seq_len, labelled)
         except OSError:
@@ -311,7 +307,7 @@ def cached_encode(cache_dir, tokenizer, examples, data_cfg, max_seq_len, proc, s
         dist.barrier(group=proc.cpu_group)
     if builder:
         try:
-            return build(folder, key, source, tokenizer, examples, max_seq_len, window_stride(data_cfg), proc, say, limits)
+            return build(folder, key, source, tokenizer, examples, proc, say)
         except BaseException as e:
             if proc.ddp:
                 failed.write_text(f"{type(e).__name__}: {e}\n", encoding="utf-8")
@@ -319,8 +315,10 @@ def cached_encode(cache_dir, tokenizer, examples, data_cfg, max_seq_len, proc, s
     return wait_for(folder, failed, key, len(examples.texts_a), proc, limits)
 
 
-def build(folder, key, source, tokenizer, examples, max_seq_len, stride, proc, say, limits=None):
-    """The entry's arrays, tokenizing and writing them unless a complete entry is there."""
+def build(folder, key, source, tokenizer, examples, proc, say):
+    """The entry's arrays, tokenizing and writing them unless a complete entry is there; its key's
+    source says how (max_seq_len, windows)."""
+    limits = id_limits(tokenizer)
     encoded, why = open_entry(folder, key, len(examples.texts_a), limits)
     if encoded is not None:
         return encoded
@@ -329,7 +327,8 @@ def build(folder, key, source, tokenizer, examples, max_seq_len, stride, proc, s
                         f"of data.cache_dir: remove the link, or set data.cache_dir to another folder or null")
     if why != "absent":
         say(f"note: token cache {folder} is incomplete or stale ({why}); tokenizing {examples.path} again")
-    fresh = encode(tokenizer, examples, max_seq_len, progress=proc.is_main, stride=stride)
+    fresh = encode(tokenizer, examples, source["max_seq_len"], progress=proc.is_main,
+                   stride=window_stride(source["options"]))
     try:
         write_entry(folder, key, source, fresh, examples.path, limits)
     except OSError as e:

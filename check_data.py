@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import CheckpointError, write_json, writing_to
 from config import ConfigError, answer_help, label_names, load_config
 from data import ENCODE_CHUNK, DataError, read_examples
 from datacheck import conflict_groups, conflicting_keys, duplicate_groups, normalise_all, shared, text_keys
+from files import OutputError, write_json, writing_to
 from model import ModelError, load_tokenizer
 from runlog import new_run_dir
 
@@ -157,7 +157,7 @@ def unseen_labels(cfg, reports):
 
 def check(cfg):
     """Read every file (a bad one stops here, before anything is written), then the report."""
-    examples = [(name, key, read_examples(path, cfg["data"], cfg["data"]["labels_list"], labelled))
+    examples = [(name, key, read_examples(path, cfg["data"], labelled))
                 for name, key, path, labelled in files_of(cfg)]
     tokenizer = load_tokenizer(cfg["model"])
     keys = [keys_of(e) for _, _, e in examples]
@@ -268,7 +268,7 @@ def main(argv=None):
         path = report_path(cfg)
         with writing_to("check.output", path):
             write_json(path, report)
-    except (ConfigError, DataError, ModelError, CheckpointError) as e:
+    except (ConfigError, DataError, ModelError, OutputError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
     print(file_table(report))

@@ -1,12 +1,10 @@
-"""Checkpoint folders on disk: written atomically, found safely, loaded as data and never as code.
+"""Checkpoint folders on disk: the format, the save folder, recovery and the rules of resume.
 
-Usage (trainer.py does this; rank 0 alone touches the disk; open_save_dir does the first two
-lines there and checks that every rank sees the folder):
-    save_dir = SaveDir(cfg, session, say=print)   # locks the folder, repairs what a kill left
-    resume = save_dir.open(world_size, digests)   # the checkpoint to resume from, or None
-    path = write_checkpoint(save_dir.path, name, session, write_files, manifest)
-    save_dir.wrote_checkpoint()                    # old checkpoints moved aside can go now
+Usage (trainer.py's Trainer does this; every rank holds the SaveDir, rank 0 alone touches the disk):
+    save_dir = SaveDir(cfg, session, say)              # ckpt.model_state_save_dir for this run
+    resume = open_save_dir(save_dir, proc)             # lock, repair, the checkpoint to resume, or None
     state, manifest = load_checkpoint(resume, file_ext)
+    path = save_dir.save(path, write_files, manifest, reason)  # main process: write, link, prune
     save_dir.close(failed=False)
 
 A checkpoint is a folder <prefix>-epoch<E>-step<S> in ckpt.model_state_save_dir holding
@@ -19,14 +17,12 @@ A folder is ours only if its checkpoint.json says this trainer wrote it, and com
 file it lists has the listed size. Nothing else in the save folder is ever deleted or replaced,
 and the `last` / `best` links are replaced only when they point at one of our folders.
 
-Crash safety: files are fsynced, then the folder is renamed into place and the parent fsynced, so a
-kill or a power loss at any instruction leaves either the previous checkpoints or the new one. The
-names a run writes under carry its session id, so two runs can never share a temporary name (and
-the lock refuses the second run anyway).
+Crash safety follows files.py's rule (files fsynced, the folder renamed into place, the parent
+fsynced): a kill or a power loss at any instruction leaves the previous checkpoints or the new one.
+The names a run writes under carry its session id, so two runs can never share a temporary name
+(and the folder's lock refuses the second run anyway).
 """
 import errno
-import fcntl
-import hashlib
 import json
 import math
 import os
@@ -34,26 +30,18 @@ import pickle
 import re
 import secrets
 import shutil
-import socket
-import stat
-import tempfile
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
 from config import GOLDEN_CONFIG, Config, ConfigError, check_config, read_yaml, set_key, uses_amp
+from files import LOCK, FolderLock, OutputError, check_writable_dir, file_digest, first_line, fsync_path, publish, sync_folder
 from processes import agree, on_main
 
 MANIFEST = "checkpoint.json"
-# atomic_output's folder beside an output, and the mark that proves it ours while it is written
-WRITING_PREFIX, WRITING, WRITING_TEXT = ".writing-", ".writing", "output being written by pid"
 WRITTEN_BY = "trainer.py checkpoint"  # what marks a folder as ours
 LINKS = ("last", "best")
-LOCK = ".lock"
-LOCK_LINE = r"pid \d+ on .*, run .*\n?"  # what SaveDirLock writes in it
 # written first into a .replaced-<session> folder: what proves the folder is ours
 ASIDE_MARK = ".moved-aside.json"
 # checkpoint.json's fields that a resume reads, and their types
@@ -62,42 +50,22 @@ MANIFEST_FIELDS = {"step": int, "epoch": int, "batch_in_epoch": int, "bad_valida
                    "files": dict}
 
 
-def umask():
-    """The process's umask (os.umask can only be read by setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def follow_umask(path):
-    """Give a file we wrote the mode the umask asks for: safetensors and mkstemp write 0600, which
-    a team sharing a checkpoint folder cannot read."""
-    os.chmod(path, 0o666 & ~umask())
-
-
-class CheckpointError(Exception):
+class CheckpointError(OutputError):
     """A checkpoint or save folder that cannot be used as asked, reported as one line."""
-
-
-def new_session():
-    """An id for one launch of a run: its temporary and moved-aside names carry it."""
-    return f"{time.strftime('%Y%m%d%H%M%S')}-{secrets.token_hex(4)}"
 
 
 def checkpoint_name(prefix, epoch, step):
     return f"{prefix}-epoch{epoch}-step{step}"
 
 
+def checkpoint_path(ckpt_cfg, epoch, step):
+    """The folder of the checkpoint of a step (epoch: the one the step belongs to, from 1)."""
+    return Path(ckpt_cfg["model_state_save_dir"]) / checkpoint_name(ckpt_cfg["file_prefix"], epoch, step)
+
+
 def name_pattern(prefix):
     """The regular expression of checkpoint_name's names, the step as its second group."""
     return rf"{re.escape(prefix)}-epoch(\d+)-step(\d+)"
-
-
-def first_line(error):
-    """An exception's first line (a library's message may run to many), for our one-line errors;
-    its class name where it has no message."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_failure(error):
@@ -106,12 +74,6 @@ def load_failure(error):
     if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
         return "it is not tensors and plain data alone: damaged, or holding objects that could run code"
     return f"truncated or not a torch file: {first_line(error)[:200]}"
-
-
-def file_digest(path):
-    """sha256 of a file's bytes: resume compares data files by content, not by name."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,14 +205,6 @@ def check_saved_config(path, saved):
 # writing
 
 
-def fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_checkpoint(save_dir, name, session, write_files, manifest):
     """Write save_dir/name atomically: files into a temporary folder, fsync, manifest, rename.
 
@@ -268,21 +222,16 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
         tmp.mkdir()
         write_files(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        for file in files:
-            follow_umask(tmp / file)
-            fsync_path(tmp / file)
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "written_by": WRITTEN_BY, "session": session,
                                                 "files": files}, indent=1, default=str), encoding="utf-8")
-        fsync_path(tmp / MANIFEST)
-        fsync_path(tmp)
+        sync_folder(tmp)
         if final.exists():  # a stale folder of ours with this name: aside, then gone once replaced
             stale = save_dir / f".tmp-stale-{name}-{session}"
             os.rename(final, stale)
-            os.rename(tmp, final)
+            publish(tmp, final)
             shutil.rmtree(stale)
         else:
-            os.rename(tmp, final)
-        fsync_path(save_dir)
+            publish(tmp, final)
     except (OSError, RuntimeError, SafetensorError) as e:  # what torch.save and safetensors raise on a full disk
         # neither says why: under 1 MiB left, before the partial files go, is a full disk
         full = e.errno == errno.ENOSPC if isinstance(e, OSError) else shutil.disk_usage(save_dir).free < 2**20
@@ -291,31 +240,6 @@ def write_checkpoint(save_dir, name, session, write_files, manifest):
         raise CheckpointError(f"cannot write checkpoint {final}: {reason}{' (the disk is full)' * full}; "
                               f"free space or choose another ckpt.model_state_save_dir") from e
     return final
-
-
-def save_step(ckpt_cfg, name, session, position, write_files, manifest, reason, protected, say):
-    """A training step's checkpoint in ckpt.model_state_save_dir, with its `last` (and, for reason
-    "best", `best`) link and the old ones pruned to ckpt.keep_last (the protected paths are kept).
-
-    A step this launch saved already at the same position (validation saved it) is not written
-    again; one saved just before the epoch's closing validation (ckpt.save_steps) is, so that it
-    holds that validation's best. position is (epoch, batch_in_epoch); reason (period, best,
-    stop) is said beside the path. The checkpoint's path.
-    """
-    save_dir = Path(ckpt_cfg["model_state_save_dir"])
-    existing = read_manifest(save_dir / name)
-    if existing is not None and existing.get("session") == session and \
-            (existing["epoch"], existing["batch_in_epoch"]) == tuple(position):
-        path = save_dir / name
-    else:
-        path = write_checkpoint(save_dir, name, session, write_files, manifest)
-        say(f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
-    point_link(save_dir, "last", path)
-    if reason == "best":
-        point_link(save_dir, "best", path)
-    if ckpt_cfg["keep_last"] is not None:
-        prune(save_dir, ckpt_cfg["file_prefix"], ckpt_cfg["keep_last"], [*protected, path])
-    return path
 
 
 def point_link(save_dir, name, target):
@@ -364,47 +288,6 @@ def remove_tree(path, last):
 
 # ---------------------------------------------------------------------------------------------
 # one run per folder, and what a killed run leaves behind
-
-
-class SaveDirLock:
-    """An exclusive flock on save_dir/.lock for the life of a run; a second run is refused."""
-
-    def __init__(self, save_dir, session=""):
-        self.path = Path(save_dir) / LOCK
-        not_ours = CheckpointError(f"{self.path} is not a lock file of this trainer (a link, a folder or a file "
-                                   f"of other content), which it would overwrite; move it away or choose "
-                                   f"another ckpt.model_state_save_dir")
-        try:  # O_NOFOLLOW: through a link planted here we would truncate the file it points at
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        except OSError:
-            raise not_ours from None
-        self.file = os.fdopen(fd, "r+", encoding="utf-8")
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a hard link shares a user's file too
-            self.file.close()
-            raise not_ours
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise CheckpointError(f"{save_dir} is in use by another run ({holder}); wait for it to end "
-                                  f"or choose another ckpt.model_state_save_dir") from None
-        self.file.seek(0)
-        content = self.file.read(4096)
-        if content and not re.fullmatch(LOCK_LINE, content):
-            self.release()
-            raise not_ours
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()}, run {session}\n")
-        self.file.flush()
-
-    def release(self):
-        if not self.file.closed:
-            fcntl.flock(self.file, fcntl.LOCK_UN)
-            self.file.close()
 
 
 def move_aside(save_dir, paths, session):
@@ -490,140 +373,6 @@ def recover(save_dir, prefix):
     return messages
 
 
-def check_writable_dir(path, key):
-    """Create path if needed and prove it takes a file, so a bad location fails before step 1."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{key}: {path} is a file, not a folder; choose a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{secrets.token_hex(4)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise CheckpointError(f"{key}: cannot write in {path} ({e.strerror or e}); choose a writable "
-                              f"folder") from None
-
-
-def check_outputs(cfg, cache_dir):
-    """Every folder the run will write in (cache_dir: the token cache's, or None), checked (and
-    created) before the first step."""
-    if cfg["data"]["train_filepath"]:  # before the token cache is written (SaveDir's other rules come later)
-        check_writable_dir(cfg["ckpt"]["model_state_save_dir"], "ckpt.model_state_save_dir")
-    check_writable_dir(cfg["trainer"]["log_dir"], "trainer.log_dir")
-    if cache_dir is not None:
-        check_writable_dir(cache_dir, "data.cache_dir")
-    if cfg["data"]["predict_filepath"] and cfg["data"]["predict_output"]:
-        output = Path(cfg["data"]["predict_output"])
-        if output.is_dir():
-            raise CheckpointError(f"data.predict_output: {output} is a folder; name a file")
-        check_writable_dir(output.resolve().parent, "data.predict_output")
-
-
-@contextmanager
-def atomic_write(path, newline=None):
-    """A text file open for writing under a temporary name of its own beside path, renamed onto
-    path only once complete: a kill or a full disk never leaves half a file there."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            yield f
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_output(path, newline=None):
-    """A text file of any size (predictions) open for writing, renamed onto path once complete.
-    It is written in a folder of its own beside path, marked and locked while written, so that
-    a run killed mid-way leaves a folder the next one can prove ours and sweep (sweep_outputs)."""
-    path = Path(path)
-    tmp = path.resolve().parent / f"{WRITING_PREFIX}{path.name}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        with writing_mark(tmp / WRITING, WRITING_TEXT):
-            with open(tmp / path.name, "x", encoding="utf-8", newline=newline) as f:
-                yield f
-            follow_umask(tmp / path.name)
-            os.replace(tmp / path.name, path)
-            (tmp / WRITING).unlink()
-        tmp.rmdir()
-    except BaseException:
-        remove_output_folder(tmp, path.name)
-        raise
-
-
-def sweep_outputs(path, say):
-    """Remove what killed runs left beside the output path: atomic_output's folders whose mark
-    this trainer wrote and no process holds locked any more."""
-    path = Path(path)
-    for tmp in sorted(path.resolve().parent.glob(f"{WRITING_PREFIX}{path.name}-*")):
-        if abandoned(tmp, WRITING, WRITING_TEXT):
-            remove_output_folder(tmp, path.name)
-            say(f"note: removed {tmp}, which a killed run left while writing {path}")
-
-
-def remove_output_folder(tmp, name):
-    """atomic_output's folder: its two files (never through a link), then the folder itself."""
-    for file in (tmp / name, tmp / WRITING):
-        if not file.is_symlink():
-            file.unlink(missing_ok=True)
-    try:
-        tmp.rmdir()
-    except OSError:  # something else was put there: not ours to delete
-        pass
-
-
-@contextmanager
-def writing_mark(mark, text):
-    """The file mark, held locked while its folder is written: its text proves the folder ours,
-    and a lock that can be taken proves the writer gone (the kernel drops it when a process dies)."""
-    with open(mark, "x", encoding="utf-8") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)  # before its text: a sweeper that can read the text finds it locked
-        f.write(f"{text} {os.getpid()}\n")
-        f.flush()
-        yield
-
-
-def abandoned(folder, mark, text):
-    """True if folder is a temporary folder of ours (its mark file holds text) whose writer is gone."""
-    if folder.is_symlink() or not folder.is_dir():
-        return False
-    try:
-        fd = os.open(folder / mark, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
-        if not f.read(200).startswith(text):
-            return False
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False  # its writer is still writing
-    return True
-
-
-@contextmanager
-def writing_to(key, path):
-    """An OSError while writing path (a full disk, a folder gone read-only) as one error line
-    naming the key that chose it; what atomic_write / atomic_output were writing is gone."""
-    try:
-        yield
-    except OSError as e:
-        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}{full}; free space or choose another "
-                              f"{key}") from None
-
-
-def write_json(path, obj):
-    with atomic_write(path) as f:
-        f.write(json.dumps(obj, indent=2, default=str) + "\n")
-
-
 # ---------------------------------------------------------------------------------------------
 # resume: which checkpoint, and what may differ
 
@@ -633,8 +382,8 @@ def write_json(path, obj):
 RESUME_MAY_CHANGE = {"trainer.log_steps", "trainer.log_dir", "trainer.num_threads", "trainer.debug",
                      "ckpt.checkpoint", "ckpt.period", "ckpt.save_steps", "ckpt.keep_last",
                      "ckpt.resume", "ckpt.overwrite", "data.predict_filepath", "data.predict_output",
-                     "data.cache_dir", "trainer.stop_after_epochs"}
-# how the processes were started may be said another way (auto, or the seed's sp / ddp): the world
+                     "data.cache_dir", "trainer.stop_after_epochs", "data.abstain_below"}
+# how the processes were started may be said another way (auto, or sp / ddp): the world
 # size is compared on its own, and the precision through uses_amp
 LAUNCH_KEYS = {"trainer.backend", "trainer.amp"}
 # data files are compared by content (a moved file is the same data; an edited one is not)
@@ -661,8 +410,9 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
         for name, value in values.items():
             # a key newer than the checkpoint: its run behaved as the key's default says
             key, old = f"{section}.{name}", saved_cfg.get(section, {}).get(name, golden.get(section, {}).get(name))
-            # export.py's keys never reach training
-            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or key in LAUNCH_KEYS or section == "export" or old == value:
+            # export.py's and serve.py's keys never reach training
+            if key in RESUME_MAY_CHANGE or key in DATA_FILE_KEYS or key in LAUNCH_KEYS or section in ("export", "serve") \
+                    or old == value:
                 continue
             if key == "trainer.epochs" and value > old:
                 continue  # a finished run can be extended
@@ -677,19 +427,21 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
 
 
 class SaveDir:
-    """ckpt.model_state_save_dir for the life of one run, on the main process: its lock, the
-    checkpoint to resume from, and the old checkpoints moved aside until this run has one."""
+    """ckpt.model_state_save_dir for the life of one run. Every rank holds one; the main process
+    alone opens it (its lock, the data files' hashes, the checkpoint to resume from), saves into
+    it, and keeps the old checkpoints moved aside until this run has one of its own."""
 
     def __init__(self, cfg, session, say):
         self.cfg, self.ckpt, self.session, self.say = cfg, cfg["ckpt"], session, say
         self.path, self.prefix = Path(self.ckpt["model_state_save_dir"]), self.ckpt["file_prefix"]
-        self.lock, self.aside = None, None
+        self.lock, self.aside, self.digests = None, None, None
 
-    def open(self, world_size, digests):
+    def open(self, world_size):
         """Check and lock the folder, repair what a killed run left, apply the overwrite and
         resume rules. Returns the checkpoint to resume from, or None for a fresh run."""
+        self.digests = data_digests(self.cfg)
         check_writable_dir(self.path, "ckpt.model_state_save_dir")
-        self.lock = SaveDirLock(self.path, self.session)
+        self.lock = FolderLock(self.path, self.session, "ckpt.model_state_save_dir")
         for message in recover(self.path, self.prefix):
             self.say(f"note: {message}")
         for name in LINKS:
@@ -716,7 +468,7 @@ class SaveDir:
         if manifest["world_size"] != world_size:
             raise CheckpointError(f"{path} was written by {manifest['world_size']} processes; resume it "
                                   f"with the same number (this run has {world_size})")
-        conflicts = resume_conflicts(manifest["config"], manifest["data"], self.cfg, digests)
+        conflicts = resume_conflicts(manifest["config"], manifest["data"], self.cfg, self.digests)
         if conflicts:
             raise CheckpointError(f"cannot resume {path}: {'; '.join(conflicts)}. Resume with the "
                                   f"checkpoint's settings, or start a new run from its weights with "
@@ -727,6 +479,31 @@ class SaveDir:
                                   f"({', '.join(p.name for p in newer)}); resume the newest (--ckpt.resume "
                                   f"auto), or pass --ckpt.overwrite true to replace them with this run's")
         self.move_aside(newer, "newer than the one resumed")  # with auto: those that did not load
+        return path
+
+    def save(self, path, write_files, manifest, reason):
+        """Main process: the checkpoint folder path (checkpoint_path of manifest's step), written by
+        write_files(folder) (the model and training state) and the manifest; `last` (and, for reason
+        "best", `best`) pointed at it; our old ones pruned to ckpt.keep_last, the best kept.
+
+        A step this launch saved already at the same position (validation saved it) is not written
+        again; one saved just before the epoch's closing validation (ckpt.save_steps) is, so that it
+        holds that validation's best. reason (period, best, stop) is said beside the path.
+        """
+        path = Path(path)
+        existing = read_manifest(path)
+        position = (manifest["epoch"], manifest["batch_in_epoch"])
+        if existing is None or existing.get("session") != self.session or \
+                (existing["epoch"], existing["batch_in_epoch"]) != position:
+            write_checkpoint(self.path, path.name, self.session, write_files,
+                             {**manifest, "config": self.cfg, "data": self.digests})
+            self.say(f"checkpoint: {path}" + (f" ({reason})" if reason != "period" else ""))
+        point_link(self.path, "last", path)
+        if reason == "best":
+            point_link(self.path, "best", path)
+        if self.ckpt["keep_last"] is not None:
+            prune(self.path, self.prefix, self.ckpt["keep_last"], [manifest["best"] and manifest["best"]["path"], path])
+        self.wrote_checkpoint()  # this run has a checkpoint of its own: what it replaces can go
         return path
 
     def resume_candidate(self, ours):
@@ -765,27 +542,17 @@ class SaveDir:
             self.lock.release()
 
 
-def open_save_dir(cfg, proc, session, say):
+def open_save_dir(save_dir, proc):
     """Before step 1, on every rank: rank 0 opens the SaveDir (lock, repairs, the checkpoint to
-    resume from) and every rank checks that it sees rank 0's folder.
-    Returns (the SaveDir, the data files' digests: both None off rank 0; the checkpoint or None)."""
-    opened = {}
-
-    def open_on_main():
-        opened["digests"] = data_digests(cfg)
-        opened["save_dir"] = SaveDir(cfg, session, say)
-        resume = opened["save_dir"].open(proc.world_size, opened["digests"])
-        return None if resume is None else str(resume), session
-
+    resume from) and every rank checks that it sees rank 0's folder. The checkpoint, or None."""
     try:
-        resume, main_session = on_main(proc, open_on_main)
+        resume, main_session = on_main(proc, lambda: (save_dir.open(proc.world_size), save_dir.session))
         if proc.ddp:
-            check_shared_save_dir(cfg, proc, main_session)
+            check_shared_save_dir(save_dir.cfg, proc, main_session)
     except BaseException:
-        if "save_dir" in opened:
-            opened["save_dir"].close(failed=True)
+        save_dir.close(failed=True)  # rank 0 releases the lock it took
         raise
-    return opened.get("save_dir"), opened.get("digests"), resume
+    return None if resume is None else str(resume)
 
 
 def check_shared_save_dir(cfg, proc, main_session):

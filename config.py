@@ -46,6 +46,7 @@ CHOICES = {
     "trainer.backend": ["auto", "sp", "sp-amp", "ddp", "ddp-amp"],
     "trainer.amp_dtype": ["auto", "bf16", "fp16"],
     "trainer.device": ["auto", "cpu", "cuda"],
+    "serve.artifact": ["auto", "onnx_fp32", "onnx_int8"],
 }
 # keys that take null or several types; every other key takes the type of its golden value
 TYPES = {
@@ -58,10 +59,12 @@ TYPES = {
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.log_steps": (int, str),
     "trainer.stop_after_epochs": (int, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
+    "module.calibrate": (bool, float, list), "data.abstain_below": (float, None),
     "distill.student_layers": (list, None), "distill.student_model": (str, None), "distill.student_tokenizer": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
     "sweep.samples": (int, None), "sweep.rungs": (list, None),
     "export.output_dir": (str, None), "check.output": (str, None),
+    "serve.max_wait_ms": (float,),
 }
 
 
@@ -261,10 +264,25 @@ def fit_metric_to_task(cfg):
 
 def check_config(cfg):
     """Values that are well typed but cannot work, caught before anything runs."""
+    check_numbers(cfg)
+    check_steps(cfg)
+    check_task(cfg)
+    check_what_runs(cfg)
+    check_sweep(cfg["sweep"])
+    check_crossval(cfg["crossval"])
+    check_predict_output(cfg)
+    check_data_check(cfg)
+    check_checkpoint_names(cfg["ckpt"])
+    check_export(cfg["export"])
+    check_serve(cfg["serve"])
+
+
+def check_numbers(cfg):
+    """Every number finite, and each in the range its key allows."""
     for section, values in cfg.items():
         for name, value in values.items():
             check_finite(f"{section}.{name}", value)
-    data, module, tcfg = cfg["data"], cfg["module"], cfg["trainer"]
+    module, tcfg = cfg["module"], cfg["trainer"]
     if tcfg["log_steps"] != "auto" and not isinstance(tcfg["log_steps"], int):
         raise ConfigError(f"trainer.log_steps is {tcfg['log_steps']!r}; use a number of steps, or auto")
     positive = ["module.max_lr", "module.max_seq_len", "trainer.epochs", "trainer.train_batch_size",
@@ -279,13 +297,26 @@ def check_config(cfg):
         section, name = key.split(".")
         if cfg[section][name] is not None and cfg[section][name] < 0:  # early_stopping_patience may be null
             raise ConfigError(f"{key} is {cfg[section][name]}; it must not be negative")
-    if tcfg["stop_after_epochs"] is not None and tcfg["stop_after_epochs"] < 1:
-        raise ConfigError(f"trainer.stop_after_epochs is {tcfg['stop_after_epochs']}; it must be at least 1, or null")
+    at_least_one = {"trainer.stop_after_epochs": "null", "data.max_windows": "null for all",
+                    "ckpt.keep_last": "null to keep all"}
+    for key, null in at_least_one.items():
+        section, name = key.split(".")
+        if cfg[section][name] is not None and cfg[section][name] < 1:
+            raise ConfigError(f"{key} is {cfg[section][name]}; it must be at least 1, or {null}")
+    # numpy seeds are unsigned 32-bit integers
+    if not 0 <= tcfg["seed"] <= 2**32 - 1:
+        raise ConfigError(f"trainer.seed is {tcfg['seed']}; it must be in [0, 2**32 - 1]")
+    if not 0 <= module["warmup_prop"] <= 1:
+        raise ConfigError(f"module.warmup_prop is {module['warmup_prop']}; it must be in [0, 1]")
+
+
+def check_steps(cfg):
+    """Settings of the steps that contradict each other: pausing without checkpoints, windows that
+    would repeat more than they move, clipping to nothing."""
+    data, module, tcfg = cfg["data"], cfg["module"], cfg["trainer"]
     if tcfg["stop_after_epochs"] is not None and not cfg["ckpt"]["checkpoint"]:
         raise ConfigError("trainer.stop_after_epochs needs ckpt.checkpoint true: the launch that goes on resumes "
                           "from the checkpoint written when it stops")
-    if data["max_windows"] is not None and data["max_windows"] < 1:
-        raise ConfigError(f"data.max_windows is {data['max_windows']}; it must be at least 1, or null for all")
     if data["long_texts"] == "windows" and data["window_stride"] >= module["max_seq_len"] // 2:
         # each window moves on by max_seq_len - stride - special tokens: a stride near the window
         # would make as many windows as tokens
@@ -295,11 +326,11 @@ def check_config(cfg):
         # clipping to norm 0 scales every gradient to zero: the model would never change
         raise ConfigError(f"trainer.max_grad_norm is {tcfg['max_grad_norm']} with trainer.clip_grads "
                           f"true; set a positive norm, or clip_grads false")
-    # numpy seeds are unsigned 32-bit integers
-    if not 0 <= tcfg["seed"] <= 2**32 - 1:
-        raise ConfigError(f"trainer.seed is {tcfg['seed']}; it must be in [0, 2**32 - 1]")
-    if not 0 <= module["warmup_prop"] <= 1:
-        raise ConfigError(f"module.warmup_prop is {module['warmup_prop']}; it must be in [0, 1]")
+
+
+def check_task(cfg):
+    """The labels, columns, metric, thresholds, calibration and class weights fit the task they describe."""
+    data, module = cfg["data"], cfg["module"]
     labels = [str(label).strip() for label in data["labels_list"]]
     if not labels or len(set(labels)) != len(labels):
         raise ConfigError(f"data.labels_list {data['labels_list']} must be non-empty without duplicates")
@@ -311,18 +342,26 @@ def check_config(cfg):
                           f"{' (one label)' * (task == 'regression')}; use "
                           f"{', '.join(others) + ' or ' if others else ''}{last}")
     check_threshold(module["threshold"], labels)
-    if data["multi_label"] and module["threshold"] == "tune" and data["val_filepath"] is None:
-        raise ConfigError("module.threshold tune chooses each label's threshold on data.val_filepath, which "
-                          "is null; set a validation file, or give the thresholds")
-    patience = tcfg["early_stopping_patience"]
-    if patience and data["train_filepath"] is not None and data["val_filepath"] is None:
-        raise ConfigError(f"trainer.early_stopping_patience {patience} counts validations on data.val_filepath, "
-                          f"which is null; set a validation file, or early_stopping_patience 0")
+    check_calibration(module["calibrate"], data["abstain_below"], labels, task)
     if data["train_filepath"] is not None:  # evaluation may learn its task from the checkpoint first
         check_threshold_fits(cfg)
     if data["multi_label"] and (not data["label_sep"] or data["label_sep"].strip() != data["label_sep"]):
         raise ConfigError(f"data.label_sep is {data['label_sep']!r}; it must be a non-empty separator "
                           f"without surrounding spaces, e.g. \"|\"")
+    check_class_weights(module["class_weights"], labels, task)
+
+
+def check_what_runs(cfg):
+    """The files a run reads make a run: something to do, a model to evaluate, a validation file for
+    what needs one."""
+    data = cfg["data"]
+    if data["multi_label"] and cfg["module"]["threshold"] == "tune" and data["val_filepath"] is None:
+        raise ConfigError("module.threshold tune chooses each label's threshold on data.val_filepath, which "
+                          "is null; set a validation file, or give the thresholds")
+    patience = cfg["trainer"]["early_stopping_patience"]
+    if patience and data["train_filepath"] is not None and data["val_filepath"] is None:
+        raise ConfigError(f"trainer.early_stopping_patience {patience} counts validations on data.val_filepath, "
+                          f"which is null; set a validation file, or early_stopping_patience 0")
     if data["train_filepath"] is None:
         if cfg["model"]["model_path"] is None:
             raise ConfigError("data.train_filepath is null (evaluate / predict only), so "
@@ -330,16 +369,22 @@ def check_config(cfg):
         if data["val_filepath"] is None and data["predict_filepath"] is None:
             raise ConfigError("nothing to do: set data.train_filepath, data.val_filepath or "
                               "data.predict_filepath")
-    check_class_weights(module["class_weights"], labels, task)
-    check_sweep(cfg["sweep"])
-    check_crossval(cfg["crossval"])
-    check_predict_output(cfg)
-    check_data_check(cfg)
-    keep = cfg["ckpt"]["keep_last"]
-    if keep is not None and keep < 1:
-        raise ConfigError(f"ckpt.keep_last is {keep}; it must be at least 1, or null to keep all")
-    check_checkpoint_names(cfg["ckpt"])
-    check_export(cfg["export"])
+
+
+def check_serve(serve):
+    """serve.py's address, batching and limits."""
+    if not serve["host"] or any(c.isspace() for c in serve["host"]):
+        raise ConfigError(f"serve.host is {serve['host']!r}; give an address such as 127.0.0.1 (this machine only)")
+    if not 1 <= serve["port"] <= 65535:
+        raise ConfigError(f"serve.port is {serve['port']}; it must be a TCP port, 1 to 65535")
+    for name in ("max_batch_size", "max_batch_tokens", "max_queue", "max_inputs", "max_chars", "max_body_bytes"):
+        if serve[name] < 1:
+            raise ConfigError(f"serve.{name} is {serve[name]}; it must be at least 1")
+    if serve["max_wait_ms"] < 0:
+        raise ConfigError(f"serve.max_wait_ms is {serve['max_wait_ms']}; it must not be negative (0 = no wait)")
+    if serve["max_queue"] < serve["max_inputs"]:  # else a request of max_inputs texts could never be taken
+        raise ConfigError(f"serve.max_queue {serve['max_queue']} is less than serve.max_inputs {serve['max_inputs']}; "
+                          f"raise max_queue")
 
 
 def check_export(export):
@@ -404,6 +449,23 @@ def check_class_weights(weights, labels, task):
     if len(weights) != len(labels) or not all(type_ok(w, (float,)) and w > 0 for w in weights):
         raise ConfigError(f"module.class_weights {weights} must be {len(labels)} positive numbers, one per "
                           f"data.labels_list entry {labels}")
+
+
+def check_calibration(calibrate, abstain_below, labels, task):
+    """module.calibrate: true, false, a positive temperature, or (multi-label) one per label;
+    data.abstain_below: a probability. Both are for classification: a regression has no probabilities."""
+    if task == "regression" and (abstain_below is not None or not isinstance(calibrate, bool)):
+        key = "data.abstain_below" if abstain_below is not None else "module.calibrate"
+        raise ConfigError(f"{key} is set, but one label means regression, whose scores are no probabilities; "
+                          f"leave it out")
+    if isinstance(calibrate, list) and (task != "multi_label" or len(calibrate) != len(labels)):
+        raise ConfigError(f"module.calibrate {calibrate}: a list is one temperature per label of a multi-label task "
+                          f"({len(labels)} labels); give one number, true or false")
+    temperatures = calibrate if isinstance(calibrate, list) else [] if isinstance(calibrate, bool) else [calibrate]
+    if not all(type_ok(t, (float,)) and t > 0 for t in temperatures):
+        raise ConfigError(f"module.calibrate {calibrate}: a temperature is a positive number (1 changes nothing)")
+    if abstain_below is not None and not 0 < abstain_below < 1:
+        raise ConfigError(f"data.abstain_below is {abstain_below}; it must be a probability between 0 and 1, or null")
 
 
 def check_threshold_fits(cfg):

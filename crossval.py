@@ -27,7 +27,8 @@ The checkpoints go once the fold is predicted, unless crossval.keep_weights.
 Written in crossval.dir at the end, each atomically:
 - oof_probabilities.csv: every training row in file order: row, fold, its given label, and each
   class's (label's) out-of-fold probability, from the fold's model that never saw the row (the
-  prediction, for regression).
+  prediction, for regression). They are the fold's calibrated probabilities (module.calibrate):
+  its temperature, one number, is fitted on the rows it holds out, as on any validation file.
 - label_issues.csv: every row, ranked: rank, row, fold, given_label, suggested_label, score,
   issue, text. score = 1 - the out-of-fold probability of the given label (self-confidence, the
   score cleanlab ranks by): one number that orders every row. issue = confident learning flags the
@@ -69,11 +70,12 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import RESUME_MAY_CHANGE, CheckpointError, atomic_write, file_digest, writing_to
+from checkpoint import RESUME_MAY_CHANGE
 from config import ConfigError, answer_help, label_names, load_config, parse_args, task_of
 from data import DataError, read_examples
 from datacheck import issue_order, label_issues, multilabel_issues, regression_issues, text_keys
-from sweep import SweepError, as_arg, command_of, last_json, lock_dir, plain_command, plan_differences, write_json_atomic
+from files import FolderLock, OutputError, atomic_write, check_writable_dir, file_digest, write_json, writing_to
+from sweep import as_arg, command_of, last_json, plain_command, plan_differences
 
 STATE = "crossval.json"
 WRITTEN_BY = "crossval.py"
@@ -231,7 +233,7 @@ def make_plan(argv):
     data, crossval = cfg["data"], cfg["crossval"]
     if not data["train_filepath"]:
         raise CrossValError("data.train_filepath is null; cross-validation splits the training file into folds")
-    examples = read_examples(data["train_filepath"], data, data["labels_list"], need_labels=True)
+    examples = read_examples(data["train_filepath"], data, need_labels=True)
     folds = assign_folds(examples, task_of(data), crossval["folds"], crossval["seed"])
     config_path, overrides = parse_args(argv)
     base = (config_path, [(key, value) for key, value in overrides if not key.startswith("crossval.")])
@@ -250,7 +252,7 @@ def plan_of(job):
     """What makes this cross-validation itself: its folds, the training data, and the config of
     its runs but for what a resume may change. Another plan in the same folder is refused."""
     cfg, first = job.cfg, checked_run(job.runs[0]["name"], job.runs[0]["args"])
-    tools = ("sweep", "check", "export", "crossval")
+    tools = ("sweep", "check", "export", "serve", "crossval")
     plan = {f"{section}.{name}": value for section, values in first.items() if section not in tools
             for name, value in values.items() if f"{section}.{name}" not in RESUME_MAY_CHANGE}
     return json.loads(json.dumps({**plan, "crossval.folds": cfg["crossval"]["folds"], "crossval.seed": cfg["crossval"]["seed"],
@@ -295,7 +297,7 @@ def open_state(top, plan, runs):
                                 f"move it away or choose another --crossval.dir")
     state = {"written_by": WRITTEN_BY, "id": secrets.token_hex(8), "plan": plan,
              "runs": [new_record(run["name"]) for run in runs]}
-    write_json_atomic(path, state)
+    write_json(path, state, indent=1)
     return state
 
 
@@ -375,7 +377,7 @@ def run_one(launcher, job, run):
                       best_checkpoint=result["best_checkpoint"])
         if run["fold"] is not None and not job.cfg["crossval"]["keep_weights"] and (folder / "checkpoints").is_dir():
             shutil.rmtree(folder / "checkpoints")  # in our own marked folder, written by its trainer.py
-    write_json_atomic(top / STATE, state)
+    write_json(top / STATE, state, indent=1)
     print(f"{run['name']}: " + (f"{metric} {record['value']:.4f} (best step {record['best_step']}), "
                                 f"{record['seconds']:.0f} s" if error is None else f"failed: {error}"), flush=True)
     return returncode if result is None else 0
@@ -467,7 +469,7 @@ def finish(job, flagged=None):
         flagged = write_outputs(top, cfg, job.examples, job.folds, probs)
     result = summary(top, job.state, job.runs, metric, flagged)
     with writing_to("crossval.dir", top / OUTPUTS[2]):
-        write_json_atomic(top / OUTPUTS[2], result)
+        write_json(top / OUTPUTS[2], result, indent=1)
     return result
 
 
@@ -492,7 +494,7 @@ def run_all(job, launcher):
             continue
         status = None if launcher.stopping else run_one(launcher, job, run)
         if status is None:
-            write_json_atomic(job.top / STATE, job.state)
+            write_json(job.top / STATE, job.state, indent=1)
             sys.stderr.write(f"stopped by a signal; the state is in {job.top / STATE}: run the same command again to go on\n")
             return 1
         if status != 0:
@@ -511,24 +513,25 @@ def main(argv=None):
     try:
         job = make_plan(argv)
         plan = plan_of(job)
-        lock = lock_dir(job.top, "crossval.dir")
+        check_writable_dir(job.top, "crossval.dir")
+        lock = FolderLock(job.top, key="crossval.dir")  # a second cross-validation in the folder is refused
         job.state = open_state(job.top, plan, job.runs)
-    except (ConfigError, DataError, CrossValError, SweepError) as e:
+    except (ConfigError, DataError, CrossValError, OutputError) as e:
         if lock is not None:
-            lock.close()
+            lock.release()
         sys.stderr.write(f"error: {e}\n")
         return 2
     launcher = Launcher()
     previous = {s: signal.signal(s, launcher.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return run_all(job, launcher)
-    except (CrossValError, CheckpointError) as e:
+    except (CrossValError, OutputError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        lock.close()
+        lock.release()
 
 
 if __name__ == "__main__":

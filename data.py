@@ -1,11 +1,11 @@
 """Data: files -> checked examples -> token ids -> length-grouped, dynamically padded batches.
 
 Usage:
-    examples = read_examples(path, data_cfg, labels_list, need_labels=True)
+    examples = read_examples(path, data_cfg, need_labels=True)       # labels: data_cfg["labels_list"]
     encoded = encode(tokenizer, examples, max_seq_len)
     for rank_indices, global_size in train_batches(encoded.lengths, 32, seed, epoch, rank, world_size):
         batch = collate(encoded, rank_indices, tokenizer.pad_token_id)
-    for chunk in example_chunks(path, data_cfg, labels_list, 10_000):   # a predict file, streamed
+    for chunk in example_chunks(path, data_cfg, 10_000):   # a predict file, streamed
         ...
 
 Files are read line by line, never held whole; the token ids of a split are flat numpy arrays
@@ -356,7 +356,7 @@ def text_of(path, line, row, column):
     return text
 
 
-def checked_rows(path, data_cfg, labels_list, need_labels):
+def checked_rows(path, data_cfg, need_labels):
     """(columns, iterator of (row dict, text_a, text_b, label)) of one data file, each row checked
     as it is read; labels are required for training and evaluation only (None otherwise)."""
     header = data_cfg["header"] if data_cfg["file_format"] != "jsonl" else 0
@@ -369,7 +369,7 @@ def checked_rows(path, data_cfg, labels_list, need_labels):
     col_label, label_ids = None, None
     if need_labels:
         col_label = resolve_column(path, "data.label_col", data_cfg["label_col"], columns, header)
-        label_ids = label_to_id(labels_list, data_cfg["multi_label"])
+        label_ids = label_to_id(data_cfg["labels_list"], data_cfg["multi_label"])
     # config.py refuses equal values; a name and a position can still be one column
     for key, col, other_key, other in [("data.text_b_col", col_b, "data.text_a_col", col_a),
                                        ("data.text_a_col", col_a, "data.label_col", col_label),
@@ -391,7 +391,7 @@ def checked_rows(path, data_cfg, labels_list, need_labels):
     return columns, checked()
 
 
-def gather(path, columns, items, data_cfg, labels_list, need_labels, keep_rows):
+def as_examples(path, columns, items, data_cfg, need_labels, keep_rows):
     """Examples of (row, text_a, text_b, label) items."""
     rows, texts_a, texts_b, labels = [], [], [], []
     for row, text_a, text_b, label in items:
@@ -401,32 +401,33 @@ def gather(path, columns, items, data_cfg, labels_list, need_labels, keep_rows):
         texts_b.append(text_b)
         labels.append(label)
     if need_labels and data_cfg["multi_label"]:  # one 0/1 row per example
-        labels = np.stack(labels) if labels else np.zeros((0, len(labels_list)), dtype=np.float32)
+        labels = np.stack(labels) if labels else np.zeros((0, len(data_cfg["labels_list"])), dtype=np.float32)
     elif need_labels:
-        regression = label_to_id(labels_list) is None
+        regression = label_to_id(data_cfg["labels_list"]) is None
         labels = np.array(labels, dtype=np.float32 if regression else np.int64)
     return Examples(path, columns, rows if keep_rows else None, texts_a,
                     texts_b if data_cfg["text_b_col"] is not None else None, labels if need_labels else None)
 
 
-def read_examples(path, data_cfg, labels_list, need_labels, keep_rows=False):
-    """Read and check one data file. The raw rows are kept only when asked (keep_rows): only
-    prediction output needs the input columns, and they are most of a file's memory."""
-    columns, items = checked_rows(path, data_cfg, labels_list, need_labels)
-    return gather(path, columns, items, data_cfg, labels_list, need_labels, keep_rows)
+def read_examples(path, data_cfg, need_labels, keep_rows=False):
+    """Read and check one data file, its labels as data_cfg's labels_list names them. The raw rows
+    are kept only when asked (keep_rows): only prediction output needs the input columns, and they
+    are most of a file's memory."""
+    columns, items = checked_rows(path, data_cfg, need_labels)
+    return as_examples(path, columns, items, data_cfg, need_labels, keep_rows)
 
 
-def example_chunks(path, data_cfg, labels_list, chunk_rows):
+def example_chunks(path, data_cfg, chunk_rows):
     """The rows of a prediction file as Examples of at most chunk_rows rows each (raw rows kept),
     read as they are consumed: memory follows the chunk, not the file."""
-    columns, items = checked_rows(path, data_cfg, labels_list, need_labels=False)
+    columns, items = checked_rows(path, data_cfg, need_labels=False)
     while chunk := list(itertools.islice(items, chunk_rows)):
-        yield gather(path, columns, chunk, data_cfg, labels_list, False, keep_rows=True)
+        yield as_examples(path, columns, chunk, data_cfg, False, keep_rows=True)
 
 
-def count_examples(path, data_cfg, labels_list):
+def count_examples(path, data_cfg):
     """Read and check every row of a prediction file (keeping none): the number of examples."""
-    _, items = checked_rows(path, data_cfg, labels_list, need_labels=False)
+    _, items = checked_rows(path, data_cfg, need_labels=False)
     return sum(1 for _ in items)
 
 

@@ -9,7 +9,7 @@ hands them to trainer.Trainer.
     python distill.py --config_path configs/distill.yaml \
         --model.model_path checkpoints/teacher/best --distill.student_layers [0,2,5] \
         --ckpt.model_state_save_dir checkpoints/student-3l                                     # 2. student
-    torchrun --nproc_per_node 2 distill.py --config_path configs/distill.yaml --trainer.backend ddp ...
+    torchrun --nproc_per_node 2 distill.py --config_path configs/distill.yaml ...
     python trainer.py --data.train_filepath null --data.val_filepath data/tweets/test.csv \
         --model.model_path checkpoints/student-3l/best                                         # 3. evaluate
 
@@ -63,14 +63,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 import speedups
-from checkpoint import first_line
 from config import ConfigError, task_of
 from data import Encoded
 from evaluation import document_logits, predict_logits
+from files import first_line
 from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
-from processes import log, on_main, per_rank_batch
-from splits import Split, check_max_seq_len, class_weights, load_split, prepare_run, read_split, tokenize, training_split
-from trainer import fit, task_loss
+from processes import on_main, per_rank_batch
+from splits import Split, check_max_seq_len, class_weights, prepare_run, read_split, tokenize, training_split
+from trainer import Trainer, fit, task_loss
 from trainer import main as trainer_main
 
 LOSS_TYPES = ("logits", "labels", "hidden_states", "attentions")
@@ -446,7 +446,7 @@ def teachers_tokens(cfg, proc, tokenizer):
     """The training rows in the teacher's tokens, in the student's order (the labelled file, then
     distill.unlabeled_filepaths), mapped from or written to the token cache."""
     paths = [(cfg["data"]["train_filepath"], True)] + [(p, False) for p in cfg["distill"]["unlabeled_filepaths"]]
-    parts = [tokenize(cfg, proc, tokenizer, read_split(cfg, proc, tokenizer, path, need_labels)).encoded
+    parts = [tokenize(cfg, proc, tokenizer, path, read_split(cfg, proc, tokenizer, path, need_labels)).encoded
              for path, need_labels in paths]
     return Split(cfg["data"]["train_filepath"], Encoded.concat(parts))
 
@@ -469,11 +469,6 @@ def with_unlabeled(cfg, train, unlabeled):
     return Split(train.path, Encoded.concat([train.encoded] + parts))
 
 
-def load_unlabeled(cfg, tokenizer):
-    """The Splits of distill.unlabeled_filepaths, tokenized in this process without the cache (tools, tests)."""
-    return [load_split(cfg, tokenizer, path, need_labels=False) for path in cfg["distill"]["unlabeled_filepaths"]]
-
-
 # ---------------------------------------------------------------------------------------------
 # the run
 
@@ -492,7 +487,7 @@ def run(cfg, proc):
 
     def build(tokenizer):
         teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
-        student = build_student(cfg, teacher, tokenizer, say=lambda message: log(proc, message))  # once, not per rank
+        student = build_student(cfg, teacher, tokenizer, say=proc.say)  # once, not per rank
         return teacher, student, DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
     # the student's tokenizer drives training, evaluation and its checkpoint
     inputs = prepare_run(cfg, proc, build, extra_paths=d["unlabeled_filepaths"],
@@ -506,20 +501,20 @@ def run(cfg, proc):
         cached = teacher_logits_of(cfg, proc, teacher, teacher_tokenizer, teachers_tokens(cfg, proc, teacher_tokenizer),
                                    student=train.encoded)
     loss_fn = DistillLoss(cfg, teacher, student, teacher_logits=cached,
-                          class_weights=class_weights(cfg, train, proc.device, say=lambda message: log(proc, message)))
+                          class_weights=class_weights(cfg, train, proc.device, say=proc.say))
     if cfg["trainer"]["speedups"]:  # after the teacher's logits, which the plain modules computed
         speedups.apply(teacher, proc.device)
         speedups.apply(module, proc.device)
-    log(proc, f"distillation: teacher {teacher.config.num_hidden_layers} layers x "
-                  f"{teacher.config.hidden_size} ({count(teacher) / 1e6:.1f}M parameters), student "
-                  f"{student.config.num_hidden_layers} x {student.config.hidden_size} "
-                  f"({count(student) / 1e6:.1f}M), losses {loss_fn.weights}, T {d['temperature']}"
+    proc.say(f"distillation: teacher {teacher.config.num_hidden_layers} layers x "
+             f"{teacher.config.hidden_size} ({count(teacher) / 1e6:.1f}M parameters), student "
+             f"{student.config.num_hidden_layers} x {student.config.hidden_size} "
+             f"({count(student) / 1e6:.1f}M), losses {loss_fn.weights}, T {d['temperature']}"
                   + (f", hidden map {loss_fn.hidden_map}" if want_hidden else "")
                   + (f", attention map {loss_fn.attention_map}" if want_attn else "")
                   + (f", the student's own tokenizer ({len(own)} tokens, the teacher's {len(teacher_tokenizer)})"
                      if own is not None else "")
                   + (f", {len(train.encoded)} training rows with unlabelled ones" if d["unlabeled_filepaths"] else ""))
-    _, result = fit(cfg, proc, module, tokenizer, train, val, loss_fn=loss_fn)
+    result = fit(Trainer(cfg, proc, module, tokenizer, train, val, loss_fn=loss_fn))
     return result
 
 

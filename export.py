@@ -20,9 +20,11 @@ written as export_report.json.
 
 The export folder, written under a temporary name beside it and renamed when complete, holds
 model.onnx and / or model.int8.onnx, the tokenizer, the checkpoint's config.json (labels, task) and
-thresholds.json, export.json (the checkpoint it came from, max_seq_len and windows, the artifacts
-kept) and export_report.json. Exit status 0 if an artifact was kept, 1 if none passed (nothing is
-written then), 2 for bad input.
+thresholds.json, its calibration.json (the temperature: the graph gives logits, and prediction
+through the folder divides them as the checkpoint's prediction does; the gate compares calibrated
+probabilities), export.json (the checkpoint it came from, max_seq_len and windows, the artifacts
+kept), export_report.json and a model card, README.md. Exit status 0 if an artifact was kept, 1 if
+none passed (nothing is written then), 2 for bad input.
 """
 import sys
 
@@ -43,16 +45,29 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import onnxruntime
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.optimizer import optimize_model
 
 import speedups
-from checkpoint import CheckpointError, check_writable_dir, first_line, new_session
+from card import export_facts, write_card
+from checkpoint import CheckpointError
 from config import ConfigError, answer_help, label_names, load_config, task_of
-from data import DataError, collate, encode, read_examples, window_stride
-from evaluation import document_logits, fixed_thresholds, predict_logits, sigmoid, softmax, split_metrics, thresholds_of
+from data import DataError, collate
+from evaluation import (
+    document_logits,
+    fixed_thresholds,
+    predict_logits,
+    probabilities,
+    split_metrics,
+    temperature_of,
+    thresholds_of,
+)
+from files import check_writable_dir, first_line, publish_folder, remove_abandoned, temporary_folder
 from model import (
+    CALIBRATION_FILE,
     EXPORT_MANIFEST,
     EXPORTED_BY,
     THRESHOLDS_FILE,
@@ -63,11 +78,12 @@ from model import (
     is_pretrained_dir,
     load_tokenizer,
     read_export_manifest,
+    save_temperature,
     save_thresholds,
     use_checkpoint_settings,
 )
 from processes import single_process
-from splits import Split
+from splits import load_split
 
 ARTIFACTS = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
 REPORT = "export_report.json"
@@ -169,7 +185,26 @@ def example_inputs(encoded, tokenizer):
 
 
 def export_fp32(model, example, path, source):
-    """model.onnx: the model as torch.export traces it, batch and sequence length dynamic."""
+    """model.onnx, batch and sequence length dynamic: the TorchScript exporter's graph of the model with
+    eager attention, the one ONNX Runtime's transformer optimizer knows how to fuse (optimize_fp32);
+    torch.export's graph where that exporter fails. Returns which exporter wrote it."""
+    try:
+        export_torchscript(model, example, path)
+        return "torchscript"
+    except Exception:  # noqa: BLE001 (tracing raises many kinds): the newer exporter may still manage
+        return export_dynamo(model, example, path, source)
+
+
+def export_torchscript(model, example, path):
+    """The TorchScript exporter's graph (torch.jit tracing) of the model with eager attention."""
+    axes = {name: {0: "batch", 1: "sequence"} for name in example} | {"logits": {0: "batch"}}
+    with quiet_exporter(), eager_attention(model):
+        torch.onnx.export(model, (), str(path), kwargs=example, dynamo=False, input_names=list(example),
+                          output_names=["logits"], dynamic_axes=axes, opset_version=17)
+
+
+def export_dynamo(model, example, path, source):
+    """torch.export's graph: the exporter torch recommends, whose attention the optimizer does not fuse."""
     dims = {name: {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC} for name in example}
     try:
         with quiet_exporter():
@@ -179,13 +214,47 @@ def export_fp32(model, example, path, source):
     except Exception as e:  # noqa: BLE001 (torch.export and the ONNX translation raise many kinds)
         raise ModelError(f"model.model_path {source}: its model ({type(model).__name__}) does not export to "
                          f"ONNX: {first_line(e)[:300]}") from None
+    return "torch.export"
+
+
+@contextmanager
+def eager_attention(model):
+    """The model with transformers' eager attention (matmul, softmax, matmul) while it is traced: SDPA
+    traces into a graph whose attention the optimizer does not recognise. The same weights, the same
+    arithmetic; the model's own attention again afterwards."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)
+
+
+def optimize_fp32(path, config):
+    """model.onnx rewritten in place by ONNX Runtime's transformer optimizer (model type bert): attention,
+    embedding + LayerNorm, residual + LayerNorm and bias + GELU fused into single operators, the usual CPU
+    recipe before dynamic int8. Returns {fused operator: count}, or a note saying why the graph is
+    kept as exported (the optimizer failed on it, or fused nothing)."""
+    try:
+        with quiet_exporter():
+            optimized = optimize_model(str(path), model_type="bert", num_heads=getattr(config, "num_attention_heads", 0),
+                                       hidden_size=getattr(config, "hidden_size", 0), opt_level=0)
+    except Exception as e:  # noqa: BLE001 (a graph of another shape than BERT's can raise anything)
+        return {"note": f"kept as exported: ONNX Runtime's optimizer failed on it ({first_line(e)[:200]})"}
+    fused = {name: count for name, count in optimized.get_fused_operator_statistics().items() if count}
+    if not fused:
+        return {"note": "kept as exported: ONNX Runtime's optimizer found nothing to fuse in it"}
+    optimized.save_model_to_file(str(path))
+    return fused
 
 
 def quantize_int8(fp32_path, path):
     """model.int8.onnx: ONNX Runtime's dynamic quantization (int8 weights per output channel, each
-    batch's activations quantized as it runs)."""
+    batch's activations quantized as it runs); a fused Attention becomes QAttention."""
     with quiet_exporter():
-        quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8, per_channel=True)
+        # the optimizer's operators (com.microsoft) carry no types that shape inference can read: float32
+        quantize_dynamic(str(fp32_path), str(path), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,22 +270,20 @@ def run_on_split(model, split, cfg, proc, pad_token_id, desc):
     return document_logits(logits, split.encoded, cfg), metrics, split.encoded.num_documents / seconds
 
 
-def predictions_of(logits, task, thresholds):
+def predictions_of(logits, task, thresholds, temperature=1.0):
     """(predictions, probabilities) of document logits: the class and softmax, the labels at their
-    thresholds and sigmoids, or a regression's score (twice)."""
+    thresholds and sigmoids (probabilities at the temperature), or a regression's score (twice)."""
     if task == "regression":
         return logits[:, 0], logits[:, 0]
-    if task == "multi_label":
-        probabilities = sigmoid(logits)
-        return probabilities >= thresholds, probabilities
-    return logits.argmax(axis=1), softmax(logits)
+    probs = probabilities(logits, task == "multi_label", temperature)
+    return (probs >= thresholds if task == "multi_label" else logits.argmax(axis=1)), probs
 
 
-def agreement(logits, reference, task, thresholds):
+def agreement(logits, reference, task, thresholds, temperature=1.0):
     """(share of documents predicted as the reference predicts them, largest absolute difference
-    of probabilities, or of scores in a regression)."""
-    ours, our_probs = predictions_of(logits, task, thresholds)
-    theirs, their_probs = predictions_of(reference, task, thresholds)
+    of probabilities, calibrated as predictions are (module.calibrate), or of scores in a regression)."""
+    ours, our_probs = predictions_of(logits, task, thresholds, temperature)
+    theirs, their_probs = predictions_of(reference, task, thresholds, temperature)
     if task == "regression":
         same = np.abs(ours - theirs) <= SCORE_TOLERANCE * (theirs.std() or 1.0)
     elif task == "multi_label":
@@ -240,10 +307,20 @@ def gate(name, row, reference, export_cfg):
     return None
 
 
+def graph_line(graph):
+    """What the ONNX graph is: which exporter traced it and what ONNX Runtime's optimizer fused in it."""
+    if graph is None:
+        return "graph: as exported"
+    fused = graph["fused"]
+    what = fused["note"] if "note" in fused else "fused " + ", ".join(f"{name} x{count}" for name, count in fused.items())
+    return f"graph: {graph['exporter']} exporter; {what}"
+
+
 def format_table(report):
     metric = report["metric_name"]
     lines = [(f"export check of {report['checkpoint']} on {report['val_filepath']} ({report['documents']} "
               f"examples, batch {report['batch_size']}, {report['threads']} threads)"),
+             graph_line(report.get("graph")),
              f"{'model':<10} {metric:>11} {'identical':>9} {'max prob diff':>13} {'ex/s':>8} {'speed':>6}  kept"]
     torch_speed = report["torch"]["ex_s"]
     for name in ("torch", *ARTIFACTS):
@@ -289,16 +366,7 @@ def export_folder(cfg, checkpoint):
     return target
 
 
-def temporary_folder(target):
-    """A new folder beside target to write in, .export-tmp-<name>-<session>; what a killed export
-    of the same target left there is removed first."""
-    for stale in target.parent.glob(f".export-tmp-{target.name}-*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
-            print(f"note: removed {stale.name}, an export that an earlier run did not finish")
-    tmp = target.parent / f".export-tmp-{target.name}-{new_session()}"
-    tmp.mkdir()
-    return tmp
+EXPORT_WRITING = "export being written by pid"  # the mark of an export's temporary folder
 
 
 def run(cfg):
@@ -312,57 +380,61 @@ def run(cfg):
     note = use_checkpoint_settings(cfg)
     if note is not None:
         print(f"note: {note}")
-    data, export_cfg = cfg["data"], cfg["export"]
-    threads = export_cfg["threads"] or len(os.sched_getaffinity(0))
+    threads = cfg["export"]["threads"] or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     tokenizer = load_tokenizer(cfg["model"])
-    examples = read_examples(data["val_filepath"], data, data["labels_list"], need_labels=True)
-    split = Split(data["val_filepath"], encode(tokenizer, examples, cfg["module"]["max_seq_len"],
-                                               stride=window_stride(data)))
-    model = build_model(cfg["model"], data["labels_list"], multi_label=data["multi_label"]).eval()
-    proc = single_process()
-    task = task_of(data)
-    tmp = temporary_folder(target)
-    try:
+    split = load_split(cfg, tokenizer, cfg["data"]["val_filepath"])
+    model = build_model(cfg["model"], cfg["data"]["labels_list"], multi_label=cfg["data"]["multi_label"]).eval()
+    remove_abandoned(target.parent, target.name, EXPORT_WRITING, say=print)
+    with temporary_folder(target.parent, target.name, EXPORT_WRITING) as tmp:
         print(f"exporting {checkpoint} to ONNX ...")
-        export_fp32(model, example_inputs(split.encoded, tokenizer), tmp / ARTIFACTS["onnx_fp32"], checkpoint)
-        if export_cfg["int8"]:
+        exporter = export_fp32(model, example_inputs(split.encoded, tokenizer), tmp / ARTIFACTS["onnx_fp32"], checkpoint)
+        graph = {"exporter": exporter, "fused": optimize_fp32(tmp / ARTIFACTS["onnx_fp32"], model.config)}
+        if cfg["export"]["int8"]:  # quantized after fusion: a fused attention quantizes as one operator
             quantize_int8(tmp / ARTIFACTS["onnx_fp32"], tmp / ARTIFACTS["onnx_int8"])
         if cfg["trainer"]["speedups"]:  # PyTorch as trainer.py evaluates it; model.onnx has its own graph
-            speedups.apply(model, proc.device)
-        reference, metrics, ex_s = run_on_split(model, split, cfg, proc, tokenizer.pad_token_id, "torch")
-        thresholds = fixed_thresholds(cfg)
-        if task == "multi_label" and thresholds is None:  # tuned on this file: every artifact decides at PyTorch's
-            thresholds = thresholds_of(metrics)
-            cfg["module"]["threshold"] = thresholds.tolist()
-        metric_name = cfg["module"]["metric"]
-        report = {"checkpoint": str(checkpoint), "val_filepath": data["val_filepath"], "metric_name": metric_name,
-                  "documents": split.encoded.num_documents, "batch_size": cfg["trainer"]["val_batch_size"],
-                  "threads": threads,
-                  "torch": {"metric": metrics[metric_name], "identical": 1.0, "max_prob_diff": 0.0, "ex_s": ex_s,
-                            "kept": None}}
-        for name, file in ARTIFACTS.items():
-            if not (tmp / file).exists():
-                continue
-            logits, metrics, ex_s = run_on_split(OnnxClassifier(tmp / file, threads), split, cfg, proc,
-                                                 tokenizer.pad_token_id, name)
-            identical, max_diff = agreement(logits, reference, task, thresholds)
-            row = {"metric": metrics[metric_name], "identical": identical, "max_prob_diff": max_diff, "ex_s": ex_s}
-            refused = gate(name, row, report["torch"], export_cfg)
-            report[name] = {**row, "kept": refused is None, "file": file, **({"refused": refused} if refused else {})}
-            if refused:
-                (tmp / file).unlink()
+            speedups.apply(model, torch.device("cpu"))
+        report, thresholds, metrics = check_artifacts(cfg, model, split, tokenizer, tmp)
+        report = {"checkpoint": str(checkpoint), "threads": threads, "graph": graph, **report}
         print(format_table(report))
         kept = {name: ARTIFACTS[name] for name in ARTIFACTS if report.get(name, {}).get("kept")}
         if not kept:
             sys.stderr.write("error: no model passed its gate (the table above says why); nothing was written\n")
             return 1
         write_folder(tmp, cfg, checkpoint, tokenizer, thresholds, kept, report)
-        os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_card(tmp, *export_facts(cfg, checkpoint, target, metrics, split, report))
+        publish_folder(tmp, target)
     print(f"export folder: {target}")
     return 0
+
+
+def check_artifacts(cfg, model, split, tokenizer, folder):
+    """Every ONNX model in folder run on the validation split beside PyTorch's model, and those that
+    fail their gate deleted: (the report's rows and settings, the multi-label thresholds the
+    decisions were compared at, or None; PyTorch's metrics, the model card's). Probabilities are
+    compared calibrated, at the checkpoint's temperature (module.calibrate), as prediction gives them."""
+    proc, task, metric_name = single_process(), task_of(cfg["data"]), cfg["module"]["metric"]
+    reference, metrics, ex_s = run_on_split(model, split, cfg, proc, tokenizer.pad_token_id, "torch")
+    torch_metrics = metrics
+    thresholds = fixed_thresholds(cfg)
+    if task == "multi_label" and thresholds is None:  # tuned on this file: every artifact decides at PyTorch's
+        thresholds = thresholds_of(metrics)
+        cfg["module"]["threshold"] = thresholds.tolist()
+    report = {"val_filepath": cfg["data"]["val_filepath"], "metric_name": metric_name,
+              "documents": split.encoded.num_documents, "batch_size": cfg["trainer"]["val_batch_size"],
+              "torch": {"metric": metrics[metric_name], "identical": 1.0, "max_prob_diff": 0.0, "ex_s": ex_s, "kept": None}}
+    for name, file in ARTIFACTS.items():
+        if not (folder / file).exists():
+            continue
+        onnx_model = OnnxClassifier(folder / file, torch.get_num_threads())
+        logits, metrics, ex_s = run_on_split(onnx_model, split, cfg, proc, tokenizer.pad_token_id, name)
+        identical, max_diff = agreement(logits, reference, task, thresholds, temperature_of(cfg))
+        row = {"metric": metrics[metric_name], "identical": identical, "max_prob_diff": max_diff, "ex_s": ex_s}
+        refused = gate(name, row, report["torch"], cfg["export"])
+        report[name] = {**row, "kept": refused is None, "file": file, **({"refused": refused} if refused else {})}
+        if refused:
+            (folder / file).unlink()
+    return report, thresholds, torch_metrics
 
 
 def write_folder(folder, cfg, checkpoint, tokenizer, thresholds, kept, report):
@@ -372,6 +444,10 @@ def write_folder(folder, cfg, checkpoint, tokenizer, thresholds, kept, report):
     if thresholds is not None:
         save_thresholds(folder, label_names(cfg), thresholds,
                         f"those export.py checked the models with (from {checkpoint / THRESHOLDS_FILE} or module.threshold)")
+    if label_names(cfg) is not None:  # the temperature the models were checked with; config.json's key follows it
+        calibrate = cfg["module"]["calibrate"]
+        save_temperature(folder, label_names(cfg), None if isinstance(calibrate, bool) else temperature_of(cfg),
+                         f"the one export.py checked the models with (from {checkpoint / CALIBRATION_FILE} or module.calibrate)")
     settings = {"module": {"max_seq_len": cfg["module"]["max_seq_len"]},
                 "data": {key: cfg["data"][key] for key in ("long_texts", "window_stride", "window_pool")}}
     manifest = {"written_by": EXPORTED_BY, "source": str(checkpoint), "config": settings, "artifacts": kept}

@@ -33,8 +33,10 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from checkpoint import MANIFEST, check_saved_config, first_line, load_failure, read_manifest
+import speedups
+from checkpoint import MANIFEST, check_saved_config, load_failure, read_manifest
 from config import TASK_NAMES, ConfigError, check_config, check_threshold_fits, fit_metric_to_task, task_of
+from files import first_line
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
 hf_logging.disable_progress_bar()
@@ -43,6 +45,11 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 # a multi-label checkpoint's decision thresholds, beside its weights: {"thresholds": {label: t}, ...}
 THRESHOLDS_FILE = "thresholds.json"
 REWRITE_THRESHOLDS = 'rewrite it as {"thresholds": {"<label>": <probability>, ...}}, or give --module.threshold'
+# a classifier's calibration temperature (evaluation.fit_temperature), beside its weights: {"temperature":
+# t, or {label: t} for multi-label, "chosen": how}; config.json holds it too, for plain transformers users
+CALIBRATION_FILE, TEMPERATURE_KEY = "calibration.json", "calibration_temperature"
+REWRITE_TEMPERATURE = ('rewrite it as {"temperature": <positive number>} ({"<label>": <number>, ...} for multi-label), '
+                       'or give --module.calibrate')
 # the data keys of long documents that a checkpoint trained in windows passes on to its evaluation
 WINDOW_KEYS = ("long_texts", "window_stride", "window_pool")
 # an export folder's record (export.py): the checkpoint it came from, its settings, its artifacts
@@ -232,12 +239,21 @@ def build_model(model_cfg, labels_list, say=print, multi_label=False, **kwargs):
     return model
 
 
-def checkpoint_settings(path, thresholds=True):
+def build_classifier(cfg, device, say=print):
+    """The run's classifier on device: build_model of the config's model section, with speedups.py's
+    exact speed-ups applied when trainer.speedups is on."""
+    model = build_model(cfg["model"], cfg["data"]["labels_list"], say=say, multi_label=cfg["data"]["multi_label"])
+    if cfg["trainer"]["speedups"]:
+        speedups.apply(model, device)  # the same arithmetic, less of it (speedups.py)
+    return model.to(device)
+
+
+def checkpoint_settings(path, thresholds=True, temperature=True):
     """What a fine-tuned classifier directory says of its training, {config key: (value, where)}:
     data.multi_label and data.labels_list from config.json's problem_type and id2label,
     module.max_seq_len (and windows) from the checkpoint.json this project writes beside it (an
-    export folder's export.json), module.threshold from its thresholds.json. Empty for anything
-    else (a state-dict file, a bare encoder)."""
+    export folder's export.json), module.threshold from its thresholds.json, module.calibrate (its
+    temperature) from its calibration.json. Empty for anything else (a state-dict file, a bare encoder)."""
     try:
         if not is_pretrained_dir(path) or head_labels(path) is None:
             return {}
@@ -264,6 +280,11 @@ def checkpoint_settings(path, thresholds=True):
     thresholds = saved_thresholds(path, settings["data.labels_list"][0]) if thresholds and saved_multi_label(config) else None
     if thresholds is not None:
         settings["module.threshold"] = (thresholds, THRESHOLDS_FILE)
+    classifier = saved_multi_label(config) or config.num_labels > 1
+    temperature = saved_temperature(path, settings["data.labels_list"][0], saved_multi_label(config)) \
+        if temperature and classifier else None
+    if temperature is not None:
+        settings["module.calibrate"] = (temperature, CALIBRATION_FILE)
     return settings
 
 
@@ -312,6 +333,45 @@ def save_thresholds(directory, names, thresholds, how):
     (Path(directory) / THRESHOLDS_FILE).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
+def save_temperature(directory, names, temperature, how):
+    """calibration.json (the temperature: a number, or a list in names' order for multi-label; how it
+    was chosen) and the same value as config.json's calibration_temperature, where a pipeline() user
+    finds it. None writes neither, and drops a key config.json inherited from the model it started from."""
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.pop(TEMPERATURE_KEY, None)
+    if temperature is not None:
+        values = [float(t) for t in temperature] if isinstance(temperature, list) else float(temperature)
+        config[TEMPERATURE_KEY] = values
+        stored = dict(zip(names, values)) if isinstance(values, list) else values
+        (Path(directory) / CALIBRATION_FILE).write_text(json.dumps({"temperature": stored, "chosen": how}, indent=2) + "\n",
+                                                       encoding="utf-8")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")  # as transformers writes it
+
+
+def saved_temperature(path, names, multi_label, chosen=False):
+    """The temperature of a classifier's calibration.json: a number, or (multi-label) a list in names'
+    order; with chosen, (temperature, how it was chosen). None without the file (a checkpoint from
+    before calibration, or trained without a validation file). A file that is there but not a positive
+    number (per label) is a ModelError: 1.0 instead would change every probability without a word."""
+    file = Path(path) / CALIBRATION_FILE
+    if not file.exists() and not file.is_symlink():
+        return (None, "") if chosen else None
+    try:
+        content = json.loads(file.read_text(encoding="utf-8"))
+        stored, how = content["temperature"], str(content.get("chosen", ""))
+        values = [stored[name] for name in names] if multi_label else [stored]
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{file}: unreadable ({first_line(e)[:200]}); {REWRITE_TEMPERATURE}") from None
+    except (KeyError, TypeError, AttributeError):
+        raise ModelError(f"{file}: not a temperature{' for every label ' + str(list(names)) if multi_label else ''}; "
+                         f"{REWRITE_TEMPERATURE}") from None
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in values):
+        raise ModelError(f"{file}: temperature {stored} is not {'all ' * multi_label}positive; {REWRITE_TEMPERATURE}")
+    temperature = [float(t) for t in values] if multi_label else float(values[0])
+    return (temperature, how) if chosen else temperature
+
+
 def tokenizer_limit(path):
     """model_max_length in path's tokenizer_config.json (save_pretrained writes max_seq_len there), or None."""
     try:
@@ -327,20 +387,26 @@ def use_checkpoint_settings(cfg):
     max_seq_len where the user did not set them, and module.metric then following the task. A
     user value that contradicts the checkpoint is an error naming both. Without a checkpoint.json
     (a save_pretrained directory), max_seq_len is only kept within its tokenizer's model_max_length.
+    Its temperature (module.calibrate true: the checkpoint's, or 1.0 if it has none) is applied,
+    never fitted here; false or a number the user gave wins.
     Returns what was taken, to say in one line, or None."""
     path, taken = cfg["model"]["model_path"], []
-    settings = checkpoint_settings(path, thresholds="module.threshold" not in cfg.user_keys)
+    settings = checkpoint_settings(path, thresholds="module.threshold" not in cfg.user_keys,
+                                   temperature=cfg["module"]["calibrate"] is True)
     limit = tokenizer_limit(path) if settings and "module.max_seq_len" not in settings else None
     if limit is not None and cfg["module"]["max_seq_len"] > limit:
         settings["module.max_seq_len"] = (limit, "its tokenizer_config.json's model_max_length")
     for key, (value, where) in settings.items():
         section, name = key.split(".")
         given = cfg[section][name]
-        if key not in cfg.user_keys:
+        if key not in cfg.user_keys or name == "calibrate":  # calibrate true: the checkpoint's temperature
             if name in FILE_KEYS and value == given:
                 continue  # config.yaml's own value: nothing to say
             cfg[section][name] = value
-            if name != "multi_label":  # said with the labels, as their task
+            if name == "calibrate":
+                taken.append(f"{key} {[round(t, 4) for t in value] if isinstance(value, list) else round(value, 4)} "
+                             f"(its temperature, {where})")
+            elif name != "multi_label":  # said with the labels, as their task
                 taken.append(f"{key} {value}")
         elif name == "threshold" or name in WINDOW_KEYS or name in FILE_KEYS:
             continue  # the user's thresholds, windows or file layout: a choice, not a contradiction
@@ -348,6 +414,10 @@ def use_checkpoint_settings(cfg):
             given, value = (str(v).lower() if isinstance(v, bool) else v for v in (given, value))  # as YAML writes them
             raise ConfigError(f"{key} is {given}, but {path} was trained with {value} ({where}); leave "
                               f"{key} out to use the checkpoint's")
+    if cfg["module"]["calibrate"] is True and task_of(cfg["data"]) != "regression":
+        cfg["module"]["calibrate"] = 1.0  # older, or trained without a validation file: said once, here
+        taken.append(f"module.calibrate 1.0 (it holds no temperature, no {CALIBRATION_FILE}: its probabilities "
+                     f"are uncalibrated)")
     task = TASK_NAMES[task_of(cfg["data"])]
     taken = [f"{item} ({task})" if item.startswith("data.labels_list") else item for item in taken]
     metric = fit_metric_to_task(cfg)

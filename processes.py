@@ -1,7 +1,7 @@
 """Where this process stands among the run's processes, and what the processes agree on.
 
     proc = this_process(cfg["trainer"])          # rank, device, threads, precision from torchrun's env
-    log(proc, "said once, by the main process")
+    proc.say("said once, by the main process")
     result = on_main(proc, write_file, path)     # run on rank 0, its result (or failure) on every rank
     stop = agree(proc, asked_to_stop, "max")     # one flag, the same on every rank
     states = gather(proc, my_state)              # every rank's, on every rank
@@ -49,6 +49,11 @@ class Process:
     ddp: bool
     cpu_group: object = None
     amp_dtype: torch.dtype = None
+
+    def say(self, message):
+        """Print on the main process only, keeping the progress bar intact."""
+        if self.is_main:
+            tqdm.write(message, file=sys.stdout)
 
 
 @dataclass
@@ -115,10 +120,10 @@ def this_process(trainer_cfg):
     set_threads(trainer_cfg, launch.local_world_size)
     proc = Process(launch.rank, launch.local_rank, launch.world_size, device, launch.rank == 0, ddp and launch.launched)
     if ddp and not launch.launched:
-        log(proc, f"note: trainer.backend {trainer_cfg['backend']} without torchrun: running as a "
-                  f"world of one process (launch with torchrun --nproc_per_node N for more)")
+        proc.say(f"note: trainer.backend {trainer_cfg['backend']} without torchrun: running as a "
+                 f"world of one process (launch with torchrun --nproc_per_node N for more)")
     proc.amp_dtype = decide_amp_dtype(uses_amp(trainer_cfg), trainer_cfg["amp_dtype"], device,
-                                      say=lambda message: log(proc, message))
+                                      say=proc.say)
     return proc
 
 
@@ -134,12 +139,6 @@ def per_rank_batch(tcfg, world_size):
 def single_process(device="cpu"):
     """The Process of a run that is not distributed (tools and tests)."""
     return Process(0, 0, 1, torch.device(device), True, False)
-
-
-def log(proc, message):
-    """Print on the main process only, keeping the progress bar intact."""
-    if proc.is_main:
-        tqdm.write(message, file=sys.stdout)
 
 
 def on_main(proc, fn, *args):

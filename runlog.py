@@ -3,7 +3,7 @@ record; and the table of every run in trainer.log_dir.
 
     runlog = RunLog.open(cfg, step, run_dir=None)   # a new runs/<date>-<time>-train, or a resumed run's own
     runlog.write(step, epoch, {"train/loss": 0.7})   # both files, at once
-    runlog.write_figures(step, metrics, curves)      # PR curves, confusion matrix, per-class table
+    runlog.write_figures(step, metrics, curves)      # PR curves, confusion matrix, reliability, risk-coverage, table
     runlog.close()
     record_run(run_dir, cfg, argv, result)           # run.json: what ran, on what, how long
     print(runs_table(log_dir))                       # python trainer.py --runs; also runs.csv
@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint import atomic_write, read_manifest, write_json, writing_to
+from checkpoint import read_manifest
+from files import atomic_write, write_json, writing_to
+from metrics import expected_calibration_error, reliability, risk_coverage, selective_accuracy
 
 # what a run folder is named after: <date>-<time>-<kind>[-n] (new_run_dir)
 KINDS = ("train", "distil", "eval", "predict")
@@ -63,15 +65,17 @@ class RunLog:
     def write(self, step, epoch, scalars):
         with writing_to("trainer.log_dir", self.jsonl):
             for name, value in scalars.items():
-                self.writer.add_scalar(name, value, step)
+                if not isinstance(value, list):  # a multi-label run's temperatures: per label in write_figures
+                    self.writer.add_scalar(name, value, step)
             self.writer.flush()
             with open(self.jsonl, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
 
     def write_figures(self, step, metrics, curves, prefix="val"):
         """What a validation shows beyond its scalars (curves: evaluation.curves_of): per class (label)
-        a precision-recall curve, the confusion matrix as an image, the per-class table as text;
-        multi-label: each label's threshold too; regression: predictions against labels as an image."""
+        a precision-recall curve, the confusion matrix, the reliability diagram and the risk-coverage
+        curve as images, the per-class table as text; multi-label: each label's threshold and
+        temperature too; regression: predictions against labels as an image."""
         with writing_to("trainer.log_dir", self.run_dir):
             self.add_figures(step, metrics, curves, prefix)
 
@@ -90,9 +94,14 @@ class RunLog:
             if multi:
                 for name, row in metrics["per_label"].items():
                     w.add_scalar(f"{prefix}/threshold/{name}", row["threshold"], step)
+                    if "temperature" in row:
+                        w.add_scalar(f"{prefix}/temperature/{name}", row["temperature"], step)
             else:
                 w.add_image(f"{prefix}/confusion_matrix", confusion_image(metrics["confusion_matrix"], curves["names"]),
                             step, dataformats="HWC")
+            w.add_image(f"{prefix}/reliability", reliability_image(curves), step, dataformats="HWC")
+            w.add_image(f"{prefix}/risk_coverage", risk_coverage_image(curves["confidences"], curves["correct"],
+                                                                       curves["abstain_below"]), step, dataformats="HWC")
             w.add_text(f"{prefix}/per_class", markdown_table(metrics), step)
         w.flush()
 
@@ -192,6 +201,65 @@ def confusion_image(matrix, names):
             x, share = name_width + j * cell_w, float(shares[i, j])
             draw.rectangle([x, y, x + cell_w - 2, y + cell_h - 2], fill=(int(255 - 215 * share), int(255 - 160 * share), 255))
             draw.text((x + 6, y + 8), str(int(matrix[i, j])), fill="white" if share > 0.5 else "black", font=font)
+    return np.asarray(image)
+
+
+def chart(title, x_name, y_name, size=200):
+    """A blank square chart, x and y from 0 to 1: (image, draw, to_pixel(x, y)), the red diagonal
+    drawn, the axes named, the title on top."""
+    from PIL import Image, ImageDraw, ImageFont
+    font, left, top = ImageFont.load_default(), 44, 30
+    image = Image.new("RGB", (left + size + 16, top + size + 36), "white")
+    draw = ImageDraw.Draw(image)
+
+    def to_pixel(x, y):
+        return left + x * size, top + (1 - y) * size
+    draw.rectangle([to_pixel(0, 1), to_pixel(1, 0)], outline=(160, 160, 160))
+    for tick in (0, 0.5, 1):
+        draw.text((to_pixel(tick, 0)[0] - 8, top + size + 4), f"{tick:g}", fill="black", font=font)
+        draw.text((4, to_pixel(0, tick)[1] - 6), f"{tick:g}", fill="black", font=font)
+    draw.text((left + size // 2 - 30, top + size + 20), x_name, fill="black", font=font)
+    draw.text((4, top - 14), y_name, fill="black", font=font)
+    draw.text((left, 4), title, fill="black", font=font)
+    return image, draw, to_pixel
+
+
+def reliability_image(curves, bins=15):
+    """The reliability diagram as an RGB array: per bin of confidence (metrics.reliability), the
+    accuracy of the calibrated predictions as a blue bar, the uncalibrated ones' as grey dots; the red
+    diagonal is a probability that means what it says. Multi-label: every (text, label) probability
+    against whether the label is there."""
+    multi = curves["task"] == "multi_label"
+    points = {}
+    for name in ("probabilities", "uncalibrated"):
+        probs = curves[name]
+        points[name] = ((probs.ravel(), curves["labels"].ravel()) if multi else
+                        (probs.max(axis=1), probs.argmax(axis=1) == curves["labels"]))
+    eces = {name: expected_calibration_error(*points[name], bins) for name in points}
+    image, draw, at = chart(f"ECE {eces['uncalibrated']:.3f} uncalibrated, {eces['probabilities']:.3f} calibrated",
+                            "probability" if multi else "confidence", "frequency" if multi else "accuracy")
+    draw.line([at(0, 0), at(1, 1)], fill=(220, 40, 40))
+    counts, _, accuracy = reliability(*points["probabilities"], bins)
+    for b in np.flatnonzero(counts):
+        draw.rectangle([at(b / bins, accuracy[b]), at((b + 1) / bins, 0)], fill=(80, 120, 220), outline="white")
+    counts, confidence, accuracy = reliability(*points["uncalibrated"], bins)
+    for b in np.flatnonzero(counts):
+        x, y = at(confidence[b], accuracy[b])
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(110, 110, 110))
+    return np.asarray(image)
+
+
+def risk_coverage_image(confidences, correct, abstain_below=None):
+    """The risk-coverage curve (metrics.risk_coverage) as an RGB array: the error rate among the
+    texts answered, answering the surest first; with data.abstain_below, a grey line at its coverage."""
+    coverage, risk = risk_coverage(confidences, correct)
+    image, draw, at = chart("error rate of the texts answered, surest first", "coverage", "risk")
+    if len(coverage) > 1:
+        draw.line([at(c, r) for c, r in zip(coverage, risk)], fill=(80, 120, 220), width=2)
+    if abstain_below is not None:
+        covered = selective_accuracy(confidences, correct, abstain_below)[0]
+        draw.line([at(covered, 0), at(covered, 1)], fill=(150, 150, 150))
+        draw.text((at(covered, 1)[0] + 3, at(0, 1)[1] + 2), f"abstain < {abstain_below:g}", fill="black")
     return np.asarray(image)
 
 

@@ -1,14 +1,16 @@
 """The run's data files as token ids: every file read and checked first, then tokenized.
 
-    inputs = prepare_run(cfg, proc, build=lambda tokenizer: build_model(...))   # what a run starts with
-    inputs.train.encoded, inputs.val.encoded                                      # data.Encoded, or None
-    split = load_split(cfg, tokenizer, path, need_labels=True)                    # one file, no cache (tools)
-    weights = class_weights(cfg, inputs.train, device)                            # module.class_weights
+    inputs = prepare_run(cfg, proc, build=lambda tokenizer: build_classifier(...))  # what a run starts with
+    inputs.train.encoded, inputs.val.encoded                                       # data.Encoded, or None
+    split = load_split(cfg, tokenizer, path)                                       # one file, no cache (tools)
+    weights = class_weights(cfg, inputs.train, device)                             # module.class_weights
 
-prepare_run is the set-up that training and distillation share, in the order that writes nothing
-until everything is checked: the files (a bad row stops the run before a model is loaded), the
-models, the output folders, and only then tokenization, whose token cache (cache.py) is the run's
-first write. Reading and tokenizing themselves are data.py's.
+One name per step of a file: read_split (its rows, read and checked, or its ids from the token
+cache), tokenize (a Split: its token ids), training_split (windows capped), load_split (the first
+two in this process, for tools). prepare_run is the set-up that training and distillation share,
+in the order that writes nothing until everything is checked: the files (a bad row stops the run
+before a model is loaded), the models, the output folders, and only then tokenization, whose
+token cache (cache.py) is the run's first write. Reading and tokenizing themselves are data.py's.
 """
 from dataclasses import dataclass
 
@@ -16,21 +18,20 @@ import numpy as np
 import torch
 
 from cache import cache_folder, cached_encode, mapped
-from checkpoint import check_outputs, read_manifest
+from checkpoint import read_manifest
 from config import ConfigError, label_names
-from data import DataError, cap_windows, count_examples, dropped_by_truncation, encode, read_examples, window_stride
+from data import DataError, Encoded, cap_windows, count_examples, dropped_by_truncation, encode, read_examples, window_stride
 from datacheck import leak_warning
+from files import check_outputs
 from model import load_tokenizer
-from processes import log, on_main, seed_everything
+from processes import on_main, seed_everything
 
 
 @dataclass
 class Split:
-    """One data file: its token ids and labels (encoded, a data.Encoded), or, until it is
-    tokenized, its rows as read and checked (examples, data.Examples); its texts are not kept."""
+    """One data file as token ids and labels (encoded, a data.Encoded); its texts are not kept."""
     path: str
-    encoded: object = None
-    examples: object = None
+    encoded: Encoded
 
 
 @dataclass
@@ -49,38 +50,31 @@ def prepare_run(cfg, proc, build, extra_paths=(), tokenizer=None):
 
     build(tokenizer) makes the run's models; extra_paths are unlabelled files (distillation's
     transfer data); tokenizer, when given, replaces the model section's (a distilled student's own).
-    The training split is returned whole: data.max_windows is training_split's.
-    Seeds are set for initialisation first, then apart per rank for dropout.
+    The training split is returned whole: data.max_windows is training_split's. The predict file
+    is read and checked too, but not kept (evaluation.predict_file streams it): its row count
+    sizes prediction's progress bar. Seeds are set for initialisation first, then apart per rank
+    for dropout.
     """
+    data = cfg["data"]
     seed_everything(cfg["trainer"]["seed"])
     tokenizer = load_tokenizer(cfg["model"]) if tokenizer is None else tokenizer
-    train, val, predict_rows = read_splits(cfg, tokenizer, proc)
-    if proc.is_main:  # texts in both files, or labelled twice (datacheck.py): one line at most
-        line = leak_warning(*[s and s.examples for s in (train, val)],
-                            cached=[s.path for s in (train, val) if s is not None and s.examples is None])
-        if line is not None:
-            log(proc, line)
-    extra = [read_split(cfg, proc, tokenizer, path, need_labels=False) for path in extra_paths]
+    check_max_seq_len(cfg, tokenizer)
+    paths = {key: data[key] for key in ("train_filepath", "val_filepath") if data[key]}
+    rows = {key: read_split(cfg, proc, tokenizer, path, need_labels=True) for key, path in paths.items()}
+    read = {key: r for key, r in rows.items() if not isinstance(r, Encoded)}  # the others came from the token cache
+    if proc.is_main and (line := leak_warning(read.get("train_filepath"), read.get("val_filepath"),
+                                              cached=[paths[key] for key in rows if key not in read])):
+        proc.say(line)  # texts in both files, or labelled twice (datacheck.py): one line at most
+    extra = [(path, read_split(cfg, proc, tokenizer, path, need_labels=False)) for path in extra_paths]
+    predict_rows = count_examples(data["predict_filepath"], data) if data["predict_filepath"] else None
     built = build(tokenizer)
     on_main(proc, check_outputs, cfg, cache_folder(cfg))
-    train, val = [None if e is None else tokenize(cfg, proc, tokenizer, e) for e in (train, val)]
-    extra = [tokenize(cfg, proc, tokenizer, e) for e in extra]
+    train, val = [tokenize(cfg, proc, tokenizer, paths[key], rows[key]) if key in paths else None
+                  for key in ("train_filepath", "val_filepath")]
+    extra = [tokenize(cfg, proc, tokenizer, path, read) for path, read in extra]
     # ranks draw different dropout masks; the initial weights were already the same on all
     seed_everything((cfg["trainer"]["seed"] + proc.rank) % 2**32)
     return RunInputs(tokenizer, train, val, predict_rows, extra, built)
-
-
-def read_splits(cfg, tokenizer, proc=None):
-    """Read and check every file of the run up front, so a bad row fails before anything is
-    loaded or written: (training, validation, prediction rows), None where there is no file; the
-    first two Splits of read_split. The predict file is read and checked too, but not kept (evaluation.predict_file
-    streams it): its row count sizes prediction's progress bar."""
-    data = cfg["data"]
-    check_max_seq_len(cfg, tokenizer)
-    train, val = [read_split(cfg, proc, tokenizer, data[key], need_labels=True) if data[key] else None
-                  for key in ("train_filepath", "val_filepath")]
-    predict_rows = count_examples(data["predict_filepath"], data, data["labels_list"]) if data["predict_filepath"] else None
-    return train, val, predict_rows
 
 
 def check_max_seq_len(cfg, tokenizer):
@@ -98,59 +92,51 @@ def check_max_seq_len(cfg, tokenizer):
 
 
 def read_split(cfg, proc, tokenizer, path, need_labels):
-    """One file's Split: mapped from the token cache (encoded) where every rank finds it there
-    (proc given), without reading the file again, since its checks passed when the entry was made
-    from the same bytes and options; otherwise read and checked (examples), for tokenize."""
+    """One file's rows, read and checked (a data.Examples) for tokenize; or, where every rank of
+    the run (proc, when given) finds the file in the token cache, its ids mapped from there (a
+    data.Encoded) without reading the file again: its checks passed when the entry was made from
+    the same bytes and options."""
     if proc is not None:
-        encoded = mapped(cache_folder(cfg), tokenizer, path, cfg["data"], cfg["module"]["max_seq_len"], need_labels, proc,
-                         say=lambda message: log(proc, message))
+        encoded = mapped(cache_folder(cfg), tokenizer, path, cfg["data"], cfg["module"]["max_seq_len"], need_labels, proc)
         if encoded is not None:
-            return Split(path, encoded)
-    return Split(path, examples=read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels))
+            return encoded
+    return read_examples(path, cfg["data"], need_labels)
 
 
-def encode_examples(cfg, tokenizer, examples, progress=False):
-    """Examples' token ids as the config reads them: truncated at module.max_seq_len, or in
-    overlapping windows (data.long_texts windows)."""
-    return encode(tokenizer, examples, cfg["module"]["max_seq_len"], progress=progress, stride=window_stride(cfg["data"]))
-
-
-def tokenize(cfg, proc, tokenizer, split):
-    """A Split of read_split with its token ids: mapped from the token cache already, or its
-    examples tokenized through the cache (data.cache_dir), by one process per machine (cache.py)."""
-    if split.encoded is None:
-        split = Split(split.path, cached_encode(cache_folder(cfg), tokenizer, split.examples, cfg["data"],
-                                                cfg["module"]["max_seq_len"], proc, say=lambda message: log(proc, message)))
-    encoded = split.encoded
-    if encoded.documents is not None:
+def tokenize(cfg, proc, tokenizer, path, rows):
+    """The Split of a file's rows (read_split's): token ids as the config reads them, truncated at
+    module.max_seq_len or in overlapping windows (data.long_texts). Through the token cache
+    (data.cache_dir), one process per machine tokenizing (cache.py), when proc is given; else in
+    this process, without the cache. Rows already mapped from the cache are tokenized already."""
+    if isinstance(rows, Encoded):
+        encoded = rows
+    elif proc is None:
+        encoded = encode(tokenizer, rows, cfg["module"]["max_seq_len"], stride=window_stride(cfg["data"]))
+    else:
+        encoded = cached_encode(cache_folder(cfg), tokenizer, rows, cfg["data"], cfg["module"]["max_seq_len"], proc,
+                                say=proc.say)
+    if encoded.documents is not None and proc is not None:
         stride = cfg["data"]["window_stride"]
         specials = tokenizer.num_special_tokens_to_add(cfg["data"]["text_b_col"] is not None)
         dropped = dropped_by_truncation(encoded, stride, specials)
-        log(proc, f"windows: {split.path}: {encoded.num_documents} documents in {len(encoded)} windows of <= "
-                  f"{cfg['module']['max_seq_len']} tokens (stride {stride}); truncation would have dropped "
-                  f"{dropped:.1%} of their text tokens")
-    return split
+        proc.say(f"windows: {path}: {encoded.num_documents} documents in {len(encoded)} windows of <= "
+                 f"{cfg['module']['max_seq_len']} tokens (stride {stride}); truncation would have dropped "
+                 f"{dropped:.1%} of their text tokens")
+    return Split(path, encoded)
 
 
 def training_split(cfg, proc, split):
     """The training split with at most data.max_windows windows per document (windows only)."""
     capped = cap_windows(split.encoded, cfg["data"]["max_windows"])
     if capped is not split.encoded:
-        log(proc, f"windows: {len(capped)} of the {len(split.encoded)} training windows kept, at most "
-                  f"{cfg['data']['max_windows']} per document (data.max_windows)")
+        proc.say(f"windows: {len(capped)} of the {len(split.encoded)} training windows kept, at most "
+                 f"{cfg['data']['max_windows']} per document (data.max_windows)")
     return Split(split.path, capped)
 
 
-def load_splits(cfg, tokenizer, proc=None):
-    """(training, validation) Splits, every file read and checked before any is tokenized;
-    through the token cache when proc (the run's processes) is given, else in this process."""
-    return [None if s is None else tokenize(cfg, proc, tokenizer, s) if proc is not None
-            else Split(s.path, encode_examples(cfg, tokenizer, s.examples)) for s in read_splits(cfg, tokenizer, proc)[:2]]
-
-
 def load_split(cfg, tokenizer, path, need_labels=True):
-    """One file read, checked and tokenized in this process, without the cache (tests, tools)."""
-    return Split(path, encode_examples(cfg, tokenizer, read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels)))
+    """One file read, checked and tokenized in this process, without the cache (tools, tests)."""
+    return tokenize(cfg, None, tokenizer, path, read_split(cfg, None, tokenizer, path, need_labels))
 
 
 MAX_POS_WEIGHT = 100.0  # a label seen twice in 10,000 texts would otherwise weigh 5,000 times

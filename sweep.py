@@ -21,7 +21,6 @@ Exit status: 0 done, 2 bad input (one `error:` line, before any trial starts) or
 1 stopped by a signal (the state is saved; the running trial wrote a checkpoint).
 """
 import csv
-import fcntl
 import itertools
 import json
 import math
@@ -40,6 +39,7 @@ import yaml
 from tqdm import tqdm
 
 from config import ConfigError, YamlLoader, answer_help, load_config, parse_args
+from files import FolderLock, OutputError, atomic_write, check_writable_dir, write_json
 
 TRAINER = Path(__file__).resolve().with_name("trainer.py")
 STATE = "sweep.json"
@@ -89,11 +89,6 @@ def field_sizes(n, rungs, keep):
     for _ in rungs[1:]:
         sizes.append(kept(sizes[-1], keep))
     return sizes
-
-
-def trial_epochs(sizes, rungs):
-    """Epochs trained over all trials: each rung trains its field from the rung before."""
-    return sum(size * (rung - before) for size, rung, before in zip(sizes, rungs, [0] + rungs))
 
 
 def ranking(trials):
@@ -190,34 +185,6 @@ def command_of(trial, target, nproc):
 # -- the sweep's folder: state, lock, trial folders --------------------------------------------
 
 
-def write_json_atomic(path, obj):
-    """Replace path with obj as JSON: a kill at any point leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def lock_dir(sweep_dir, key="sweep.dir"):
-    """An exclusive flock on sweep_dir/.lock while the sweep runs: a second sweep there is refused
-    (crossval.py locks its folder, the key crossval.dir, alike)."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(sweep_dir / ".lock", "a+", encoding="utf-8")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise SweepError(f"{sweep_dir} is in use by another run; wait for it to end or choose another --{key}") from None
-    return lock
-
-
 def plan_differences(old, new):
     keys = sorted(set(old) | set(new))
     return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in keys if old.get(key) != new.get(key)]
@@ -249,7 +216,7 @@ def open_state(sweep_dir, plan, trials):
                 "finished": False, "value": None, "best_step": None, "best_checkpoint": None,
                 "seconds": 0.0, "launches": 0, "error": None, "out_at": None} for t in trials]
     state = {"written_by": WRITTEN_BY, "id": secrets.token_hex(8), "plan": plan, "cuts_done": 0, "trials": records}
-    write_json_atomic(path, state)
+    write_json(path, state, indent=1)
     return state
 
 
@@ -336,7 +303,7 @@ class Sweep:
             errors = [line for line in lines if line.startswith("error:")]
             record.update(error=(errors or lines or [f"exit status {returncode}, no result line"])[-1], out_at=i)
             line = f"{record['name']} failed: {record['error']}"
-        write_json_atomic(self.dir / STATE, self.state)
+        write_json(self.dir / STATE, self.state, indent=1)
         tqdm.write(f"{line}, {record['seconds']:.0f} s  [{settings_text(record['settings'])}]", file=sys.stdout)
         return not self.stopping
 
@@ -357,10 +324,10 @@ class Sweep:
                     if checkpoints.exists():
                         shutil.rmtree(checkpoints)
         self.state["cuts_done"] = i + 1
-        write_json_atomic(self.dir / STATE, self.state)
+        write_json(self.dir / STATE, self.state, indent=1)
 
     def stopped(self):
-        write_json_atomic(self.dir / STATE, self.state)
+        write_json(self.dir / STATE, self.state, indent=1)
         write_results(self.dir, self.records, self.rungs, self.metric, self.trials, self.sweep, winner=None)
         sys.stderr.write(f"stopped by a signal; the sweep's state is in {self.dir / STATE}: run the same "
                          f"command again to go on\n")
@@ -431,11 +398,11 @@ def write_results(sweep_dir, records, rungs, metric, trials, sweep, winner):
                      "epochs": record["trained_to"], "status": status_of(record, rungs, winner),
                      metric: record["value"], "best_step": record["best_step"],
                      "seconds": round(record["seconds"], 1), "error": record["error"] or ""})
-    with open(sweep_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
+    with atomic_write(sweep_dir / "results.csv", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with open(sweep_dir / "results.jsonl", "w", encoding="utf-8") as f:
+    with atomic_write(sweep_dir / "results.jsonl") as f:
         for record, trial, row in zip(records, trials, rows):
             f.write(json.dumps({**row, "settings": record["settings"], "best_checkpoint": record["best_checkpoint"],
                                 "command": plain_command(trial, sweep["nproc_per_node"])}) + "\n")
@@ -466,17 +433,18 @@ def main(argv=None):
         plan = {"sweep.grid": sweep["grid"], "sweep.samples": sweep["samples"], "sweep.seed": sweep["seed"],
                 "sweep.keep": sweep["keep"], "rungs": rungs, "sweep.nproc_per_node": sweep["nproc_per_node"],
                 **base_cfg}
-        lock = lock_dir(sweep_dir)
+        check_writable_dir(sweep_dir, "sweep.dir")
+        lock = FolderLock(sweep_dir, key="sweep.dir")  # a second sweep in the folder is refused
         state = open_state(sweep_dir, plan, trials)
-    except (ConfigError, SweepError) as e:
+    except (ConfigError, SweepError, OutputError) as e:
         if lock is not None:
-            lock.close()
+            lock.release()
         sys.stderr.write(f"error: {e}\n")
         return 2
     try:
         return Sweep(sweep, trials, state, sweep_dir).run()
     finally:
-        lock.close()
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ the loss scaled by the true number of examples in each step, no gradient sync on
 micro-steps, GradScaler for float16 only, a linear warmup / decay schedule, exact resume. A step
 never waits for the GPU: the host reads the device once per log interval.
 Read Trainer first, then the schedule and losses, the process group, run and main. The other jobs
-have modules of their own: processes, splits, evaluation, runlog, checkpoint, config, data, model.
+have modules of their own: processes, splits, evaluation, runlog, checkpoint, files, config, data, model.
 """
 import sys
 
@@ -52,22 +52,32 @@ tqdm.monitor_interval = 0
 # our GPU machine) lacks: its FutureWarning, once per rank, says nothing to a user
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
-import speedups
-from checkpoint import CheckpointError, checkpoint_name, load_checkpoint, new_session, open_save_dir, save_step
+from card import checkpoint_facts, write_card
+from checkpoint import SaveDir, checkpoint_path, load_checkpoint, open_save_dir
 from config import ConfigError, answer_help, fit_metric_to_task, load_config
 from data import DataError, collate, micro_batches, train_batches
-from evaluation import Thresholds, curves_of, evaluate_and_predict, predict_file, predict_logits, scalar_metrics, split_metrics
+from evaluation import (
+    Calibration,
+    Decisions,
+    Thresholds,
+    curves_of,
+    evaluate_and_predict,
+    predict_file,
+    predict_logits,
+    scalar_metrics,
+    split_metrics,
+)
+from files import OutputError, new_session
 from metrics import format_report
 from model import (
     ModelError,
-    build_model,
+    build_classifier,
     classifier_of,
     is_export_dir,
     load_module_weights,
     load_weights,
     module_rest,
     save_pretrained,
-    use_checkpoint_settings,
 )
 from processes import (
     MainProcessFailed,
@@ -75,7 +85,6 @@ from processes import (
     agree,
     autocast,
     gather,
-    log,
     on_main,
     per_rank_batch,
     rng_state,
@@ -112,6 +121,8 @@ class Trainer:
         self.pad_to_multiple_of = 8 if tcfg["compile"] else 1
 
         # batches: global batch = world_size ranks x grad_accum_steps micro-batches of <= the limit
+        self.epoch_batches = functools.partial(train_batches, train.encoded.lengths, tcfg["train_batch_size"],
+                                               tcfg["seed"], rank=proc.rank, world_size=proc.world_size)
         per_rank = per_rank_batch(tcfg, proc.world_size)
         self.grad_accum_steps = -(-per_rank // tcfg["gpu_batch_size_limit"])  # ceiling division
         self.steps_per_epoch = len(self.epoch_batches(0))
@@ -132,37 +143,42 @@ class Trainer:
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.bad_validations = 0  # in a row, without an improvement of more than min_delta
         self.thresholds = Thresholds(cfg)  # multi-label decisions
+        self.calibration = Calibration(cfg, say=proc.say)  # the temperature
+        self.validation = None  # (step, metrics) of the latest validation: what a model card reports
         self.interval = new_interval(device)  # sums of the current logging interval
         self.run_dir, self.runlog = None, None  # the log folder; its writers on the main process
-        self.session, self.save_dir, self.digests = new_session(), None, None  # the last two: main process
+        self.save_dir = SaveDir(cfg, new_session(), proc.say)  # on disk through the main process only
         self.signals, self.stop_signal = 0, None
         self.train_seconds = 0.0  # this launch's time in the loop: steps, validations, checkpoints
-
-    def epoch_batches(self, epoch):
-        return train_batches(self.train_split.encoded.lengths, self.cfg["trainer"]["train_batch_size"],
-                             self.cfg["trainer"]["seed"], epoch, self.proc.rank, self.proc.world_size)
 
     @property
     def epoch_number(self):
         """The epoch (from 1) that the last step belongs to: what logs and checkpoint names say."""
         return self.epoch + (self.batch_in_epoch > 0)
 
+    # -- setup and cleanup: the save folder is the run's from the first step to the last -------
+
+    def setup(self, notes=()):
+        """Open the save folder (rank 0 locks it and finds the checkpoint to resume from), then
+        resume, or say the notes of building a fresh model (such as its new head)."""
+        resume = open_save_dir(self.save_dir, self.proc)
+        if resume is not None:
+            self.resume_from(resume)
+        for note in notes if resume is None else ():
+            self.proc.say(note)
+
+    def cleanup(self, failed):
+        """Release the save folder: a failed run puts back the checkpoints it moved aside."""
+        self.save_dir.close(failed)
+
+    # -- the loop -------------------------------------------------------------------------------
+
     def train(self):
         """Epochs of steps, each followed by logging, validation and checkpoints at their cadence."""
         tcfg, ckpt = self.cfg["trainer"], self.cfg["ckpt"]
-        if self.complete():  # resumed from the end of a run: there is nothing left to train
-            log(self.proc, f"the resumed run is already complete (step {self.step}, epoch {self.epoch} of "
-                           f"{tcfg['epochs']}{', stopped early' * self.stop_early()}): nothing to train; "
-                           f"pass a larger --trainer.epochs to train it further")
-            result = {**self.finish(), "already_complete": True}
-            del result["run_dir"]  # its run folder keeps the record of the launch that trained it
-            return result
+        if self.epoch >= tcfg["epochs"] or self.stop_early():  # resumed complete: nothing left to train
+            return self.finish(already_complete=True)
         self.run_dir = on_main(self.proc, self.open_runlog)
-        log(self.proc, f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
-                       f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
-                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
-                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
-                       f"logging every {self.log_steps} steps, device {self.proc.device}")
         start = time.perf_counter()
         self.model.train()
         progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.proc.is_main,
@@ -182,7 +198,9 @@ class Trainer:
                         self.validate()
                     if ckpt["save_steps"] and self.step % ckpt["save_steps"] == 0:
                         self.save_checkpoint()
-                    if self.agree_to_stop():
+                    # any rank asked to stop, as agreed by all, so that none waits forever
+                    if agree(self.proc, self.stop_signal is not None, "max"):
+                        self.stop_signal = self.stop_signal or "a signal to another process"
                         self.save_checkpoint(reason="stop")
                         return None
                     if self.stop_early():
@@ -200,7 +218,7 @@ class Trainer:
             progress.close()
             if self.runlog is not None:
                 self.runlog.close()
-        self.check_updates(int(self.skipped))
+        self.raise_if_skipped(int(self.skipped))
         return self.finish()
 
     def train_step(self, rank_indices, global_size):
@@ -255,7 +273,7 @@ class Trainer:
         # the one host sync of a log interval (lr and skipped are the same on every rank)
         lr, skipped, loss, examples, *terms = torch.cat([torch.stack([self.lr.float(), self.skipped.float()]), sums]).tolist()
         skipped = int(skipped)
-        self.check_updates(skipped)
+        self.raise_if_skipped(skipped)
         elapsed = time.perf_counter() - interval["start"]
         scalars = {"train/loss": loss / examples, "train/lr": lr, "train/examples_per_s": examples / elapsed}
         for name, value in zip(interval["terms"], terms):
@@ -266,11 +284,11 @@ class Trainer:
         progress.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{lr:.2e}", ex_s=f"{scalars['train/examples_per_s']:.1f}")
         self.interval = new_interval(self.proc.device)
 
-    def check_updates(self, skipped):
+    def raise_if_skipped(self, skipped):
         """In float32 / bfloat16, a skipped update means a non-finite loss: stop (the weights never
         saw it). float16 skips are GradScaler finding its scale and only counted."""
         if skipped and not self.scaler.is_enabled():
-            last = Path(self.cfg["ckpt"]["model_state_save_dir"]) / "last"
+            last = self.save_dir.path / "last"
             raise TrainingError(f"by step {self.step}, {skipped} updates were skipped: the loss or its gradients "
                                 f"were not finite; lower module.max_lr or check the data. Last good "
                                 f"checkpoint: {last.resolve() if last.exists() else 'none'}")
@@ -284,8 +302,9 @@ class Trainer:
         # the main process has the logits; every rank gets the metrics, to agree on the best
         metrics = on_main(self.proc, split_metrics, logits, self.val_split, self.cfg, f"at step {self.step}")
         self.thresholds.validated(metrics, self.step)
-        self.log_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()})
-        on_main(self.proc, lambda: self.runlog.write_figures(self.step, metrics, curves_of(logits, self.val_split, self.cfg)))
+        self.calibration.validated(metrics, self.step)
+        self.validation = (self.step, metrics)
+        self.log_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()}, metrics, logits)
         value, ckpt, tcfg = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"], self.cfg["trainer"]
         improved = self.best is None or value > self.best["value"] + tcfg["early_stopping_min_delta"]
         self.bad_validations = 0 if improved else self.bad_validations + 1
@@ -295,18 +314,18 @@ class Trainer:
         # when it is news: at a new best and at the end, not at every one of frequent validations
         report = format_report(metrics) if new_best or last else (
             format_report(metrics).splitlines()[0] + f"  (best {self.best['value']:.4f}, at step {self.best['step']})")
-        log(self.proc, f"validation at step {self.step} (epoch {self.epoch_number}): {report}")
+        self.proc.say(f"validation at step {self.step} (epoch {self.epoch_number}): {report}")
         if new_best:
             # the new best is recorded before the save, so the checkpoint's state holds it
-            path = Path(ckpt["model_state_save_dir"]) / self.checkpoint_name() if ckpt["checkpoint"] else None
+            path = checkpoint_path(ckpt, self.epoch_number, self.step) if ckpt["checkpoint"] else None
             self.best = {"value": value, "metrics": metrics, "step": self.step,
                          "path": None if path is None else str(path)}
             if path is not None:
                 self.save_checkpoint(reason="best")
         if self.stop_early():  # after the best is updated: a small gain still makes this step the best
-            log(self.proc, f"early stopping at step {self.step}: module.metric {self.cfg['module']['metric']} has not "
-                           f"improved by more than {tcfg['early_stopping_min_delta']} for {self.bad_validations} "
-                           f"validations; the result is the best checkpoint, of step {self.best['step']}")
+            self.proc.say(f"early stopping at step {self.step}: module.metric {self.cfg['module']['metric']} has not "
+                          f"improved by more than {tcfg['early_stopping_min_delta']} for {self.bad_validations} "
+                          f"validations; the result is the best checkpoint, of step {self.best['step']}")
         return metrics
 
     def paused(self):
@@ -314,18 +333,21 @@ class Trainer:
         stop_after = self.cfg["trainer"]["stop_after_epochs"]
         return stop_after is not None and self.epoch >= stop_after and self.epoch < self.cfg["trainer"]["epochs"]
 
-    def complete(self):
-        """True when every epoch is done or the run stopped early: a resume of it trains nothing."""
-        return self.epoch >= self.cfg["trainer"]["epochs"] or self.stop_early()
-
     def stop_early(self):
         """True once trainer.early_stopping_patience validations in a row did not improve."""
         patience = self.cfg["trainer"]["early_stopping_patience"]
         return bool(patience) and self.bad_validations >= patience
 
-    def finish(self):
-        """Reload the best model for predictions and report: the final metrics of the run."""
-        times = {"train_s": round(self.train_seconds, 1), "run_dir": self.run_dir}
+    def finish(self, already_complete=False):
+        """Reload the best model for predictions and report: the final metrics of the run.
+        already_complete: resumed from the end of a run, this launch trained nothing."""
+        if already_complete:
+            self.proc.say(f"the resumed run is already complete (step {self.step}, epoch {self.epoch} of "
+                          f"{self.cfg['trainer']['epochs']}{', stopped early' * self.stop_early()}): nothing to "
+                          f"train; pass a larger --trainer.epochs to train it further")
+        times = {"train_s": round(self.train_seconds, 1)}
+        # a run resumed complete: its run folder keeps the record of the launch that trained it
+        times.update({"already_complete": True} if already_complete else {"run_dir": self.run_dir})
         if self.best is None:
             return {"step": self.step, **times}
         if self.best["path"] is not None and self.best["step"] != self.step:
@@ -333,6 +355,7 @@ class Trainer:
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
                   "best_checkpoint": self.best["path"]}
         self.thresholds.of_best(self.best["metrics"])
+        self.calibration.of_best(self.best["metrics"])
         if self.stop_early():
             result["stopped_early_at_step"] = self.step
         elif self.paused():
@@ -349,58 +372,59 @@ class Trainer:
             raise KeyboardInterrupt
         self.stop_signal = signal.Signals(signum).name
 
-    def agree_to_stop(self):
-        """True when any rank was asked to stop, as agreed by all, so that none waits forever."""
-        stop = agree(self.proc, self.stop_signal is not None, "max")
-        if stop and self.stop_signal is None:
-            self.stop_signal = "a signal to another process"
-        return stop
-
     def open_runlog(self):
-        """Main process: the run's log folder (a resumed run's own, where it may write)."""
-        kind = "train" if classifier_of(self.model) is self.model else "distil"
-        self.runlog = RunLog.open(self.cfg, self.step, self.run_dir, say=lambda message: log(self.proc, message), kind=kind)
-        log(self.proc, f"logs: {self.runlog.run_dir}")
+        """Main process: the run's log folder (a resumed run's own, where it may write); then say
+        what the run will do."""
+        tcfg, kind = self.cfg["trainer"], "train" if classifier_of(self.model) is self.model else "distil"
+        self.runlog = RunLog.open(self.cfg, self.step, self.run_dir, say=self.proc.say, kind=kind)
+        self.proc.say(f"logs: {self.runlog.run_dir}")
+        self.proc.say(f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
+                      f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
+                      f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
+                      f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
+                      f"logging every {self.log_steps} steps, device {self.proc.device}")
         return self.runlog.run_dir
 
-    def log_scalars(self, scalars):
-        on_main(self.proc, lambda: self.runlog.write(self.step, self.epoch_number, scalars))
+    def log_scalars(self, scalars, metrics=None, logits=None):
+        """Scalars into the run's log folder (and a validation's figures, drawn from its metrics and
+        logits), by the main process: a failure there (a full disk) ends every rank."""
+        def write():
+            self.runlog.write(self.step, self.epoch_number, scalars)
+            if metrics is not None:
+                self.runlog.write_figures(self.step, metrics, curves_of(logits, self.val_split, self.cfg, metrics))
+        on_main(self.proc, write)
 
     # -- checkpoints and resume: the state; checkpoint.py writes and finds the folders ----------
 
-    def checkpoint_name(self):
-        return checkpoint_name(self.cfg["ckpt"]["file_prefix"], self.epoch_number, self.step)
-
     def save_checkpoint(self, reason="period"):
         """A checkpoint of every rank's state, written by the main process (every rank calls it)."""
-        self.check_updates(int(self.skipped))  # never save past a skipped float32 update
+        self.raise_if_skipped(int(self.skipped))  # never save past a skipped float32 update
         # this rank's part: its RNG and its logging interval (kept under the key "window" on disk)
         mine = {"rng": rng_state(self.proc.device),
                 "window": {"loss": self.interval["loss"].cpu(), "examples": self.interval["examples"],
                            "terms": {k: v.cpu() for k, v in self.interval["terms"].items()}}}
-        return Path(on_main(self.proc, self.write_checkpoint, gather(self.proc, mine), reason))
-
-    def write_checkpoint(self, per_rank, reason):
-        cfg, classifier = self.cfg, classifier_of(self.model)
-
-        def write_files(folder):
-            save_pretrained(classifier, self.tokenizer, folder, max_seq_len=cfg["module"]["max_seq_len"])  # truncates as trained
-            self.thresholds.write(folder)
-            state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
-            if self.model is not classifier:  # distillation: what the module holds beside the student
-                state["module_rest"] = module_rest(self.model)
-            torch.save(state, folder / f"training_state{cfg['ckpt']['file_ext']}")
+        path = checkpoint_path(self.cfg["ckpt"], self.epoch_number, self.step)
+        card = checkpoint_facts(self, path)  # the model card's facts, kept in checkpoint.json too (export's card)
+        write_files = functools.partial(self.write_files, per_rank=gather(self.proc, mine), card=card)
         manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "best": self.best, "bad_validations": self.bad_validations,
-                    "run_dir": self.run_dir, "world_size": self.proc.world_size,
-                    "config": cfg, "data": self.digests}
-        path = save_step(cfg["ckpt"], self.checkpoint_name(), self.session, (self.epoch, self.batch_in_epoch),
-                         write_files, manifest, reason, [self.best and self.best["path"]],
-                         say=lambda message: log(self.proc, message))
-        if self.save_dir is not None:
-            self.save_dir.wrote_checkpoint()
-        return str(path)
+                    "run_dir": self.run_dir, "world_size": self.proc.world_size, "card": card}
+        return on_main(self.proc, self.save_dir.save, path, write_files, manifest, reason)
+
+    def write_files(self, folder, per_rank, card):
+        """A checkpoint's files: the classifier as save_pretrained writes it, with its tokenizer
+        (truncating as trained), decisions (thresholds, temperature) and model card, and the
+        training state of every rank."""
+        cfg, classifier = self.cfg, classifier_of(self.model)
+        save_pretrained(classifier, self.tokenizer, folder, max_seq_len=cfg["module"]["max_seq_len"])
+        self.thresholds.write(folder)
+        self.calibration.write(folder)
+        write_card(folder, card, cfg)  # README.md, renamed into place with the rest
+        state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
+        if self.model is not classifier:  # distillation: what the module holds beside the student
+            state["module_rest"] = module_rest(self.model)
+        torch.save(state, folder / f"training_state{cfg['ckpt']['file_ext']}")
 
     def resume_from(self, path):
         """Restore weights, optimizer, schedule, scaler, position, logging interval and RNG."""
@@ -417,14 +441,15 @@ class Trainer:
         self.best, self.run_dir = manifest["best"], manifest["run_dir"]
         self.bad_validations = manifest["bad_validations"]
         self.thresholds.resumed(path)
+        self.calibration.resumed(path)
         mine = state["ranks"][self.proc.rank]
         set_rng_state(mine["rng"], device)
         saved = mine["window"]
         self.interval = {**new_interval(device), "loss": saved["loss"].to(device), "examples": saved["examples"],
                          "terms": {k: v.to(device) for k, v in saved["terms"].items()}}
         # as in epoch_number, the batch of the last step: at an epoch's end its last, not the next's 0
-        log(self.proc, f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
-                       f"batch {self.batch_in_epoch or self.steps_per_epoch} of {self.steps_per_epoch})")
+        self.proc.say(f"resumed from {path} at step {self.step} (epoch {self.epoch_number}, "
+                      f"batch {self.batch_in_epoch or self.steps_per_epoch} of {self.steps_per_epoch})")
 
 
 def new_interval(device):
@@ -432,26 +457,20 @@ def new_interval(device):
     return {"loss": torch.zeros((), device=device), "examples": 0, "terms": {}, "start": time.perf_counter()}
 
 
-def fit(cfg, proc, model, tokenizer, train, val, loss_fn=None, notes=()):
-    """Train fresh or resumed (ckpt.resume): (trainer, final metrics or None if stopped). notes (of
-    building a fresh model, such as its new head) are said only if the run does not resume."""
-    trainer = Trainer(cfg, proc, model, tokenizer, train, val, loss_fn=loss_fn)
-    trainer.save_dir, trainer.digests, resume = open_save_dir(cfg, proc, trainer.session, say=lambda m: log(proc, m))
+def fit(trainer, notes=()):
+    """Set up, train and clean up a Trainer, fresh or resumed (ckpt.resume): the final metrics, or
+    None if a signal stopped it. notes (of building a fresh model, such as its new head) are said
+    only if the run does not resume."""
     failed = True
     try:
-        if resume is not None:
-            trainer.resume_from(resume)
-        else:
-            for note in notes:
-                log(proc, note)
+        trainer.setup(notes)
         result = trainer.train()
         failed = False
     finally:
-        if trainer.save_dir is not None:
-            trainer.save_dir.close(failed)
+        trainer.cleanup(failed)
     if result is None:
-        log(proc, f"stopped by {trainer.stop_signal} at step {trainer.step}, with a checkpoint to resume from")
-    return trainer, result
+        trainer.proc.say(f"stopped by {trainer.stop_signal} at step {trainer.step}, with a checkpoint to resume from")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,39 +572,26 @@ def cleanup_distributed(proc, finished):
 
 def run(cfg, proc):
     """Everything a config asks for; returns the final metrics (main process)."""
-    if cfg["data"]["train_filepath"]:
-        per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
-    # evaluate / predict as the checkpoint was trained (labels, task, max_seq_len); a training run
-    # says here, on the main process, the metric that load_config fitted to its task
-    exported = is_export_dir(cfg["model"]["model_path"])
-    if exported and cfg["data"]["train_filepath"]:
+    if not cfg["data"]["train_filepath"]:  # a fine-tuned model evaluates and / or predicts (evaluation.py)
+        return evaluate_and_predict(cfg, proc)
+    per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
+    if is_export_dir(cfg["model"]["model_path"]):
         raise ConfigError(f"model.model_path {cfg['model']['model_path']} is an export folder (ONNX): it evaluates "
                           f"and predicts only; train from the checkpoint it came from (its export.json's source)")
-    note = use_checkpoint_settings(cfg) if cfg["data"]["train_filepath"] is None else fit_metric_to_task(cfg)
+    note = fit_metric_to_task(cfg)  # said here, on the main process: load_config fitted it to the task
     if note is not None:
-        log(proc, f"note: {note}")
-
-    notes = []  # a training run's: fit says them unless it resumes
-
-    def build(tokenizer):
-        if exported:  # ONNX Runtime on the CPU, in this process's threads (imported only for it)
-            from export import load_exported
-            return load_exported(cfg["model"]["model_path"], threads=torch.get_num_threads())[0]
-        say = notes.append if cfg["data"]["train_filepath"] else (lambda message: log(proc, message))
-        model = build_model(cfg["model"], cfg["data"]["labels_list"], say=say, multi_label=cfg["data"]["multi_label"])
-        if cfg["trainer"]["speedups"]:
-            speedups.apply(model, proc.device)  # the same arithmetic, less of it (speedups.py)
-        return model.to(proc.device)
-    inputs = prepare_run(cfg, proc, build)
-    if not inputs.train:  # a fine-tuned model evaluates and / or predicts (evaluation.py)
-        return evaluate_and_predict(cfg, proc, inputs)
+        proc.say(f"note: {note}")
+    notes = []  # of building the model: fit says them unless the run resumes
+    inputs = prepare_run(cfg, proc, lambda tokenizer: build_classifier(cfg, proc.device, say=notes.append))
     train = training_split(cfg, proc, inputs.train)
-    weights = class_weights(cfg, train, proc.device, say=lambda message: log(proc, message))
-    trainer, result = fit(cfg, proc, inputs.built, inputs.tokenizer, train, inputs.val,
-                          loss_fn=functools.partial(supervised_loss, class_weights=weights), notes=notes)
+    weights = class_weights(cfg, train, proc.device, say=proc.say)
+    trainer = Trainer(cfg, proc, inputs.built, inputs.tokenizer, train, inputs.val,
+                      loss_fn=functools.partial(supervised_loss, class_weights=weights))
+    result = fit(trainer, notes)
     if result is not None and cfg["data"]["predict_filepath"]:
+        decisions = Decisions(trainer.thresholds.values, trainer.calibration.temperature or 1.0)  # the best model's
         result["predictions"] = predict_file(cfg, proc, classifier_of(trainer.model), inputs.tokenizer, trainer.run_dir,
-                                             thresholds=trainer.thresholds.values, total_rows=inputs.predict_rows)
+                                             total_rows=inputs.predict_rows, decisions=decisions)
     return result
 
 
@@ -616,7 +622,7 @@ def main(argv=None, run_fn=run, doc=__doc__):
             result["wall_s"] = round(time.perf_counter() - started, 1)
             if result.get("run_dir"):
                 record_run(result["run_dir"], cfg, argv, result, script_name(run_fn is run))
-    except (ConfigError, DataError, ModelError, TrainingError, CheckpointError) as e:
+    except (ConfigError, DataError, ModelError, TrainingError, OutputError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise
         if int(os.environ.get("RANK", 0)) == 0 or not (shared or isinstance(e, MainProcessFailed)):

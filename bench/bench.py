@@ -176,7 +176,7 @@ def run_ours(job):
     proc = trainer.setup_distributed(cfg["trainer"])
     processes.seed_everything(cfg["trainer"]["seed"])
     tokenizer = model.load_tokenizer(cfg["model"])
-    train, val = splits.load_splits(cfg, tokenizer)
+    train, val = [splits.load_split(cfg, tokenizer, cfg["data"][key]) for key in ("train_filepath", "val_filepath")]
     if job["random_roberta"]:
         model = build_random_roberta(job)
     else:

@@ -14,7 +14,7 @@ Every measurement is its own subprocess, so its peak RSS (resource.getrusage) is
   with data.cache_dir a fresh folder (cold: it tokenizes and writes the cache), then again with the
   same folder (warm: it maps the cache); the time from the process start to the first logged step,
   then the process is killed.
-- ready: splits.load_splits (the run's read, check, tokenize and cache) on the file, timed inside
+- ready: splits.read_split + tokenize (the run's read, check, tokenize and cache) on the file, timed inside
   the process, with a fresh cache folder (cold), then again with it (warm: the entry is mapped).
 - ddp: the first step as above under `torchrun --nproc_per_node 2` (gloo), with each rank's peak
   RSS (VmHWM) read from /proc when the first step is logged.
@@ -76,7 +76,7 @@ def encode_worker(path, model, max_seq_len):
     tokenizer("warm up the tokenizer", truncation=True, max_length=max_seq_len)
     base = rss_mib()
     start = time.perf_counter()
-    examples = read_examples(path, cfg["data"], cfg["data"]["labels_list"], need_labels=True)
+    examples = read_examples(path, cfg["data"], need_labels=True)
     encoded = encode(tokenizer, examples, max_seq_len)
     seconds = time.perf_counter() - start
     del examples  # what a training run holds is the encoded split (and the labels inside it)
@@ -99,12 +99,13 @@ def ready_worker(path, model, max_seq_len, cache_dir):
 
     from config import load_config
     from processes import Process
-    from splits import load_splits
+    from splits import read_split, tokenize
     cfg = load_config(["--data.train_filepath", path, "--data.val_filepath", "null", "--data.cache_dir", cache_dir,
                        "--module.max_seq_len", str(max_seq_len), "--model.hf_model", model])
     tokenizer = AutoTokenizer.from_pretrained(model)
     start = time.perf_counter()
-    train, _ = load_splits(cfg, tokenizer, Process(0, 0, 1, torch.device("cpu"), True, False))
+    proc = Process(0, 0, 1, torch.device("cpu"), True, False)
+    train = tokenize(cfg, proc, tokenizer, path, read_split(cfg, proc, tokenizer, path, need_labels=True))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rows": len(train.encoded), "seconds": seconds, "peak_rss_mib": peak,

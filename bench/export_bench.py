@@ -3,18 +3,22 @@
     python bench/export_bench.py --model checkpoints/teacher/best --model checkpoints/student-3l/best
     python bench/export_bench.py --model checkpoints/teacher/best --rows 200 --rounds 1    # a quick look
 
-Each checkpoint runs four ways over the same rows (the first --rows of --data, read as evaluation
+Each checkpoint runs six ways over the same rows (the first --rows of --data, read as evaluation
 reads the checkpoint), all through evaluation.predict_logits with length-sorted batches of --batch:
   plain      transformers fp32, as from_pretrained builds the model
-  ours       the same with speedups.apply, as trainer.py evaluates
-  onnx_fp32  export.py's model.onnx in ONNX Runtime
-  onnx_int8  export.py's model.int8.onnx (dynamic int8)
+  ours       the same with speedups.apply, as trainer.py evaluates: the baseline of the targets
+  onnx_fp32  export.py's model.onnx in ONNX Runtime: the TorchScript exporter's graph, fused by
+             ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU and bias)
+  onnx_int8  export.py's model.int8.onnx: that fused graph in dynamic int8
+  onnx_fp32_unfused, onnx_int8_unfused   the same from torch.export's graph, unfused (export.py
+             before fusion, and its fallback where the TorchScript exporter fails)
 Every runner gets --threads (torch.set_num_threads, ONNX Runtime's intra-op threads). The rounds
 interleave every runner of every checkpoint, each figure is the median over the rounds, and the
-ratios are to the first checkpoint's plain runner, measured in the same run (our machines are
-shared and noisy). Macro F1 on the rows' labels and the share of predictions identical to the
-same checkpoint's plain runner come from the first round. The ONNX models are exported into a
-temporary folder with export.py's own functions; export.py's gate is not applied here.
+ratios are to the first checkpoint's plain runner and to the same checkpoint's ours runner, measured
+in the same run (our machines are shared and noisy). Macro F1 on the rows' labels and the share of
+predictions identical to the same checkpoint's plain runner come from the first round. The ONNX
+models are exported into a temporary folder with export.py's own functions; export.py's gate is not
+applied here.
 """
 import argparse
 import json
@@ -46,7 +50,7 @@ from model import load_tokenizer, use_checkpoint_settings
 
 # not the main process: predict_logits then draws no progress bar, which would cost time here
 QUIET = processes.Process(0, 0, 1, torch.device("cpu"), False, False)
-RUNNERS = ("plain", "ours", "onnx_fp32", "onnx_int8")
+RUNNERS = ("plain", "ours", "onnx_fp32", "onnx_int8", "onnx_fp32_unfused", "onnx_int8_unfused")
 
 
 def load_rows(checkpoint, data_path, rows):
@@ -55,7 +59,7 @@ def load_rows(checkpoint, data_path, rows):
                        "--data.val_filepath", data_path])
     use_checkpoint_settings(cfg)
     tokenizer = load_tokenizer(cfg["model"])
-    examples = read_examples(data_path, cfg["data"], cfg["data"]["labels_list"], need_labels=True)
+    examples = read_examples(data_path, cfg["data"], need_labels=True)
     examples = replace(examples, texts_a=examples.texts_a[:rows], labels=examples.labels[:rows],
                        texts_b=None if examples.texts_b is None else examples.texts_b[:rows])
     return cfg, tokenizer, encode(tokenizer, examples, cfg["module"]["max_seq_len"], stride=window_stride(cfg["data"]))
@@ -65,11 +69,17 @@ def build_runners(checkpoint, encoded, tokenizer, folder, threads):
     """{runner name: a model predict_logits can call} for one checkpoint; its ONNX files in folder."""
     plain = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     ours = speedups.apply(AutoModelForSequenceClassification.from_pretrained(checkpoint).eval(), "cpu")
-    fp32, int8 = folder / "model.onnx", folder / "model.int8.onnx"
-    export.export_fp32(plain, export.example_inputs(encoded, tokenizer), fp32, checkpoint)
-    export.quantize_int8(fp32, int8)
-    return {"plain": plain, "ours": ours, "onnx_fp32": export.OnnxClassifier(fp32, threads),
-            "onnx_int8": export.OnnxClassifier(int8, threads)}
+    example = export.example_inputs(encoded, tokenizer)
+    runners = {"plain": plain, "ours": ours}
+    for suffix, export_graph in (("", export.export_fp32), ("_unfused", export.export_dynamo)):
+        fp32, int8 = folder / f"model{suffix}.onnx", folder / f"model{suffix}.int8.onnx"
+        export_graph(plain, example, fp32, checkpoint)
+        if not suffix:
+            print(f"{checkpoint}: {export.optimize_fp32(fp32, plain.config)}", file=sys.stderr)
+        export.quantize_int8(fp32, int8)
+        runners[f"onnx_fp32{suffix}"] = export.OnnxClassifier(fp32, threads)
+        runners[f"onnx_int8{suffix}"] = export.OnnxClassifier(int8, threads)
+    return runners
 
 
 def commit():
@@ -120,8 +130,8 @@ def main():
                "data": args.data, "rows": args.rows, "batch": args.batch, "threads": args.threads,
                "rounds": args.rounds, "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                "models": []}
-    print("| model | runner | ex/s (median) | x plain teacher | macro F1 | identical to plain |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | runner | ex/s (median) | x plain teacher | x ours | macro F1 | identical to plain |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for job in jobs:
         labels, names = job["encoded"].document_labels(), config.label_names(job["cfg"])
         plain_predictions = job["logits"]["plain"].argmax(axis=1)
@@ -132,9 +142,10 @@ def main():
                    "f1_macro": compute_metrics(predictions, labels, names)["f1_macro"],
                    "identical": float(np.mean(predictions == plain_predictions))}
             row["ratio"] = row["ex_s"] / reference
+            row["x_ours"] = row["ex_s"] / statistics.median(job["ex_s"]["ours"])
             results["models"].append(row)
-            print(f"| {job['checkpoint']} | {name} | {row['ex_s']:.1f} | {row['ratio']:.2f}x | {row['f1_macro']:.4f} "
-                  f"| {row['identical']:.1%} |")
+            print(f"| {job['checkpoint']} | {name} | {row['ex_s']:.1f} | {row['ratio']:.2f}x | {row['x_ours']:.2f}x "
+                  f"| {row['f1_macro']:.4f} | {row['identical']:.1%} |")
     print(f"{results['date']}, commit {results['commit']}, {args.rows} rows of {args.data}, batch {args.batch}, "
           f"{args.threads} threads, {args.rounds} rounds, load average {results['load_average']}")
     if args.json:

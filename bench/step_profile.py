@@ -34,7 +34,7 @@ import trainer  # noqa: E402
 from config import load_config  # noqa: E402
 from model import build_model, load_tokenizer  # noqa: E402
 from processes import seed_everything  # noqa: E402
-from splits import load_splits  # noqa: E402
+from splits import load_split  # noqa: E402
 
 
 def bench_trainer(device="auto"):
@@ -46,7 +46,7 @@ def bench_trainer(device="auto"):
     proc = trainer.setup_distributed(cfg["trainer"])
     seed_everything(cfg["trainer"]["seed"])
     tokenizer = load_tokenizer(cfg["model"])
-    train, _ = load_splits(cfg, tokenizer)
+    train = load_split(cfg, tokenizer, cfg["data"]["train_filepath"])
     model = speedups.apply(build_model(cfg["model"], bench.LABELS), proc.device)
     run = trainer.Trainer(cfg, proc, model, tokenizer, train, None)
     run.model.train()

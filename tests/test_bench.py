@@ -125,15 +125,17 @@ def test_step_profile_switches_one_speedup_off_and_back_on(tiny_bert):
     assert model.config._attn_implementation == speedups.CPU_DROPOUT_ATTENTION
 
 
-def test_matmul_rate_is_the_median_of_its_repeats_after_a_warm_up_it_does_not_count(monkeypatch):
-    seen, times = [], iter([100.0, 1.0, 4.0, 2.0])  # the warm-up (allocations, BLAS threads) is slow
+def test_matmul_rate_is_the_flop_rate_of_the_median_repeat_after_an_uncounted_warm_up(monkeypatch):
+    # a device of exactly 1e9 FLOP/s, whose warm-up (allocations, BLAS threads) and one repeat are slow
+    seen, slowdowns = [], iter([100.0, 1.0, 4.0, 1.0])
 
     def seconds_per_matmul(a, b, count):
         seen.append((a.device.type, a.dtype, b.dtype, tuple(a.shape), count))
-        return next(times)
+        (n, k), m = a.shape, b.shape[1]
+        return next(slowdowns) * count * 2 * n * k * m / 1e9  # a multiply and an add per term
     monkeypatch.setattr(bench, "seconds_per_matmul", seconds_per_matmul)
-    assert bench.matmul_rate("cpu", torch.float64, repeats=3) == 2 * 2048 ** 3 / 2.0  # not the mean, 2.33
-    assert seen == [("cpu", torch.float64, torch.float64, (2048, 2048), 1)] * 4
+    assert bench.matmul_rate("cpu", torch.float64, size=64, repeats=3) == pytest.approx(1e9)  # the mean: 5e8
+    assert seen == [("cpu", torch.float64, torch.float64, (64, 64), 1)] * 4
 
 
 def test_ours_argv_trains_on_the_job_device(tmp_path):

@@ -39,7 +39,7 @@ def counted(monkeypatch):
 
 def load(tmp_path, tokenizer, path, max_seq_len=16, cfg=None, proc=MAIN, say=print):
     cfg = cfg or data_cfg()
-    examples = read_examples(str(path), cfg, LABELS, need_labels=True)
+    examples = read_examples(str(path), {**cfg, "labels_list": LABELS}, need_labels=True)
     return cache.cached_encode(tmp_path / "cache", tokenizer, examples, cfg, max_seq_len, proc, say)
 
 
@@ -64,7 +64,7 @@ def test_a_hit_maps_the_same_arrays_without_tokenizing(tmp_path, tokenizer, coun
     assert isinstance(second.ids, np.memmap) and isinstance(second.offsets, np.memmap)
     assert same_arrays(first, second)
     # ... and they are the ids tokenizing gives, with the labels read from the file
-    fresh = encode(tokenizer, read_examples(path, data_cfg(), LABELS, True), 16)
+    fresh = encode(tokenizer, read_examples(path, data_cfg(labels_list=LABELS), True), 16)
     assert same_arrays(second, fresh) and second.labels.tolist() == fresh.labels.tolist()
 
 
@@ -104,7 +104,7 @@ def test_a_stale_cache_is_not_used_when_the_file_or_max_seq_len_changes(tmp_path
 def test_a_torn_entry_is_detected_and_rebuilt(tmp_path, tokenizer, counted, damage):
     path = write_csv(tmp_path / "train.csv", sentiment_rows(40))
     load(tmp_path, tokenizer, path)
-    good = encode(tokenizer, read_examples(path, data_cfg(), LABELS, True), 16)  # not a map of the file damaged below
+    good = encode(tokenizer, read_examples(path, data_cfg(labels_list=LABELS), True), 16)  # not a map of the file damaged below
     entry = tmp_path / "cache" / entries(tmp_path)[0]
     if damage == "truncated ids":
         data = (entry / "ids.npy").read_bytes()
@@ -172,7 +172,7 @@ def test_a_waiting_rank_maps_the_entry_or_reports_the_builder_failure(tmp_path, 
 
 def test_no_cache_dir_tokenizes_every_time(tmp_path, tokenizer, counted):
     path = write_csv(tmp_path / "train.csv", [{"text": w, "label": "positive"} for w in POSITIVE])
-    examples = read_examples(path, data_cfg(), LABELS, True)
+    examples = read_examples(path, data_cfg(labels_list=LABELS), True)
     for _ in range(2):
         cache.cached_encode(None, tokenizer, examples, data_cfg(), 16, MAIN)
     assert not (tmp_path / "cache").exists()
@@ -188,7 +188,7 @@ def test_a_second_builder_of_the_same_entry_leaves_the_first_one_whole(tmp_path,
     key, source = cache.cache_key(path, tokenizer, data_cfg(), 16, True)
     entry = tmp_path / "cache" / key
     inode = (entry / "ids.npy").stat().st_ino
-    cache.write_entry(entry, key, source, encode(tokenizer, read_examples(path, data_cfg(), LABELS, True), 16), path)
+    cache.write_entry(entry, key, source, encode(tokenizer, read_examples(path, data_cfg(labels_list=LABELS), True), 16), path)
     assert entries(tmp_path) == [key] and (entry / "ids.npy").stat().st_ino == inode
     assert np.array_equal(first.ids, cache.open_entry(entry, key, 20)[0].ids)
 
@@ -214,16 +214,20 @@ def reads(monkeypatch):
     return calls
 
 
+def run_split(cfg, tokenizer, path):
+    """A labelled file's ids as a run gets them: read (or mapped from the cache), then tokenized through it."""
+    return splits.tokenize(cfg, MAIN, tokenizer, path, splits.read_split(cfg, MAIN, tokenizer, path, True)).encoded
+
+
 def test_a_second_run_maps_ids_and_labels_without_reading_the_file(tmp_path, tokenizer, reads):
     path = write_csv(tmp_path / "train.csv", sentiment_rows(30))
-    first = splits.load_splits(run_cfg(tmp_path, path), tokenizer, MAIN)[0].encoded
+    first = run_split(run_cfg(tmp_path, path), tokenizer, path)
     assert reads == [path]
-    second = splits.load_splits(run_cfg(tmp_path, path), tokenizer, MAIN)[0].encoded
+    second = run_split(run_cfg(tmp_path, path), tokenizer, path)
     assert reads == [path]  # hashed, not read
     assert isinstance(second.labels, np.memmap) and same_arrays(first, second)
     # another labels_list gives other labels from the same ids: read again, into a new entry
-    swapped = splits.load_splits(run_cfg(tmp_path, path, **{"data.labels_list": "[positive, negative]"}),
-                                  tokenizer, MAIN)[0].encoded
+    swapped = run_split(run_cfg(tmp_path, path, **{"data.labels_list": "[positive, negative]"}), tokenizer, path)
     assert reads == [path, path] and len(entries(tmp_path)) == 2
     assert np.array_equal(swapped.ids, first.ids) and swapped.labels.tolist() == (1 - first.labels).tolist()
 
@@ -232,8 +236,8 @@ def test_a_mapped_window_split_keeps_a_label_per_window(tmp_path, tokenizer, rea
     path = write_csv(tmp_path / "train.csv", [{"text": "good movie " * 12, "label": "positive"},
                                               {"text": "bad", "label": "negative"}])
     windows = {"data.long_texts": "windows", "data.window_stride": "2"}
-    first = splits.load_splits(run_cfg(tmp_path, path, **windows), tokenizer, MAIN)[0].encoded
-    second = splits.load_splits(run_cfg(tmp_path, path, **windows), tokenizer, MAIN)[0].encoded
+    first = run_split(run_cfg(tmp_path, path, **windows), tokenizer, path)
+    second = run_split(run_cfg(tmp_path, path, **windows), tokenizer, path)
     assert reads == [path] and len(first) > 2
     assert second.documents.tolist() == first.documents.tolist() and second.labels.tolist() == first.labels.tolist()
     assert second.labels.tolist() == [1] * (len(first) - 1) + [0]
@@ -263,4 +267,4 @@ def test_an_unreadable_file_is_left_for_reading_to_report(tmp_path, tokenizer):
     assert cache.mapped(tmp_path / "cache", tokenizer, str(tmp_path / "missing.csv"), data_cfg(), 16, True, MAIN) is None
     cfg = run_cfg(tmp_path, tmp_path / "missing.csv")
     with pytest.raises(DataError, match="missing.csv: file not found"):
-        splits.load_splits(cfg, tokenizer, MAIN)
+        run_split(cfg, tokenizer, str(tmp_path / "missing.csv"))

@@ -6,6 +6,7 @@ Runs are in-process (trainer.main) on a tiny model: 2 epochs x 13 steps of 16 ex
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import files
 import processes
 import trainer
 from config import ConfigError, load_config
@@ -34,8 +36,14 @@ def job(tmp_path_factory):
     def args(name, **more):
         return base_args(tmp / name, model, train, val,
                          **{"trainer.epochs": 2, "ckpt.save_steps": 3, "ckpt.keep_last": "null", **more})
-    assert trainer.main(args("reference")) == 0
     return {"tmp": tmp, "args": args, "train": train, "val": val, "model": model}
+
+
+@pytest.fixture(scope="module")
+def reference(job):
+    """The job's uninterrupted run, in job's folder "reference": what resumed runs must end as."""
+    assert trainer.main(job["args"]("reference")) == 0
+    return ckpt_dir(job, "reference")
 
 
 def ckpt_dir(job, name):
@@ -86,6 +94,7 @@ def plant(folder, marker):
     (folder / checkpoint.MANIFEST).write_text(json.dumps(manifest))  # a forger can write this too
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(job, capsys):
     ckpt = run_copy(job, "evil")
     marker = job["tmp"] / "pwned"
@@ -106,7 +115,8 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(job, capsys)
     assert not marker.exists()
 
 
-def test_resume_auto_skips_a_checkpoint_that_does_not_load_and_takes_the_next(job, capsys):
+@pytest.mark.slow  # trains more than one epoch
+def test_resume_auto_skips_a_checkpoint_that_does_not_load_and_takes_the_next(job, reference, capsys):
     ckpt = run_copy(job, "truncated")
     newest = ckpt / "checkpoint-epoch2-step26"
     with open(newest / "model.safetensors", "r+b") as f:
@@ -125,6 +135,7 @@ def test_resume_auto_skips_a_checkpoint_that_does_not_load_and_takes_the_next(jo
     assert "incomplete checkpoint: training_state.pt is 10 bytes" in error_line(capsys)
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_resume_auto_ignores_a_foreign_folder_named_like_a_newer_checkpoint(job, capsys):
     ckpt = run_copy(job, "foreign-resume")
     (ckpt / "checkpoint-epoch9-step999").mkdir()  # someone else's, with no manifest
@@ -139,6 +150,7 @@ def test_resume_auto_ignores_a_foreign_folder_named_like_a_newer_checkpoint(job,
 # -- never delete or replace what we did not write -----------------------------------------------
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_overwrite_keeps_folders_and_links_we_did_not_write(job, capsys):
     ckpt = run_copy(job, "foreign")
     users = ckpt / "checkpoint-epoch3-step300"  # named like ours, with a state file of another tool
@@ -164,6 +176,7 @@ def test_overwrite_keeps_folders_and_links_we_did_not_write(job, capsys):
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".replaced-")]
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_overwrite_then_a_failure_before_the_first_checkpoint_puts_the_old_ones_back(job, monkeypatch, capsys):
     ckpt = run_copy(job, "failing")
     before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir() if p.name != ".lock"}
@@ -182,7 +195,8 @@ def test_overwrite_then_a_failure_before_the_first_checkpoint_puts_the_old_ones_
     assert {name: os.readlink(ckpt / name) for name in checkpoint.LINKS} == links
 
 
-def test_a_kill_after_moving_old_checkpoints_aside_is_repaired_by_the_next_run(job, tmp_path):
+@pytest.mark.slow  # trains more than one epoch
+def test_a_kill_after_moving_old_checkpoints_aside_is_repaired_by_the_next_run(job, reference, tmp_path):
     ckpt = run_copy(job, "killed-aside")
     ours = [path for _, path, _ in checkpoint.our_checkpoints(ckpt, "checkpoint")]
     aside = checkpoint.move_aside(ckpt, ours, "dead-session")  # then SIGKILL: no checkpoint written
@@ -198,7 +212,7 @@ def test_a_kill_after_moving_old_checkpoints_aside_is_repaired_by_the_next_run(j
 def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(job, capsys):
     ckpt = ckpt_dir(job, "locked")
     ckpt.mkdir(parents=True)
-    holder = checkpoint.SaveDirLock(ckpt)
+    holder = files.FolderLock(ckpt)
     try:
         assert trainer.main(job["args"]("locked")) == 2
         line = error_line(capsys)
@@ -210,7 +224,8 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_holds_it(job
     assert trainer.main(job["args"]("locked", **{"trainer.epochs": 1})) == 0  # free again
 
 
-def test_resuming_an_older_checkpoint_needs_overwrite_and_then_saves_its_own(job, capsys):
+@pytest.mark.slow  # trains more than one epoch
+def test_resuming_an_older_checkpoint_needs_overwrite_and_then_saves_its_own(job, reference, capsys):
     ckpt = run_copy(job, "older")
     older = ckpt / "checkpoint-epoch1-step12"
     capsys.readouterr()
@@ -241,6 +256,7 @@ def test_resuming_an_older_checkpoint_needs_overwrite_and_then_saves_its_own(job
      "data.labels_list ['negative', 'positive'] -> ['negative', 'neutral', 'positive']"),
     ({"model.hf_model": "WIDER"}, "model.hf_model '{tmp}/bert' -> '{tmp}/wider-bert'"),
 ])
+@pytest.mark.slow  # trains more than one epoch
 def test_resume_with_a_changed_config_or_data_stops_before_step_one(job, capsys, change, expected):
     name = "changed"
     if not (ckpt_dir(job, name) / "last").exists():
@@ -274,13 +290,15 @@ def test_resume_may_change_logging_cadence_and_data_location(job, capsys, tmp_pa
 # -- resume keeps its books straight --------------------------------------------------------------
 
 
-def test_a_best_checkpoint_records_itself_as_the_best(job):
+@pytest.mark.slow  # trains more than one epoch
+def test_a_best_checkpoint_records_itself_as_the_best(job, reference):
     ckpt = ckpt_dir(job, "reference")
     best = json.loads((ckpt / "best" / checkpoint.MANIFEST).read_text())
     assert best["best"]["step"] == best["step"]
     assert best["best"]["path"] == str(ckpt / os.readlink(ckpt / "best"))
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_resuming_a_finished_run_reports_the_same_best(job, capsys):
     ckpt = run_copy(job, "finished")
     capsys.readouterr()
@@ -306,6 +324,7 @@ def scalars_of(run_root):
     return rows, tb
 
 
+@pytest.mark.slow  # trains more than one epoch
 @pytest.mark.parametrize("stop_at", [10, 12])  # at a log step (its events are kept), mid-window
 def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(job, monkeypatch, capsys, stop_at):
     args = {"trainer.log_steps": 5, "ckpt.save_steps": 0, "trainer.eval_steps": 4}
@@ -337,6 +356,7 @@ def test_a_stopped_and_resumed_run_logs_exactly_what_an_uninterrupted_run_logs(j
     assert {row["epoch"] for row in rows if row["step"] in (15, 16)} == {2}
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_a_run_killed_after_logging_past_its_checkpoint_resumes_to_the_same_logs(job, monkeypatch, capsys):
     """The kill comes after step 17: step 15's train line and TensorBoard event were written after
     the last checkpoint (step 13), so the resume must drop them (purge_step) and log them again."""
@@ -360,7 +380,7 @@ def test_a_run_killed_after_logging_past_its_checkpoint_resumes_to_the_same_logs
 
 
 @pytest.mark.slow  # trains several epochs
-def test_a_run_paused_after_each_epoch_and_resumed_is_the_uninterrupted_run(job, capsys):
+def test_a_run_paused_after_each_epoch_and_resumed_is_the_uninterrupted_run(job, reference, capsys):
     """trainer.stop_after_epochs ends a launch after that epoch with a checkpoint; the schedule
     spans trainer.epochs all along, so resuming gives bitwise the run never paused (a sweep's rungs)."""
     capsys.readouterr()
@@ -390,6 +410,7 @@ def test_an_old_seed_backend_resumes_under_auto_and_precision_must_match():
         "mixed precision on -> off (trainer.amp / trainer.backend)"]
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_resume_message_names_the_epoch_of_the_checkpoint(job, capsys):
     ckpt = run_copy(job, "epochs")
     capsys.readouterr()
@@ -398,6 +419,7 @@ def test_resume_message_names_the_epoch_of_the_checkpoint(job, capsys):
     assert "at step 21 (epoch 2, batch 8 of 13)" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_a_step_checkpoint_on_the_last_step_of_an_epoch_holds_that_epochs_validation(job, capsys):
     """ckpt.save_steps 13 saves each epoch's last step before the epoch's validation: the folder is
     written again after it, so it records its own best, and a resume has nothing left to redo."""
@@ -424,7 +446,7 @@ def test_checkpoint_files_and_folders_are_fsynced(tmp_path, monkeypatch):
     def recording_fsync(fd):
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
-    monkeypatch.setattr(checkpoint.os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
 
     def write_files(folder):
         (folder / "a.bin").write_bytes(b"x" * 10)
@@ -452,7 +474,7 @@ def test_a_full_disk_in_torch_save_or_safetensors_removes_the_partial_checkpoint
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     monkeypatch.setattr(*((trainer.torch, "save") if writer == "torch.save" else (trainer, "save_pretrained")),
                         fails_third)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
     assert trainer.main(job["args"](name)) == 2
     line = error_line(capsys)
     assert line.startswith(f"error: cannot write checkpoint {ckpt_dir(job, name) / 'checkpoint-epoch1-step9'}: ")
@@ -480,7 +502,7 @@ def test_bad_output_locations_stop_the_run_before_step_one(job, tmp_path, capsys
 
 
 @pytest.mark.slow  # trains several epochs
-def test_predictions_go_to_a_missing_folder_which_is_created(job, tmp_path):
+def test_predictions_go_to_a_missing_folder_which_is_created(job, reference, tmp_path):
     out = tmp_path / "new" / "folder" / "preds.csv"
     args = base_args(tmp_path, job["model"], "null", "null", **{
         "model.model_path": str(ckpt_dir(job, "reference") / "best"), "data.predict_filepath": job["val"],
@@ -556,7 +578,7 @@ def test_a_save_folder_that_cannot_be_written_under_torchrun_is_one_line(job, tm
 
 
 def test_a_rank_sees_the_save_folder_only_if_it_holds_the_main_process_lock(tmp_path):
-    lock = checkpoint.SaveDirLock(tmp_path, "s-main")
+    lock = files.FolderLock(tmp_path, "s-main")
     try:
         assert checkpoint.sees_lock_of(tmp_path, "s-main")
         assert not checkpoint.sees_lock_of(tmp_path, "s-other")  # another machine's folder of that name
@@ -572,7 +594,7 @@ def test_a_save_folder_not_shared_by_every_machine_is_refused_before_step_1(tmp_
     sees rank 0's lock, and all agree (MIN over the ranks) before step 1, with one line if not."""
     main_dir, own_dir = tmp_path / "main", tmp_path / "machine-2"
     main_dir.mkdir(), own_dir.mkdir()
-    lock = checkpoint.SaveDirLock(main_dir, "s-main")
+    lock = files.FolderLock(main_dir, "s-main")
 
     def all_reduce(tensor, op, group):  # the other rank's answer joins this one's
         assert op == torch.distributed.ReduceOp.MIN and group == "gloo group"
@@ -599,12 +621,13 @@ def test_rank_zero_releases_the_save_folder_when_another_rank_does_not_see_it(tm
     cfg = load_config(["--ckpt.model_state_save_dir", str(tmp_path / "ckpt")])
     main = processes.Process(0, 0, 2, torch.device("cpu"), True, True, cpu_group="gloo group")
     with pytest.raises(ConfigError, match="is not shared by every machine of the run") as refused:
-        checkpoint.open_save_dir(cfg, main, "s-main", say=print)
+        checkpoint.open_save_dir(checkpoint.SaveDir(cfg, "s-main", print), main)
     # refused holds the traceback, and with it the SaveDir: released all the same, not by the GC
-    checkpoint.SaveDirLock(tmp_path / "ckpt", "s-next").release()
+    files.FolderLock(tmp_path / "ckpt", "s-next").release()
     assert refused.traceback
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_a_checkpoint_written_before_the_redesign_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
     """tests/data/checkpoint-f09059b: step 5 of 14 of a tiny run (2 micro-batches a step) written by
     commit f09059b, before the backend default, the new keys and the move of the loop's code, with

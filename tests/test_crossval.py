@@ -258,8 +258,8 @@ def test_out_of_fold_probabilities_come_from_the_model_that_held_the_row_out(tmp
         tokenizer = AutoTokenizer.from_pretrained(fold["best_checkpoint"])
         texts = [read_csv(train)[int(r["row"]) - 1]["text"] for r in held]
         inputs = tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
-        with torch.no_grad():
-            probs = model(**inputs).logits.softmax(-1)
+        with torch.no_grad():  # at the fold's own temperature (module.calibrate), kept in its config.json
+            probs = (model(**inputs).logits / model.config.calibration_temperature).softmax(-1)
         written = np.array([[float(r["prob_negative"]), float(r["prob_positive"])] for r in held])
         assert np.abs(probs.numpy() - written).max() < 1e-4
         assert fold["command"].startswith("python trainer.py ")

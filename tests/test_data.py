@@ -36,21 +36,21 @@ def data_cfg(**overrides):
 
 def test_csv_reads_texts_labels_and_columns(tmp_path):
     path = write_csv(tmp_path / "a.csv", [{"id": i, **row} for i, row in enumerate(ROWS)])
-    examples = read_examples(path, data_cfg(), LABELS, need_labels=True)
+    examples = read_examples(path, data_cfg(labels_list=LABELS), need_labels=True)
     assert examples.columns == ["id", "text", "label"]
     assert examples.texts_a == ["good movie", "bad plot", "the film was great"]
     assert examples.texts_b is None
     assert examples.labels.tolist() == [1, 0, 1] and examples.labels.dtype == np.int64
     # the raw rows are for prediction output only: kept when asked for
     assert examples.rows is None
-    kept = read_examples(path, data_cfg(), LABELS, need_labels=True, keep_rows=True)
+    kept = read_examples(path, data_cfg(labels_list=LABELS), need_labels=True, keep_rows=True)
     assert kept.rows[2] == {"id": "2", "text": "the film was great", "label": "positive"}
 
 
 def test_tsv_keeps_commas_inside_texts(tmp_path):
     rows = [{"text": "good, very good", "label": "positive"}, {"text": "bad, sad", "label": "negative"}]
     path = write_csv(tmp_path / "a.tsv", rows, delimiter="\t")
-    examples = read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+    examples = read_examples(path, data_cfg(file_format="tsv", labels_list=LABELS), need_labels=True)
     assert examples.texts_a == ["good, very good", "bad, sad"]
     assert examples.labels.tolist() == [1, 0]
 
@@ -59,14 +59,14 @@ def test_jsonl_reads_objects_and_skips_blank_lines(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", ROWS)
     with open(path, "a", encoding="utf-8") as f:
         f.write("\n")
-    examples = read_examples(path, data_cfg(file_format="jsonl"), LABELS, need_labels=True)
+    examples = read_examples(path, data_cfg(file_format="jsonl", labels_list=LABELS), need_labels=True)
     assert examples.texts_a == [row["text"] for row in ROWS]
     assert examples.labels.tolist() == [1, 0, 1]
 
 
 def test_quoted_newline_inside_a_csv_field(tmp_path):
     rows = [{"text": "good\nmovie", "label": "positive"}, {"text": "bad", "label": "negative"}]
-    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), LABELS, True)
+    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(labels_list=LABELS), True)
     assert examples.texts_a == ["good\nmovie", "bad"]
 
 
@@ -74,7 +74,7 @@ def test_windows_line_endings(tmp_path):
     (tmp_path / "a.csv").write_bytes(b"text,label\r\ngood,positive\r\nbad,negative\r\n")
     (tmp_path / "a.jsonl").write_bytes(b'{"text": "good", "label": "positive"}\r\n{"text": "bad", "label": "negative"}\r\n')
     for name, fmt in (("a.csv", "csv"), ("a.jsonl", "jsonl")):
-        examples = read_examples(str(tmp_path / name), data_cfg(file_format=fmt), LABELS, True)
+        examples = read_examples(str(tmp_path / name), data_cfg(file_format=fmt, labels_list=LABELS), True)
         assert examples.texts_a == ["good", "bad"] and examples.labels.tolist() == [1, 0]
 
 
@@ -87,20 +87,20 @@ def test_a_column_named_once_by_name_and_once_by_position_is_refused(tmp_path, c
     # config.py refuses text_a_col: label with label_col: label; a position can name it too
     path = write_csv(tmp_path / "a.csv", ROWS)
     with pytest.raises(DataError, match=f"a.csv: {message}"):
-        read_examples(path, data_cfg(**columns), LABELS, need_labels=True)
+        read_examples(path, data_cfg(**columns, labels_list=LABELS), need_labels=True)
 
 
 def test_header_row_index_skips_the_rows_above(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("exported by some tool,\ntext,label\ngood,positive\nbad,negative\n")
-    examples = read_examples(str(path), data_cfg(header=1), LABELS, need_labels=True)
+    examples = read_examples(str(path), data_cfg(header=1, labels_list=LABELS), need_labels=True)
     assert examples.texts_a == ["good", "bad"]
     assert examples.labels.tolist() == [1, 0]
 
 
 def test_header_null_names_columns_by_position(tmp_path):
     path = write_csv(tmp_path / "a.csv", ROWS, columns=["label", "text"], header=False)
-    examples = read_examples(path, data_cfg(header=None, text_a_col=1, label_col=0), LABELS, True)
+    examples = read_examples(path, data_cfg(header=None, text_a_col=1, label_col=0, labels_list=LABELS), True)
     assert examples.columns == [0, 1]
     assert examples.texts_a == ["good movie", "bad plot", "the film was great"]
     assert examples.labels.tolist() == [1, 0, 1]
@@ -111,7 +111,7 @@ def test_sentence_pairs_read_both_texts_and_tokenize_as_pairs(tmp_path):
             {"premise": "it was", "hypothesis": "very bad", "label": "negative"}]
     path = write_csv(tmp_path / "a.csv", rows)
     cfg = data_cfg(text_a_col="premise", text_b_col="hypothesis")
-    examples = read_examples(path, cfg, LABELS, need_labels=True)
+    examples = read_examples(path, {**cfg, "labels_list": LABELS}, need_labels=True)
     assert examples.texts_b == ["good", "very bad"]
     encoded = encode(make_tokenizer(), examples, max_seq_len=16)
     # [CLS] it was [SEP] very bad [SEP]: the second text is segment 1
@@ -125,40 +125,40 @@ def test_numeric_labels_in_the_file_match_string_and_int_labels_list(tmp_path):
     jsonl_path = write_jsonl(tmp_path / "a.jsonl", rows)  # labels are JSON numbers here
     for labels_list in (["0", "1", "2"], [0, 1, 2]):       # as written in YAML: strings or ints
         for path, fmt in ((csv_path, "csv"), (jsonl_path, "jsonl")):
-            examples = read_examples(path, data_cfg(file_format=fmt), labels_list, need_labels=True)
+            examples = read_examples(path, data_cfg(file_format=fmt, labels_list=labels_list), need_labels=True)
             assert examples.labels.tolist() == [1, 0, 2]
 
 
 def test_labels_list_order_is_the_class_id(tmp_path):
     path = write_csv(tmp_path / "a.csv", ROWS)
-    examples = read_examples(path, data_cfg(), ["positive", "negative"], need_labels=True)
+    examples = read_examples(path, data_cfg(labels_list=["positive", "negative"]), need_labels=True)
     assert examples.labels.tolist() == [0, 1, 0]
 
 
 def test_regression_labels_are_floats(tmp_path):
     rows = [{"text": "good", "label": "4.5"}, {"text": "bad", "label": "-1"}, {"text": "ok", "label": "2e-1"}]
-    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), ["score"], True)
+    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(labels_list=["score"]), True)
     assert examples.labels.dtype == np.float32
     assert examples.labels.tolist() == pytest.approx([4.5, -1.0, 0.2])
 
 
 def test_file_without_labels_reads_for_prediction(tmp_path):
     path = write_csv(tmp_path / "a.csv", [{"text": row["text"]} for row in ROWS])
-    examples = read_examples(path, data_cfg(), LABELS, need_labels=False)
+    examples = read_examples(path, data_cfg(labels_list=LABELS), need_labels=False)
     assert examples.labels is None and len(examples.texts_a) == 3
 
 
 def test_latin1_file_reads_with_data_encoding(tmp_path):
     rows = [{"text": "café très bon", "label": "positive"}, {"text": "naïve", "label": "negative"}]
     path = write_csv(tmp_path / "a.csv", rows, encoding="latin-1")
-    examples = read_examples(path, data_cfg(encoding="latin-1"), LABELS, need_labels=True)
+    examples = read_examples(path, data_cfg(encoding="latin-1", labels_list=LABELS), need_labels=True)
     assert examples.texts_a == ["café très bon", "naïve"]
 
 
 def test_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
     path = write_csv(tmp_path / "a.csv", ROWS, encoding="utf-8-sig")
     assert open(path, "rb").read(3) == b"\xef\xbb\xbf"
-    examples = read_examples(path, data_cfg(), LABELS, need_labels=True)
+    examples = read_examples(path, data_cfg(labels_list=LABELS), need_labels=True)
     assert examples.columns == ["text", "label"]
     assert examples.texts_a[0] == "good movie"
 
@@ -169,7 +169,7 @@ def test_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
 def test_a_text_longer_than_the_csv_field_limit_reads_whole(tmp_path):
     long_text = "good " * 40_000  # 200,000 characters; the csv module stops at 131,072 by default
     rows = [{"text": long_text, "label": "positive"}, {"text": "bad", "label": "negative"}]
-    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), LABELS, True)
+    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(labels_list=LABELS), True)
     assert examples.texts_a == [long_text, "bad"]
 
 
@@ -195,14 +195,14 @@ def test_a_quote_never_closed_is_an_error_naming_its_line(tmp_path, name, fmt, q
     path = swallowing_file(tmp_path / name, delimiter)
     with pytest.raises(DataError, match=rf"{name}:12: a quoted field is not closed properly .*"
                                         rf"--data\.quoting none"):
-        read_examples(path, data_cfg(file_format=fmt, quoting=quoting), LABELS, need_labels=True)
+        read_examples(path, data_cfg(file_format=fmt, quoting=quoting, labels_list=LABELS), need_labels=True)
 
 
 def test_a_quote_that_swallows_ten_thousand_lines_is_an_error_naming_its_line(tmp_path):
     # closed at last by a stray quote, the field reads as one text of 10,010 rows
     path = swallowing_file(tmp_path / "a.tsv", "\t", quote_closed_at=10_020)
     with pytest.raises(DataError, match=r"a\.tsv:12: a quoted field runs over more than 10000"):
-        read_examples(path, data_cfg(file_format="tsv", quoting="csv"), LABELS, need_labels=True)
+        read_examples(path, data_cfg(file_format="tsv", quoting="csv", labels_list=LABELS), need_labels=True)
 
 
 def test_a_quoted_field_over_lines_reads_whole_and_its_row_is_named_by_its_first_line(tmp_path):
@@ -210,12 +210,12 @@ def test_a_quoted_field_over_lines_reads_whole_and_its_row_is_named_by_its_first
             {"text": 'he said "bad" twice', "label": "negative"}]  # mid-field quotes are text
     path = write_csv(tmp_path / "a.tsv", rows, delimiter="\t")
     cfg = data_cfg(file_format="tsv", quoting="csv")
-    examples = read_examples(path, cfg, LABELS, need_labels=True)
+    examples = read_examples(path, {**cfg, "labels_list": LABELS}, need_labels=True)
     assert examples.texts_a == ["good\nvery\ngood", 'he said "bad" twice']
     rows[0]["label"] = "neutral"
     path = write_csv(tmp_path / "b.tsv", rows, delimiter="\t")
     with pytest.raises(DataError, match=r"b\.tsv:2: label 'neutral'"):
-        read_examples(path, cfg, LABELS, need_labels=True)
+        read_examples(path, {**cfg, "labels_list": LABELS}, need_labels=True)
 
 
 @pytest.mark.parametrize("name, fmt, quoting", [("a.tsv", "tsv", "csv"), ("a.csv", "csv", "auto")])
@@ -225,7 +225,7 @@ def test_text_after_a_closing_quote_is_an_error(tmp_path, name, fmt, quoting):
     (tmp_path / name).write_text(f'text{delimiter}label\ngood{delimiter}positive\n'
                                  f'"bad" plot{delimiter}negative\n')
     with pytest.raises(DataError, match=rf"{name}:3: a quoted field is not closed properly"):
-        read_examples(str(tmp_path / name), data_cfg(file_format=fmt, quoting=quoting), LABELS, True)
+        read_examples(str(tmp_path / name), data_cfg(file_format=fmt, quoting=quoting, labels_list=LABELS), True)
 
 
 def test_an_opened_quote_is_reported_at_its_line_however_far_it_runs(tmp_path):
@@ -233,7 +233,7 @@ def test_an_opened_quote_is_reported_at_its_line_however_far_it_runs(tmp_path):
     (tmp_path / "a.tsv").write_text('text\tlabel\ngood\tpositive\n"bad\tnegative\nok\tpositive\n'
                                     'fine\tpositive\nnice" plot\tpositive\n')
     with pytest.raises(DataError, match=r"a\.tsv:3: a quoted field is not closed properly"):
-        read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv", quoting="csv"), LABELS, True)
+        read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv", quoting="csv", labels_list=LABELS), True)
 
 
 # -- quotes in tsv files are text by default (issue 14) -----------------------------------------
@@ -246,19 +246,19 @@ def test_tsv_reads_quotes_as_text_by_default(tmp_path):
     # GLUE's tsv files are unquoted: before, '"bad" plot' was an error and '"good"' read as 'good'
     lines = ["text\tlabel"] + [f"{text}\tpositive" for text in QUOTED_TEXTS]
     (tmp_path / "a.tsv").write_text("\n".join(lines) + "\n")
-    examples = read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv"), LABELS, True, keep_rows=True)
+    examples = read_examples(str(tmp_path / "a.tsv"), data_cfg(file_format="tsv", labels_list=LABELS), True, keep_rows=True)
     assert examples.texts_a == QUOTED_TEXTS
     assert examples.rows[0] == {"text": '"bad" plot', "label": "positive"}
     # the file of a quote never closed, read as text: every row, the 11th with its quote
     path = swallowing_file(tmp_path / "b.tsv", "\t")
-    examples = read_examples(path, data_cfg(file_format="tsv"), LABELS, need_labels=True)
+    examples = read_examples(path, data_cfg(file_format="tsv", labels_list=LABELS), need_labels=True)
     assert len(examples.texts_a) == 100 and examples.texts_a[10] == '"row 11 was good'
 
 
 def test_quoting_none_reads_quotes_in_a_csv_as_text(tmp_path):
     lines = ["text,label"] + [f"{text},positive" for text in QUOTED_TEXTS]
     (tmp_path / "a.csv").write_text("\n".join(lines) + "\n")
-    examples = read_examples(str(tmp_path / "a.csv"), data_cfg(quoting="none"), LABELS, True)
+    examples = read_examples(str(tmp_path / "a.csv"), data_cfg(quoting="none", labels_list=LABELS), True)
     assert examples.texts_a == QUOTED_TEXTS
 
 
@@ -266,7 +266,7 @@ def test_csv_files_keep_their_quoting_by_default(tmp_path):
     # a quoted field holds the delimiter, a newline and "" for a quote; auto and csv read it so
     (tmp_path / "a.csv").write_text('text,label\n"good, ""very""\ngood",positive\nbad,negative\n')
     for quoting in ("auto", "csv"):
-        examples = read_examples(str(tmp_path / "a.csv"), data_cfg(quoting=quoting), LABELS, True)
+        examples = read_examples(str(tmp_path / "a.csv"), data_cfg(quoting=quoting, labels_list=LABELS), True)
         assert examples.texts_a == ['good, "very"\ngood', "bad"]
 
 
@@ -275,26 +275,26 @@ def test_regression_label_not_finite_is_an_error_naming_its_line(tmp_path, value
     rows = [{"text": "good", "label": "4.5"}, {"text": "bad", "label": value}]
     path = write_csv(tmp_path / "a.csv", rows)
     with pytest.raises(DataError, match=rf"a\.csv:3: regression label '{value}' is not a finite"):
-        read_examples(path, data_cfg(), ["score"], need_labels=True)
+        read_examples(path, data_cfg(labels_list=["score"]), need_labels=True)
 
 
 def test_regression_label_nan_in_jsonl_is_an_error(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "good", "label": NaN}\n')  # json.loads takes NaN
     with pytest.raises(DataError, match=r"a\.jsonl:1: regression label nan is not a finite"):
-        read_examples(str(tmp_path / "a.jsonl"), data_cfg(file_format="jsonl"), ["score"], True)
+        read_examples(str(tmp_path / "a.jsonl"), data_cfg(file_format="jsonl", labels_list=["score"]), True)
 
 
 def test_a_nul_byte_is_an_error_naming_its_line(tmp_path):
     (tmp_path / "a.csv").write_bytes(b"text,label\ngood,positive\nba\x00d,negative\n")
     with pytest.raises(DataError, match=r"a\.csv:3: a NUL byte"):
-        read_examples(str(tmp_path / "a.csv"), data_cfg(), LABELS, need_labels=True)
+        read_examples(str(tmp_path / "a.csv"), data_cfg(labels_list=LABELS), need_labels=True)
 
 
 def test_jsonl_text_may_hold_a_line_separator(tmp_path):
     # valid JSON may hold U+2028 unescaped (json.dumps with ensure_ascii=False writes it so)
     (tmp_path / "a.jsonl").write_text('{"text": "good\u2028movie", "label": "positive"}\n'
                                       '{"text": "bad", "label": "negative"}\n', encoding="utf-8")
-    examples = read_examples(str(tmp_path / "a.jsonl"), data_cfg(file_format="jsonl"), LABELS, True)
+    examples = read_examples(str(tmp_path / "a.jsonl"), data_cfg(file_format="jsonl", labels_list=LABELS), True)
     assert examples.texts_a == ["good\u2028movie", "bad"]
 
 
@@ -303,7 +303,7 @@ def test_jsonl_text_may_hold_a_line_separator(tmp_path):
 
 def test_encode_truncates_to_max_seq_len_without_padding(tmp_path):
     rows = [{"text": "good " * 30, "label": "positive"}, {"text": "bad", "label": "negative"}]
-    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(), LABELS, True)
+    examples = read_examples(write_csv(tmp_path / "a.csv", rows), data_cfg(labels_list=LABELS), True)
     encoded = encode(make_tokenizer(), examples, max_seq_len=10, chunk_size=1)
     assert encoded.lengths.tolist() == [10, 3]
     assert [len(encoded.tokens(i)) for i in range(2)] == [10, 3]
@@ -503,7 +503,7 @@ def test_encode_gives_each_text_the_tokenizer_own_ids_over_several_chunks(tmp_pa
     rows = [{"premise": "the movie " * (i % 5 + 1), "hypothesis": "good" if i % 2 else "very bad",
              "label": LABELS[i % 2]} for i in range(11)]
     examples = read_examples(write_csv(tmp_path / "a.csv", rows),
-                             data_cfg(text_a_col="premise", text_b_col="hypothesis"), LABELS, True)
+                             data_cfg(text_a_col="premise", text_b_col="hypothesis", labels_list=LABELS), True)
     tokenizer = make_tokenizer()
     encoded = encode(tokenizer, examples, max_seq_len=9, chunk_size=4)  # 3 chunks, the last short
     for i, row in enumerate(rows):
@@ -532,7 +532,7 @@ def test_subset_and_concat_keep_each_example_whole():
 
 
 def test_single_texts_store_no_token_types_and_batch_as_with_zeros(tmp_path):
-    examples = read_examples(write_csv(tmp_path / "a.csv", ROWS), data_cfg(), LABELS, True)
+    examples = read_examples(write_csv(tmp_path / "a.csv", ROWS), data_cfg(labels_list=LABELS), True)
     tokenizer = make_tokenizer()
     encoded = encode(tokenizer, examples, max_seq_len=16)
     assert encoded.token_type_ids is None  # BERT's tokenizer gave zeros, BERT's default without them
@@ -544,15 +544,15 @@ def test_single_texts_store_no_token_types_and_batch_as_with_zeros(tmp_path):
 def test_prediction_chunks_are_the_rows_of_the_file_in_order(tmp_path):
     rows = [{"id": str(i), "text": f"good movie {i}"} for i in range(23)]
     path = write_csv(tmp_path / "a.csv", rows)
-    chunks = list(example_chunks(path, data_cfg(), LABELS, chunk_rows=5))
+    chunks = list(example_chunks(path, data_cfg(labels_list=LABELS), chunk_rows=5))
     assert [len(c.texts_a) for c in chunks] == [5, 5, 5, 5, 3]
     assert [row for c in chunks for row in c.rows] == rows
     assert all(c.columns == ["id", "text"] and c.labels is None for c in chunks)
-    assert count_examples(path, data_cfg(), LABELS) == 23
+    assert count_examples(path, data_cfg(labels_list=LABELS)) == 23
 
 
 def test_a_bad_row_late_in_a_prediction_file_is_found_by_the_check_pass(tmp_path):
     rows = [{"text": "good"}] * 30 + [{"text": " "}] + [{"text": "bad"}] * 5
     path = write_csv(tmp_path / "a.csv", rows)
     with pytest.raises(DataError, match=r"a\.csv:32: empty text"):
-        count_examples(path, data_cfg(), LABELS)
+        count_examples(path, data_cfg(labels_list=LABELS))

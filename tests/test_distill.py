@@ -228,11 +228,12 @@ def test_trainer_loop_trains_student_and_projection_leaves_teacher_unchanged(tmp
     before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
     before_projection = module.projection.weight.detach().clone()
     tokenizer = load_tokenizer(cfg["model"])
-    train_split, val_split = splits.load_splits(cfg, tokenizer)
+    train_split, val_split = [splits.load_split(cfg, tokenizer, path) for path in (train, train)]
     ctx = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
     speedups.apply(teacher, ctx.device)  # as distill.run does with trainer.speedups on
     speedups.apply(module, ctx.device)
-    run, result = trainer.fit(cfg, ctx, module, tokenizer, train_split, val_split, loss_fn=loss_fn)
+    run = trainer.Trainer(cfg, ctx, module, tokenizer, train_split, val_split, loss_fn=loss_fn)
+    result = trainer.fit(run)
     assert result is not None
     # the loop kept speedups' dropout in the student (the four losses above ran through it)
     assert not [m for m in module.modules() if type(m) is torch.nn.Dropout]
@@ -335,12 +336,12 @@ def test_unlabelled_file_needs_only_a_text_column(tmp_path):
     cfg = distill_cfg(**{"distill.unlabeled_filepaths": f"[{tmp_path / 'missing.csv'}]"})
     tokenizer = load_tokenizer({**cfg["model"], "hf_model": save_tiny_encoder(tmp_path / "t")})
     train = splits.Split(None, data.encode(tokenizer, data.read_examples(
-        write_csv(tmp_path / "l.csv", [{"text": "good", "sentiment": "positive"}]), cfg["data"],
-        cfg["data"]["labels_list"], True), 16))
+        write_csv(tmp_path / "l.csv", [{"text": "good", "sentiment": "positive"}]), cfg["data"], True), 16))
     with pytest.raises(DataError, match="missing.csv: file not found"):
-        distill.load_unlabeled(cfg, tokenizer)
-    cfg["distill"]["unlabeled_filepaths"] = [write_csv(tmp_path / "u.csv", [{"text": "sad"}, {"text": "nice"}])]
-    merged = distill.with_unlabeled(cfg, train, distill.load_unlabeled(cfg, tokenizer))
+        splits.load_split(cfg, tokenizer, str(tmp_path / "missing.csv"), need_labels=False)
+    unlabeled = splits.load_split(cfg, tokenizer, write_csv(tmp_path / "u.csv", [{"text": "sad"}, {"text": "nice"}]),
+                                  need_labels=False)
+    merged = distill.with_unlabeled(cfg, train, [unlabeled])
     assert merged.encoded.labels.tolist() == [2, -1, -1] and len(merged.encoded.lengths) == 3
 
 
@@ -351,12 +352,12 @@ def test_a_cached_unlabelled_file_is_mapped_unread_and_labelled_unknown(tmp_path
     tokenizer = load_tokenizer({**cfg["model"], "hf_model": save_tiny_encoder(tmp_path / "t")})
     labelled = write_csv(tmp_path / "l.csv", [{"text": "good", "sentiment": "positive"}])
     train = splits.Split(None, data.encode(tokenizer, data.read_examples(
-        labelled, cfg["data"], cfg["data"]["labels_list"], True), 16))
+        labelled, cfg["data"], True), 16))
     ctx = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
 
     def through_the_cache():  # as prepare_run reads and tokenizes distill.unlabeled_filepaths
         split = splits.read_split(cfg, ctx, tokenizer, unlabeled, need_labels=False)
-        return distill.with_unlabeled(cfg, train, [splits.tokenize(cfg, ctx, tokenizer, split)])
+        return distill.with_unlabeled(cfg, train, [splits.tokenize(cfg, ctx, tokenizer, unlabeled, split)])
     first = through_the_cache()
     reads = []
     monkeypatch.setattr(splits, "read_examples", lambda path, *a, **k: reads.append(path))
@@ -374,10 +375,12 @@ def test_a_cached_unlabelled_file_is_mapped_unread_and_labelled_unknown(tmp_path
 def tiny_teacher(tmp_path_factory):
     """A 2-layer tiny BERT fine-tuned by trainer.py on the sentiment-word task."""
     tmp = tmp_path_factory.mktemp("teacher")
-    rows = sentiment_rows(240, seed=4)
-    train, val = write_csv(tmp / "train.csv", rows[:160]), write_csv(tmp / "val.csv", rows[160:])
+    rows = sentiment_rows(720, seed=4)
+    train, val = write_csv(tmp / "train.csv", rows[:160]), write_csv(tmp / "val.csv", rows[640:])
     base = save_tiny_encoder(tmp / "base", layers=2)
-    assert trainer.main(base_args(tmp, base, train, val, **{"trainer.epochs": 4})) == 0
+    # one epoch of 640 rows: the students below train on its first 160
+    teacher_train = write_csv(tmp / "teacher_train.csv", rows[:640])
+    assert trainer.main(base_args(tmp, base, teacher_train, val, **{"trainer.epochs": 1})) == 0
     return {"dir": str(tmp / "ckpt" / "best"), "train": train, "val": val, "base": base}
 
 
@@ -466,9 +469,9 @@ sys.exit(code)
 
 def test_a_pretrained_students_new_head_is_said_through_the_main_process_log(tmp_path, tiny_teacher, capsys,
                                                                              monkeypatch):
-    # under torchrun every rank printed it; log() says it on the main process only
+    # under torchrun every rank printed it; Process.say says it on the main process only
     logged = []
-    monkeypatch.setattr(distill, "log", lambda proc, message: logged.append(message))
+    monkeypatch.setattr(processes.Process, "say", lambda proc, message: logged.append(message))
     student = save_tiny_encoder(tmp_path / "student", layers=1)
     args = base_args(tmp_path, tiny_teacher["base"], tiny_teacher["train"], "null", **{
         "model.model_path": tiny_teacher["dir"], "distill.student_model": student, "trainer.epochs": 1})

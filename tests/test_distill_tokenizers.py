@@ -60,11 +60,12 @@ def job(tmp_path_factory):
     """A tiny RoBERTa fine-tuned by trainer.py on the sentiment-word task (the teacher), unlabelled
     transfer rows, held-out rows, and a student folder with its own tokenizer."""
     tmp = tmp_path_factory.mktemp("two-tokenizers")
-    rows = sentiment_rows(240, seed=4)
-    train, val = write_csv(tmp / "train.csv", rows[:160]), write_csv(tmp / "val.csv", rows[160:])
+    rows = sentiment_rows(720, seed=4)
+    train, val = write_csv(tmp / "train.csv", rows[:160]), write_csv(tmp / "val.csv", rows[640:])
+    teacher_train = write_csv(tmp / "teacher_train.csv", rows[:640])
     base = save_tiny_encoder(tmp / "roberta", "roberta", layers=2)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert trainer.main(base_args(tmp / "teacher", base, train, val, **{"trainer.epochs": 4})) == 0
+        assert trainer.main(base_args(tmp / "teacher", base, teacher_train, val, **{"trainer.epochs": 1})) == 0
     unlabeled = write_csv(tmp / "unlabeled.csv", [{"text": r["text"]} for r in sentiment_rows(160, seed=5)])
     held_out = sentiment_rows(100, seed=6)
     return {"tmp": tmp, "base": base, "teacher": str(tmp / "teacher" / "ckpt" / "best"), "train": train,
@@ -103,6 +104,7 @@ def test_the_tokenizers_differ_in_ids_and_lengths(job):
                                      teacher) == (None, None)
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_student_learns_the_teachers_predictions_and_its_checkpoint_reads_its_own_tokens(job, tmp_path):
     code, out, err = run_quietly(distill.main, distill_args(job, tmp_path))
     assert code == 0, err[-2000:]
@@ -220,6 +222,7 @@ def test_windows_with_two_tokenizers_train_and_evaluate(job, tmp_path):
     assert len(windows) == 2 and windows[0] != windows[1]
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_stopped_and_resumed_distillation_ends_bitwise_as_an_uninterrupted_one(job, tmp_path):
     reference = tmp_path / "reference"
     code, _, err = run_quietly(distill.main, distill_args(job, reference, **{"trainer.epochs": 2}))

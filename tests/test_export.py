@@ -50,9 +50,9 @@ def export_args(checkpoint, val, **more):
 def train_checkpoint(tmp, rows_of, **overrides):
     """A tiny checkpoint trained in this process by trainer.main: (checkpoint folder, validation file)."""
     model = save_tiny_encoder(tmp / "bert")
-    train = write_csv(tmp / "train.csv", rows_of(64, 1))
+    train = write_csv(tmp / "train.csv", rows_of(128, 1))
     val = write_csv(tmp / "val.csv", rows_of(40, 2))
-    run_main(trainer.main, base_args(tmp, model, train, val, **{"trainer.epochs": 2, **overrides}))
+    run_main(trainer.main, base_args(tmp, model, train, val, **{"trainer.epochs": 1, **overrides}))
     return tmp / "ckpt" / "best", val
 
 
@@ -63,7 +63,7 @@ def torch_and_onnx_logits(checkpoint, folder, val, artifact="onnx_fp32", **more)
     use_checkpoint_settings(cfg)
     onnx_model, tokenizer = export.load_exported(folder, threads=1, artifact=artifact)
     data = cfg["data"]
-    examples = read_examples(val, data, data["labels_list"], need_labels=True)
+    examples = read_examples(val, data, need_labels=True)
     encoded = encode(tokenizer, examples, cfg["module"]["max_seq_len"], stride=window_stride(data))
     torch_model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     return [evaluation.document_logits(evaluation.predict_logits(m, encoded, 8, tokenizer.pad_token_id, MAIN), encoded, cfg)
@@ -85,7 +85,7 @@ def test_the_export_folder_holds_both_models_what_reading_needs_and_the_report(s
     names = {p.name for p in folder.iterdir()}
     assert {"model.onnx", "model.int8.onnx", "config.json", "tokenizer_config.json", "export.json",
             "export_report.json"} <= names
-    assert not list(folder.parent.glob(".export-tmp-*"))  # written under a temporary name, renamed
+    assert not list(folder.parent.glob(f".{folder.name}-*.tmp"))  # written under a temporary name, renamed
     manifest = json.loads((folder / "export.json").read_text())
     assert manifest["source"] == str(single["checkpoint"].resolve())
     assert manifest["config"]["module"]["max_seq_len"] == 16
@@ -101,6 +101,32 @@ def test_the_export_folder_holds_both_models_what_reading_needs_and_the_report(s
     assert "onnx_fp32" in single["out"] and "yes: model.onnx" in single["out"]
 
 
+def test_the_graph_is_fused_by_onnx_runtimes_optimizer_before_the_gate(single):
+    """The TorchScript exporter's graph, fused: one Attention per layer, LayerNorms with their residuals,
+    GELU with its bias; int8 quantizes the fused attention whole (QAttention)."""
+    report = json.loads((single["folder"] / "export_report.json").read_text())
+    assert report["graph"] == {"exporter": "torchscript", "fused": {
+        "EmbedLayerNormalization": 1, "Attention": 2, "BiasGelu": 2, "SkipLayerNormalization": 4}}
+    assert "graph: torchscript exporter; fused EmbedLayerNormalization x1, Attention x2" in single["out"]
+    ops = {node.op_type for node in onnx.load(str(single["folder"] / "model.int8.onnx")).graph.node}
+    assert "QAttention" in ops and "Softmax" not in ops
+
+
+def test_a_graph_the_torchscript_exporter_or_the_optimizer_fails_on_is_kept_as_torch_export_wrote_it(
+        single, monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot trace this model\nlong traceback")
+    monkeypatch.setattr(export, "export_torchscript", refuse)
+    monkeypatch.setattr(export, "optimize_model", refuse)
+    out, _ = run_main(export.main, export_args(single["checkpoint"], single["val"], **{
+        "export.output_dir": tmp_path / "served", "export.int8": "false"}))
+    report = json.loads((tmp_path / "served" / "export_report.json").read_text())
+    assert report["graph"] == {"exporter": "torch.export", "fused": {
+        "note": "kept as exported: ONNX Runtime's optimizer failed on it (cannot trace this model)"}}
+    assert report["onnx_fp32"]["kept"] and report["onnx_fp32"]["identical"] == 1.0
+    assert "graph: torch.export exporter; kept as exported" in out
+
+
 def test_exported_logits_equal_the_pytorch_logits(single):
     reference, fp32 = torch_and_onnx_logits(single["checkpoint"], single["folder"], single["val"])
     np.testing.assert_allclose(fp32, reference, atol=1e-5)
@@ -109,7 +135,7 @@ def test_exported_logits_equal_the_pytorch_logits(single):
     assert not np.array_equal(int8, fp32)  # and it is another model
 
 
-def test_prediction_through_the_export_folder_equals_prediction_through_pytorch(single, tmp_path):
+def test_prediction_through_the_export_folder_equals_prediction_through_pytorch(single, tmp_path, monkeypatch):
     """evaluation.predict_file, unchanged, with the ONNX model in place of the PyTorch one."""
     rows = [{"id": f"r{i}", "text": row["text"]} for i, row in enumerate(sentiment_rows(25, seed=7))]
     new = write_csv(tmp_path / "new.csv", rows)
@@ -125,7 +151,8 @@ def test_prediction_through_the_export_folder_equals_prediction_through_pytorch(
         else:
             model, tokenizer = build_model(cfg["model"], cfg["data"]["labels_list"]), load_tokenizer(cfg["model"])
         with contextlib.redirect_stdout(io.StringIO()):
-            path = evaluation.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=10)
+            monkeypatch.setattr(evaluation, "PREDICT_CHUNK", 10)
+            path = evaluation.predict_file(cfg, MAIN, model, tokenizer, None)
         with open(path, newline="", encoding="utf-8") as f:
             written[kind] = list(csv.DictReader(f))
     assert [r["id"] for r in written["onnx"]] == [r["id"] for r in rows]
@@ -172,8 +199,10 @@ def damaged(path, out):
 @pytest.fixture
 def reuse_export(single, monkeypatch):
     """export.py's tracing replaced by a copy of the module's model.onnx (the gate is under test)."""
-    monkeypatch.setattr(export, "export_fp32",
-                        lambda model, example, path, source: shutil.copyfile(single["folder"] / "model.onnx", path))
+    def copy(model, example, path, source):
+        shutil.copyfile(single["folder"] / "model.onnx", path)
+        return "a copy"  # what export_fp32 returns: the exporter that wrote the graph
+    monkeypatch.setattr(export, "export_fp32", copy)
 
 
 def test_a_damaged_int8_model_is_refused_and_the_fp32_one_kept(single, reuse_export, monkeypatch, tmp_path):
@@ -194,7 +223,7 @@ def test_a_damaged_int8_model_is_refused_and_the_fp32_one_kept(single, reuse_exp
 
 def test_nothing_is_written_and_the_exit_status_is_1_when_no_model_passes(single, monkeypatch, tmp_path):
     monkeypatch.setattr(export, "export_fp32", lambda model, example, path, source:
-                        damaged(single["folder"] / "model.onnx", path))
+                        damaged(single["folder"] / "model.onnx", path) or "a damaged copy")
     out, err = run_main(export.main, export_args(single["checkpoint"], single["val"],
                                                  **{"export.output_dir": tmp_path / "served"}), expect=1)
     assert err.splitlines()[-1] == "error: no model passed its gate (the table above says why); nothing was written"

@@ -44,8 +44,9 @@ def test_evaluation_and_prediction_show_progress_with_the_device(trained, capsys
     assert trainer.main(args) == 0
     out, err = capsys.readouterr()
     assert "evaluate on cpu" in err and "predict on cpu" in err and "/10 " in err  # 40 rows / 4 a batch
-    # the first line of each says the device, before the wait, as training's does
-    lines = out.splitlines()
+    # the first line of each says the device, before the wait, as training's does (after the note of
+    # what the checkpoint supplied: its temperature)
+    lines = [line for line in out.splitlines() if not line.startswith("note: ")]
     assert lines[0] == f"evaluation of {trained / 'ckpt' / 'best'} on {trained / 'val.csv'} (40 examples), device cpu"
     assert f"prediction of {trained / 'val.csv'}, device cpu" in lines
     assert lines.index(f"prediction of {trained / 'val.csv'}, device cpu") < lines.index(

@@ -12,8 +12,9 @@ import pytest
 import evaluation
 import runlog
 import trainer
-from checkpoint import MANIFEST, WRITING, WRITING_TEXT
+from checkpoint import MANIFEST
 from conftest import base_args, last_json_line, save_tiny_encoder, sentiment_rows, write_csv
+from files import WRITING, WRITING_TEXT
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,7 @@ def test_a_full_disk_under_the_log_folder_is_one_line(job, monkeypatch, capsys):
         "metrics.jsonl: No space left on device (the disk is full); free space or choose another trainer.log_dir")
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_a_full_disk_under_the_predictions_is_one_line_and_keeps_the_old_file(job, monkeypatch, capsys):
     tmp = job["tmp"]
     output = tmp / "predictions.csv"

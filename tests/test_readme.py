@@ -13,7 +13,7 @@ from config import GOLDEN_CONFIG, ConfigError, load_config, read_yaml
 ROOT = GOLDEN_CONFIG.parent
 README = ROOT / "README.md"
 # the scripts that take config.yaml's keys; a script not in the repository yet is skipped until it lands
-SCRIPTS = ("trainer.py", "distill.py", "export.py", "sweep.py", "check_data.py", "crossval.py")
+SCRIPTS = ("trainer.py", "distill.py", "export.py", "sweep.py", "serve.py", "check_data.py", "crossval.py")
 LAUNCHERS = ("python", "python3", "torchrun")
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&"}
 
@@ -137,11 +137,3 @@ def test_every_key_the_readme_names_exists():
     named = set(re.findall(rf"(?<![\w/.])((?:{'|'.join(golden)})\.{not_files}[a-z_0-9]+)(?![.\w])", prose))
     unknown = sorted(key for key in named if key.partition(".")[2] not in golden[key.partition(".")[0]])
     assert len(named) > 40 and not unknown
-
-
-def test_the_slow_marker_is_defined_once_in_the_same_words():
-    # pytest.ini defines it; the README's Tests section says the same, so a reader and -m "not slow" agree
-    ini = (ROOT / "pytest.ini").read_text(encoding="utf-8")
-    [definition] = re.findall(r"^\s+slow: (.+)$", ini, re.MULTILINE)
-    readme = " ".join(README.read_text(encoding="utf-8").split())
-    assert definition in readme

@@ -125,6 +125,7 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(job):
     assert_bitwise_equal(final_weights(tmp / name), final_weights(tmp / "reference"))
 
 
+@pytest.mark.slow  # resumes to the end of 4 epochs
 def test_crash_inside_a_checkpoint_write_leaves_the_previous_one_intact(job, monkeypatch, capsys):
     tmp, name = job["tmp"], "crashed"
     real_save, calls = torch.save, []
@@ -151,17 +152,20 @@ def test_crash_inside_a_checkpoint_write_leaves_the_previous_one_intact(job, mon
     assert_bitwise_equal(final_weights(tmp / name), final_weights(tmp / "reference"))
 
 
-def test_a_new_run_refuses_a_folder_with_checkpoints_and_changes_nothing(job, capsys):
-    tmp = job["tmp"]
-    ckpt = tmp / "reference" / "ckpt"
+def test_a_new_run_refuses_a_folder_with_checkpoints_and_changes_nothing(tmp_path, capsys):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(40, seed=3))
+    args = base_args(tmp_path / "first", save_tiny_encoder(tmp_path / "bert"), train, "null", **{"trainer.epochs": 1})
+    assert trainer.main(args) == 0
+    capsys.readouterr()
+    ckpt = tmp_path / "first" / "ckpt"
     # the run lock (.lock) says who holds the folder: the refused run held it a moment
     before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != ".lock"}
-    runs_before = set((tmp / "reference" / "runs").iterdir())
-    assert trainer.main(job["args"]("reference")) == 2
+    runs_before = set((tmp_path / "first" / "runs").iterdir())
+    assert trainer.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "already holds checkpoints" in err and "--ckpt.resume auto" in err
     assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*") if p.name != ".lock"} == before
-    assert set((tmp / "reference" / "runs").iterdir()) == runs_before
+    assert set((tmp_path / "first" / "runs").iterdir()) == runs_before
 
 
 def manifests(ckpt_dir):

@@ -12,7 +12,7 @@ import pytest
 from checkpoint import resume_conflicts
 from config import ConfigError, load_config
 from conftest import ROOT, base_args, last_json_line, sentiment_rows, stderr_tail, write_csv
-from sweep import field_sizes, grid_points, kept, main, ranking, rungs_of, trial_epochs
+from sweep import field_sizes, grid_points, kept, main, ranking, rungs_of
 
 
 @pytest.fixture
@@ -108,14 +108,12 @@ def test_kept_is_the_fraction_rounded_up_and_at_least_one():
     assert kept(5, 0.01) == 1
 
 
-def test_the_epochs_spent_against_training_every_trial_fully():
+def test_the_field_halves_at_each_rung():
     # 6 trials, 2 epochs: all 6 to epoch 1, the best 3 on to 2
     assert field_sizes(6, [1, 2], 0.5) == [6, 3]
-    assert trial_epochs([6, 3], [1, 2]) == 9  # of 12
-    # 8 trials, 8 epochs, rungs 1, 2, 4, 8: 8 x 1 + 4 x 1 + 2 x 2 + 1 x 4
+    # 8 trials, 8 epochs, rungs 1, 2, 4, 8
     assert field_sizes(8, [1, 2, 4, 8], 0.5) == [8, 4, 2, 1]
-    assert trial_epochs([8, 4, 2, 1], [1, 2, 4, 8]) == 20  # of 64
-    assert trial_epochs(field_sizes(5, [3], 0.5), [3]) == 15  # one rung: every trial fully
+    assert field_sizes(5, [3], 0.5) == [5]  # one rung: every trial fully
 
 
 def test_grid_points_are_every_combination_or_a_seeded_sample_in_grid_order():

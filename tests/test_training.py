@@ -169,6 +169,7 @@ def plain_loop(bert_no_dropout, thirteen_rows):
     return SimpleNamespace(initial=initial, weights=trained, norms=norms)
 
 
+@pytest.mark.slow  # trains more than one epoch
 @pytest.mark.parametrize("limit, speedups", [(8, False), (3, False), (1, False), (3, True)])
 def test_trainer_matches_a_plain_loop_whatever_its_micro_batches(
         tmp_path, bert_no_dropout, thirteen_rows, plain_loop, limit, speedups):
@@ -209,18 +210,27 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tmp_path, t
 # -- a full run: train, checkpoint, evaluate, predict ----------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_bert):
-    """One training run shared by the tests below: 256 examples, 3 epochs, about a second."""
-    root = tmp_path_factory.mktemp("trained")
-    train = write_csv(root / "train.csv", sentiment_rows(256, seed=1))
+def trained_run(root, tiny_bert, rows, epochs):
+    train = write_csv(root / "train.csv", sentiment_rows(rows, seed=1))
     val = write_csv(root / "val.csv", sentiment_rows(64, seed=2))
-    argv = base_args(root, tiny_bert, train, val)
+    argv = base_args(root, tiny_bert, train, val, **{"trainer.epochs": epochs})
     rc, out, err = run_main(argv)
     assert rc == 0, err
     return SimpleNamespace(root=root, train=train, val=val, argv=argv, out=out, err=err,
                            result=last_json_line(out), ckpt=root / "ckpt", runs=root / "runs",
                            model_dir=tiny_bert)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_bert):
+    """One training run shared by the tests below: one epoch of 768 examples, about a second."""
+    return trained_run(tmp_path_factory.mktemp("trained"), tiny_bert, 768, 1)
+
+
+@pytest.fixture(scope="session")
+def trained_3_epochs(tmp_path_factory, tiny_bert):
+    """256 examples, 3 epochs: what happens at each epoch's end."""
+    return trained_run(tmp_path_factory.mktemp("trained3"), tiny_bert, 256, 3)
 
 
 def test_training_learns_the_task(trained):
@@ -232,7 +242,9 @@ def test_training_learns_the_task(trained):
     assert result["best_step"] in (16, 32, 48)  # 256 / 16 = 16 steps per epoch, validated each epoch
 
 
-def test_checkpoints_and_their_links(trained):
+@pytest.mark.slow  # trains more than one epoch
+def test_checkpoints_and_their_links(trained_3_epochs):
+    trained = trained_3_epochs
     best, last = trained.ckpt / "best", trained.ckpt / "last"
     assert best.is_dir() and last.is_dir()
     assert best.resolve() == Path(trained.result["best_checkpoint"]).resolve()
@@ -270,7 +282,9 @@ def test_checkpoint_loads_in_plain_transformers_and_predicts_the_same(trained):
     np.testing.assert_allclose(ours, plain, atol=1e-5)
 
 
-def test_logs_are_written_for_tensorboard_and_as_json_lines(trained):
+@pytest.mark.slow  # trains more than one epoch
+def test_logs_are_written_for_tensorboard_and_as_json_lines(trained_3_epochs):
+    trained = trained_3_epochs
     train_runs = [p for p in trained.runs.iterdir() if re.search(r"-train(-\d+)?$", p.name)]
     assert len(train_runs) == 1
     run_dir = train_runs[0]
@@ -337,14 +351,15 @@ def test_predict_writes_input_columns_labels_and_probabilities_in_input_order(tr
         [["negative", "positive"][i] for i in probs.argmax(axis=1)]
     accuracy = np.mean([p["predicted_label"] == row["label"] for p, row in zip(predicted, rows)])
     assert accuracy > 0.9
-    # the same probabilities as the checkpoint gives in plain transformers
+    # the same probabilities as the checkpoint gives in plain transformers, at its temperature (config.json)
     best = trained.ckpt / "best"
     model = AutoModelForSequenceClassification.from_pretrained(best).eval()
     tokenizer = AutoTokenizer.from_pretrained(best)
     with torch.no_grad():
         logits = model(**tokenizer([row["text"] for row in rows], padding=True, truncation=True,
                                    max_length=16, return_tensors="pt")).logits
-    np.testing.assert_allclose(probs, torch.softmax(logits, dim=1).numpy(), atol=2e-6)
+    temperature = model.config.calibration_temperature
+    np.testing.assert_allclose(probs, torch.softmax(logits / temperature, dim=1).numpy(), atol=2e-6)
 
 
 def test_evaluate_and_predict_in_one_run_write_predictions_to_the_run_folder(trained):

@@ -17,14 +17,16 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import cache
 import checkpoint
+import files
 from config import GOLDEN_CONFIG, ConfigError, load_config, read_yaml
 from conftest import save_tiny_encoder, sentiment_rows, write_csv
 from data import DataError, encode, read_examples
 from model import ModelError, build_model, checkpoint_settings, label_config, saved_thresholds
+from processes import single_process
 
 LABELS = ["negative", "positive"]
 # one process alone: it builds and maps its own entries
-MAIN = SimpleNamespace(rank=0, local_rank=0, world_size=1, ddp=False, is_main=True)
+MAIN = single_process()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,7 +44,7 @@ def tokenizer(tmp_path_factory):
 
 
 def load(tmp_path, tokenizer, path, say=print):
-    examples = read_examples(str(path), data_cfg(), LABELS, need_labels=True)
+    examples = read_examples(str(path), data_cfg(labels_list=LABELS), need_labels=True)
     return cache.cached_encode(tmp_path / "cache", tokenizer, examples, data_cfg(), 16, MAIN, say)
 
 
@@ -189,12 +191,12 @@ def test_a_lock_that_is_a_link_or_not_ours_is_refused_and_the_file_untouched(tmp
             os.link(precious, lock)
         else:
             lock.write_text("my lock of something else\n")
-        with pytest.raises(checkpoint.CheckpointError, match=rf"^{lock} is not a lock file of this trainer"):
-            checkpoint.SaveDirLock(save, "s1")
+        with pytest.raises(files.OutputError, match=rf"^{lock} is not a lock file of this trainer"):
+            files.FolderLock(save, "s1")
         assert precious.read_text() == "my thesis\n"
     assert lock.read_text() == "my lock of something else\n"
     lock.write_text("pid 1 on host, run old-session\n")  # an earlier run's: ours, taken over
-    held = checkpoint.SaveDirLock(save, "s2")
+    held = files.FolderLock(save, "s2")
     held.release()
     assert "run s2" in lock.read_text()
 
@@ -419,9 +421,9 @@ def test_other_keys_still_read_yaml_and_a_quoted_string_is_still_decoded():
 def test_utf_16_on_a_file_without_a_byte_order_mark_is_one_line_naming_the_file(tmp_path):
     path = write_csv(tmp_path / "train.csv", sentiment_rows(5))
     with pytest.raises(DataError, match=rf"^{path}: cannot be read as utf-16 .*set data.encoding"):
-        read_examples(path, data_cfg(encoding="utf-16"), LABELS, need_labels=True)
+        read_examples(path, data_cfg(encoding="utf-16", labels_list=LABELS), need_labels=True)
     good = write_csv(tmp_path / "le.csv", sentiment_rows(5), encoding="utf-16-le")  # no mark either
-    assert len(read_examples(good, data_cfg(encoding="utf-16-le"), LABELS, need_labels=True).texts_a) == 5
+    assert len(read_examples(good, data_cfg(encoding="utf-16-le", labels_list=LABELS), need_labels=True).texts_a) == 5
 
 
 def test_encode_gives_no_entry_check_a_reason_to_rebuild(tmp_path, tokenizer):
@@ -429,7 +431,7 @@ def test_encode_gives_no_entry_check_a_reason_to_rebuild(tmp_path, tokenizer):
     rows = [{"text": "bad plot", "other": " ".join(["good movie"] * 30), "label": "positive"}] * 3
     path = write_csv(tmp_path / "pairs.csv", rows)
     cfg = data_cfg(text_b_col="other", long_texts="windows", window_stride=2)
-    examples = read_examples(path, cfg, LABELS, need_labels=True)
+    examples = read_examples(path, {**cfg, "labels_list": LABELS}, need_labels=True)
     encoded = encode(tokenizer, examples, 16, stride=2)
     source = cache.cache_key(path, tokenizer, cfg, 16, True)[1]
     assert encoded.documents is not None and len(encoded) > 3

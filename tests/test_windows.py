@@ -106,7 +106,7 @@ def test_a_training_document_keeps_at_most_max_windows_spread_over_it():
 def test_the_token_cache_keeps_windows_apart_from_truncation(tmp_path):
     tokenizer, path = make_tokenizer(), write_csv(tmp_path / "docs.csv", [{"text": " ".join(WORDS[:20]), "label": "positive"}])
     data = {**read_yaml(GOLDEN_CONFIG)["data"], "text_a_col": "text", "label_col": "label"}
-    rows = read_examples(path, data, ["negative", "positive"], True)
+    rows = read_examples(path, {**data, "labels_list": ["negative", "positive"]}, True)
     main = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
     cut = cached_encode(tmp_path / "cache", tokenizer, rows, data, 8, main)
     windowed = {**data, "long_texts": "windows", "window_stride": 2}
@@ -169,6 +169,7 @@ def test_windows_see_a_cue_that_truncation_cuts_off(job, windowed):
     assert sum(row["support"] for row in final["per_class"].values()) == 41  # documents, not windows
 
 
+@pytest.mark.slow  # its run trains 8 epochs
 def test_predictions_have_one_row_per_document(job, windowed):
     tmp, _ = windowed
     predict = write_csv(job["tmp"] / "predict.csv", [{"text": r["text"]} for r in late_cue_rows(7, 3)])
@@ -184,6 +185,7 @@ def test_predictions_have_one_row_per_document(job, windowed):
     assert sum(r["predicted_label"] == e["label"] for r, e in zip(rows, expected)) >= 6
 
 
+@pytest.mark.slow  # its run trains 8 epochs
 def test_distillation_learns_on_the_same_windows(job, windowed):
     tmp = job["tmp"] / "student"
     args = base_args(tmp, job["model"], job["train"], job["val"], **WINDOWS, **{
@@ -198,7 +200,7 @@ def test_two_processes_evaluate_windowed_documents_exactly_as_one(job, windowed,
     """Some document's windows sit on both ranks; the gathered, pooled metrics are one process's."""
     tokenizer = make_tokenizer()
     data = {**read_yaml(GOLDEN_CONFIG)["data"], "text_a_col": "text", "label_col": "label"}
-    encoded = encode(tokenizer, read_examples(job["val"], data, ["negative", "positive"], True), 16, stride=4)
+    encoded = encode(tokenizer, read_examples(job["val"], {**data, "labels_list": ["negative", "positive"]}, True), 16, stride=4)
     ranks = np.zeros(len(encoded), dtype=np.int64)
     for batch in eval_batches(encoded.lengths, 8, 1, 2):
         ranks[batch] = 1
@@ -211,6 +213,7 @@ def test_two_processes_evaluate_windowed_documents_exactly_as_one(job, windowed,
     assert one == two
 
 
+@pytest.mark.slow  # its run trains 8 epochs
 def test_evaluation_from_a_windows_checkpoint_reads_in_windows(job, windowed, capsys):
     best = windowed[0] / "ckpt" / "best"
     args = ["--data.train_filepath", "null", "--data.val_filepath", job["val"], "--data.label_col", "label",

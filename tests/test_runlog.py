@@ -1,4 +1,4 @@
-"""Runs that say what they were and output that tells the truth (issue 28): every run folder records
+"""runlog.py: runs that say what they were and output that tells the truth: every run folder records
 its command, checkpoint, files, config and times; `--runs` tables them; a checkpoint carries how its
 files were read; a resume says only what is true; TensorBoard shows PR curves, the confusion matrix
 and the per-class table; a distilled student's weights are stored once."""
@@ -185,8 +185,11 @@ def test_multi_label_curves_carry_thresholds_and_regression_a_scatter(tmp_path):
     metrics = {"per_label": {n: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "threshold": t}
                              for n, t in zip(names, [0.3, 0.65])}}
     labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    probabilities = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6], [0.2, 0.1]])
     log.write_figures(3, metrics, {"task": "multi_label", "names": names, "labels": labels,
-                                   "probabilities": np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6], [0.2, 0.1]])})
+                                   "probabilities": probabilities, "uncalibrated": probabilities,
+                                   "confidences": np.array([0.8, 0.8, 0.6, 0.8]), "correct": np.array([1, 1, 0, 1]),
+                                   "abstain_below": None})
     rng = np.random.default_rng(0)
     truth = rng.normal(size=200)
     log.write_figures(4, {}, {"task": "regression", "labels": truth, "predictions": truth + 0.1})
@@ -266,11 +269,13 @@ def test_a_resume_does_not_announce_a_new_head_and_a_complete_run_trains_nothing
 
 
 def test_a_stopped_run_prints_the_full_command_that_resumes_it(job, monkeypatch, capsys):
-    def stop_at_step_2(self):
-        if self.step == 2:
+    real_step = trainer.Trainer.train_step
+
+    def stop_at_step_2(self, *args):  # as a SIGTERM during step 2 does
+        real_step(self, *args)
+        if self.step == 1:
             self.stop_signal = "SIGTERM"
-        return self.stop_signal is not None
-    monkeypatch.setattr(trainer.Trainer, "agree_to_stop", stop_at_step_2)
+    monkeypatch.setattr(trainer.Trainer, "train_step", stop_at_step_2)
     argv = base_args(job["tmp"] / "stopped", job["model"], job["train"], job["val"], **{
         "trainer.epochs": 1, "data.text_a_col": "review", "data.label_col": "verdict",
         "data.labels_list": "[negative, positive]", "ckpt.resume": "/some where/old"})
@@ -321,6 +326,7 @@ def distill_argv(job, teacher, name, **more):
         "data.text_a_col": "review", "data.label_col": "verdict", **more})
 
 
+@pytest.mark.slow  # trains more than one epoch
 def test_a_students_checkpoint_stores_its_weights_once_and_resumes(job, teacher, capsys):
     capsys.readouterr()
     reference = distill_argv(job, teacher, "distil")

@@ -1,4 +1,4 @@
-"""Streaming prediction (evaluation.predict_file): chunk by chunk, the same CSV as the whole file at once."""
+"""evaluation.py: streaming prediction (predict_file), chunk by chunk the same CSV as the whole file at once."""
 import csv
 
 import numpy as np
@@ -30,7 +30,7 @@ def job(tmp_path, tiny_bert):
 def whole_file_csv(cfg, model, tokenizer, out):
     """What prediction wrote before it streamed: every row read, tokenized and run at once."""
     data, names = cfg["data"], config.label_names(cfg)
-    examples = read_examples(data["predict_filepath"], data, data["labels_list"], need_labels=False, keep_rows=True)
+    examples = read_examples(data["predict_filepath"], data, need_labels=False, keep_rows=True)
     logits = evaluation.predict_logits(model, encode(tokenizer, examples, cfg["module"]["max_seq_len"]),
                                     cfg["trainer"]["val_batch_size"], tokenizer.pad_token_id, MAIN)
     with open(out, "w", newline="", encoding="utf-8") as f:
@@ -41,13 +41,19 @@ def whole_file_csv(cfg, model, tokenizer, out):
     return out
 
 
+@pytest.fixture(autouse=True)
+def chunks_of_7(monkeypatch):
+    """Prediction reads, runs and writes 7 rows at a time here: several chunks of a small file."""
+    monkeypatch.setattr(evaluation, "PREDICT_CHUNK", 7)
+
+
 def test_chunks_write_the_same_csv_as_the_whole_file(job, tmp_path):
     cfg, model, tokenizer, rows = job
     # batches of one: every example sees the same arithmetic however the file is cut
     cfg["trainer"]["val_batch_size"] = 1
     reference = whole_file_csv(cfg, model, tokenizer, tmp_path / "reference.csv")
     cfg["data"]["predict_output"] = str(tmp_path / "streamed.csv")
-    path = evaluation.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=7)  # 5 chunks, the last short
+    path = evaluation.predict_file(cfg, MAIN, model, tokenizer, None)  # 5 chunks, the last short
     assert path == str(tmp_path / "streamed.csv")
     assert (tmp_path / "streamed.csv").read_bytes() == reference.read_bytes()
     with open(path, newline="", encoding="utf-8") as f:
@@ -59,7 +65,7 @@ def test_chunks_of_length_sorted_batches_give_the_same_predictions(job, tmp_path
     cfg["trainer"]["val_batch_size"] = 4  # other batches than the whole file's: padding differs
     reference = list(csv.DictReader(open(whole_file_csv(cfg, model, tokenizer, tmp_path / "reference.csv"))))
     cfg["data"]["predict_output"] = str(tmp_path / "streamed.csv")
-    streamed = list(csv.DictReader(open(evaluation.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=7))))
+    streamed = list(csv.DictReader(open(evaluation.predict_file(cfg, MAIN, model, tokenizer, None))))
     assert [r["id"] for r in streamed] == [r["id"] for r in reference]
     assert [r["predicted_label"] for r in streamed] == [r["predicted_label"] for r in reference]
     np.testing.assert_allclose([float(r["prob_positive"]) for r in streamed],
@@ -72,15 +78,16 @@ def test_a_bad_row_in_a_later_chunk_leaves_no_output(job, tmp_path):
     cfg["data"].update(predict_filepath=path, predict_output=str(tmp_path / "out" / "p.csv"))
     (tmp_path / "out").mkdir()
     with pytest.raises(DataError, match=r"bad\.csv:22: empty text"):
-        evaluation.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=7)
+        evaluation.predict_file(cfg, MAIN, model, tokenizer, None)
     assert list((tmp_path / "out").iterdir()) == []  # neither the file nor its temporary
 
 
-def test_a_file_of_several_chunks_shows_one_bar_over_all_its_rows(job, tmp_path, capsys):
+def test_a_file_of_several_chunks_shows_one_bar_over_all_its_rows(job, tmp_path, capsys, monkeypatch):
     cfg, model, tokenizer, rows = job
     cfg["data"]["predict_output"] = str(tmp_path / "p.csv")
-    evaluation.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=7, total_rows=len(rows))
+    evaluation.predict_file(cfg, MAIN, model, tokenizer, None, total_rows=len(rows))
     err = capsys.readouterr().err
     assert f"predict {cfg['data']['predict_filepath']}:" in err and f"/{len(rows)} " in err  # 30 rows, 5 chunks
-    evaluation.predict_file(cfg, MAIN, model, tokenizer, None, chunk_rows=50, total_rows=len(rows))
+    monkeypatch.setattr(evaluation, "PREDICT_CHUNK", 50)
+    evaluation.predict_file(cfg, MAIN, model, tokenizer, None, total_rows=len(rows))
     assert f"predict {cfg['data']['predict_filepath']}:" not in capsys.readouterr().err  # one chunk: its own bar only

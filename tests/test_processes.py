@@ -1,4 +1,4 @@
-"""Devices and random state: what a process picks and what a checkpoint restores, on any machine."""
+"""processes.py: the device a process picks, its threads and precision, and the random state a checkpoint restores."""
 import pickle
 import random
 
@@ -37,10 +37,13 @@ def test_rng_state_is_plain_data_and_restores_every_generator(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_gpu_process_saves_its_own_device_rng_only():
+def test_a_gpu_process_restores_its_own_device_rng():
     device = torch.device("cuda", torch.cuda.device_count() - 1)
     state = processes.rng_state(device)
-    assert torch.equal(state["cuda"], torch.cuda.get_rng_state(device))
+    expected = torch.rand(4, device=device)
+    torch.cuda.manual_seed_all(9)
+    processes.set_rng_state(state, device)
+    assert torch.equal(torch.rand(4, device=device), expected)
 
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float16)])
