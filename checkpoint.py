@@ -405,7 +405,7 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
     make the resumed run silently different from continuing the original."""
     conflicts, golden = [], read_yaml(GOLDEN_CONFIG)
     for section, values in cfg.items():
-        if section == "sweep":  # sweep.py's settings do not change a run, and older checkpoints lack them
+        if section in ("sweep", "check", "crossval"):  # the tools' settings do not change a run; older checkpoints lack them
             continue
         for name, value in values.items():
             # a key newer than the checkpoint: its run behaved as the key's default says

@@ -63,7 +63,7 @@ TYPES = {
     "distill.student_layers": (list, None), "distill.student_model": (str, None), "distill.student_tokenizer": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
     "sweep.samples": (int, None), "sweep.rungs": (list, None),
-    "export.output_dir": (str, None),
+    "export.output_dir": (str, None), "check.output": (str, None),
     "serve.max_wait_ms": (float,),
 }
 
@@ -269,7 +269,9 @@ def check_config(cfg):
     check_task(cfg)
     check_what_runs(cfg)
     check_sweep(cfg["sweep"])
+    check_crossval(cfg["crossval"])
     check_predict_output(cfg)
+    check_data_check(cfg)
     check_checkpoint_names(cfg["ckpt"])
     check_export(cfg["export"])
     check_serve(cfg["serve"])
@@ -404,6 +406,31 @@ def check_sweep(sweep):
     rungs = sweep["rungs"]
     if rungs is not None and not (all(type_ok(r, (int,)) and r >= 1 for r in rungs) and rungs == sorted(set(rungs))):
         raise ConfigError(f"sweep.rungs {rungs} must be increasing epochs (whole numbers from 1), or null")
+
+
+def check_crossval(crossval):
+    """crossval.py's numbers: at least two folds, a process per fold, a numpy seed, a folder."""
+    if crossval["folds"] < 2:
+        raise ConfigError(f"crossval.folds is {crossval['folds']}; it must be at least 2 (each fold is held out once)")
+    if crossval["nproc_per_node"] < 1:
+        raise ConfigError(f"crossval.nproc_per_node is {crossval['nproc_per_node']}; it must be at least 1")
+    if not 0 <= crossval["seed"] <= 2**32 - 1:
+        raise ConfigError(f"crossval.seed is {crossval['seed']}; it must be in [0, 2**32 - 1]")
+    if not crossval["dir"]:
+        raise ConfigError("crossval.dir is empty; name a folder, e.g. crossval")
+
+
+def check_data_check(cfg):
+    """check_data.py's files: extra files are paths, and the report is none of the files it reads."""
+    extra, output = cfg["check"]["extra_filepaths"], cfg["check"]["output"]
+    if not all(isinstance(path, str) and path for path in extra):
+        raise ConfigError(f"check.extra_filepaths is {extra!r}; give a list of file paths, e.g. [data/test.csv]")
+    if output is None:
+        return
+    inputs = [cfg["data"][key] for key in ("train_filepath", "val_filepath", "predict_filepath")]
+    for path in inputs + extra + [str(p) for p in cfg["distill"]["unlabeled_filepaths"]]:
+        if path is not None and os.path.realpath(path) == os.path.realpath(output):
+            raise ConfigError(f"check.output {output} is the input file {path}; write the report to another file")
 
 
 def check_class_weights(weights, labels, task):
