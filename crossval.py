@@ -75,7 +75,7 @@ from config import ConfigError, answer_help, label_names, load_config, parse_arg
 from data import DataError, read_examples
 from datacheck import issue_order, label_issues, multilabel_issues, regression_issues, text_keys
 from files import FolderLock, OutputError, atomic_write, check_writable_dir, file_digest, write_json, writing_to
-from sweep import as_arg, command_of, last_json, plain_command, plan_differences
+from sweep import as_arg, command_of, die_with_parent, plain_command, plan_differences, trial_result
 
 STATE = "crossval.json"
 WRITTEN_BY = "crossval.py"
@@ -339,17 +339,19 @@ class Launcher:
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)
 
-    def launch(self, command, folder):
-        """(exit status, the final metrics trainer.py printed or None, its error line or None) of
+    def launch(self, command, folder, metric):
+        """(exit status, the final metrics trainer.py printed (with metric) or None, its error line or None) of
         one launch, its output appended to folder/trainer.stdout and trainer.stderr."""
         with open(folder / "trainer.stdout", "a", encoding="utf-8") as out, \
                 open(folder / "trainer.stderr", "a", encoding="utf-8") as err:
-            # a session of its own: a Ctrl-C at the terminal reaches the fold once, through request_stop
-            self.child = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True)
+            # a session of its own: a Ctrl-C at the terminal reaches the fold once, through request_stop;
+            # and the fold dies with crossval (sweep.die_with_parent), writing its checkpoint
+            self.child = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True,
+                                          preexec_fn=die_with_parent())
             returncode = self.child.wait()
             self.child = None
         if returncode == 0:
-            result = last_json(folder / "trainer.stdout")
+            result = trial_result(folder / "trainer.stdout", metric)
             if result is not None:
                 return returncode, result, None
         lines = (folder / "trainer.stderr").read_text(encoding="utf-8", errors="replace").splitlines()
@@ -366,12 +368,13 @@ def run_one(launcher, job, run):
     if run["fold"] is not None:
         write_fold_files(folder, job.examples, label_names(job.cfg), job.folds, run["fold"])
     start = time.perf_counter()
-    returncode, result, error = launcher.launch(command_of(run, run["epochs"], job.cfg["crossval"]["nproc_per_node"]), folder)
+    metric = job.cfg["module"]["metric"]
+    returncode, result, error = launcher.launch(command_of(run, run["epochs"], job.cfg["crossval"]["nproc_per_node"]), folder,
+                                                metric)
     record["seconds"] += time.perf_counter() - start
     if result is None and launcher.stopping:
         return None
     record.update(launches=record["launches"] + 1, error=error)
-    metric = job.cfg["module"]["metric"]
     if result is not None:
         record.update(finished=True, value=result[metric], best_step=result["best_step"],
                       best_checkpoint=result["best_checkpoint"])
