@@ -412,7 +412,7 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
     make the resumed run silently different from continuing the original."""
     conflicts, golden = [], read_yaml(GOLDEN_CONFIG)
     for section, values in cfg.items():
-        if section == "sweep":  # sweep.py's settings do not change a run, and older checkpoints lack them
+        if section in ("sweep", "check", "crossval"):  # the tools' settings do not change a run; older checkpoints lack them
             continue
         for name, value in values.items():
             # a key newer than the checkpoint: its run behaved as the key's default says
@@ -487,7 +487,8 @@ class SaveDir:
         if manifest["world_size"] != world_size:
             raise CheckpointError(f"{path} was written by {manifest['world_size']} processes; resume it "
                                   f"with the same number (this run has {world_size})")
-        conflicts = resume_conflicts(manifest["config"], manifest["data"], self.cfg, self.digests)
+        conflicts = resume_conflicts(self.as_saved_here(path, manifest["config"]), manifest["data"], self.cfg,
+                                     self.digests)
         if conflicts:
             raise CheckpointError(f"cannot resume {path}: {'; '.join(conflicts)}. Resume with the "
                                   f"checkpoint's settings: {own_command(manifest, world_size)}; or start a "
@@ -524,6 +525,14 @@ class SaveDir:
             prune(self.path, self.prefix, self.ckpt["keep_last"], [manifest["best"] and manifest["best"]["path"], path])
         self.wrote_checkpoint()  # this run has a checkpoint of its own: what it replaces can go
         return path
+
+    def as_saved_here(self, path, saved_cfg):
+        """The checkpoint's config, its save folder this run's when the checkpoint is in it: the
+        folder is compared by what it is, not by how it is spelled (./ck, an absolute path) or
+        where it was when the checkpoint was written (a folder moved since)."""
+        if not path.parent.is_dir() or not os.path.samefile(path.parent, self.path):
+            return saved_cfg
+        return {**saved_cfg, "ckpt": {**saved_cfg.get("ckpt", {}), "model_state_save_dir": self.ckpt["model_state_save_dir"]}}
 
     def resume_candidate(self, ours):
         """(path, manifest) of ckpt.resume: the newest of ours that loads for auto. None when there

@@ -67,7 +67,7 @@ TYPES = {
     "distill.student_layers": (list, None), "distill.student_model": (str, None), "distill.student_tokenizer": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
     "sweep.samples": (int, None), "sweep.rungs": (list, None),
-    "export.output_dir": (str, None),
+    "export.output_dir": (str, None), "check.output": (str, None),
     "serve.max_wait_ms": (float,),
 }
 
@@ -327,7 +327,9 @@ def check_config(cfg):
     check_task(cfg)
     check_what_runs(cfg)
     check_sweep(cfg["sweep"])
+    check_crossval(cfg["crossval"])
     check_predict_output(cfg)
+    check_data_check(cfg)
     check_checkpoint_names(cfg["ckpt"])
     check_export(cfg["export"])
     check_serve(cfg["serve"])
@@ -464,6 +466,31 @@ def check_sweep(sweep):
         raise ConfigError(f"sweep.rungs {rungs} must be increasing epochs (whole numbers from 1), or null")
 
 
+def check_crossval(crossval):
+    """crossval.py's numbers: at least two folds, a process per fold, a numpy seed, a folder."""
+    if crossval["folds"] < 2:
+        raise ConfigError(f"crossval.folds is {crossval['folds']}; it must be at least 2 (each fold is held out once)")
+    if crossval["nproc_per_node"] < 1:
+        raise ConfigError(f"crossval.nproc_per_node is {crossval['nproc_per_node']}; it must be at least 1")
+    if not 0 <= crossval["seed"] <= 2**32 - 1:
+        raise ConfigError(f"crossval.seed is {crossval['seed']}; it must be in [0, 2**32 - 1]")
+    if not crossval["dir"]:
+        raise ConfigError("crossval.dir is empty; name a folder, e.g. crossval")
+
+
+def check_data_check(cfg):
+    """check_data.py's files: extra files are paths, and the report is none of the files it reads."""
+    extra, output = cfg["check"]["extra_filepaths"], cfg["check"]["output"]
+    if not all(isinstance(path, str) and path for path in extra):
+        raise ConfigError(f"check.extra_filepaths is {extra!r}; give a list of file paths, e.g. [data/test.csv]")
+    if output is None:
+        return
+    inputs = [cfg["data"][key] for key in ("train_filepath", "val_filepath", "predict_filepath")]
+    for path in inputs + extra + [str(p) for p in cfg["distill"]["unlabeled_filepaths"]]:
+        if path is not None and os.path.realpath(path) == os.path.realpath(output):
+            raise ConfigError(f"check.output {output} is the input file {path}; write the report to another file")
+
+
 def check_class_weights(weights, labels, task):
     """null, balanced, or one positive weight per class (per label's positives in multi-label); a
     regression has no classes to weigh."""
@@ -543,7 +570,8 @@ def check_columns(data):
 
 
 def check_predict_output(cfg):
-    """Predictions written over one of the run's input files would replace the data."""
+    """Predictions written over one of the run's input files would replace the data, and into
+    model.model_path's folder over the model (model.onnx, model.safetensors)."""
     output = cfg["data"]["predict_output"]
     if output is None:
         return
@@ -556,6 +584,12 @@ def check_predict_output(cfg):
         if path is not None and os.path.realpath(path) == os.path.realpath(output):
             raise ConfigError(f"data.predict_output {output} is the input file {key}; write the "
                               f"predictions to another file")
+    model = cfg["model"]["model_path"]
+    # the model it predicts with: its weights, model.onnx, or any file of its folder
+    if model is not None and (os.path.realpath(output) == os.path.realpath(model) or (
+            os.path.isdir(model) and Path(os.path.realpath(output)).is_relative_to(os.path.realpath(model)))):
+        raise ConfigError(f"data.predict_output {output} is a file of model.model_path {model}, the model "
+                          f"it predicts with; write the predictions outside that folder")
 
 
 def check_checkpoint_names(ckpt):

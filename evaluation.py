@@ -32,7 +32,7 @@ from tqdm import tqdm
 from checkpoint import read_manifest
 from config import label_names
 from data import collate, eval_batches, example_chunks
-from files import atomic_output, sweep_outputs, write_json, writing_to
+from files import atomic_output, csv_cells, sweep_outputs, write_json, writing_to
 from metrics import (
     best_thresholds,
     calibration_metrics,
@@ -478,9 +478,10 @@ def scores_of(logits, names, thresholds=None, temperature=1.0):
 
 
 def write_prediction_rows(writer, examples, cells):
-    """A chunk's rows: the input columns, then its prediction_cells."""
+    """A chunk's rows: the input columns, then its prediction_cells; a cell a spreadsheet would run as
+    a formula is written as text (files.csv_cell)."""
     for row, more in zip(examples.rows, cells):
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in examples.columns] + more)
+        writer.writerow(csv_cells([row.get(c) for c in examples.columns] + more))
 
 
 def predict_output(cfg, run_dir):
@@ -517,8 +518,8 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, total_rows=None, decision
 
         def write_chunk():  # one row per input row: a document's windows pooled
             if rows == 0:
-                writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds,
-                                                                                       abstain_below is not None))
+                writer.writerow(csv_cells(list(examples.columns) + prediction_header(names, thresholds,
+                                                                                     abstain_below is not None)))
             write_prediction_rows(writer, examples, prediction_cells(document_logits(logits, encoded, cfg), names, thresholds,
                                                                      data["label_sep"], decisions.temperature, abstain_below))
         for examples in example_chunks(data["predict_filepath"], data, chunk_rows):

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +49,7 @@ class RunLog:
         edited to point elsewhere) logs to a new folder there instead.
         """
         from torch.utils.tensorboard import SummaryWriter  # a slow import: only runs that log pay for it
+        quiet_writer_threads()
         log_dir = cfg["trainer"]["log_dir"]
         if run_dir is not None and not is_run_dir_of(run_dir, log_dir):
             say(f"note: the resumed run logged to {run_dir}, which is not a run folder of trainer.log_dir "
@@ -110,7 +112,25 @@ class RunLog:
             write_json(Path(self.run_dir) / "final_metrics.json", metrics)
 
     def close(self):
-        self.writer.close()  # ends its writer thread, not left to interpreter exit
+        # ends its writer thread, not left to interpreter exit; a write it could not finish (a full
+        # disk) is raised again here: one line, as the write that met it first
+        with writing_to("trainer.log_dir", self.run_dir):
+            self.writer.close()
+
+
+def quiet_writer_threads():
+    """TensorBoard's writer thread ends with a traceback of its own when a write fails (a full
+    disk); the writer raises the same error in the main thread at its next write, flush or close,
+    where writing_to says it in one line: the thread's traceback is left unprinted."""
+    if getattr(threading.excepthook, "quiet_writer_threads", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            previous(args)
+    hook.quiet_writer_threads = True
+    threading.excepthook = hook
 
 
 def is_run_dir_of(run_dir, log_dir):

@@ -443,6 +443,8 @@ class Trainer:
         self.skipped.copy_(state["skipped"])
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         self.best, self.run_dir = manifest["best"], manifest["run_dir"]
+        if self.best is not None and self.best["path"] is not None:  # beside the checkpoint, however spelled or moved
+            self.best["path"] = str(Path(path).parent / Path(self.best["path"]).name)
         self.bad_validations = manifest["bad_validations"]
         self.thresholds.resumed(path)
         self.calibration.resumed(path)

@@ -1,6 +1,6 @@
-"""README.md's commands still run: every trainer.py / distill.py / export.py / sweep.py command in its
-fenced code blocks parses and validates against config.yaml, as the script itself would check it
-before loading anything. A renamed key, a value that is no longer accepted or a `...` left in an
+"""README.md's commands still run: every command of SCRIPTS (trainer.py, distill.py, ...) in its fenced
+code blocks parses and validates against config.yaml, as the script itself would check it before
+loading anything. A renamed key, a value that is no longer accepted or a `...` left in an
 example fails here instead of in a user's shell. In process and fast: nothing is trained."""
 import re
 import shlex
@@ -14,7 +14,7 @@ from config import GOLDEN_CONFIG, ConfigError, load_config, read_yaml
 ROOT = GOLDEN_CONFIG.parent
 README = ROOT / "README.md"
 # the scripts that take config.yaml's keys; a script not in the repository yet is skipped until it lands
-SCRIPTS = ("trainer.py", "distill.py", "export.py", "sweep.py", "serve.py")
+SCRIPTS = ("trainer.py", "distill.py", "export.py", "sweep.py", "serve.py", "check_data.py", "crossval.py")
 LAUNCHERS = ("python", "python3", "torchrun")
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&"}
 
