@@ -18,16 +18,14 @@ from tqdm import tqdm
 EVERY_SECONDS = 30
 
 
-def progress_bar(iterable=None, *, desc, unit, total=None, initial=0, disable=False, every=EVERY_SECONDS,
-                 **bar_options):
-    """A tqdm bar on stderr when it is a terminal, else Lines. bar_options are tqdm's own
-    (leave, position, delay, dynamic_ncols); every: seconds between lines off a terminal (None:
-    only when the postfix is set)."""
+def progress_bar(iterable=None, *, desc, unit, every=EVERY_SECONDS, **options):
+    """A tqdm bar on stderr when it is a terminal, else Lines. options are tqdm's own (total,
+    initial, disable, leave, position, delay, dynamic_ncols); every: seconds between lines off a
+    terminal (None: only when the postfix is set)."""
     file = sys.stderr
-    if disable or (hasattr(file, "isatty") and file.isatty()):
-        return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, disable=disable, file=file,
-                    **bar_options)
-    return Lines(iterable, desc, unit, total, initial, every, file)
+    if options.get("disable") or (hasattr(file, "isatty") and file.isatty()):
+        return tqdm(iterable, desc=desc, unit=unit, file=file, **options)
+    return Lines(iterable, desc, unit, options.get("total"), options.get("initial", 0), every, file)
 
 
 class Lines:

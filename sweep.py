@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from config import ConfigError, YamlLoader, answer_help, load_config, parse_args, type_ok
 from files import LOCK, FolderLock, OutputError, atomic_write, check_writable_dir, csv_cells, write_json, writing_to
+from progress import progress_bar
 
 TRAINER = Path(__file__).resolve().with_name("trainer.py")
 STATE = "sweep.json"
@@ -472,8 +473,8 @@ class Sweep:
         # (die_with_parent), and a second signal stops a trial without its checkpoint
         tqdm.monitor_interval = 0
         sizes = field_sizes(len(self.records), self.rungs, self.sweep["keep"])
-        bar = tqdm(total=sum(sizes), initial=sum(r["launches"] for r in self.records), desc="sweep",
-                   unit="trial", dynamic_ncols=True)
+        bar = progress_bar(total=sum(sizes), initial=sum(r["launches"] for r in self.records), desc="sweep",
+                           unit="trial", dynamic_ncols=True)
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for i, rung in enumerate(self.rungs):
