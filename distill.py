@@ -62,15 +62,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 import lora
 import speedups
 from config import ConfigError, task_of
 from data import Encoded
 from evaluation import document_logits, predict_logits
-from files import first_line
-from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer
+from model import ModelError, build_model, from_pretrained, is_pretrained_dir, label_config, load_tokenizer, read_tokenizer
 from processes import on_main, per_rank_batch
 from splits import Split, check_max_seq_len, class_weights, prepare_run, read_split, tokenize, training_split
 from trainer import Trainer, fit, task_loss
@@ -237,10 +236,7 @@ def student_tokenizer(cfg, teacher_tokenizer):
         path, key = folder, "distill.student_model"
     if path is None:
         return None, None
-    try:
-        own = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({first_line(e)})") from None
+    own = read_tokenizer(path, key)
     if own.get_vocab() == teacher_tokenizer.get_vocab():
         return None, None  # one vocabulary: the student reads the teacher's tokens, as a depth cut does
     return own, f"{key} {path!r}"

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from checkpoint import read_manifest
 from config import label_names
 from data import collate, eval_batches, example_chunks
-from files import atomic_output, sweep_outputs, write_json, writing_to
+from files import atomic_output, csv_cells, sweep_outputs, write_json, writing_to
 from metrics import (
     best_thresholds,
     calibration_metrics,
@@ -44,6 +44,7 @@ from metrics import (
 )
 from model import (
     build_classifier,
+    check_artifact,
     is_export_dir,
     save_temperature,
     save_thresholds,
@@ -52,8 +53,9 @@ from model import (
     use_checkpoint_settings,
 )
 from processes import autocast, on_main
+from progress import progress_bar
 from runlog import RunLog, new_run_dir
-from splits import prepare_run, tokenize
+from splits import first_rows, prepare_run, tokenize
 
 # rows of a predict file read, tokenized, run and written at a time: what prediction holds
 PREDICT_CHUNK = 10_000
@@ -222,8 +224,8 @@ def predict_logits(model, encoded, batch_size, pad_token_id, proc, desc="evaluat
     model.eval()
     indices, outputs = [], []
     batches = eval_batches(encoded.lengths, batch_size, proc.rank, proc.world_size) if batches is None else batches
-    for batch_indices in tqdm(batches, desc=f"{desc} on {proc.device}", unit="batch", leave=False,
-                              disable=not proc.is_main, dynamic_ncols=True, file=sys.stderr):
+    for batch_indices in progress_bar(batches, desc=f"{desc} on {proc.device}", unit="batch", leave=False,
+                                      disable=not proc.is_main, dynamic_ncols=True):
         batch = {k: v.to(proc.device, non_blocking=True)
                  for k, v in collate(encoded, batch_indices, pad_token_id).items() if k != "labels"}
         with autocast(proc):
@@ -367,7 +369,7 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
     they are written to (main process): (metrics, run_dir)."""
     # said before the wait, with the device, as training's first line is
     proc.say(f"evaluation of {cfg['model']['model_path']} on {cfg['data']['val_filepath']} "
-             f"({val.encoded.num_documents} examples), device {proc.device}")
+             f"({val.encoded.num_documents} examples{first_rows(cfg['data'])}), device {proc.device}")
     logits = predict_logits(model, val.encoded, cfg["trainer"]["val_batch_size"],
                             tokenizer.pad_token_id, proc)
     metrics = on_main(proc, split_metrics, logits, val, cfg, f"on {cfg['data']['val_filepath']}")
@@ -378,10 +380,16 @@ def evaluate_only(cfg, proc, model, tokenizer, val):
 
 def evaluated_model(cfg, proc):
     """model.model_path to evaluate: an export folder through ONNX Runtime on the CPU, in this
-    process's threads (export.py, imported only for it), else the checkpoint as training builds it."""
+    process's threads (export.py, imported only for it), its model as model.artifact picks it and
+    said; else the checkpoint as training builds it."""
+    check_artifact(cfg)
     if is_export_dir(cfg["model"]["model_path"]):
         from export import load_exported
-        return load_exported(cfg["model"]["model_path"], threads=torch.get_num_threads())[0]
+        artifact = cfg["model"]["artifact"]
+        model = load_exported(cfg["model"]["model_path"], threads=torch.get_num_threads(),
+                              artifact=None if artifact == "auto" else artifact)[0]
+        proc.say(f"model: {model.path}, run by ONNX Runtime on the CPU (model.artifact {artifact})")
+        return model
     return build_classifier(cfg, proc.device, say=proc.say)
 
 
@@ -394,13 +402,14 @@ def evaluate_and_predict(cfg, proc):
         proc.say(f"note: {note}")
     inputs = prepare_run(cfg, proc, lambda tokenizer: evaluated_model(cfg, proc))
     model, tokenizer, thresholds = inputs.built, inputs.tokenizer, fixed_thresholds(cfg)
+    onnx_model = {"onnx_model": model.path} if is_export_dir(cfg["model"]["model_path"]) else {}  # for run.json
     if inputs.val:
         metrics, run_dir = evaluate_only(cfg, proc, model, tokenizer, inputs.val)
-        result = {**scalar_metrics(metrics), "run_dir": run_dir}
+        result = {**scalar_metrics(metrics), **onnx_model, "run_dir": run_dir}
         if cfg["data"]["multi_label"]:  # tune: predictions decide at the thresholds tuned on this file
             thresholds = thresholds_of(metrics)
     else:  # prediction alone gets a run folder too, to record what it read and wrote
-        result = {"run_dir": on_main(proc, new_run_dir, cfg["trainer"]["log_dir"], "predict")}
+        result = {**onnx_model, "run_dir": on_main(proc, new_run_dir, cfg["trainer"]["log_dir"], "predict")}
     if cfg["data"]["predict_filepath"]:
         result["predictions"] = predict_file(cfg, proc, model, tokenizer, result["run_dir"], total_rows=inputs.predict_rows,
                                              decisions=Decisions(thresholds, temperature_of(cfg)))
@@ -469,9 +478,10 @@ def scores_of(logits, names, thresholds=None, temperature=1.0):
 
 
 def write_prediction_rows(writer, examples, cells):
-    """A chunk's rows: the input columns, then its prediction_cells."""
+    """A chunk's rows: the input columns, then its prediction_cells; a cell a spreadsheet would run as
+    a formula is written as text (files.csv_cell)."""
     for row, more in zip(examples.rows, cells):
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in examples.columns] + more)
+        writer.writerow(csv_cells([row.get(c) for c in examples.columns] + more))
 
 
 def predict_output(cfg, run_dir):
@@ -496,10 +506,10 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, total_rows=None, decision
     decisions = decisions or Decisions(fixed_thresholds(cfg), temperature_of(cfg))
     thresholds, abstain_below = decisions.thresholds, data["abstain_below"]
     path = on_main(proc, predict_output, cfg, run_dir)
-    proc.say(f"prediction of {data['predict_filepath']}, device {proc.device}")
+    proc.say(f"prediction of {data['predict_filepath']}{first_rows(data)}, device {proc.device}")
     rows, chunk_rows = 0, PREDICT_CHUNK
-    whole = tqdm(total=total_rows, desc=f"predict {data['predict_filepath']}", unit="row", leave=False, position=1,
-                 disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True, file=sys.stderr)
+    whole = progress_bar(desc=f"predict {data['predict_filepath']}", unit="row", total=total_rows, leave=False, position=1,
+                         disable=not proc.is_main or (total_rows or 0) <= chunk_rows, dynamic_ncols=True)
     if proc.is_main:
         sweep_outputs(path, say=proc.say)
     with writing_to("data.predict_output", path), \
@@ -508,8 +518,8 @@ def predict_file(cfg, proc, model, tokenizer, run_dir, total_rows=None, decision
 
         def write_chunk():  # one row per input row: a document's windows pooled
             if rows == 0:
-                writer.writerow([str(c) for c in examples.columns] + prediction_header(names, thresholds,
-                                                                                       abstain_below is not None))
+                writer.writerow(csv_cells(list(examples.columns) + prediction_header(names, thresholds,
+                                                                                     abstain_below is not None)))
             write_prediction_rows(writer, examples, prediction_cells(document_logits(logits, encoded, cfg), names, thresholds,
                                                                      data["label_sep"], decisions.temperature, abstain_below))
         for examples in example_chunks(data["predict_filepath"], data, chunk_rows):

@@ -38,8 +38,20 @@ from transformers.utils import logging as hf_logging
 import lora
 import speedups
 from checkpoint import MANIFEST, check_saved_config, load_failure, read_manifest
-from config import TASK_NAMES, ConfigError, check_config, check_threshold_fits, fit_metric_to_task, task_of
+from config import (
+    GOLDEN_CONFIG,
+    TASK_NAMES,
+    Config,
+    ConfigError,
+    check_config,
+    check_threshold_fits,
+    fit_metric_to_task,
+    read_yaml,
+    set_key,
+    task_of,
+)
 from files import first_line
+from processes import launch_rank
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
 hf_logging.disable_progress_bar()
@@ -57,6 +69,10 @@ REWRITE_TEMPERATURE = ('rewrite it as {"temperature": <positive number>} ({"<lab
 WINDOW_KEYS = ("long_texts", "window_stride", "window_pool")
 # an export folder's record (export.py): the checkpoint it came from, its settings, its artifacts
 EXPORT_MANIFEST, EXPORTED_BY = "export.json", "export.py"
+# export.py's models, by their names in export.json, and the one file each is written to
+EXPORT_ARTIFACTS = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
+# the settings export.json records, by section
+EXPORT_SETTINGS = {"module": ("max_seq_len",), "data": WINDOW_KEYS}
 # the data keys of how the training files were read (columns, format): evaluation reads its file
 # alike unless told otherwise; a user's value is a file of another layout, not a contradiction
 FILE_KEYS = ("file_format", "quoting", "header", "encoding", "text_a_col", "text_b_col", "label_col", "label_sep")
@@ -71,7 +87,7 @@ class ModelError(Exception):
 def warn(message):
     """A warning on stderr; under torchrun from rank 0 alone: every rank loads the same files, so
     every rank would print it alike."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if launch_rank() == 0:
         print(message, file=sys.stderr)
 
 
@@ -260,6 +276,8 @@ def checkpoint_settings(path, thresholds=True, temperature=True):
     module.max_seq_len (and windows) from the checkpoint.json this project writes beside it (an
     export folder's export.json), module.threshold from its thresholds.json, module.calibrate (its
     temperature) from its calibration.json. Empty for anything else (a state-dict file, a bare encoder)."""
+    if is_export_dir(path):  # a damaged export folder is refused, not read with defaults
+        check_export_folder(path)
     try:
         if not is_pretrained_dir(path) or head_labels(path) is None:
             return {}
@@ -306,6 +324,68 @@ def read_export_manifest(path):
 def is_export_dir(path):
     """True for a folder export.py wrote (its export.json): it evaluates and predicts only."""
     return path is not None and read_export_manifest(path) is not None
+
+
+def check_artifact(cfg):
+    """model.artifact picks a model of an export folder: with anything else in model.model_path, it is refused."""
+    path, artifact = cfg["model"]["model_path"], cfg["model"]["artifact"]
+    if artifact != "auto" and not is_export_dir(path):
+        raise ConfigError(f"model.artifact {artifact} picks a model of an export folder (export.py), and model.model_path "
+                          f"{path} is not one; leave it out")
+
+
+def check_export_folder(path):
+    """The export.json of an export folder, every field checked, once every file that reading the
+    folder needs is there (config.json's labels and task, the tokenizer, the models it lists, a
+    multi-label model's thresholds, a calibrated model's temperature). A damaged folder is a
+    ModelError, never read with defaults."""
+    folder, manifest = Path(path), read_export_manifest(path)
+    file = folder / EXPORT_MANIFEST
+    if not isinstance(manifest.get("source"), str):
+        raise damaged_export(file, f"source is {manifest.get('source')!r}")
+    check_export_settings(file, manifest.get("config"))
+    artifacts = manifest.get("artifacts")
+    # the files export.py writes, by name: no path that leads out of the folder, no link
+    if not (isinstance(artifacts, dict) and artifacts
+            and all(EXPORT_ARTIFACTS.get(name) == value for name, value in artifacts.items())):
+        raise damaged_export(file, f"artifacts is {artifacts!r}"[:300] + f" (export.py writes {EXPORT_ARTIFACTS})")
+    missing = [name for name in ("config.json", "tokenizer_config.json") if not (folder / name).is_file()]
+    missing += [name for name in artifacts.values() if not (folder / name).is_file() or (folder / name).is_symlink()]
+    if not missing:
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{folder / 'config.json'}: unreadable ({first_line(e)[:200]}); export the checkpoint "
+                             f"again") from None
+        if saved_multi_label(config) and not (folder / THRESHOLDS_FILE).is_file():
+            missing.append(THRESHOLDS_FILE)
+        if getattr(config, TEMPERATURE_KEY, None) is not None and not (folder / CALIBRATION_FILE).is_file():
+            missing.append(CALIBRATION_FILE)  # its probabilities would be uncalibrated without a word
+    if missing:
+        raise ModelError(f"{folder}: an incomplete export folder ({', '.join(missing)} missing); export the "
+                         f"checkpoint again")
+    return manifest
+
+
+def damaged_export(file, what):
+    return ModelError(f"{file}: {what}, not as export.py writes it (damaged or edited?); export the checkpoint again")
+
+
+def check_export_settings(file, settings):
+    """export.json's config: the max_seq_len and windows the model was exported for, each of the
+    type and choices config.yaml gives it, and together as check_config accepts them."""
+    if not (isinstance(settings, dict) and set(settings) == set(EXPORT_SETTINGS)
+            and all(isinstance(settings[s], dict) and set(settings[s]) == set(n) for s, n in EXPORT_SETTINGS.items())):
+        raise damaged_export(file, f"config is {settings!r}"[:300])
+    cfg = Config(read_yaml(GOLDEN_CONFIG))
+    try:
+        for section, names in EXPORT_SETTINGS.items():
+            for name in names:
+                set_key(cfg, f"{section}.{name}", settings[section][name], f"{file}: config")
+        check_config(cfg)
+    except ConfigError as e:
+        message = str(e) if str(e).startswith(str(file)) else f"{file}: config: {e}"
+        raise ModelError(f"{message} (damaged or edited?); export the checkpoint again") from None
 
 
 def saved_thresholds(path, names, chosen=False):
@@ -546,10 +626,15 @@ def load_tokenizer(model_cfg):
         path, key = model_cfg["model_path"], "model.model_path"
     if path is None:
         path, key = model_cfg["hf_model"], "model.hf_model"
+    return read_tokenizer(path, key)
+
+
+def read_tokenizer(path, key):
+    """AutoTokenizer.from_pretrained(path), a folder that does not load being one ModelError naming key."""
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 (a damaged file raises anything: a tokenizer.json of {} a KeyError)
+        raise ModelError(f"{key} {path!r}: cannot load a tokenizer there ({first_line(e)[:300]})") from None
 
 
 def save_pretrained(model, tokenizer, directory, max_seq_len=None):

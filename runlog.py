@@ -18,13 +18,14 @@ import os
 import re
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from checkpoint import read_manifest
-from files import atomic_write, write_json, writing_to
+from files import OutputError, atomic_write, first_line, write_json, writing_to
 from metrics import expected_calibration_error, reliability, risk_coverage, selective_accuracy
 
 # what a run folder is named after: <date>-<time>-<kind>[-n] (new_run_dir)
@@ -48,6 +49,7 @@ class RunLog:
         edited to point elsewhere) logs to a new folder there instead.
         """
         from torch.utils.tensorboard import SummaryWriter  # a slow import: only runs that log pay for it
+        quiet_writer_threads()
         log_dir = cfg["trainer"]["log_dir"]
         if run_dir is not None and not is_run_dir_of(run_dir, log_dir):
             say(f"note: the resumed run logged to {run_dir}, which is not a run folder of trainer.log_dir "
@@ -110,7 +112,25 @@ class RunLog:
             write_json(Path(self.run_dir) / "final_metrics.json", metrics)
 
     def close(self):
-        self.writer.close()  # ends its writer thread, not left to interpreter exit
+        # ends its writer thread, not left to interpreter exit; a write it could not finish (a full
+        # disk) is raised again here: one line, as the write that met it first
+        with writing_to("trainer.log_dir", self.run_dir):
+            self.writer.close()
+
+
+def quiet_writer_threads():
+    """TensorBoard's writer thread ends with a traceback of its own when a write fails (a full
+    disk); the writer raises the same error in the main thread at its next write, flush or close,
+    where writing_to says it in one line: the thread's traceback is left unprinted."""
+    if getattr(threading.excepthook, "quiet_writer_threads", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            previous(args)
+    hook.quiet_writer_threads = True
+    threading.excepthook = hook
 
 
 def is_run_dir_of(run_dir, log_dir):
@@ -282,23 +302,28 @@ def scatter_image(labels, predictions, size=160):
 
 
 def record_run(run_dir, cfg, argv, result, script="trainer.py"):
-    """run.json in a run's folder: its kind, the command, the checkpoint and files it read, the
-    result and its times; and config.json, where training has not written it already."""
+    """run.json in a run's folder: its kind, the command and the folder it ran in, the checkpoint
+    and files it read, the result and its times; and config.json, where training has not written it
+    already. Its paths are relative to the run's folder, so that a folder moved with its checkpoints
+    and data still reads (--runs); a checkpoint by its real folder, since `best` and `last` move on."""
     data, model, kind = cfg["data"], cfg["model"], kind_of(run_dir)
     checkpoint = model["model_path"]
     manifest = read_manifest(checkpoint) if checkpoint is not None else None
-    # a checkpoint by its real folder: `best` and `last` point elsewhere later
-    name = ((model["hf_model"] if checkpoint is None else checkpoint) if data["train_filepath"]
-            else str(Path(checkpoint).resolve()))
-    if kind == "distil":
-        student = cfg["distill"]["student_layers"] or cfg["distill"]["student_model"] or "student_config"
-        name = f"student {student} of {name}"
-    record = {"kind": kind, "command": shlex.join(["python", script, *argv]), "model": name,
-              "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+
+    def here(path):
+        return None if path is None else os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())
+    # model.hf_model is a folder, or a hub id: a name, kept as it is
+    name = here(checkpoint or model["hf_model"]) if checkpoint or os.path.exists(model["hf_model"]) else model["hf_model"]
+    record = {"kind": kind, "command": shlex.join(["python", script, *argv]), "directory": here(os.getcwd()),
+              "model": name, "checkpoint": here(checkpoint),
               "checkpoint_step": manifest["step"] if manifest is not None else None,
-              "train_file": data["train_filepath"], "val_file": data["val_filepath"],
-              "predict_file": data["predict_filepath"], "predictions": result.get("predictions"),
+              "train_file": here(data["train_filepath"]), "val_file": here(data["val_filepath"]),
+              "predict_file": here(data["predict_filepath"]), "predictions": here(result.get("predictions")),
+              "onnx_model": here(result.get("onnx_model")),  # an export folder's model that ran
+              "max_rows": data["max_rows"],  # a quick run read the first rows of each file only
               "metric": cfg["module"]["metric"], "result": {k: v for k, v in result.items() if k != "run_dir"}}
+    if kind == "distil":
+        record["student"] = str(cfg["distill"]["student_layers"] or cfg["distill"]["student_model"] or "student_config")
     with writing_to("trainer.log_dir", run_dir):
         if not (Path(run_dir) / "config.json").exists():
             write_json(Path(run_dir) / "config.json", cfg)
@@ -311,29 +336,62 @@ def kind_of(run_dir):
 
 
 def read_json(path):
+    """A record's content: {} where the run did not write it; a ValueError where it is damaged."""
     try:
         content = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
-    return content if isinstance(content, dict) else {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"its {Path(path).name} does not read ({first_line(e)[:100]})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"its {Path(path).name} is not a JSON object")
+    return content
+
+
+# the fields of a row of the runs table, and the types each may hold ("" where a run has none)
+ROW_TYPES = {"run": str, "kind": str, "date": str, "model": str, "data": str, "metric": str, "value": (int, float, str),
+             "best_step": (int, str), "wall_s": (int, float, str), "state": str}
 
 
 def run_row(folder):
     """One row of the runs table from a run folder: run.json, else (a run that was stopped, or from
-    before run.json) what its config and metrics files say."""
+    before run.json) what its config and metrics files say. Paths are absolute where run.json holds
+    them relative to the folder. A ValueError when a field is not as this trainer writes it."""
+    try:
+        row = read_row(Path(folder).absolute())
+    except (AttributeError, KeyError, TypeError) as e:  # a field of a type this trainer never writes
+        raise ValueError(f"its run.json or config.json is not as this trainer writes it ({first_line(e)[:100]})") from None
+    for name, value in row.items():
+        if not isinstance(value, ROW_TYPES[name]) or isinstance(value, bool) or (name == "kind" and value not in KINDS):
+            raise ValueError(f"its {name} is {value!r}"[:200] + ", not as this trainer writes it")
+    return row
+
+
+# the record's field, and the config's key, of the file each kind of run reads
+DATA_OF = {"train": ("train_file", "train_filepath"), "distil": ("train_file", "train_filepath"),
+           "eval": ("val_file", "val_filepath"), "predict": ("predict_file", "predict_filepath")}
+
+
+def read_row(folder):
+    """run_row's fields as the files give them (a field of a type this trainer never writes fails here,
+    or in run_row's check)."""
     match = RUN_NAME.fullmatch(folder.name)
     record, cfg = read_json(folder / "run.json"), read_json(folder / "config.json")
-    data, model = cfg.get("data", {}), cfg.get("model", {})
     kind = record.get("kind") or match.group(3)
     result = record.get("result") or read_json(folder / "final_metrics.json") or read_json(folder / "eval_metrics.json")
     metric = record.get("metric") or cfg.get("module", {}).get("metric")
     value = result.get(metric) if metric else None
-    files = {"train": "train_filepath", "distil": "train_filepath", "eval": "val_filepath", "predict": "predict_filepath"}
+    # a run.json with "directory" holds its paths relative to the folder; older ones as they were typed
+    relative = "directory" in record
+    name = record.get("model") or cfg.get("model", {}).get("model_path") or cfg.get("model", {}).get("hf_model") or ""
+    if relative and (folder / name).exists():  # a hub id is not a path
+        name = os.path.normpath(folder / name)
+    field, key = DATA_OF[kind]
+    data = record.get(field)
+    data = os.path.normpath(folder / data) if relative and data else data or cfg.get("data", {}).get(key) or ""
     day, clock = match.group(1), match.group(2)
-    stamp = f"{day[:4]}-{day[4:6]}-{day[6:]} {clock[:2]}:{clock[2:4]}:{clock[4:]}"
-    return {"run": folder.name, "kind": kind, "date": stamp,
-            "model": record.get("model") or model.get("model_path") or model.get("hf_model") or "",
-            "data": data.get(files[kind]) or "",
+    return {"run": folder.name, "kind": kind, "date": f"{day[:4]}-{day[4:6]}-{day[6:]} {clock[:2]}:{clock[2:4]}:{clock[4:]}",
+            "model": f"student {record['student']} of {name}" if record.get("student") else name, "data": data,
             "metric": metric if isinstance(value, (int, float)) else "",
             "value": value if isinstance(value, (int, float)) else "",
             "best_step": result.get("best_step", ""), "wall_s": result.get("wall_s", ""),
@@ -341,15 +399,27 @@ def run_row(folder):
                      ("done" if result else "unfinished")}
 
 
-def list_runs(log_dir):
-    """run_row of every run folder in log_dir, newest first."""
-    folders = [p for p in Path(log_dir).iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)] if Path(log_dir).is_dir() else []
+def list_runs(log_dir, say=print):
+    """run_row of every run folder in log_dir, newest first; a folder whose record is damaged is
+    left out, with a note."""
+    try:
+        folders = [p for p in Path(log_dir).iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)] \
+            if Path(log_dir).is_dir() else []
+    except OSError as e:
+        raise OutputError(f"trainer.log_dir {log_dir}: cannot list its runs ({e.strerror or e}); choose a folder "
+                          f"you can read") from None
 
     def started(folder):  # the date and time in its name, then the -n of a second run that second,
         # then (runs of two kinds in one second) its last change
         match = RUN_NAME.fullmatch(folder.name)
         return match.group(1), match.group(2), int(match.group(4) or 1), folder.stat().st_mtime
-    return [run_row(p) for p in sorted(folders, key=started, reverse=True)]
+    rows = []
+    for folder in sorted(folders, key=started, reverse=True):
+        try:
+            rows.append(run_row(folder))
+        except ValueError as e:
+            say(f"note: left {folder} out of the table: {e}")
+    return rows
 
 
 def duration(seconds):
@@ -364,25 +434,35 @@ def shorten(text, width):
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
-def runs_table(log_dir):
-    """The runs of log_dir as a text table, newest first; the same rows go to log_dir/runs.csv.
-    Returns the table and the CSV's path (None when there are no runs)."""
-    rows = list_runs(log_dir)
-    if not rows:
-        return f"no runs in {log_dir}", None
-    path = Path(log_dir) / "runs.csv"
-    with atomic_write(path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def seen_from(row, base):
+    """A row with its absolute paths relative to base (a relative one was never resolved: as typed)."""
+    def shown(text):
+        prefix, _, path = text.rpartition(" of ") if text.startswith("student ") else ("", "", text)
+        path = os.path.relpath(path, base) if os.path.isabs(path) else path
+        return f"{prefix} of {path}" if prefix else path
+    return {**row, "model": shown(row["model"]), "data": shown(row["data"])}
+
+
+def runs_table(rows):
+    """The rows of list_runs as a text table, newest first, paths as seen from here."""
     header = f"{'kind':<8}{'date':<21}{'model':<36}{'data':<28}{'metric':<24}{'best':>6}{'time':>8}  state"
     lines = [header]
-    for row in rows:
+    for row in (seen_from(row, os.getcwd()) for row in rows):
         metric = f"{row['metric']} {row['value']:.4f}" if row["metric"] else "-"
         best_step = row["best_step"] if row["best_step"] != "" else "-"
         lines.append(f"{row['kind']:<8}{row['date']:<21}{shorten(row['model'], 34):<36}{shorten(row['data'], 26):<28}"
                      f"{metric:<24}{best_step:>6}{duration(row['wall_s']):>8}  {row['state']}")
-    return "\n".join(lines), str(path)
+    return "\n".join(lines)
+
+
+def write_runs_csv(rows, log_dir):
+    """log_dir/runs.csv: the rows of list_runs, paths relative to log_dir (a moved folder still reads)."""
+    path = Path(log_dir) / "runs.csv"
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ROW_TYPES))
+        writer.writeheader()
+        writer.writerows(seen_from(row, Path(log_dir).absolute()) for row in rows)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,9 +496,15 @@ def resume_command(argv, script, proc):
 
 
 def print_runs(log_dir):
-    """--runs: every run folder of trainer.log_dir as a table, newest first, and as runs.csv there."""
-    table, csv_path = runs_table(log_dir)
-    print(table)
-    if csv_path is not None:
-        print(f"(also written to {csv_path})")
+    """--runs: every run folder of trainer.log_dir as a table, newest first, and as runs.csv there;
+    a log folder that cannot take runs.csv (read-only, full) still shows the table."""
+    rows = list_runs(log_dir)
+    if not rows:
+        print(f"no runs in {log_dir}")
+        return 0
+    print(runs_table(rows))
+    try:
+        print(f"(also written to {write_runs_csv(rows, log_dir)})")
+    except OSError as e:
+        print(f"note: {Path(log_dir) / 'runs.csv'} not written ({e.strerror or e}); the table above has every run")
     return 0

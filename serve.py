@@ -60,7 +60,15 @@ from config import ConfigError, answer_help, label_names, load_config, task_of
 from data import DataError, Encoded, Examples, encode, window_stride
 from evaluation import document_logits, fixed_thresholds, predict_logits, scores_of, temperature_of
 from files import OutputError, first_line
-from model import ModelError, build_classifier, is_export_dir, load_tokenizer, read_export_manifest, use_checkpoint_settings
+from model import (
+    ModelError,
+    build_classifier,
+    check_artifact,
+    is_export_dir,
+    load_tokenizer,
+    read_export_manifest,
+    use_checkpoint_settings,
+)
 from processes import this_process, torchrun_launch
 
 ROOT = Path(__file__).resolve().parent
@@ -106,9 +114,7 @@ def load_served(cfg):
     if torchrun_launch().launched:
         raise ConfigError("serve.py is one process: start it with python, not torchrun")
     exported = is_export_dir(path)
-    if not exported and cfg["serve"]["artifact"] != "auto":
-        raise ConfigError(f"serve.artifact {cfg['serve']['artifact']} picks a model of an export folder, and "
-                          f"{path} is not one; leave it out")
+    check_artifact(cfg)
     note = use_checkpoint_settings(cfg)
     if note is not None:
         print(f"note: {note}")
@@ -119,7 +125,7 @@ def load_served(cfg):
     proc = replace(this_process(cfg["trainer"]), is_main=False)
     if exported:  # ONNX Runtime on the CPU, in this process's threads (imported only for it)
         from export import ARTIFACTS, load_exported
-        artifact = None if cfg["serve"]["artifact"] == "auto" else cfg["serve"]["artifact"]
+        artifact = None if cfg["model"]["artifact"] == "auto" else cfg["model"]["artifact"]
         model, tokenizer = load_exported(path, threads=torch.get_num_threads(), artifact=artifact)
         proc, kind = replace(proc, device=torch.device("cpu"), amp_dtype=None), \
             next(name for name, file in ARTIFACTS.items() if Path(model.path).name == file)

@@ -21,7 +21,7 @@ micro-steps, GradScaler for float16 only, a linear warmup / decay schedule, exac
 never waits for the GPU: the host reads the device once per log interval.
 Read Trainer first, then the schedule and losses, the process group, run and main. The other jobs
 have modules of their own: processes, splits, evaluation, runlog, checkpoint, files, config, data, model,
-lora (adapters, model.lora_rank).
+progress, lora (adapters, model.lora_rank).
 """
 import sys
 
@@ -34,12 +34,12 @@ if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:])
 import functools
 import gc
 import json
-import os
 import re
 import signal
 import time
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -74,6 +74,7 @@ from metrics import format_report
 from model import (
     ModelError,
     build_classifier,
+    check_artifact,
     classifier_of,
     is_export_dir,
     load_module_weights,
@@ -87,6 +88,7 @@ from processes import (
     agree,
     autocast,
     gather,
+    launch_rank,
     on_main,
     per_rank_batch,
     rng_state,
@@ -94,8 +96,9 @@ from processes import (
     this_process,
     uses_ddp,
 )
+from progress import progress_bar
 from runlog import RunLog, log_interval, print_runs, record_run, resume_command, script_name
-from splits import class_weights, prepare_run, training_split
+from splits import class_weights, first_rows, prepare_run, training_split
 
 
 class Trainer:
@@ -185,8 +188,9 @@ class Trainer:
         self.run_dir = on_main(self.proc, self.open_runlog)
         start = time.perf_counter()
         self.model.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.proc.is_main,
-                        desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        # off a terminal, a plain line at each log interval (log_train sets the postfix)
+        progress = progress_bar(desc="train", unit="step", total=self.total_steps, initial=self.step,
+                                disable=not self.proc.is_main, every=None, dynamic_ncols=True)
         # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -384,8 +388,8 @@ class Trainer:
         tcfg, kind = self.cfg["trainer"], "train" if classifier_of(self.model) is self.model else "distil"
         self.runlog = RunLog.open(self.cfg, self.step, self.run_dir, say=self.proc.say, kind=kind)
         self.proc.say(f"logs: {self.runlog.run_dir}")
-        self.proc.say(f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
-                      f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
+        self.proc.say(f"training: {len(self.train_split.encoded)} examples{first_rows(self.cfg['data'])}, "
+                      f"{tcfg['epochs']} epochs x {self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
                       f"logging every {self.log_steps} steps, device {self.proc.device}")
@@ -447,6 +451,8 @@ class Trainer:
         self.skipped.copy_(state["skipped"])
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         self.best, self.run_dir = manifest["best"], manifest["run_dir"]
+        if self.best is not None and self.best["path"] is not None:  # beside the checkpoint, however spelled or moved
+            self.best["path"] = str(Path(path).parent / Path(self.best["path"]).name)
         self.bad_validations = manifest["bad_validations"]
         self.thresholds.resumed(path)
         self.calibration.resumed(path)
@@ -659,6 +665,7 @@ def run(cfg, proc):
     if not cfg["data"]["train_filepath"]:  # a fine-tuned model evaluates and / or predicts (evaluation.py)
         return evaluate_and_predict(cfg, proc)
     per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
+    check_artifact(cfg)  # an export folder, whose model it would pick, is refused next: it does not train
     if is_export_dir(cfg["model"]["model_path"]):
         raise ConfigError(f"model.model_path {cfg['model']['model_path']} is an export folder (ONNX): it evaluates "
                           f"and predicts only; train from the checkpoint it came from (its export.json's source)")
@@ -709,7 +716,7 @@ def main(argv=None, run_fn=run, doc=__doc__):
     except (ConfigError, DataError, ModelError, TrainingError, OutputError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise
-        if int(os.environ.get("RANK", 0)) == 0 or not (shared or isinstance(e, MainProcessFailed)):
+        if launch_rank() == 0 or not (shared or isinstance(e, MainProcessFailed)):
             # one write: print writes the newline apart, and under torchrun ranks share one stderr
             sys.stderr.write(f"error: {e}\n")
         return 2
