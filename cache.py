@@ -6,7 +6,7 @@ Usage:
 
 An entry is a folder <data.cache_dir>/<key>. The key is the sha256 of everything the arrays follow
 from: the file's bytes, the tokenizer (its serialized state), max_seq_len, the data options that pick
-and split the texts (columns, format, header, encoding, quoting, windows) and, for a labelled file,
+and split the texts (columns, format, header, encoding, quoting, windows, max_rows) and, for a labelled file,
 those that read its labels (label column, labels_list, multi_label, label_sep). It holds ids.npy,
 offsets.npy, labels.npy (token_type_ids.npy and documents.npy where there are any) and
 manifest.json, naming each array's dtype, shape and size. Later runs open the arrays with
@@ -90,6 +90,8 @@ def cache_key(path, tokenizer, data_cfg, max_seq_len, labelled):
     source = {"version": VERSION, "file_sha256": file_digest(path), "max_seq_len": max_seq_len,
               "tokenizer_sha256": sha256_text(tokenizer_state(tokenizer)), "labelled": labelled,
               "options": {name: data_cfg[name] for name in options}}
+    if data_cfg.get("max_rows") is not None:  # the first rows only; absent otherwise, so older keys still hold
+        source["options"]["max_rows"] = data_cfg["max_rows"]
     return sha256_text(json.dumps(source, sort_keys=True)), source
 
 

@@ -31,11 +31,12 @@ import re
 import secrets
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
 
-from config import GOLDEN_CONFIG, Config, ConfigError, check_config, read_yaml, set_key, uses_amp
+from config import GOLDEN_CONFIG, Config, ConfigError, check_config, config_options, read_yaml, set_key, uses_amp
 from files import LOCK, FolderLock, OutputError, check_writable_dir, file_digest, first_line, fsync_path, publish, sync_folder
 from processes import agree, on_main
 
@@ -146,8 +147,14 @@ def load_checkpoint(path, file_ext):
     reason = incomplete_reason(path, manifest)
     if reason is not None:
         raise CheckpointError(f"{path}: incomplete checkpoint: {reason}")
+    state_file = path / f"training_state{file_ext}"
+    written = [name for name in manifest["files"] if name.startswith("training_state")]
+    if state_file.name not in manifest["files"] and written:  # a ckpt.file_ext other than the run's
+        ext = written[0].removeprefix("training_state")
+        raise CheckpointError(f"{path}: holds {written[0]}, not {state_file.name}; pass --ckpt.file_ext "
+                              f"{ext or repr('')} as the run that wrote it did")
     try:
-        state = torch.load(path / f"training_state{file_ext}", map_location="cpu", weights_only=True)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as e:  # an unpickling refusal, a torn file, a wrong format: all mean "not usable"
         raise CheckpointError(f"{path}: training_state{file_ext} does not load as data ({load_failure(e)})") from None
     return state, manifest
@@ -382,7 +389,7 @@ def recover(save_dir, prefix):
 RESUME_MAY_CHANGE = {"trainer.log_steps", "trainer.log_dir", "trainer.num_threads", "trainer.debug",
                      "ckpt.checkpoint", "ckpt.period", "ckpt.save_steps", "ckpt.keep_last",
                      "ckpt.resume", "ckpt.overwrite", "data.predict_filepath", "data.predict_output",
-                     "data.cache_dir", "trainer.stop_after_epochs"}
+                     "data.cache_dir", "trainer.stop_after_epochs", "data.abstain_below", "model.artifact"}
 # how the processes were started may be said another way (auto, or sp / ddp): the world
 # size is compared on its own, and the precision through uses_amp
 LAUNCH_KEYS = {"trainer.backend", "trainer.amp"}
@@ -405,7 +412,7 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
     make the resumed run silently different from continuing the original."""
     conflicts, golden = [], read_yaml(GOLDEN_CONFIG)
     for section, values in cfg.items():
-        if section == "sweep":  # sweep.py's settings do not change a run, and older checkpoints lack them
+        if section in ("sweep", "check", "crossval"):  # the tools' settings do not change a run; older checkpoints lack them
             continue
         for name, value in values.items():
             # a key newer than the checkpoint: its run behaved as the key's default says
@@ -422,8 +429,20 @@ def resume_conflicts(saved_cfg, saved_digests, cfg, digests):
                          f"{'on' if uses_amp(cfg['trainer']) else 'off'} (trainer.amp / trainer.backend)")
     for key in DATA_FILE_KEYS:
         if saved_digests.get(key) != digests[key]:
-            conflicts.append(f"{key}: the file's content differs from the one the checkpoint trained on")
+            section, name = key.split(".")
+            trained_on = saved_cfg.get(section, {}).get(name)
+            conflicts.append(f"{key}: the file's content differs from the one the checkpoint trained on "
+                             f"({'none' if trained_on in (None, []) else trained_on})")
     return conflicts
+
+
+def own_command(manifest, world_size):
+    """The command that resumes a checkpoint with its own settings: its config as options over
+    config.yaml's, launched as this run is (a checkpoint's run.json exists only once its run ended)."""
+    from runlog import kind_of, resume_command, script_name  # runlog reads checkpoints: not at the top
+    options = config_options(manifest["config"], leave_out=("export", "serve", "sweep", "ckpt.resume", "ckpt.overwrite"))
+    launch = SimpleNamespace(ddp=world_size > 1, world_size=world_size)  # what resume_command reads of a Process
+    return resume_command(options, script_name(kind_of(manifest["run_dir"]) != "distil"), launch)
 
 
 class SaveDir:
@@ -461,18 +480,19 @@ class SaveDir:
             self.move_aside([path for _, path, _ in ours], "replaced by this run")
             return None
         chosen = self.resume_candidate(ours)
-        if chosen is None:  # auto, and none of ours loads: a fresh run, not mixed with the broken ones
+        if chosen is None:  # auto, and none of ours loads: a fresh run only if told to replace them
             self.move_aside([path for _, path, _ in ours], "that do not load")
             return None
         path, manifest = chosen
         if manifest["world_size"] != world_size:
             raise CheckpointError(f"{path} was written by {manifest['world_size']} processes; resume it "
                                   f"with the same number (this run has {world_size})")
-        conflicts = resume_conflicts(manifest["config"], manifest["data"], self.cfg, self.digests)
+        conflicts = resume_conflicts(self.as_saved_here(path, manifest["config"]), manifest["data"], self.cfg,
+                                     self.digests)
         if conflicts:
             raise CheckpointError(f"cannot resume {path}: {'; '.join(conflicts)}. Resume with the "
-                                  f"checkpoint's settings, or start a new run from its weights with "
-                                  f"--model.model_path {path}")
+                                  f"checkpoint's settings: {own_command(manifest, world_size)}; or start a "
+                                  f"new run from its weights with --model.model_path {path}")
         newer = [p for step, p, _ in ours if step > manifest["step"] and p.resolve() != path.resolve()]
         if newer and self.ckpt["resume"] != "auto" and not self.ckpt["overwrite"]:
             raise CheckpointError(f"{self.path} holds checkpoints newer than {path.name} "
@@ -506,16 +526,37 @@ class SaveDir:
         self.wrote_checkpoint()  # this run has a checkpoint of its own: what it replaces can go
         return path
 
+    def as_saved_here(self, path, saved_cfg):
+        """The checkpoint's config, its save folder this run's when the checkpoint is in it: the
+        folder is compared by what it is, not by how it is spelled (./ck, an absolute path) or
+        where it was when the checkpoint was written (a folder moved since)."""
+        if not path.parent.is_dir() or not os.path.samefile(path.parent, self.path):
+            return saved_cfg
+        return {**saved_cfg, "ckpt": {**saved_cfg.get("ckpt", {}), "model_state_save_dir": self.ckpt["model_state_save_dir"]}}
+
     def resume_candidate(self, ours):
-        """(path, manifest) of ckpt.resume: the newest of ours that loads for auto."""
+        """(path, manifest) of ckpt.resume: the newest of ours that loads for auto. None when there
+        is none (a fresh run); when none of them loads, a CheckpointError naming them, unless
+        ckpt.overwrite lets a fresh run replace them."""
         if self.ckpt["resume"] != "auto":
             path = Path(self.ckpt["resume"])
             return path, load_checkpoint(path, self.ckpt["file_ext"])[1]
+        failures = []
         for _, path, _ in reversed(ours):
             try:
-                return path, load_checkpoint(path, self.ckpt["file_ext"])[1]
+                manifest = load_checkpoint(path, self.ckpt["file_ext"])[1]
             except CheckpointError as e:
-                self.say(f"note: skipping {path.name}: {e}")
+                failures.append((path, str(e).removeprefix(f"{path}: ")))
+                continue
+            for skipped, why in failures:
+                self.say(f"note: skipping {skipped.name}: {why}")
+            return path, manifest
+        if failures and not self.ckpt["overwrite"]:
+            # starting afresh would delete them at the first save: a wrong ckpt.file_ext must not cost them
+            reasons = "; ".join(f"{path.name}: {why[:200]}" for path, why in failures[:3])
+            raise CheckpointError(f"--ckpt.resume auto: none of the {len(failures)} checkpoints in {self.path} loads "
+                                  f"({reasons}{'; ...' * (len(failures) > 3)}); fix what stops them, or pass "
+                                  f"--ckpt.overwrite true to start a new run that replaces them")
         return None
 
     def move_aside(self, paths, why):

@@ -8,6 +8,7 @@ not have is an error, and every value must have the type of its default (TYPES l
 also take null or another type). check_config then refuses values that are well typed but cannot
 work, so that a bad value stops the run before anything is loaded or written.
 """
+import json
 import math
 import os
 import re
@@ -47,23 +48,28 @@ CHOICES = {
     "trainer.amp_dtype": ["auto", "bf16", "fp16"],
     "trainer.device": ["auto", "cpu", "cuda"],
     "model.attn_implementation": [None, "eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3"],
-    "serve.artifact": ["auto", "onnx_fp32", "onnx_int8"],
+    "model.artifact": ["auto", "onnx_fp32", "onnx_int8"],
 }
+# keys of earlier versions, by their names now
+RENAMED = {"serve.artifact": "model.artifact"}
 # keys that take null or several types; every other key takes the type of its golden value
 TYPES = {
     "data.train_filepath": (str, None), "data.val_filepath": (str, None),
     "data.predict_filepath": (str, None), "data.predict_output": (str, None),
     "data.header": (int, None), "data.text_a_col": (str, int), "data.text_b_col": (str, int, None),
     "data.label_col": (str, int), "data.cache_dir": (str, None), "data.max_windows": (int, None),
+    "data.max_rows": (int, None),
     "model.tokenizer_path": (str, None), "model.encoder_key": (str, None),
     "model.model_path": (str, None), "model.model_file": (str, None), "model.attn_implementation": (str, None),
+    "model.lora_alpha": (float,), "model.lora_targets": (list, None), "module.head_lr": (float, None),
     "ckpt.keep_last": (int, None), "ckpt.resume": (str, None), "trainer.log_steps": (int, str),
     "trainer.stop_after_epochs": (int, None), "trainer.early_stopping_patience": (int, None),
     "module.class_weights": (str, list, None), "module.threshold": (float, str, list),
+    "module.calibrate": (bool, float, list), "data.abstain_below": (float, None),
     "distill.student_layers": (list, None), "distill.student_model": (str, None), "distill.student_tokenizer": (str, None),
     "distill.hidden_state_map": (list, None), "distill.attention_map": (list, None),
     "sweep.samples": (int, None), "sweep.rungs": (list, None),
-    "export.output_dir": (str, None),
+    "export.output_dir": (str, None), "check.output": (str, None),
     "serve.max_wait_ms": (float,),
 }
 
@@ -88,7 +94,29 @@ def read_yaml(path):
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(content, dict) or not all(isinstance(v, dict) for v in content.values()):
         raise ConfigError(f"{path}: expected sections (data:, model:, ...) holding key: value pairs")
+    check_tree(content, path)
     return content
+
+
+# the most items a value read from YAML may hold (config.yaml's largest holds a few dozen)
+MAX_VALUE_ITEMS = 100_000
+
+
+def check_tree(value, source):
+    """A value read from YAML must be a finite tree: an alias inside its own anchor (&a [*a]) makes a
+    value without end, and aliases of aliases one of billions of items; both are one error line."""
+    count, stack = 0, [(value, frozenset())]
+    while stack:
+        item, above = stack.pop()
+        count += 1
+        if count > MAX_VALUE_ITEMS:
+            raise ConfigError(f"{source}: a value of more than {MAX_VALUE_ITEMS} items (YAML aliases of "
+                              f"aliases?); write the value out")
+        if isinstance(item, (list, dict)):
+            if id(item) in above:
+                raise ConfigError(f"{source}: a YAML alias inside its own anchor (such as &a [*a]) makes a "
+                                  f"value without end; write the value out")
+            stack.extend((child, above | {id(item)}) for child in (item.values() if isinstance(item, dict) else item))
 
 
 def type_ok(value, types):
@@ -107,6 +135,8 @@ def type_ok(value, types):
 def set_key(cfg, key, value, source):
     """Set section.key after checking the key exists and the value has the right type."""
     section, _, name = key.partition(".")
+    if key in RENAMED:
+        raise ConfigError(f"{source}: {key} is now {RENAMED[key]}; use that name")
     if section not in cfg:
         raise ConfigError(f"{source}: unknown section {section!r}; sections are {list(cfg)}")
     if name not in cfg[section]:
@@ -148,10 +178,40 @@ def parse_args(argv, text_keys=()):
             continue
         try:
             quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
-            overrides.append((key, value if key in text_keys and not quoted else yaml.load(value, Loader=YamlLoader)))
+            value = value if key in text_keys and not quoted else yaml.load(value, Loader=YamlLoader)
         except yaml.YAMLError:
             raise ConfigError(f"--{key}: cannot read {value!r} as a YAML value") from None
+        check_tree(value, f"--{key}")
+        overrides.append((key, value))
     return config_path, overrides
+
+
+def config_options(cfg, leave_out=()):
+    """The --section.key value options that make cfg out of config.yaml's defaults (parse_args read
+    backwards): one pair per key whose value differs, except the sections and keys of leave_out.
+    A key config.yaml no longer has is left out: it steers nothing now."""
+    golden, options = read_yaml(GOLDEN_CONFIG), []
+    for section, values in cfg.items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if section in leave_out or key in leave_out or name not in golden.get(section, {}) \
+                    or value == golden[section][name]:
+                continue
+            text = option_text(value, TYPES.get(key, (type(golden[section][name]),)) == (str,))
+            # a value that starts like an option is given as --key=value, as parse_args reads it
+            options += [f"--{key}={text}"] if text.startswith("--") else [f"--{key}", text]
+    return options
+
+
+def option_text(value, text_key):
+    """A value as the command line gives it: a text key's text as typed (unless it looks quoted),
+    else YAML that reads back as the value (lists and mappings in flow style)."""
+    if isinstance(value, str) and (text_key or yaml.load(value, Loader=YamlLoader) == value):
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        return json.dumps(value) if quoted else value
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return json.dumps(value)  # numbers, true / false, null, and strings YAML would read otherwise
 
 
 def golden_keys(path=GOLDEN_CONFIG):
@@ -266,11 +326,14 @@ def fit_metric_to_task(cfg):
 def check_config(cfg):
     """Values that are well typed but cannot work, caught before anything runs."""
     check_numbers(cfg)
+    check_optimizer(cfg)
     check_steps(cfg)
     check_task(cfg)
     check_what_runs(cfg)
     check_sweep(cfg["sweep"])
+    check_crossval(cfg["crossval"])
     check_predict_output(cfg)
+    check_data_check(cfg)
     check_checkpoint_names(cfg["ckpt"])
     check_export(cfg["export"])
     check_serve(cfg["serve"])
@@ -296,7 +359,7 @@ def check_numbers(cfg):
         section, name = key.split(".")
         if cfg[section][name] is not None and cfg[section][name] < 0:  # early_stopping_patience may be null
             raise ConfigError(f"{key} is {cfg[section][name]}; it must not be negative")
-    at_least_one = {"trainer.stop_after_epochs": "null", "data.max_windows": "null for all",
+    at_least_one = {"trainer.stop_after_epochs": "null", "data.max_windows": "null for all", "data.max_rows": "null for all",
                     "ckpt.keep_last": "null to keep all"}
     for key, null in at_least_one.items():
         section, name = key.split(".")
@@ -307,6 +370,24 @@ def check_numbers(cfg):
         raise ConfigError(f"trainer.seed is {tcfg['seed']}; it must be in [0, 2**32 - 1]")
     if not 0 <= module["warmup_prop"] <= 1:
         raise ConfigError(f"module.warmup_prop is {module['warmup_prop']}; it must be in [0, 1]")
+
+
+def check_optimizer(cfg):
+    """The LoRA adapters (model.lora_*) and the rates of the parameter groups (module.head_lr, layer_lr_decay)."""
+    model, module = cfg["model"], cfg["module"]
+    if model["lora_rank"] < 0:
+        raise ConfigError(f"model.lora_rank is {model['lora_rank']}; use 0 (LoRA off) or a rank such as 8")
+    if model["lora_alpha"] <= 0:
+        raise ConfigError(f"model.lora_alpha is {model['lora_alpha']}; it must be positive (e.g. 16)")
+    if not 0 <= model["lora_dropout"] < 1:
+        raise ConfigError(f"model.lora_dropout is {model['lora_dropout']}; it must be in [0, 1)")
+    targets = model["lora_targets"]
+    if targets is not None and not (targets and all(isinstance(t, str) and t.strip() == t and t for t in targets)):
+        raise ConfigError(f"model.lora_targets {targets} must be names of linear layers (e.g. [query, value]), or null")
+    if module["head_lr"] is not None and module["head_lr"] <= 0:
+        raise ConfigError(f"module.head_lr is {module['head_lr']}; it must be positive, or null for module.max_lr")
+    if not 0 < module["layer_lr_decay"] <= 1:
+        raise ConfigError(f"module.layer_lr_decay is {module['layer_lr_decay']}; it must be in (0, 1] (1.0 = off)")
 
 
 def check_steps(cfg):
@@ -328,7 +409,7 @@ def check_steps(cfg):
 
 
 def check_task(cfg):
-    """The labels, columns, metric, thresholds and class weights fit the task they describe."""
+    """The labels, columns, metric, thresholds, calibration and class weights fit the task they describe."""
     data, module = cfg["data"], cfg["module"]
     labels = [str(label).strip() for label in data["labels_list"]]
     if not labels or len(set(labels)) != len(labels):
@@ -341,6 +422,7 @@ def check_task(cfg):
                           f"{' (one label)' * (task == 'regression')}; use "
                           f"{', '.join(others) + ' or ' if others else ''}{last}")
     check_threshold(module["threshold"], labels)
+    check_calibration(module["calibrate"], data["abstain_below"], labels, task)
     if data["train_filepath"] is not None:  # evaluation may learn its task from the checkpoint first
         check_threshold_fits(cfg)
     if data["multi_label"] and (not data["label_sep"] or data["label_sep"].strip() != data["label_sep"]):
@@ -406,6 +488,31 @@ def check_sweep(sweep):
         raise ConfigError(f"sweep.rungs {rungs} must be increasing epochs (whole numbers from 1), or null")
 
 
+def check_crossval(crossval):
+    """crossval.py's numbers: at least two folds, a process per fold, a numpy seed, a folder."""
+    if crossval["folds"] < 2:
+        raise ConfigError(f"crossval.folds is {crossval['folds']}; it must be at least 2 (each fold is held out once)")
+    if crossval["nproc_per_node"] < 1:
+        raise ConfigError(f"crossval.nproc_per_node is {crossval['nproc_per_node']}; it must be at least 1")
+    if not 0 <= crossval["seed"] <= 2**32 - 1:
+        raise ConfigError(f"crossval.seed is {crossval['seed']}; it must be in [0, 2**32 - 1]")
+    if not crossval["dir"]:
+        raise ConfigError("crossval.dir is empty; name a folder, e.g. crossval")
+
+
+def check_data_check(cfg):
+    """check_data.py's files: extra files are paths, and the report is none of the files it reads."""
+    extra, output = cfg["check"]["extra_filepaths"], cfg["check"]["output"]
+    if not all(isinstance(path, str) and path for path in extra):
+        raise ConfigError(f"check.extra_filepaths is {extra!r}; give a list of file paths, e.g. [data/test.csv]")
+    if output is None:
+        return
+    inputs = [cfg["data"][key] for key in ("train_filepath", "val_filepath", "predict_filepath")]
+    for path in inputs + extra + [str(p) for p in cfg["distill"]["unlabeled_filepaths"]]:
+        if path is not None and os.path.realpath(path) == os.path.realpath(output):
+            raise ConfigError(f"check.output {output} is the input file {path}; write the report to another file")
+
+
 def check_class_weights(weights, labels, task):
     """null, balanced, or one positive weight per class (per label's positives in multi-label); a
     regression has no classes to weigh."""
@@ -422,6 +529,23 @@ def check_class_weights(weights, labels, task):
     if len(weights) != len(labels) or not all(type_ok(w, (float,)) and w > 0 for w in weights):
         raise ConfigError(f"module.class_weights {weights} must be {len(labels)} positive numbers, one per "
                           f"data.labels_list entry {labels}")
+
+
+def check_calibration(calibrate, abstain_below, labels, task):
+    """module.calibrate: true, false, a positive temperature, or (multi-label) one per label;
+    data.abstain_below: a probability. Both are for classification: a regression has no probabilities."""
+    if task == "regression" and (abstain_below is not None or not isinstance(calibrate, bool)):
+        key = "data.abstain_below" if abstain_below is not None else "module.calibrate"
+        raise ConfigError(f"{key} is set, but one label means regression, whose scores are no probabilities; "
+                          f"leave it out")
+    if isinstance(calibrate, list) and (task != "multi_label" or len(calibrate) != len(labels)):
+        raise ConfigError(f"module.calibrate {calibrate}: a list is one temperature per label of a multi-label task "
+                          f"({len(labels)} labels); give one number, true or false")
+    temperatures = calibrate if isinstance(calibrate, list) else [] if isinstance(calibrate, bool) else [calibrate]
+    if not all(type_ok(t, (float,)) and t > 0 for t in temperatures):
+        raise ConfigError(f"module.calibrate {calibrate}: a temperature is a positive number (1 changes nothing)")
+    if abstain_below is not None and not 0 < abstain_below < 1:
+        raise ConfigError(f"data.abstain_below is {abstain_below}; it must be a probability between 0 and 1, or null")
 
 
 def check_threshold_fits(cfg):
@@ -468,7 +592,8 @@ def check_columns(data):
 
 
 def check_predict_output(cfg):
-    """Predictions written over one of the run's input files would replace the data."""
+    """Predictions written over one of the run's input files would replace the data, and into
+    model.model_path's folder over the model (model.onnx, model.safetensors)."""
     output = cfg["data"]["predict_output"]
     if output is None:
         return
@@ -481,6 +606,12 @@ def check_predict_output(cfg):
         if path is not None and os.path.realpath(path) == os.path.realpath(output):
             raise ConfigError(f"data.predict_output {output} is the input file {key}; write the "
                               f"predictions to another file")
+    model = cfg["model"]["model_path"]
+    # the model it predicts with: its weights, model.onnx, or any file of its folder
+    if model is not None and (os.path.realpath(output) == os.path.realpath(model) or (
+            os.path.isdir(model) and Path(os.path.realpath(output)).is_relative_to(os.path.realpath(model)))):
+        raise ConfigError(f"data.predict_output {output} is a file of model.model_path {model}, the model "
+                          f"it predicts with; write the predictions outside that folder")
 
 
 def check_checkpoint_names(ckpt):

@@ -33,12 +33,12 @@ global order and takes its own share of each global batch, and a resumed run fin
 import csv
 import itertools
 import json
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
+
+from progress import progress_bar
 
 # long texts are legitimate: lift the csv module's 131,072-character field limit to the largest
 # value every platform takes (sys.maxsize overflows a 32-bit C long, as on Windows)
@@ -362,6 +362,8 @@ def checked_rows(path, data_cfg, need_labels):
     header = data_cfg["header"] if data_cfg["file_format"] != "jsonl" else 0
     columns, rows = read_table(path, data_cfg["file_format"], data_cfg["header"],
                                data_cfg["encoding"], data_cfg["quoting"])
+    if data_cfg.get("max_rows") is not None:  # a quick run: the rows below are never read
+        rows = itertools.islice(rows, data_cfg["max_rows"])
     col_a = resolve_column(path, "data.text_a_col", data_cfg["text_a_col"], columns, header)
     col_b = None
     if data_cfg["text_b_col"] is not None:
@@ -460,8 +462,8 @@ def encode(tokenizer, examples, max_seq_len, chunk_size=ENCODE_CHUNK, progress=F
     if stride is not None:
         check_window_room(tokenizer, examples, max_seq_len, stride)
     windows = {} if stride is None else {"stride": stride, "return_overflowing_tokens": True}
-    bar = tqdm(total=n, desc=f"tokenize {examples.path}", unit="row", disable=not progress, delay=3,
-               leave=False, dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(desc=f"tokenize {examples.path}", unit="row", total=n, disable=not progress, delay=3,
+                       leave=False, dynamic_ncols=True)
     for start in range(0, n, chunk_size):
         end = start + chunk_size
         pair = examples.texts_b[start:end] if examples.texts_b is not None else None

@@ -18,6 +18,8 @@ Students: a depth cut of the teacher (distill.student_layers: the teacher's enco
 ModernBERT's layer_types follow the kept layers, and the student is what plain transformers builds
 from its config.json), or another architecture or size (distill.student_model and / or
 distill.student_config overrides, pretrained or random init).
+With model.lora_rank set, the student trains LoRA adapters (lora.py) and its head, its encoder
+frozen; the teacher is used as it is (a LoRA checkpoint is a plain folder, its adapters merged).
 
 Tokenizers: the student reads the teacher's tokens unless it brings its own tokenizer
 (distill.student_tokenizer, else distill.student_model's folder's, where its vocabulary differs from
@@ -64,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
+import lora
 import speedups
 from config import ConfigError, task_of
 from data import Encoded
@@ -79,7 +82,7 @@ from model import (
     is_pretrained_dir,
     label_config,
     load_tokenizer,
-    tokenizer_at,
+    read_tokenizer,
 )
 from processes import on_main, per_rank_batch
 from splits import Split, check_max_seq_len, class_weights, prepare_run, read_split, tokenize, training_split
@@ -284,7 +287,7 @@ def student_tokenizer(cfg, teacher_tokenizer):
         path, key = folder, "distill.student_model"
     if path is None:
         return None, None
-    own = tokenizer_at(path, key, cfg.get("model", {}).get("trust_remote_code", False))  # a partial cfg (tools): false
+    own = read_tokenizer(path, key, cfg.get("model", {}).get("trust_remote_code", False))  # a partial cfg (tools): false
     if own.get_vocab() == teacher_tokenizer.get_vocab():
         return None, None  # one vocabulary: the student reads the teacher's tokens, as a depth cut does
     return own, f"{key} {path!r}"
@@ -538,6 +541,8 @@ def run(cfg, proc):
     def build(tokenizer):
         teacher = build_teacher(cfg, eager=want_attn, device=proc.device)
         student = build_student(cfg, teacher, tokenizer, say=proc.say)  # once, not per rank
+        if cfg["model"]["lora_rank"]:  # a LoRA student: adapters on its encoder, its head trained fully
+            lora.add_adapters(student, cfg["model"], say=proc.say)
         return teacher, student, DistillModule(student, teacher.config.hidden_size, want_hidden, want_attn)
     # the student's tokenizer drives training, evaluation and its checkpoint
     inputs = prepare_run(cfg, proc, build, extra_paths=d["unlabeled_filepaths"],

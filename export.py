@@ -20,9 +20,11 @@ written as export_report.json.
 
 The export folder, written under a temporary name beside it and renamed when complete, holds
 model.onnx and / or model.int8.onnx, the tokenizer, the checkpoint's config.json (labels, task) and
-thresholds.json, export.json (the checkpoint it came from, max_seq_len and windows, the artifacts
-kept) and export_report.json. Exit status 0 if an artifact was kept, 1 if none passed (nothing is
-written then), 2 for bad input.
+thresholds.json, its calibration.json (the temperature: the graph gives logits, and prediction
+through the folder divides them as the checkpoint's prediction does; the gate compares calibrated
+probabilities), export.json (the checkpoint it came from, max_seq_len and windows, the artifacts
+kept), export_report.json and a model card, README.md. Exit status 0 if an artifact was kept, 1 if
+none passed (nothing is written then), 2 for bad input.
 """
 import sys
 
@@ -32,9 +34,11 @@ if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:])
     print_help(__doc__)
     sys.exit(0)
 
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -50,29 +54,42 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.optimizer import optimize_model
 
 import speedups
-from checkpoint import CheckpointError
+from card import export_facts, write_card
+from checkpoint import CheckpointError, read_manifest
 from config import ConfigError, answer_help, label_names, load_config, task_of
 from data import DataError, collate
-from evaluation import document_logits, fixed_thresholds, predict_logits, sigmoid, softmax, split_metrics, thresholds_of
-from files import check_writable_dir, first_line, publish_folder, remove_abandoned, temporary_folder
+from evaluation import (
+    document_logits,
+    fixed_thresholds,
+    predict_logits,
+    probabilities,
+    split_metrics,
+    temperature_of,
+    thresholds_of,
+)
+from files import OutputError, check_writable_dir, first_line, publish_folder, remove_abandoned, temporary_folder
 from model import (
+    CALIBRATION_FILE,
+    EXPORT_ARTIFACTS,
     EXPORT_MANIFEST,
     EXPORTED_BY,
     THRESHOLDS_FILE,
     ModelError,
     build_model,
+    check_export_folder,
     head_labels,
     is_export_dir,
     is_pretrained_dir,
     load_tokenizer,
     read_export_manifest,
+    save_temperature,
     save_thresholds,
     use_checkpoint_settings,
 )
 from processes import single_process
 from splits import load_split
 
-ARTIFACTS = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
+ARTIFACTS = EXPORT_ARTIFACTS
 REPORT = "export_report.json"
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # regression: a score "the same" as PyTorch's when within this share of the spread of PyTorch's scores
@@ -86,11 +103,12 @@ SCORE_TOLERANCE = 0.01
 class OnnxClassifier:
     """An ONNX Runtime session that is called like the classifier it was exported from:
     model(input_ids=..., attention_mask=..., token_type_ids=...).logits, a float32 CPU tensor, so
-    trainer.predict_logits runs it unchanged. It runs on the CPU whatever the device of its inputs."""
+    trainer.predict_logits runs it unchanged. It runs on the CPU whatever the device of its inputs.
+    width: the number of labels its logits must have (config.json's), checked as it loads and runs."""
 
     training = False
 
-    def __init__(self, path, threads=0):
+    def __init__(self, path, width, threads=0):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # 0: ONNX Runtime's default, every physical core
         options.log_severity_level = 3  # its warnings are about graph rewrites, not about the results
@@ -100,13 +118,25 @@ class OnnxClassifier:
             raise ModelError(f"{path}: not a readable ONNX model ({first_line(e)[:200]}); export the "
                              f"checkpoint again with export.py") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.path = str(path)
+        self.path, self.width = str(path), width
+        shape = self.session.get_outputs()[0].shape
+        self.check_width(shape[-1] if shape else None)
+
+    def check_width(self, width):
+        """A model whose logits do not have one value per label would write ragged predictions."""
+        if isinstance(width, int) and width != self.width:
+            raise ModelError(f"{self.path}: its logits have {width} values per text, but its folder's config.json "
+                             f"has {self.width} labels; export the checkpoint again")
 
     def __call__(self, input_ids, attention_mask, token_type_ids=None):
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if "token_type_ids" in self.input_names:  # single texts: all segment 0, which data.py does not store
             feed["token_type_ids"] = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         logits, = self.session.run(["logits"], {name: feed[name].cpu().numpy() for name in self.input_names})
+        self.check_width(logits.shape[-1] if logits.ndim == 2 else None)
+        if logits.ndim != 2:
+            raise ModelError(f"{self.path}: its logits have shape {list(logits.shape)}, not (texts, labels); export "
+                             f"the checkpoint again")
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
     def eval(self):
@@ -124,16 +154,15 @@ class OnnxClassifier:
 
 def load_exported(path, threads=0, artifact=None):
     """(OnnxClassifier, tokenizer) of an export folder: its fp32 model if it was kept, else its
-    int8 one; artifact ("onnx_fp32" / "onnx_int8") asks for one."""
-    manifest = read_export_manifest(path)
-    if manifest is None:
+    int8 one; artifact ("onnx_fp32" / "onnx_int8") asks for one. A damaged folder is a ModelError."""
+    if not is_export_dir(path):
         raise ModelError(f"{path}: not an export folder of export.py (no valid {EXPORT_MANIFEST})")
-    kept = manifest.get("artifacts", {})
+    kept = check_export_folder(path)["artifacts"]
     artifact = artifact or next((name for name in ARTIFACTS if name in kept), None)
     if artifact not in kept:
         raise ModelError(f"{path}: holds no {artifact or 'ONNX model'} (kept: {', '.join(kept) or 'none'}); "
                          f"export the checkpoint again")
-    return OnnxClassifier(Path(path) / kept[artifact], threads), load_tokenizer(
+    return OnnxClassifier(Path(path) / kept[artifact], head_labels(path), threads), load_tokenizer(
         {"tokenizer_path": str(path), "model_path": None, "hf_model": None})
 
 
@@ -178,7 +207,9 @@ def export_fp32(model, example, path, source):
     try:
         export_torchscript(model, example, path)
         return "torchscript"
-    except Exception:  # noqa: BLE001 (tracing raises many kinds): the newer exporter may still manage
+    except Exception as e:  # noqa: BLE001 (tracing raises many kinds): the newer exporter may still manage
+        if write_failed(e, path):
+            raise
         return export_dynamo(model, example, path, source)
 
 
@@ -199,6 +230,8 @@ def export_dynamo(model, example, path, source):
                                         output_names=["logits"], dynamic_shapes=dims, verbose=False)
             program.save(str(path))
     except Exception as e:  # noqa: BLE001 (torch.export and the ONNX translation raise many kinds)
+        if write_failed(e, path):
+            raise
         raise ModelError(f"model.model_path {source}: its model ({type(model).__name__}) does not export to "
                          f"ONNX: {first_line(e)[:300]}") from None
     return "torch.export"
@@ -227,12 +260,41 @@ def optimize_fp32(path, config):
             optimized = optimize_model(str(path), model_type="bert", num_heads=getattr(config, "num_attention_heads", 0),
                                        hidden_size=getattr(config, "hidden_size", 0), opt_level=0)
     except Exception as e:  # noqa: BLE001 (a graph of another shape than BERT's can raise anything)
+        if write_failed(e, path):
+            raise
         return {"note": f"kept as exported: ONNX Runtime's optimizer failed on it ({first_line(e)[:200]})"}
     fused = {name: count for name, count in optimized.get_fused_operator_statistics().items() if count}
     if not fused:
         return {"note": "kept as exported: ONNX Runtime's optimizer found nothing to fuse in it"}
     optimized.save_model_to_file(str(path))
     return fused
+
+
+def write_failed(error, path):
+    """True if error is a write that failed (a full disk, a folder gone read-only), not a model the
+    exporter or optimizer cannot handle: an OSError, or, since torch and onnx raise their own kinds
+    without saying why, any error while less than 1 MiB is left beside path."""
+    if isinstance(error, OSError):
+        return True
+    try:
+        return shutil.disk_usage(Path(path).parent).free < 2**20
+    except OSError:
+        return False
+
+
+@contextmanager
+def writing_export(target):
+    """A write that fails while the export folder is made (tracing, fusing, quantizing, writing
+    the folder) as one line naming export.output_dir, not a traceback or "does not export"."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (torch, onnx and ONNX Runtime each raise their own kinds)
+        if not write_failed(e, target):
+            raise
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or shutil.disk_usage(target.parent).free < 2**20
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)[:200]
+        raise OutputError(f"cannot write {target}: {reason}{' (the disk is full)' * full}; free space or choose "
+                          f"another export.output_dir") from None
 
 
 def quantize_int8(fp32_path, path):
@@ -257,22 +319,20 @@ def run_on_split(model, split, cfg, proc, pad_token_id, desc):
     return document_logits(logits, split.encoded, cfg), metrics, split.encoded.num_documents / seconds
 
 
-def predictions_of(logits, task, thresholds):
+def predictions_of(logits, task, thresholds, temperature=1.0):
     """(predictions, probabilities) of document logits: the class and softmax, the labels at their
-    thresholds and sigmoids, or a regression's score (twice)."""
+    thresholds and sigmoids (probabilities at the temperature), or a regression's score (twice)."""
     if task == "regression":
         return logits[:, 0], logits[:, 0]
-    if task == "multi_label":
-        probabilities = sigmoid(logits)
-        return probabilities >= thresholds, probabilities
-    return logits.argmax(axis=1), softmax(logits)
+    probs = probabilities(logits, task == "multi_label", temperature)
+    return (probs >= thresholds if task == "multi_label" else logits.argmax(axis=1)), probs
 
 
-def agreement(logits, reference, task, thresholds):
+def agreement(logits, reference, task, thresholds, temperature=1.0):
     """(share of documents predicted as the reference predicts them, largest absolute difference
-    of probabilities, or of scores in a regression)."""
-    ours, our_probs = predictions_of(logits, task, thresholds)
-    theirs, their_probs = predictions_of(reference, task, thresholds)
+    of probabilities, calibrated as predictions are (module.calibrate), or of scores in a regression)."""
+    ours, our_probs = predictions_of(logits, task, thresholds, temperature)
+    theirs, their_probs = predictions_of(reference, task, thresholds, temperature)
     if task == "regression":
         same = np.abs(ours - theirs) <= SCORE_TOLERANCE * (theirs.std() or 1.0)
     elif task == "multi_label":
@@ -351,8 +411,23 @@ def export_folder(cfg, checkpoint):
     target = Path(cfg["export"]["output_dir"] or checkpoint.parent / f"{checkpoint.name}-onnx")
     if target.exists() or target.is_symlink():
         raise CheckpointError(f"{target} exists; remove it, or choose another --export.output_dir")
+    check_out_of_save_folders(target)
     check_writable_dir(target.parent, "export.output_dir")
     return target
+
+
+def check_out_of_save_folders(target):
+    """An export folder where trainer.py deletes: inside a checkpoint folder (pruned, replaced), or
+    in a save folder under a name its repair removes (.tmp-...) or a checkpoint will take."""
+    parent = target.parent.resolve()
+    for folder in (parent, *parent.parents):
+        if read_manifest(folder) is not None:
+            raise CheckpointError(f"export.output_dir {target} is inside the checkpoint folder {folder}, which "
+                                  f"trainer.py deletes when it prunes or replaces it; choose a folder outside it")
+    in_save_folder = parent.is_dir() and any(read_manifest(p) is not None for p in parent.iterdir() if p.is_dir())
+    if in_save_folder and re.fullmatch(r"\.tmp-.*|.*-epoch\d+-step\d+", target.name):
+        raise CheckpointError(f"export.output_dir {target}: a name that trainer.py takes for its own in the save "
+                              f"folder {parent}; choose another name")
 
 
 EXPORT_WRITING = "export being written by pid"  # the mark of an export's temporary folder
@@ -375,7 +450,7 @@ def run(cfg):
     split = load_split(cfg, tokenizer, cfg["data"]["val_filepath"])
     model = build_model(cfg["model"], cfg["data"]["labels_list"], multi_label=cfg["data"]["multi_label"]).eval()
     remove_abandoned(target.parent, target.name, EXPORT_WRITING, say=print)
-    with temporary_folder(target.parent, target.name, EXPORT_WRITING) as tmp:
+    with writing_export(target), temporary_folder(target.parent, target.name, EXPORT_WRITING) as tmp:
         print(f"exporting {checkpoint} to ONNX ...")
         exporter = export_fp32(model, example_inputs(split.encoded, tokenizer), tmp / ARTIFACTS["onnx_fp32"], checkpoint)
         graph = {"exporter": exporter, "fused": optimize_fp32(tmp / ARTIFACTS["onnx_fp32"], model.config)}
@@ -383,7 +458,7 @@ def run(cfg):
             quantize_int8(tmp / ARTIFACTS["onnx_fp32"], tmp / ARTIFACTS["onnx_int8"])
         if cfg["trainer"]["speedups"]:  # PyTorch as trainer.py evaluates it; model.onnx has its own graph
             speedups.apply(model, torch.device("cpu"))
-        report, thresholds = check_artifacts(cfg, model, split, tokenizer, tmp)
+        report, thresholds, metrics = check_artifacts(cfg, model, split, tokenizer, tmp)
         report = {"checkpoint": str(checkpoint), "threads": threads, "graph": graph, **report}
         print(format_table(report))
         kept = {name: ARTIFACTS[name] for name in ARTIFACTS if report.get(name, {}).get("kept")}
@@ -391,17 +466,31 @@ def run(cfg):
             sys.stderr.write("error: no model passed its gate (the table above says why); nothing was written\n")
             return 1
         write_folder(tmp, cfg, checkpoint, tokenizer, thresholds, kept, report)
-        publish_folder(tmp, target)
+        write_card(tmp, *export_facts(cfg, checkpoint, target, metrics, split, report))
+        publish(tmp, target)
     print(f"export folder: {target}")
     return 0
+
+
+def publish(tmp, target):
+    """The written folder renamed onto target, unless another export (or a user) made target meanwhile."""
+    try:
+        publish_folder(tmp, target)
+    except OSError as e:  # the rename found a folder (or a file) in its way
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise CheckpointError(f"{target} was made while this export ran (another export to the same folder?); "
+                              f"nothing was written; remove it, or choose another --export.output_dir") from None
 
 
 def check_artifacts(cfg, model, split, tokenizer, folder):
     """Every ONNX model in folder run on the validation split beside PyTorch's model, and those that
     fail their gate deleted: (the report's rows and settings, the multi-label thresholds the
-    decisions were compared at, or None)."""
+    decisions were compared at, or None; PyTorch's metrics, the model card's). Probabilities are
+    compared calibrated, at the checkpoint's temperature (module.calibrate), as prediction gives them."""
     proc, task, metric_name = single_process(), task_of(cfg["data"]), cfg["module"]["metric"]
     reference, metrics, ex_s = run_on_split(model, split, cfg, proc, tokenizer.pad_token_id, "torch")
+    torch_metrics = metrics
     thresholds = fixed_thresholds(cfg)
     if task == "multi_label" and thresholds is None:  # tuned on this file: every artifact decides at PyTorch's
         thresholds = thresholds_of(metrics)
@@ -412,15 +501,15 @@ def check_artifacts(cfg, model, split, tokenizer, folder):
     for name, file in ARTIFACTS.items():
         if not (folder / file).exists():
             continue
-        onnx_model = OnnxClassifier(folder / file, torch.get_num_threads())
+        onnx_model = OnnxClassifier(folder / file, model.config.num_labels, torch.get_num_threads())
         logits, metrics, ex_s = run_on_split(onnx_model, split, cfg, proc, tokenizer.pad_token_id, name)
-        identical, max_diff = agreement(logits, reference, task, thresholds)
+        identical, max_diff = agreement(logits, reference, task, thresholds, temperature_of(cfg))
         row = {"metric": metrics[metric_name], "identical": identical, "max_prob_diff": max_diff, "ex_s": ex_s}
         refused = gate(name, row, report["torch"], cfg["export"])
         report[name] = {**row, "kept": refused is None, "file": file, **({"refused": refused} if refused else {})}
         if refused:
             (folder / file).unlink()
-    return report, thresholds
+    return report, thresholds, torch_metrics
 
 
 def write_folder(folder, cfg, checkpoint, tokenizer, thresholds, kept, report):
@@ -430,6 +519,10 @@ def write_folder(folder, cfg, checkpoint, tokenizer, thresholds, kept, report):
     if thresholds is not None:
         save_thresholds(folder, label_names(cfg), thresholds,
                         f"those export.py checked the models with (from {checkpoint / THRESHOLDS_FILE} or module.threshold)")
+    if label_names(cfg) is not None:  # the temperature the models were checked with; config.json's key follows it
+        calibrate = cfg["module"]["calibrate"]
+        save_temperature(folder, label_names(cfg), None if isinstance(calibrate, bool) else temperature_of(cfg),
+                         f"the one export.py checked the models with (from {checkpoint / CALIBRATION_FILE} or module.calibrate)")
     settings = {"module": {"max_seq_len": cfg["module"]["max_seq_len"]},
                 "data": {key: cfg["data"][key] for key in ("long_texts", "window_stride", "window_pool")}}
     manifest = {"written_by": EXPORTED_BY, "source": str(checkpoint), "config": settings, "artifacts": kept}
@@ -446,7 +539,7 @@ def main(argv=None):
     try:
         cfg = load_config(argv)
         return run(cfg)
-    except (ConfigError, DataError, ModelError, CheckpointError) as e:
+    except (ConfigError, DataError, ModelError, OutputError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise
         sys.stderr.write(f"error: {e}\n")

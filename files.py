@@ -7,6 +7,7 @@
         ...; publish_folder(tmp, final)
     lock = FolderLock(folder, session, key)             # one run per folder; lock.release()
     with writing_to("trainer.log_dir", path): ...        # a full disk as one error line naming the key
+    writer.writerow(csv_cells(row))                     # a CSV row a spreadsheet opens as text, never as formulas
 
 One rule for durability: every file is fsynced before it is renamed into place, and the folder that
 holds the new name is fsynced after, so a kill or a power loss at any instruction leaves the old
@@ -104,7 +105,8 @@ def atomic_write(path, newline=None):
     """A text file open for writing under a temporary name of its own beside path, published onto
     path only once complete: a kill or a full disk never leaves half a file there."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    # beside the name, not beside what a link there points at: the link is replaced, never written through
+    fd, tmp = tempfile.mkstemp(dir=path.parent.resolve(), prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
             yield f
@@ -302,6 +304,33 @@ class FolderLock:
 
 
 # ---------------------------------------------------------------------------------------------
+# CSV cells a spreadsheet reads as text
+
+# what makes a spreadsheet read a cell as a formula (OWASP's CSV injection list)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """A cell of a CSV we write (predictions, a sweep's results): one that a spreadsheet would run
+    as a formula (=cmd(), @SUM, -2+3) gets a leading ', as the usual guidance says; numbers such as
+    -0.5 stay numbers."""
+    text = "" if value is None else str(value)
+    if not text.startswith(FORMULA_STARTS):
+        return text
+    if text[0] in "+-":
+        try:
+            float(text)
+            return text
+        except ValueError:
+            pass
+    return "'" + text
+
+
+def csv_cells(row):
+    return [csv_cell(value) for value in row]
+
+
+# ---------------------------------------------------------------------------------------------
 # checked before the first step
 
 
@@ -310,6 +339,9 @@ def check_writable_dir(path, key):
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{key}: {path} is a file, not a folder; choose a folder")
+    if path.is_symlink() and not path.exists():
+        raise OutputError(f"{key}: {path} is a link to {os.readlink(path)}, which does not exist; remove the "
+                          f"link or choose another folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{secrets.token_hex(4)}"

@@ -6,12 +6,17 @@ Usage:
     metrics = multilabel_metrics(probabilities >= thresholds, labels, label_names)  # (examples, labels) 0/1
     thresholds = best_thresholds(val_probabilities, val_labels)    # per label, the F1-best on validation
     headline = metrics["acc_and_f1"]      # module.metric names a key of the result
+    scores = calibration_metrics(probabilities, labels)            # ece, brier, nll of (examples, classes)
+    scores, per_label = multilabel_calibration_metrics(probabilities, labels, label_names)
+    coverage, covered_acc = selective_accuracy(confidences, correct, 0.6)   # abstaining below 0.6
 
 Names are explicit: `f1_macro` is the unweighted mean of per-class F1, `f1_weighted` weights each
 class by its support (the weighted one is not "the" F1: it hides a poor minority class). Every edge case
 (a class never predicted, a single class present, constant predictions) gives a defined value
 instead of a NaN and a warning: a ratio whose denominator is zero is 0. In multi-label metrics each
 label is a yes / no question of its own; `hamming_loss` is the one key where lower is better.
+Calibration asks whether a probability means what it says: of the predictions made with confidence
+0.8, are 80% right? `ece` (lower is better, as `brier` and `nll`) measures the gap in equal-width bins.
 """
 import numpy as np
 
@@ -185,17 +190,106 @@ def compute_metrics(predictions, labels, label_names):
     return classification_metrics(predictions, labels, label_names)
 
 
+# ---------------------------------------------------------------------------------------------
+# calibration: do the probabilities mean what they say?
+
+# the keys calibration and abstention add to an evaluation's metrics (evaluation.split_metrics)
+CALIBRATION_KEYS = ("temperature", "ece", "ece_uncalibrated", "brier", "nll")
+ABSTENTION_KEYS = ("coverage", "covered_acc")
+# a probability of 0 would make the log-likelihood infinite: it is clipped to this (as scikit-learn did)
+SMALLEST_PROBABILITY = 1e-15
+
+
+def reliability(confidences, outcomes, bins=15):
+    """A reliability diagram's bars: confidences in [0, 1] fall into `bins` equal-width bins (each
+    [low, high), the last one closed); per bin, the number of examples, their mean confidence and
+    their mean outcome (1 for a right prediction, or a label that is present; 0 otherwise)."""
+    confidences, outcomes = np.asarray(confidences, dtype=np.float64), np.asarray(outcomes, dtype=np.float64)
+    which = np.minimum((confidences * bins).astype(np.int64), bins - 1)
+    counts = np.bincount(which, minlength=bins)
+    return (counts, safe_divide(np.bincount(which, confidences, bins), counts),
+            safe_divide(np.bincount(which, outcomes, bins), counts))
+
+
+def expected_calibration_error(confidences, outcomes, bins=15):
+    """ECE (Naeini et al. 2015, Guo et al. 2017): the gap between mean outcome and mean confidence
+    of each bin of reliability(), weighted by the bin's share of the examples. 0: every bin is right."""
+    counts, confidence, accuracy = reliability(confidences, outcomes, bins)
+    return float(safe_divide(counts @ np.abs(accuracy - confidence), counts.sum()))
+
+
+def calibration_metrics(probabilities, labels, bins=15):
+    """ECE of the top probability (confidence) against whether that class is right, the Brier score
+    (squared distance to the one-hot truth, summed over the classes as Brier 1950 did: 0 is perfect, 2
+    the worst) and NLL (the mean of -log of the true class's probability) of (examples, classes)
+    probabilities and class ids."""
+    probabilities, labels = np.asarray(probabilities, dtype=np.float64), np.asarray(labels)
+    if not len(labels):
+        return {"ece": 0.0, "brier": 0.0, "nll": 0.0}
+    rows = np.arange(len(labels))
+    truth = np.zeros_like(probabilities)
+    truth[rows, labels] = 1
+    correct = probabilities.argmax(axis=1) == labels
+    return {"ece": expected_calibration_error(probabilities.max(axis=1), correct, bins),
+            "brier": float(((probabilities - truth) ** 2).sum(axis=1).mean()),
+            "nll": float(-np.log(np.maximum(probabilities[rows, labels], SMALLEST_PROBABILITY)).mean())}
+
+
+def multilabel_calibration_metrics(probabilities, labels, label_names, bins=15):
+    """Each label's ECE (its probability against whether the label is there: the number a user
+    acts on), Brier score (mean squared difference) and NLL (binary cross-entropy) of (examples,
+    labels) probabilities and 0/1 labels: (their means over the labels, {label: its three})."""
+    probabilities, labels = np.asarray(probabilities, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    per_label = {}
+    for i, name in enumerate(label_names):
+        p, y = probabilities[:, i], labels[:, i]
+        clipped = np.clip(p, SMALLEST_PROBABILITY, 1 - SMALLEST_PROBABILITY)
+        per_label[name] = {"ece": expected_calibration_error(p, y, bins),
+                           "brier": float(np.mean((p - y) ** 2)) if len(y) else 0.0,
+                           "nll": float(-np.mean(y * np.log(clipped) + (1 - y) * np.log(1 - clipped))) if len(y) else 0.0}
+    means = {key: float(np.mean([row[key] for row in per_label.values()])) for key in ("ece", "brier", "nll")}
+    return means, per_label
+
+
+def selective_accuracy(confidences, correct, threshold):
+    """Abstaining below threshold: (coverage, the share of examples answered; accuracy on those)."""
+    answered = np.asarray(confidences) >= threshold
+    correct = np.asarray(correct, dtype=bool)
+    return float(safe_divide(answered.sum(), len(answered))), float(safe_divide((correct & answered).sum(), answered.sum()))
+
+
+def risk_coverage(confidences, correct):
+    """The risk-coverage curve (Geifman and El-Yaniv 2017): answering only the k most confident
+    examples, k = 1 .. n, (coverage k / n, risk: the error rate among those k). A model whose
+    confidence ranks its errors last has a curve that stays low until high coverage."""
+    order = np.argsort(-np.asarray(confidences, dtype=np.float64), kind="stable")
+    errors = np.cumsum(~np.asarray(correct, dtype=bool)[order])
+    answered = np.arange(1, len(order) + 1)
+    return answered / max(len(order), 1), errors / answered
+
+
 def format_report(metrics):
-    """A human-readable table: headline numbers, then per-class (or per-label) precision / recall / F1."""
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    """A human-readable table: headline numbers, calibration and abstention (when measured), then
+    per-class (or per-label) precision / recall / F1 (multi-label: each label's threshold and temperature)."""
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, float) and k not in CALIBRATION_KEYS + ABSTENTION_KEYS}
     lines = ["  ".join(f"{k} {v:.4f}" for k, v in scalars.items())]
+    if "ece" in metrics:
+        temperature = "per label" if isinstance(metrics["temperature"], list) else f"{metrics['temperature']:.4f}"
+        lines.append(f"calibration: temperature {temperature}  ece {metrics['ece']:.4f} (uncalibrated "
+                     f"{metrics['ece_uncalibrated']:.4f})  "
+                     f"brier {metrics['brier']:.4f}  nll {metrics['nll']:.4f}")
+    if "coverage" in metrics:
+        lines.append(f"abstention: coverage {metrics['coverage']:.4f}  covered_acc {metrics['covered_acc']:.4f}")
     kind = "label" if "per_label" in metrics else "class"
     table = metrics.get(f"per_{kind}")
     if table:
         width = max(10, *(len(name) for name in table))
         thresholds = all("threshold" in row for row in table.values())  # multi-label decisions
-        lines.append(f"{kind:<{width}} precision  recall      f1  support" + "  threshold" * thresholds)
+        temperatures = all("temperature" in row for row in table.values())
+        lines.append(f"{kind:<{width}} precision  recall      f1  support" + "  threshold" * thresholds
+                     + "  temperature" * temperatures)
         for name, row in table.items():
             lines.append(f"{name:<{width}} {row['precision']:9.4f} {row['recall']:7.4f} "
-                         f"{row['f1']:7.4f} {row['support']:8d}" + (f"  {row['threshold']:9.2f}" if thresholds else ""))
+                         f"{row['f1']:7.4f} {row['support']:8d}" + (f"  {row['threshold']:9.2f}" if thresholds else "")
+                         + (f"  {row['temperature']:11.4f}" if temperatures else ""))
     return "\n".join(lines)

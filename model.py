@@ -25,6 +25,9 @@ names Python files of its own (auto_map) loads only with model.trust_remote_code
 passes it to transformers, so nothing prompts); model.attn_implementation must be one the model's class
 has; module.max_seq_len must fit its position embeddings (position_limit: none for rotary models); a
 tokenizer without a padding token pads with its eos, sep or unk token, and says so.
+
+A model being trained may carry LoRA adapters (build_classifier(..., adapters=True), lora.py):
+save_pretrained writes it as the plain model, its adapters merged, and a resume loads the adapter file.
 """
 import json
 import os
@@ -40,10 +43,23 @@ from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING, AutoConfig, 
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
+import lora
 import speedups
 from checkpoint import MANIFEST, check_saved_config, load_failure, read_manifest
-from config import TASK_NAMES, ConfigError, check_config, check_threshold_fits, fit_metric_to_task, task_of
+from config import (
+    GOLDEN_CONFIG,
+    TASK_NAMES,
+    Config,
+    ConfigError,
+    check_config,
+    check_threshold_fits,
+    fit_metric_to_task,
+    read_yaml,
+    set_key,
+    task_of,
+)
 from files import first_line
+from processes import launch_rank
 
 # transformers' own per-file progress bars (loading / writing weights) would interleave with ours
 hf_logging.disable_progress_bar()
@@ -52,10 +68,19 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 # a multi-label checkpoint's decision thresholds, beside its weights: {"thresholds": {label: t}, ...}
 THRESHOLDS_FILE = "thresholds.json"
 REWRITE_THRESHOLDS = 'rewrite it as {"thresholds": {"<label>": <probability>, ...}}, or give --module.threshold'
+# a classifier's calibration temperature (evaluation.fit_temperature), beside its weights: {"temperature":
+# t, or {label: t} for multi-label, "chosen": how}; config.json holds it too, for plain transformers users
+CALIBRATION_FILE, TEMPERATURE_KEY = "calibration.json", "calibration_temperature"
+REWRITE_TEMPERATURE = ('rewrite it as {"temperature": <positive number>} ({"<label>": <number>, ...} for multi-label), '
+                       'or give --module.calibrate')
 # the data keys of long documents that a checkpoint trained in windows passes on to its evaluation
 WINDOW_KEYS = ("long_texts", "window_stride", "window_pool")
 # an export folder's record (export.py): the checkpoint it came from, its settings, its artifacts
 EXPORT_MANIFEST, EXPORTED_BY = "export.json", "export.py"
+# export.py's models, by their names in export.json, and the one file each is written to
+EXPORT_ARTIFACTS = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
+# the settings export.json records, by section
+EXPORT_SETTINGS = {"module": ("max_seq_len",), "data": WINDOW_KEYS}
 # the data keys of how the training files were read (columns, format): evaluation reads its file
 # alike unless told otherwise; a user's value is a file of another layout, not a contradiction
 FILE_KEYS = ("file_format", "quoting", "header", "encoding", "text_a_col", "text_b_col", "label_col", "label_sep")
@@ -76,7 +101,7 @@ class ModelError(Exception):
 def warn(message):
     """A warning on stderr; under torchrun from rank 0 alone: every rank loads the same files, so
     every rank would print it alike."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if launch_rank() == 0:
         print(message, file=sys.stderr)
 
 
@@ -412,21 +437,26 @@ def build_model(model_cfg, labels_list, say=print, multi_label=False, **kwargs):
     return model
 
 
-def build_classifier(cfg, device, say=print):
+def build_classifier(cfg, device, say=print, adapters=False):
     """The run's classifier on device: build_model of the config's model section, with speedups.py's
-    exact speed-ups applied when trainer.speedups is on."""
+    exact speed-ups applied when trainer.speedups is on. adapters (a model to train): LoRA
+    adapters when model.lora_rank is set (lora.py)."""
     model = build_model(cfg["model"], cfg["data"]["labels_list"], say=say, multi_label=cfg["data"]["multi_label"])
+    if adapters and cfg["model"]["lora_rank"]:  # before the speed-ups, which then draw its dropout too
+        lora.add_adapters(model, cfg["model"], say=say)
     if cfg["trainer"]["speedups"]:
         speedups.apply(model, device)  # the same arithmetic, less of it (speedups.py)
     return model.to(device)
 
 
-def checkpoint_settings(path, thresholds=True, trust=False):
+def checkpoint_settings(path, thresholds=True, temperature=True, trust=False):
     """What a fine-tuned classifier directory says of its training, {config key: (value, where)}:
     data.multi_label and data.labels_list from config.json's problem_type and id2label,
     module.max_seq_len (and windows) from the checkpoint.json this project writes beside it (an
-    export folder's export.json), module.threshold from its thresholds.json. Empty for anything
-    else (a state-dict file, a bare encoder)."""
+    export folder's export.json), module.threshold from its thresholds.json, module.calibrate (its
+    temperature) from its calibration.json. Empty for anything else (a state-dict file, a bare encoder)."""
+    if is_export_dir(path):  # a damaged export folder is refused, not read with defaults
+        check_export_folder(path)
     try:
         if not is_pretrained_dir(path) or head_labels(path, trust=trust) is None:
             return {}
@@ -453,6 +483,11 @@ def checkpoint_settings(path, thresholds=True, trust=False):
     thresholds = saved_thresholds(path, settings["data.labels_list"][0]) if thresholds and saved_multi_label(config) else None
     if thresholds is not None:
         settings["module.threshold"] = (thresholds, THRESHOLDS_FILE)
+    classifier = saved_multi_label(config) or config.num_labels > 1
+    temperature = saved_temperature(path, settings["data.labels_list"][0], saved_multi_label(config)) \
+        if temperature and classifier else None
+    if temperature is not None:
+        settings["module.calibrate"] = (temperature, CALIBRATION_FILE)
     return settings
 
 
@@ -468,6 +503,68 @@ def read_export_manifest(path):
 def is_export_dir(path):
     """True for a folder export.py wrote (its export.json): it evaluates and predicts only."""
     return path is not None and read_export_manifest(path) is not None
+
+
+def check_artifact(cfg):
+    """model.artifact picks a model of an export folder: with anything else in model.model_path, it is refused."""
+    path, artifact = cfg["model"]["model_path"], cfg["model"]["artifact"]
+    if artifact != "auto" and not is_export_dir(path):
+        raise ConfigError(f"model.artifact {artifact} picks a model of an export folder (export.py), and model.model_path "
+                          f"{path} is not one; leave it out")
+
+
+def check_export_folder(path):
+    """The export.json of an export folder, every field checked, once every file that reading the
+    folder needs is there (config.json's labels and task, the tokenizer, the models it lists, a
+    multi-label model's thresholds, a calibrated model's temperature). A damaged folder is a
+    ModelError, never read with defaults."""
+    folder, manifest = Path(path), read_export_manifest(path)
+    file = folder / EXPORT_MANIFEST
+    if not isinstance(manifest.get("source"), str):
+        raise damaged_export(file, f"source is {manifest.get('source')!r}")
+    check_export_settings(file, manifest.get("config"))
+    artifacts = manifest.get("artifacts")
+    # the files export.py writes, by name: no path that leads out of the folder, no link
+    if not (isinstance(artifacts, dict) and artifacts
+            and all(EXPORT_ARTIFACTS.get(name) == value for name, value in artifacts.items())):
+        raise damaged_export(file, f"artifacts is {artifacts!r}"[:300] + f" (export.py writes {EXPORT_ARTIFACTS})")
+    missing = [name for name in ("config.json", "tokenizer_config.json") if not (folder / name).is_file()]
+    missing += [name for name in artifacts.values() if not (folder / name).is_file() or (folder / name).is_symlink()]
+    if not missing:
+        try:
+            config = AutoConfig.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{folder / 'config.json'}: unreadable ({first_line(e)[:200]}); export the checkpoint "
+                             f"again") from None
+        if saved_multi_label(config) and not (folder / THRESHOLDS_FILE).is_file():
+            missing.append(THRESHOLDS_FILE)
+        if getattr(config, TEMPERATURE_KEY, None) is not None and not (folder / CALIBRATION_FILE).is_file():
+            missing.append(CALIBRATION_FILE)  # its probabilities would be uncalibrated without a word
+    if missing:
+        raise ModelError(f"{folder}: an incomplete export folder ({', '.join(missing)} missing); export the "
+                         f"checkpoint again")
+    return manifest
+
+
+def damaged_export(file, what):
+    return ModelError(f"{file}: {what}, not as export.py writes it (damaged or edited?); export the checkpoint again")
+
+
+def check_export_settings(file, settings):
+    """export.json's config: the max_seq_len and windows the model was exported for, each of the
+    type and choices config.yaml gives it, and together as check_config accepts them."""
+    if not (isinstance(settings, dict) and set(settings) == set(EXPORT_SETTINGS)
+            and all(isinstance(settings[s], dict) and set(settings[s]) == set(n) for s, n in EXPORT_SETTINGS.items())):
+        raise damaged_export(file, f"config is {settings!r}"[:300])
+    cfg = Config(read_yaml(GOLDEN_CONFIG))
+    try:
+        for section, names in EXPORT_SETTINGS.items():
+            for name in names:
+                set_key(cfg, f"{section}.{name}", settings[section][name], f"{file}: config")
+        check_config(cfg)
+    except ConfigError as e:
+        message = str(e) if str(e).startswith(str(file)) else f"{file}: config: {e}"
+        raise ModelError(f"{message} (damaged or edited?); export the checkpoint again") from None
 
 
 def saved_thresholds(path, names, chosen=False):
@@ -501,6 +598,45 @@ def save_thresholds(directory, names, thresholds, how):
     (Path(directory) / THRESHOLDS_FILE).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
+def save_temperature(directory, names, temperature, how):
+    """calibration.json (the temperature: a number, or a list in names' order for multi-label; how it
+    was chosen) and the same value as config.json's calibration_temperature, where a pipeline() user
+    finds it. None writes neither, and drops a key config.json inherited from the model it started from."""
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config.pop(TEMPERATURE_KEY, None)
+    if temperature is not None:
+        values = [float(t) for t in temperature] if isinstance(temperature, list) else float(temperature)
+        config[TEMPERATURE_KEY] = values
+        stored = dict(zip(names, values)) if isinstance(values, list) else values
+        (Path(directory) / CALIBRATION_FILE).write_text(json.dumps({"temperature": stored, "chosen": how}, indent=2) + "\n",
+                                                       encoding="utf-8")
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")  # as transformers writes it
+
+
+def saved_temperature(path, names, multi_label, chosen=False):
+    """The temperature of a classifier's calibration.json: a number, or (multi-label) a list in names'
+    order; with chosen, (temperature, how it was chosen). None without the file (a checkpoint from
+    before calibration, or trained without a validation file). A file that is there but not a positive
+    number (per label) is a ModelError: 1.0 instead would change every probability without a word."""
+    file = Path(path) / CALIBRATION_FILE
+    if not file.exists() and not file.is_symlink():
+        return (None, "") if chosen else None
+    try:
+        content = json.loads(file.read_text(encoding="utf-8"))
+        stored, how = content["temperature"], str(content.get("chosen", ""))
+        values = [stored[name] for name in names] if multi_label else [stored]
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{file}: unreadable ({first_line(e)[:200]}); {REWRITE_TEMPERATURE}") from None
+    except (KeyError, TypeError, AttributeError):
+        raise ModelError(f"{file}: not a temperature{' for every label ' + str(list(names)) if multi_label else ''}; "
+                         f"{REWRITE_TEMPERATURE}") from None
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf") for t in values):
+        raise ModelError(f"{file}: temperature {stored} is not {'all ' * multi_label}positive; {REWRITE_TEMPERATURE}")
+    temperature = [float(t) for t in values] if multi_label else float(values[0])
+    return (temperature, how) if chosen else temperature
+
+
 def tokenizer_limit(path):
     """model_max_length in path's tokenizer_config.json (save_pretrained writes max_seq_len there), or None."""
     try:
@@ -516,21 +652,26 @@ def use_checkpoint_settings(cfg):
     max_seq_len where the user did not set them, and module.metric then following the task. A
     user value that contradicts the checkpoint is an error naming both. Without a checkpoint.json
     (a save_pretrained directory), max_seq_len is only kept within its tokenizer's model_max_length.
+    Its temperature (module.calibrate true: the checkpoint's, or 1.0 if it has none) is applied,
+    never fitted here; false or a number the user gave wins.
     Returns what was taken, to say in one line, or None."""
     path, taken = cfg["model"]["model_path"], []
     settings = checkpoint_settings(path, thresholds="module.threshold" not in cfg.user_keys,
-                                   trust=cfg["model"]["trust_remote_code"])
+                                   temperature=cfg["module"]["calibrate"] is True, trust=cfg["model"]["trust_remote_code"])
     limit = tokenizer_limit(path) if settings and "module.max_seq_len" not in settings else None
     if limit is not None and cfg["module"]["max_seq_len"] > limit:
         settings["module.max_seq_len"] = (limit, "its tokenizer_config.json's model_max_length")
     for key, (value, where) in settings.items():
         section, name = key.split(".")
         given = cfg[section][name]
-        if key not in cfg.user_keys:
+        if key not in cfg.user_keys or name == "calibrate":  # calibrate true: the checkpoint's temperature
             if name in FILE_KEYS and value == given:
                 continue  # config.yaml's own value: nothing to say
             cfg[section][name] = value
-            if name != "multi_label":  # said with the labels, as their task
+            if name == "calibrate":
+                taken.append(f"{key} {[round(t, 4) for t in value] if isinstance(value, list) else round(value, 4)} "
+                             f"(its temperature, {where})")
+            elif name != "multi_label":  # said with the labels, as their task
                 taken.append(f"{key} {value}")
         elif name == "threshold" or name in WINDOW_KEYS or name in FILE_KEYS:
             continue  # the user's thresholds, windows or file layout: a choice, not a contradiction
@@ -538,6 +679,10 @@ def use_checkpoint_settings(cfg):
             given, value = (str(v).lower() if isinstance(v, bool) else v for v in (given, value))  # as YAML writes them
             raise ConfigError(f"{key} is {given}, but {path} was trained with {value} ({where}); leave "
                               f"{key} out to use the checkpoint's")
+    if cfg["module"]["calibrate"] is True and task_of(cfg["data"]) != "regression":
+        cfg["module"]["calibrate"] = 1.0  # older, or trained without a validation file: said once, here
+        taken.append(f"module.calibrate 1.0 (it holds no temperature, no {CALIBRATION_FILE}: its probabilities "
+                     f"are uncalibrated)")
     task = TASK_NAMES[task_of(cfg["data"])]
     taken = [f"{item} ({task})" if item.startswith("data.labels_list") else item for item in taken]
     metric = fit_metric_to_task(cfg)
@@ -611,6 +756,10 @@ def module_rest(model):
 
 def load_module_weights(model, path, state):
     """The weights of what a Trainer optimizes from checkpoint `path` and its training state."""
+    if lora.adapted(model):  # the frozen weights are those it was built from; what trained is in the adapter file
+        lora.load_adapter(model, path)
+        lora.check_frozen(classifier_of(model), Path(path) / "model.safetensors")
+        return
     if "module" in state:  # a checkpoint that held the whole module, student included, in its state
         model.load_state_dict(state["module"])
         return
@@ -640,6 +789,16 @@ def load_saved(model, folder):
                          f"checkpoint") from None
 
 
+def load_trained_weights(model, path):
+    """The classifier's trained weights from checkpoint folder path (the best one, at the end of a
+    run): its LoRA adapter file for a model with adapters (model.safetensors holds them merged into
+    the weights, where they would count twice), else its model.safetensors."""
+    if lora.adapted(model):
+        lora.load_adapter(model, path)
+    else:
+        load_weights(classifier_of(model), str(Path(path) / "model.safetensors"))
+
+
 def check_shapes(path, state, expected, num_labels):
     """Every weight of the file the model uses must have the model's shape (load_state_dict raises)."""
     for name, tensor in state.items():
@@ -666,15 +825,16 @@ def load_tokenizer(model_cfg, say=None):
         path, key = model_cfg["model_path"], "model.model_path"
     if path is None:
         path, key = model_cfg["hf_model"], "model.hf_model"
-    return tokenizer_at(path, key, model_cfg.get("trust_remote_code", False), say)
+    return read_tokenizer(path, key, model_cfg.get("trust_remote_code", False), say)
 
 
-def tokenizer_at(path, key, trust=False, say=None):
-    """AutoTokenizer of path (never a folder's code unless trust), with a padding token; errors as one line."""
+def read_tokenizer(path, key, trust=False, say=None):
+    """AutoTokenizer of path (never a folder's code unless trust), with a padding token; a folder that
+    does not load is one ModelError naming key."""
     check_custom_code(path, key, trust)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (a damaged file raises anything: a tokenizer.json of {} a KeyError)
         raise load_error(e, key, path, "a tokenizer") from None
     return with_pad_token(tokenizer, f"{key} {path!r}", say)
 
@@ -685,8 +845,9 @@ def save_pretrained(model, tokenizer, directory, max_seq_len=None):
 
     With max_seq_len, the saved tokenizer's model_max_length is max_seq_len, so that truncation=True
     in plain transformers (pipeline included) cuts where training did; the run's tokenizer keeps its own.
+    A model with LoRA adapters is saved as the plain model, its adapters merged into the weights.
     """
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, state_dict=lora.merged_state_dict(model))
     tokenizer.save_pretrained(directory)
     if max_seq_len is not None:
         path = Path(directory) / "tokenizer_config.json"

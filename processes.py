@@ -66,13 +66,47 @@ class Launch:
     local_world_size: int = 1
 
 
+# what torchrun sets for each process it starts, and init_process_group reads (LOCAL_RANK and
+# LOCAL_WORLD_SIZE too, which one process per machine may go without)
+TORCHRUN_NEEDS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def torchrun_launch():
-    """This process's place among the processes torchrun started (RANK, WORLD_SIZE, ...)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    """This process's place among the processes torchrun started (RANK, WORLD_SIZE, ...), read with
+    checks: a variable missing or not what torchrun sets is a ConfigError naming it."""
+    env = os.environ
+    if "RANK" not in env and "WORLD_SIZE" not in env:
         return Launch(False)
-    env = {key: int(os.environ.get(key.upper(), default)) for key, default in
-           (("rank", 0), ("local_rank", 0), ("world_size", 1), ("local_world_size", 1))}
-    return Launch(True, **env)
+    missing = [name for name in TORCHRUN_NEEDS if name not in env]
+    if missing:
+        raise ConfigError(f"the environment sets {' and '.join(n for n in ('RANK', 'WORLD_SIZE') if n in env)} "
+                          f"but not {', '.join(missing)}, which torchrun sets for each process it starts; "
+                          f"launch with torchrun, or unset RANK and WORLD_SIZE to run one process")
+    world_size = launch_number("WORLD_SIZE", 1)
+    local_world_size = launch_number("LOCAL_WORLD_SIZE", 1, most=world_size)
+    return Launch(True, rank=launch_number("RANK", 0, most=world_size - 1),
+                  local_rank=launch_number("LOCAL_RANK", 0, most=local_world_size - 1),
+                  world_size=world_size, local_world_size=local_world_size)
+
+
+def launch_number(name, least, most=None):
+    """A whole number of torchrun's environment in [least, most] (0 or 1 where it is not set)."""
+    text = os.environ.get(name, str(least))
+    value = int(text.strip()) if text.strip().isdigit() else None
+    if value is None or value < least or (most is not None and value > most):
+        bound = f"from {least} to {most}" if most is not None else f"of at least {least}"
+        raise ConfigError(f"{name} is {text!r} in the environment; torchrun sets it to a whole number "
+                          f"{bound}: launch with torchrun, or unset RANK and WORLD_SIZE to run one process")
+    return value
+
+
+def launch_rank():
+    """This process's rank for deciding who prints an error: torchrun's RANK, or 0 when the process
+    is not one of torchrun's (or its environment is not torchrun's: that error is its own to print)."""
+    try:
+        return torchrun_launch().rank
+    except ConfigError:
+        return 0
 
 
 def uses_ddp(trainer_cfg, launch=None):

@@ -3,7 +3,7 @@ record; and the table of every run in trainer.log_dir.
 
     runlog = RunLog.open(cfg, step, run_dir=None)   # a new runs/<date>-<time>-train, or a resumed run's own
     runlog.write(step, epoch, {"train/loss": 0.7})   # both files, at once
-    runlog.write_figures(step, metrics, curves)      # PR curves, confusion matrix, per-class table
+    runlog.write_figures(step, metrics, curves)      # PR curves, confusion matrix, reliability, risk-coverage, table
     runlog.close()
     record_run(run_dir, cfg, argv, result)           # run.json: what ran, on what, how long
     print(runs_table(log_dir))                       # python trainer.py --runs; also runs.csv
@@ -18,13 +18,15 @@ import os
 import re
 import shlex
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from checkpoint import read_manifest
-from files import atomic_write, write_json, writing_to
+from files import OutputError, atomic_write, first_line, write_json, writing_to
+from metrics import expected_calibration_error, reliability, risk_coverage, selective_accuracy
 
 # what a run folder is named after: <date>-<time>-<kind>[-n] (new_run_dir)
 KINDS = ("train", "distil", "eval", "predict")
@@ -47,6 +49,7 @@ class RunLog:
         edited to point elsewhere) logs to a new folder there instead.
         """
         from torch.utils.tensorboard import SummaryWriter  # a slow import: only runs that log pay for it
+        quiet_writer_threads()
         log_dir = cfg["trainer"]["log_dir"]
         if run_dir is not None and not is_run_dir_of(run_dir, log_dir):
             say(f"note: the resumed run logged to {run_dir}, which is not a run folder of trainer.log_dir "
@@ -64,15 +67,17 @@ class RunLog:
     def write(self, step, epoch, scalars):
         with writing_to("trainer.log_dir", self.jsonl):
             for name, value in scalars.items():
-                self.writer.add_scalar(name, value, step)
+                if not isinstance(value, list):  # a multi-label run's temperatures: per label in write_figures
+                    self.writer.add_scalar(name, value, step)
             self.writer.flush()
             with open(self.jsonl, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, "epoch": epoch, **scalars}) + "\n")
 
     def write_figures(self, step, metrics, curves, prefix="val"):
         """What a validation shows beyond its scalars (curves: evaluation.curves_of): per class (label)
-        a precision-recall curve, the confusion matrix as an image, the per-class table as text;
-        multi-label: each label's threshold too; regression: predictions against labels as an image."""
+        a precision-recall curve, the confusion matrix, the reliability diagram and the risk-coverage
+        curve as images, the per-class table as text; multi-label: each label's threshold and
+        temperature too; regression: predictions against labels as an image."""
         with writing_to("trainer.log_dir", self.run_dir):
             self.add_figures(step, metrics, curves, prefix)
 
@@ -91,9 +96,14 @@ class RunLog:
             if multi:
                 for name, row in metrics["per_label"].items():
                     w.add_scalar(f"{prefix}/threshold/{name}", row["threshold"], step)
+                    if "temperature" in row:
+                        w.add_scalar(f"{prefix}/temperature/{name}", row["temperature"], step)
             else:
                 w.add_image(f"{prefix}/confusion_matrix", confusion_image(metrics["confusion_matrix"], curves["names"]),
                             step, dataformats="HWC")
+            w.add_image(f"{prefix}/reliability", reliability_image(curves), step, dataformats="HWC")
+            w.add_image(f"{prefix}/risk_coverage", risk_coverage_image(curves["confidences"], curves["correct"],
+                                                                       curves["abstain_below"]), step, dataformats="HWC")
             w.add_text(f"{prefix}/per_class", markdown_table(metrics), step)
         w.flush()
 
@@ -102,7 +112,25 @@ class RunLog:
             write_json(Path(self.run_dir) / "final_metrics.json", metrics)
 
     def close(self):
-        self.writer.close()  # ends its writer thread, not left to interpreter exit
+        # ends its writer thread, not left to interpreter exit; a write it could not finish (a full
+        # disk) is raised again here: one line, as the write that met it first
+        with writing_to("trainer.log_dir", self.run_dir):
+            self.writer.close()
+
+
+def quiet_writer_threads():
+    """TensorBoard's writer thread ends with a traceback of its own when a write fails (a full
+    disk); the writer raises the same error in the main thread at its next write, flush or close,
+    where writing_to says it in one line: the thread's traceback is left unprinted."""
+    if getattr(threading.excepthook, "quiet_writer_threads", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            previous(args)
+    hook.quiet_writer_threads = True
+    threading.excepthook = hook
 
 
 def is_run_dir_of(run_dir, log_dir):
@@ -196,6 +224,65 @@ def confusion_image(matrix, names):
     return np.asarray(image)
 
 
+def chart(title, x_name, y_name, size=200):
+    """A blank square chart, x and y from 0 to 1: (image, draw, to_pixel(x, y)), the red diagonal
+    drawn, the axes named, the title on top."""
+    from PIL import Image, ImageDraw, ImageFont
+    font, left, top = ImageFont.load_default(), 44, 30
+    image = Image.new("RGB", (left + size + 16, top + size + 36), "white")
+    draw = ImageDraw.Draw(image)
+
+    def to_pixel(x, y):
+        return left + x * size, top + (1 - y) * size
+    draw.rectangle([to_pixel(0, 1), to_pixel(1, 0)], outline=(160, 160, 160))
+    for tick in (0, 0.5, 1):
+        draw.text((to_pixel(tick, 0)[0] - 8, top + size + 4), f"{tick:g}", fill="black", font=font)
+        draw.text((4, to_pixel(0, tick)[1] - 6), f"{tick:g}", fill="black", font=font)
+    draw.text((left + size // 2 - 30, top + size + 20), x_name, fill="black", font=font)
+    draw.text((4, top - 14), y_name, fill="black", font=font)
+    draw.text((left, 4), title, fill="black", font=font)
+    return image, draw, to_pixel
+
+
+def reliability_image(curves, bins=15):
+    """The reliability diagram as an RGB array: per bin of confidence (metrics.reliability), the
+    accuracy of the calibrated predictions as a blue bar, the uncalibrated ones' as grey dots; the red
+    diagonal is a probability that means what it says. Multi-label: every (text, label) probability
+    against whether the label is there."""
+    multi = curves["task"] == "multi_label"
+    points = {}
+    for name in ("probabilities", "uncalibrated"):
+        probs = curves[name]
+        points[name] = ((probs.ravel(), curves["labels"].ravel()) if multi else
+                        (probs.max(axis=1), probs.argmax(axis=1) == curves["labels"]))
+    eces = {name: expected_calibration_error(*points[name], bins) for name in points}
+    image, draw, at = chart(f"ECE {eces['uncalibrated']:.3f} uncalibrated, {eces['probabilities']:.3f} calibrated",
+                            "probability" if multi else "confidence", "frequency" if multi else "accuracy")
+    draw.line([at(0, 0), at(1, 1)], fill=(220, 40, 40))
+    counts, _, accuracy = reliability(*points["probabilities"], bins)
+    for b in np.flatnonzero(counts):
+        draw.rectangle([at(b / bins, accuracy[b]), at((b + 1) / bins, 0)], fill=(80, 120, 220), outline="white")
+    counts, confidence, accuracy = reliability(*points["uncalibrated"], bins)
+    for b in np.flatnonzero(counts):
+        x, y = at(confidence[b], accuracy[b])
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(110, 110, 110))
+    return np.asarray(image)
+
+
+def risk_coverage_image(confidences, correct, abstain_below=None):
+    """The risk-coverage curve (metrics.risk_coverage) as an RGB array: the error rate among the
+    texts answered, answering the surest first; with data.abstain_below, a grey line at its coverage."""
+    coverage, risk = risk_coverage(confidences, correct)
+    image, draw, at = chart("error rate of the texts answered, surest first", "coverage", "risk")
+    if len(coverage) > 1:
+        draw.line([at(c, r) for c, r in zip(coverage, risk)], fill=(80, 120, 220), width=2)
+    if abstain_below is not None:
+        covered = selective_accuracy(confidences, correct, abstain_below)[0]
+        draw.line([at(covered, 0), at(covered, 1)], fill=(150, 150, 150))
+        draw.text((at(covered, 1)[0] + 3, at(0, 1)[1] + 2), f"abstain < {abstain_below:g}", fill="black")
+    return np.asarray(image)
+
+
 def scatter_image(labels, predictions, size=160):
     """Regression: predictions (y, up) against labels (x, right) as an RGB array, each pixel darker
     with the log of the examples in it, on one scale for both axes; the diagonal is red."""
@@ -215,23 +302,28 @@ def scatter_image(labels, predictions, size=160):
 
 
 def record_run(run_dir, cfg, argv, result, script="trainer.py"):
-    """run.json in a run's folder: its kind, the command, the checkpoint and files it read, the
-    result and its times; and config.json, where training has not written it already."""
+    """run.json in a run's folder: its kind, the command and the folder it ran in, the checkpoint
+    and files it read, the result and its times; and config.json, where training has not written it
+    already. Its paths are relative to the run's folder, so that a folder moved with its checkpoints
+    and data still reads (--runs); a checkpoint by its real folder, since `best` and `last` move on."""
     data, model, kind = cfg["data"], cfg["model"], kind_of(run_dir)
     checkpoint = model["model_path"]
     manifest = read_manifest(checkpoint) if checkpoint is not None else None
-    # a checkpoint by its real folder: `best` and `last` point elsewhere later
-    name = ((model["hf_model"] if checkpoint is None else checkpoint) if data["train_filepath"]
-            else str(Path(checkpoint).resolve()))
-    if kind == "distil":
-        student = cfg["distill"]["student_layers"] or cfg["distill"]["student_model"] or "student_config"
-        name = f"student {student} of {name}"
-    record = {"kind": kind, "command": shlex.join(["python", script, *argv]), "model": name,
-              "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+
+    def here(path):
+        return None if path is None else os.path.relpath(Path(path).resolve(), Path(run_dir).resolve())
+    # model.hf_model is a folder, or a hub id: a name, kept as it is
+    name = here(checkpoint or model["hf_model"]) if checkpoint or os.path.exists(model["hf_model"]) else model["hf_model"]
+    record = {"kind": kind, "command": shlex.join(["python", script, *argv]), "directory": here(os.getcwd()),
+              "model": name, "checkpoint": here(checkpoint),
               "checkpoint_step": manifest["step"] if manifest is not None else None,
-              "train_file": data["train_filepath"], "val_file": data["val_filepath"],
-              "predict_file": data["predict_filepath"], "predictions": result.get("predictions"),
+              "train_file": here(data["train_filepath"]), "val_file": here(data["val_filepath"]),
+              "predict_file": here(data["predict_filepath"]), "predictions": here(result.get("predictions")),
+              "onnx_model": here(result.get("onnx_model")),  # an export folder's model that ran
+              "max_rows": data["max_rows"],  # a quick run read the first rows of each file only
               "metric": cfg["module"]["metric"], "result": {k: v for k, v in result.items() if k != "run_dir"}}
+    if kind == "distil":
+        record["student"] = str(cfg["distill"]["student_layers"] or cfg["distill"]["student_model"] or "student_config")
     with writing_to("trainer.log_dir", run_dir):
         if not (Path(run_dir) / "config.json").exists():
             write_json(Path(run_dir) / "config.json", cfg)
@@ -244,29 +336,62 @@ def kind_of(run_dir):
 
 
 def read_json(path):
+    """A record's content: {} where the run did not write it; a ValueError where it is damaged."""
     try:
         content = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
-    return content if isinstance(content, dict) else {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"its {Path(path).name} does not read ({first_line(e)[:100]})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"its {Path(path).name} is not a JSON object")
+    return content
+
+
+# the fields of a row of the runs table, and the types each may hold ("" where a run has none)
+ROW_TYPES = {"run": str, "kind": str, "date": str, "model": str, "data": str, "metric": str, "value": (int, float, str),
+             "best_step": (int, str), "wall_s": (int, float, str), "state": str}
 
 
 def run_row(folder):
     """One row of the runs table from a run folder: run.json, else (a run that was stopped, or from
-    before run.json) what its config and metrics files say."""
+    before run.json) what its config and metrics files say. Paths are absolute where run.json holds
+    them relative to the folder. A ValueError when a field is not as this trainer writes it."""
+    try:
+        row = read_row(Path(folder).absolute())
+    except (AttributeError, KeyError, TypeError) as e:  # a field of a type this trainer never writes
+        raise ValueError(f"its run.json or config.json is not as this trainer writes it ({first_line(e)[:100]})") from None
+    for name, value in row.items():
+        if not isinstance(value, ROW_TYPES[name]) or isinstance(value, bool) or (name == "kind" and value not in KINDS):
+            raise ValueError(f"its {name} is {value!r}"[:200] + ", not as this trainer writes it")
+    return row
+
+
+# the record's field, and the config's key, of the file each kind of run reads
+DATA_OF = {"train": ("train_file", "train_filepath"), "distil": ("train_file", "train_filepath"),
+           "eval": ("val_file", "val_filepath"), "predict": ("predict_file", "predict_filepath")}
+
+
+def read_row(folder):
+    """run_row's fields as the files give them (a field of a type this trainer never writes fails here,
+    or in run_row's check)."""
     match = RUN_NAME.fullmatch(folder.name)
     record, cfg = read_json(folder / "run.json"), read_json(folder / "config.json")
-    data, model = cfg.get("data", {}), cfg.get("model", {})
     kind = record.get("kind") or match.group(3)
     result = record.get("result") or read_json(folder / "final_metrics.json") or read_json(folder / "eval_metrics.json")
     metric = record.get("metric") or cfg.get("module", {}).get("metric")
     value = result.get(metric) if metric else None
-    files = {"train": "train_filepath", "distil": "train_filepath", "eval": "val_filepath", "predict": "predict_filepath"}
+    # a run.json with "directory" holds its paths relative to the folder; older ones as they were typed
+    relative = "directory" in record
+    name = record.get("model") or cfg.get("model", {}).get("model_path") or cfg.get("model", {}).get("hf_model") or ""
+    if relative and (folder / name).exists():  # a hub id is not a path
+        name = os.path.normpath(folder / name)
+    field, key = DATA_OF[kind]
+    data = record.get(field)
+    data = os.path.normpath(folder / data) if relative and data else data or cfg.get("data", {}).get(key) or ""
     day, clock = match.group(1), match.group(2)
-    stamp = f"{day[:4]}-{day[4:6]}-{day[6:]} {clock[:2]}:{clock[2:4]}:{clock[4:]}"
-    return {"run": folder.name, "kind": kind, "date": stamp,
-            "model": record.get("model") or model.get("model_path") or model.get("hf_model") or "",
-            "data": data.get(files[kind]) or "",
+    return {"run": folder.name, "kind": kind, "date": f"{day[:4]}-{day[4:6]}-{day[6:]} {clock[:2]}:{clock[2:4]}:{clock[4:]}",
+            "model": f"student {record['student']} of {name}" if record.get("student") else name, "data": data,
             "metric": metric if isinstance(value, (int, float)) else "",
             "value": value if isinstance(value, (int, float)) else "",
             "best_step": result.get("best_step", ""), "wall_s": result.get("wall_s", ""),
@@ -274,15 +399,27 @@ def run_row(folder):
                      ("done" if result else "unfinished")}
 
 
-def list_runs(log_dir):
-    """run_row of every run folder in log_dir, newest first."""
-    folders = [p for p in Path(log_dir).iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)] if Path(log_dir).is_dir() else []
+def list_runs(log_dir, say=print):
+    """run_row of every run folder in log_dir, newest first; a folder whose record is damaged is
+    left out, with a note."""
+    try:
+        folders = [p for p in Path(log_dir).iterdir() if p.is_dir() and RUN_NAME.fullmatch(p.name)] \
+            if Path(log_dir).is_dir() else []
+    except OSError as e:
+        raise OutputError(f"trainer.log_dir {log_dir}: cannot list its runs ({e.strerror or e}); choose a folder "
+                          f"you can read") from None
 
     def started(folder):  # the date and time in its name, then the -n of a second run that second,
         # then (runs of two kinds in one second) its last change
         match = RUN_NAME.fullmatch(folder.name)
         return match.group(1), match.group(2), int(match.group(4) or 1), folder.stat().st_mtime
-    return [run_row(p) for p in sorted(folders, key=started, reverse=True)]
+    rows = []
+    for folder in sorted(folders, key=started, reverse=True):
+        try:
+            rows.append(run_row(folder))
+        except ValueError as e:
+            say(f"note: left {folder} out of the table: {e}")
+    return rows
 
 
 def duration(seconds):
@@ -297,25 +434,35 @@ def shorten(text, width):
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
-def runs_table(log_dir):
-    """The runs of log_dir as a text table, newest first; the same rows go to log_dir/runs.csv.
-    Returns the table and the CSV's path (None when there are no runs)."""
-    rows = list_runs(log_dir)
-    if not rows:
-        return f"no runs in {log_dir}", None
-    path = Path(log_dir) / "runs.csv"
-    with atomic_write(path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def seen_from(row, base):
+    """A row with its absolute paths relative to base (a relative one was never resolved: as typed)."""
+    def shown(text):
+        prefix, _, path = text.rpartition(" of ") if text.startswith("student ") else ("", "", text)
+        path = os.path.relpath(path, base) if os.path.isabs(path) else path
+        return f"{prefix} of {path}" if prefix else path
+    return {**row, "model": shown(row["model"]), "data": shown(row["data"])}
+
+
+def runs_table(rows):
+    """The rows of list_runs as a text table, newest first, paths as seen from here."""
     header = f"{'kind':<8}{'date':<21}{'model':<36}{'data':<28}{'metric':<24}{'best':>6}{'time':>8}  state"
     lines = [header]
-    for row in rows:
+    for row in (seen_from(row, os.getcwd()) for row in rows):
         metric = f"{row['metric']} {row['value']:.4f}" if row["metric"] else "-"
         best_step = row["best_step"] if row["best_step"] != "" else "-"
         lines.append(f"{row['kind']:<8}{row['date']:<21}{shorten(row['model'], 34):<36}{shorten(row['data'], 26):<28}"
                      f"{metric:<24}{best_step:>6}{duration(row['wall_s']):>8}  {row['state']}")
-    return "\n".join(lines), str(path)
+    return "\n".join(lines)
+
+
+def write_runs_csv(rows, log_dir):
+    """log_dir/runs.csv: the rows of list_runs, paths relative to log_dir (a moved folder still reads)."""
+    path = Path(log_dir) / "runs.csv"
+    with atomic_write(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ROW_TYPES))
+        writer.writeheader()
+        writer.writerows(seen_from(row, Path(log_dir).absolute()) for row in rows)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,9 +496,15 @@ def resume_command(argv, script, proc):
 
 
 def print_runs(log_dir):
-    """--runs: every run folder of trainer.log_dir as a table, newest first, and as runs.csv there."""
-    table, csv_path = runs_table(log_dir)
-    print(table)
-    if csv_path is not None:
-        print(f"(also written to {csv_path})")
+    """--runs: every run folder of trainer.log_dir as a table, newest first, and as runs.csv there;
+    a log folder that cannot take runs.csv (read-only, full) still shows the table."""
+    rows = list_runs(log_dir)
+    if not rows:
+        print(f"no runs in {log_dir}")
+        return 0
+    print(runs_table(rows))
+    try:
+        print(f"(also written to {write_runs_csv(rows, log_dir)})")
+    except OSError as e:
+        print(f"note: {Path(log_dir) / 'runs.csv'} not written ({e.strerror or e}); the table above has every run")
     return 0

@@ -10,8 +10,9 @@ The routes are text-embeddings-inference's classification API, so its clients wo
   GET /health    200 {"status": "ok"} while the model answers, else 503
   GET /info      labels, task, max length, what is served (an export folder's gate table), limits, version
   GET /          a page to type a text and see its labels as bars
-The answers are prediction's (evaluation.py): softmax probabilities, or a regression's score; multi-label
-sigmoids with each label's threshold and "predicted" (the checkpoint's tuned thresholds); a long document
+The answers are prediction's (evaluation.py): softmax probabilities at the checkpoint's temperature (its
+calibration.json), or a regression's score; multi-label calibrated sigmoids with each label's threshold and
+"predicted" (the checkpoint's tuned thresholds); a long document
 read in windows (data.long_texts windows) pooled into one answer. raw_scores: logits instead of
 probabilities. truncate: left out, texts are read as the checkpoint was trained (cut at module.max_seq_len,
 or in windows); true cuts at module.max_seq_len (a windowed model's first window); false refuses a text
@@ -57,9 +58,17 @@ from starlette.exceptions import HTTPException
 
 from config import ConfigError, answer_help, label_names, load_config, task_of
 from data import DataError, Encoded, Examples, encode, window_stride
-from evaluation import document_logits, fixed_thresholds, predict_logits, scores_of
+from evaluation import document_logits, fixed_thresholds, predict_logits, scores_of, temperature_of
 from files import OutputError, first_line
-from model import ModelError, build_classifier, is_export_dir, load_tokenizer, read_export_manifest, use_checkpoint_settings
+from model import (
+    ModelError,
+    build_classifier,
+    check_artifact,
+    is_export_dir,
+    load_tokenizer,
+    read_export_manifest,
+    use_checkpoint_settings,
+)
 from processes import this_process, torchrun_launch
 
 ROOT = Path(__file__).resolve().parent
@@ -91,6 +100,7 @@ class Served:
     kind: str  # pytorch, onnx_fp32 or onnx_int8
     names: list = None  # None: regression
     thresholds: np.ndarray = None  # multi-label only
+    temperature: object = 1.0  # the checkpoint's (module.calibrate): a number, or one per label
 
 
 def load_served(cfg):
@@ -104,9 +114,7 @@ def load_served(cfg):
     if torchrun_launch().launched:
         raise ConfigError("serve.py is one process: start it with python, not torchrun")
     exported = is_export_dir(path)
-    if not exported and cfg["serve"]["artifact"] != "auto":
-        raise ConfigError(f"serve.artifact {cfg['serve']['artifact']} picks a model of an export folder, and "
-                          f"{path} is not one; leave it out")
+    check_artifact(cfg)
     note = use_checkpoint_settings(cfg)
     if note is not None:
         print(f"note: {note}")
@@ -117,14 +125,14 @@ def load_served(cfg):
     proc = replace(this_process(cfg["trainer"]), is_main=False)
     if exported:  # ONNX Runtime on the CPU, in this process's threads (imported only for it)
         from export import ARTIFACTS, load_exported
-        artifact = None if cfg["serve"]["artifact"] == "auto" else cfg["serve"]["artifact"]
+        artifact = None if cfg["model"]["artifact"] == "auto" else cfg["model"]["artifact"]
         model, tokenizer = load_exported(path, threads=torch.get_num_threads(), artifact=artifact)
         proc, kind = replace(proc, device=torch.device("cpu"), amp_dtype=None), \
             next(name for name, file in ARTIFACTS.items() if Path(model.path).name == file)
     else:
         tokenizer = load_tokenizer(cfg["model"])
         model, kind = build_classifier(cfg, proc.device).eval(), "pytorch"  # as trainer.py predicts
-    return Served(cfg, model, tokenizer, proc, kind, label_names(cfg), fixed_thresholds(cfg))
+    return Served(cfg, model, tokenizer, proc, kind, label_names(cfg), fixed_thresholds(cfg), temperature_of(cfg))
 
 
 def token_batches(lengths, max_rows, max_tokens):
@@ -174,7 +182,7 @@ def answers(served, logits, request):
     if names is None:  # regression: one score, named as data.labels_list names it
         out = [[{"label": str(served.cfg["data"]["labels_list"][0]), "score": float(row[0])}] for row in logits]
         return out[0] if request.single else out
-    probabilities = scores_of(logits, names, thresholds)
+    probabilities = scores_of(logits, names, thresholds, served.temperature)
     scores = logits if request.raw_scores else probabilities
     out = []
     for row, probs in zip(scores, probabilities):
@@ -452,6 +460,8 @@ def describe(served, serve_cfg):
             "limits": {key: serve_cfg[key] for key in ("max_inputs", "max_chars", "max_body_bytes")}}
     if served.thresholds is not None:
         info["thresholds"] = dict(zip(names, map(float, served.thresholds)))
+    if names is not None:
+        info["temperature"] = served.temperature
     manifest = read_export_manifest(path)
     if manifest is not None:  # an export folder: the checkpoint it came from, and how its models passed the gate
         info["source"] = manifest.get("source")

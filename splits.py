@@ -21,6 +21,7 @@ from cache import cache_folder, cached_encode, mapped
 from checkpoint import read_manifest
 from config import ConfigError, label_names
 from data import DataError, Encoded, cap_windows, count_examples, dropped_by_truncation, encode, read_examples, window_stride
+from datacheck import leak_warning
 from files import check_outputs
 from model import check_positions, load_tokenizer
 from processes import on_main, seed_everything
@@ -60,6 +61,10 @@ def prepare_run(cfg, proc, build, extra_paths=(), tokenizer=None):
     check_max_seq_len(cfg, tokenizer)
     paths = {key: data[key] for key in ("train_filepath", "val_filepath") if data[key]}
     rows = {key: read_split(cfg, proc, tokenizer, path, need_labels=True) for key, path in paths.items()}
+    read = {key: r for key, r in rows.items() if not isinstance(r, Encoded)}  # the others came from the token cache
+    if proc.is_main and (line := leak_warning(read.get("train_filepath"), read.get("val_filepath"),
+                                              cached=[paths[key] for key in rows if key not in read])):
+        proc.say(line)  # texts in both files, or labelled twice (datacheck.py): one line at most
     extra = [(path, read_split(cfg, proc, tokenizer, path, need_labels=False)) for path in extra_paths]
     predict_rows = count_examples(data["predict_filepath"], data) if data["predict_filepath"] else None
     built = build(tokenizer)
@@ -133,6 +138,12 @@ def training_split(cfg, proc, split):
 def load_split(cfg, tokenizer, path, need_labels=True):
     """One file read, checked and tokenized in this process, without the cache (tools, tests)."""
     return tokenize(cfg, None, tokenizer, path, read_split(cfg, None, tokenizer, path, need_labels))
+
+
+def first_rows(data_cfg):
+    """What the start-up lines add under data.max_rows (a quick run), else ""."""
+    n = data_cfg["max_rows"]
+    return "" if n is None else f" (data.max_rows {n}: the first {n} rows of each file)"
 
 
 MAX_POS_WEIGHT = 100.0  # a label seen twice in 10,000 texts would otherwise weigh 5,000 times

@@ -20,7 +20,8 @@ the loss scaled by the true number of examples in each step, no gradient sync on
 micro-steps, GradScaler for float16 only, a linear warmup / decay schedule, exact resume. A step
 never waits for the GPU: the host reads the device once per log interval.
 Read Trainer first, then the schedule and losses, the process group, run and main. The other jobs
-have modules of their own: processes, splits, evaluation, runlog, checkpoint, files, config, data, model.
+have modules of their own: processes, splits, evaluation, runlog, checkpoint, files, config, data, model,
+progress, lora (adapters, model.lora_rank).
 """
 import sys
 
@@ -33,7 +34,7 @@ if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:])
 import functools
 import gc
 import json
-import os
+import re
 import signal
 import time
 import warnings
@@ -52,20 +53,33 @@ tqdm.monitor_interval = 0
 # our GPU machine) lacks: its FutureWarning, once per rank, says nothing to a user
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
+import lora
+from card import checkpoint_facts, write_card
 from checkpoint import SaveDir, checkpoint_path, load_checkpoint, open_save_dir
 from config import ConfigError, answer_help, fit_metric_to_task, load_config
 from data import DataError, collate, micro_batches, train_batches
-from evaluation import Thresholds, curves_of, evaluate_and_predict, predict_file, predict_logits, scalar_metrics, split_metrics
+from evaluation import (
+    Calibration,
+    Decisions,
+    Thresholds,
+    curves_of,
+    evaluate_and_predict,
+    predict_file,
+    predict_logits,
+    scalar_metrics,
+    split_metrics,
+)
 from files import OutputError, new_session
 from metrics import format_report
 from model import (
     ModelError,
     build_classifier,
+    check_artifact,
     check_attention_device,
     classifier_of,
     is_export_dir,
     load_module_weights,
-    load_weights,
+    load_trained_weights,
     module_rest,
     save_pretrained,
 )
@@ -75,6 +89,7 @@ from processes import (
     agree,
     autocast,
     gather,
+    launch_rank,
     on_main,
     per_rank_batch,
     rng_state,
@@ -82,8 +97,9 @@ from processes import (
     this_process,
     uses_ddp,
 )
+from progress import progress_bar
 from runlog import RunLog, log_interval, print_runs, record_run, resume_command, script_name
-from splits import class_weights, prepare_run, training_split
+from splits import class_weights, first_rows, prepare_run, training_split
 
 
 class Trainer:
@@ -120,9 +136,11 @@ class Trainer:
         self.warmup_steps = round(cfg["module"]["warmup_prop"] * self.total_steps)
         self.log_steps = log_interval(tcfg["log_steps"], self.total_steps)
 
-        # the optimizer reads its learning rate from a tensor on the device, set before each update
+        # the optimizer reads its learning rates from tensors on the device, set before each update:
+        # each parameter group's (group_lrs) and module.max_lr's (lr), which the logs show
         self.lr = torch.zeros((), device=device)
-        self.optimizer = build_optimizer(self.model, self.lr, cfg["module"]["weight_decay"])
+        self.optimizer = build_optimizer(self.model, cfg["module"])
+        self.group_lrs, self.peak_lrs = group_rates(self.optimizer, device)
         # loss scaling guards float16 gradients from underflow; bfloat16 has float32's range
         self.scaler = torch.amp.GradScaler(device.type, enabled=proc.amp_dtype == torch.float16)
 
@@ -133,6 +151,8 @@ class Trainer:
         self.best = None  # {"value", "path", "metrics", "step"} of the best validation so far
         self.bad_validations = 0  # in a row, without an improvement of more than min_delta
         self.thresholds = Thresholds(cfg)  # multi-label decisions
+        self.calibration = Calibration(cfg, say=proc.say)  # the temperature
+        self.validation = None  # (step, metrics) of the latest validation: what a model card reports
         self.interval = new_interval(device)  # sums of the current logging interval
         self.run_dir, self.runlog = None, None  # the log folder; its writers on the main process
         self.save_dir = SaveDir(cfg, new_session(), proc.say)  # on disk through the main process only
@@ -169,8 +189,9 @@ class Trainer:
         self.run_dir = on_main(self.proc, self.open_runlog)
         start = time.perf_counter()
         self.model.train()
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not self.proc.is_main,
-                        desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+        # off a terminal, a plain line at each log interval (log_train sets the postfix)
+        progress = progress_bar(desc="train", unit="step", total=self.total_steps, initial=self.step,
+                                disable=not self.proc.is_main, every=None, dynamic_ncols=True)
         # SIGTERM / SIGINT end the current step; then a checkpoint is written and the run stops
         previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -232,7 +253,9 @@ class Trainer:
         interval["examples"] += len(rank_indices)  # summed over ranks at log time
 
         # the schedule counts updates made, not steps taken: a skipped update does not advance it
-        self.lr.copy_(self.cfg["module"]["max_lr"] * lr_multiplier(self.updates, self.warmup_steps, self.total_steps))
+        multiplier = lr_multiplier(self.updates, self.warmup_steps, self.total_steps)
+        self.lr.copy_(self.cfg["module"]["max_lr"] * multiplier)
+        torch.mul(self.peak_lrs, multiplier, out=self.group_lrs)  # each group's peak x the schedule, one kernel
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -290,6 +313,8 @@ class Trainer:
         # the main process has the logits; every rank gets the metrics, to agree on the best
         metrics = on_main(self.proc, split_metrics, logits, self.val_split, self.cfg, f"at step {self.step}")
         self.thresholds.validated(metrics, self.step)
+        self.calibration.validated(metrics, self.step)
+        self.validation = (self.step, metrics)
         self.log_scalars({f"val/{k}": v for k, v in scalar_metrics(metrics).items()}, metrics, logits)
         value, ckpt, tcfg = metrics[self.cfg["module"]["metric"]], self.cfg["ckpt"], self.cfg["trainer"]
         improved = self.best is None or value > self.best["value"] + tcfg["early_stopping_min_delta"]
@@ -337,10 +362,11 @@ class Trainer:
         if self.best is None:
             return {"step": self.step, **times}
         if self.best["path"] is not None and self.best["step"] != self.step:
-            load_weights(classifier_of(self.model), str(Path(self.best["path"]) / "model.safetensors"))
+            load_trained_weights(self.model, self.best["path"])
         result = {**scalar_metrics(self.best["metrics"]), "best_step": self.best["step"],
                   "best_checkpoint": self.best["path"]}
         self.thresholds.of_best(self.best["metrics"])
+        self.calibration.of_best(self.best["metrics"])
         if self.stop_early():
             result["stopped_early_at_step"] = self.step
         elif self.paused():
@@ -363,11 +389,12 @@ class Trainer:
         tcfg, kind = self.cfg["trainer"], "train" if classifier_of(self.model) is self.model else "distil"
         self.runlog = RunLog.open(self.cfg, self.step, self.run_dir, say=self.proc.say, kind=kind)
         self.proc.say(f"logs: {self.runlog.run_dir}")
-        self.proc.say(f"training: {len(self.train_split.encoded)} examples, {tcfg['epochs']} epochs x "
-                      f"{self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
+        self.proc.say(f"training: {len(self.train_split.encoded)} examples{first_rows(self.cfg['data'])}, "
+                      f"{tcfg['epochs']} epochs x {self.steps_per_epoch} steps, global batch {tcfg['train_batch_size']} = "
                       f"{self.proc.world_size} processes x {self.grad_accum_steps} micro-batches "
                       f"of <= {tcfg['gpu_batch_size_limit']}, warmup {self.warmup_steps} steps, "
                       f"logging every {self.log_steps} steps, device {self.proc.device}")
+        self.proc.say(describe_optimizer(self.optimizer, self.model))
         return self.runlog.run_dir
 
     def log_scalars(self, scalars, metrics=None, logits=None):
@@ -376,7 +403,7 @@ class Trainer:
         def write():
             self.runlog.write(self.step, self.epoch_number, scalars)
             if metrics is not None:
-                self.runlog.write_figures(self.step, metrics, curves_of(logits, self.val_split, self.cfg))
+                self.runlog.write_figures(self.step, metrics, curves_of(logits, self.val_split, self.cfg, metrics))
         on_main(self.proc, write)
 
     # -- checkpoints and resume: the state; checkpoint.py writes and finds the folders ----------
@@ -388,23 +415,29 @@ class Trainer:
         mine = {"rng": rng_state(self.proc.device),
                 "window": {"loss": self.interval["loss"].cpu(), "examples": self.interval["examples"],
                            "terms": {k: v.cpu() for k, v in self.interval["terms"].items()}}}
-        write_files = functools.partial(self.write_files, per_rank=gather(self.proc, mine))
+        path = checkpoint_path(self.cfg["ckpt"], self.epoch_number, self.step)
+        card = checkpoint_facts(self, path)  # the model card's facts, kept in checkpoint.json too (export's card)
+        write_files = functools.partial(self.write_files, per_rank=gather(self.proc, mine), card=card)
         manifest = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                     "best": self.best, "bad_validations": self.bad_validations,
-                    "run_dir": self.run_dir, "world_size": self.proc.world_size}
-        path = checkpoint_path(self.cfg["ckpt"], self.epoch_number, self.step)
+                    "run_dir": self.run_dir, "world_size": self.proc.world_size, "card": card}
         return on_main(self.proc, self.save_dir.save, path, write_files, manifest, reason)
 
-    def write_files(self, folder, per_rank):
+    def write_files(self, folder, per_rank, card):
         """A checkpoint's files: the classifier as save_pretrained writes it, with its tokenizer
-        (truncating as trained) and decisions, and the training state of every rank."""
+        (truncating as trained), decisions (thresholds, temperature) and model card, and the
+        training state of every rank."""
         cfg, classifier = self.cfg, classifier_of(self.model)
         save_pretrained(classifier, self.tokenizer, folder, max_seq_len=cfg["module"]["max_seq_len"])
         self.thresholds.write(folder)
+        self.calibration.write(folder)
+        write_card(folder, card, cfg)  # README.md, renamed into place with the rest
         state = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "updates": self.updates.cpu(), "skipped": self.skipped.cpu(), "ranks": per_rank}
         if self.model is not classifier:  # distillation: what the module holds beside the student
             state["module_rest"] = module_rest(self.model)
+        if lora.adapted(self.model):  # what trained, unmerged: resume loads it onto the frozen weights
+            lora.save_adapter(self.model, folder)
         torch.save(state, folder / f"training_state{cfg['ckpt']['file_ext']}")
 
     def resume_from(self, path):
@@ -413,15 +446,17 @@ class Trainer:
         device = self.proc.device
         load_module_weights(self.model, path, state)
         self.optimizer.load_state_dict(state["optimizer"])
-        for group in self.optimizer.param_groups:  # the loaded groups hold a copy of the saved rate
-            group["lr"] = self.lr
+        self.group_lrs, self.peak_lrs = group_rates(self.optimizer, device)  # the loaded groups hold copies
         self.scaler.load_state_dict(state["scaler"])
         self.updates.copy_(state["updates"])
         self.skipped.copy_(state["skipped"])
         self.step, self.epoch, self.batch_in_epoch = manifest["step"], manifest["epoch"], manifest["batch_in_epoch"]
         self.best, self.run_dir = manifest["best"], manifest["run_dir"]
+        if self.best is not None and self.best["path"] is not None:  # beside the checkpoint, however spelled or moved
+            self.best["path"] = str(Path(path).parent / Path(self.best["path"]).name)
         self.bad_validations = manifest["bad_validations"]
         self.thresholds.resumed(path)
+        self.calibration.resumed(path)
         mine = state["ranks"][self.proc.rank]
         set_rng_state(mine["rng"], device)
         saved = mine["window"]
@@ -470,16 +505,92 @@ def lr_multiplier(update, warmup_steps, total_steps):
     return torch.where(update < warmup_steps, warmup, decay)
 
 
-def build_optimizer(model, lr, weight_decay):
-    """AdamW with weight decay on weight matrices only: biases and LayerNorm gains are exempt.
+def build_optimizer(model, module_cfg):
+    """AdamW over the parameters that train, in the parameter_groups of module.weight_decay,
+    module.max_lr, module.head_lr and module.layer_lr_decay; group_rates then gives each group
+    the rate tensor that the schedule sets.
 
     fused: one kernel over all parameters, on CPU and CUDA; it also reads the learning rate from a
     tensor and skips an update on the device when told to (found_inf), which the loop relies on.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, fused=True)
+    groups = parameter_groups(model, module_cfg["weight_decay"], module_cfg["max_lr"], module_cfg["head_lr"],
+                              module_cfg["layer_lr_decay"])
+    return torch.optim.AdamW(groups, lr=module_cfg["max_lr"], fused=True)
+
+
+LAYER_INDEX = re.compile(r"(?:^|\.)layers?\.(\d+)\.")  # encoder.layer.3. (BERT), layers.3. (ModernBERT)
+
+
+def encoder_parts(model, per_layer):
+    """({id(parameter): (part, depth)} of the pretrained encoder's (model.base_model) parameters,
+    the number of layers): depth 0 the embeddings, i + 1 layer i, and the number of layers for
+    what sits above them (a pooler, a final norm), which goes with the top layer. Not per_layer:
+    all one part, the encoder, at the top."""
+    classifier = classifier_of(model)
+    encoder = getattr(classifier, "base_model", classifier)  # a plain torch module: all encoder
+    named = list(encoder.named_parameters())
+    layers = 1 + max((int(m.group(1)) for name, _ in named if (m := LAYER_INDEX.search(name))), default=-1)
+    parts = {}
+    for name, p in named:
+        match = LAYER_INDEX.search(name)
+        depth = int(match.group(1)) + 1 if match else 0 if name.startswith("embeddings.") else layers
+        if not per_layer:
+            parts[id(p)] = ("encoder", layers)
+        else:
+            parts[id(p)] = ("embeddings" if depth == 0 else f"layer {depth - 1}", depth)
+    return parts, layers
+
+
+def parameter_groups(model, weight_decay, max_lr, head_lr=None, layer_lr_decay=1.0):
+    """AdamW's groups of the parameters that train, each with its weight decay, its peak learning
+    rate (peak_lr, which the schedule multiplies) and the parts of the model it holds.
+
+    Weight decay on weight matrices only: biases and LayerNorm gains are exempt. The head
+    (whatever is not the pretrained encoder: the classifier, a distillation projection) peaks at
+    head_lr (None: max_lr). With layer-wise decay, layer i of L peaks at max_lr * layer_lr_decay **
+    (L - 1 - i) and the embeddings at max_lr * layer_lr_decay ** L: the top layer at max_lr, each
+    one below at a fraction of the rate above it. Parameters of one rate and weight decay share a group.
+    """
+    parts, layers = encoder_parts(model, per_layer=layer_lr_decay != 1)
+    groups = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        part, depth = parts.get(id(p), ("head", None))
+        if depth is None:
+            peak = max_lr if head_lr is None else head_lr
+        else:
+            peak = max_lr * layer_lr_decay ** (layers - depth)
+        decays = p.ndim >= 2
+        group = groups.setdefault((peak, decays), {"params": [], "weight_decay": weight_decay if decays else 0.0,
+                                                   "peak_lr": peak, "parts": []})
+        group["params"].append(p)
+        if part not in group["parts"]:
+            group["parts"].append(part)
+    return list(groups.values())
+
+
+def group_rates(optimizer, device):
+    """(rates, peaks): each parameter group's learning rate as one element of a float32 tensor on
+    the device, the "lr" fused AdamW reads (a view, so one kernel sets them all), and the groups'
+    peak rates (float64, as the schedule's multiplier)."""
+    peaks = torch.tensor([group["peak_lr"] for group in optimizer.param_groups], dtype=torch.float64, device=device)
+    rates = torch.zeros(len(peaks), device=device)
+    for group, rate in zip(optimizer.param_groups, rates):  # iterating a tensor gives views of it
+        group["lr"] = rate
+    return rates, peaks
+
+
+def describe_optimizer(optimizer, model):
+    """The start-up line of the optimizer: its groups, each part's peak rate, what trains."""
+    peaks = {part: group["peak_lr"] for group in optimizer.param_groups for part in group["parts"]}
+    trainable = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+    total = sum(p.numel() for p in model.parameters())
+    rates = ", ".join(f"{part} {peak:.2e}" for part, peak in peaks.items())
+    if len(set(peaks.values())) == 1:
+        rates = f"all {next(iter(peaks.values())):.2e}"
+    return (f"optimizer: AdamW, {len(optimizer.param_groups)} parameter groups, peak learning rates {rates}; "
+            f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train")
 
 
 def supervised_loss(model, batch, indices=None, class_weights=None):
@@ -555,6 +666,7 @@ def run(cfg, proc):
     if not cfg["data"]["train_filepath"]:  # a fine-tuned model evaluates and / or predicts (evaluation.py)
         return evaluate_and_predict(cfg, proc)
     per_rank_batch(cfg["trainer"], proc.world_size)  # a config error, before any folder is made
+    check_artifact(cfg)  # an export folder, whose model it would pick, is refused next: it does not train
     if is_export_dir(cfg["model"]["model_path"]):
         raise ConfigError(f"model.model_path {cfg['model']['model_path']} is an export folder (ONNX): it evaluates "
                           f"and predicts only; train from the checkpoint it came from (its export.json's source)")
@@ -563,15 +675,16 @@ def run(cfg, proc):
     if note is not None:
         proc.say(f"note: {note}")
     notes = []  # of building the model: fit says them unless the run resumes
-    inputs = prepare_run(cfg, proc, lambda tokenizer: build_classifier(cfg, proc.device, say=notes.append))
+    inputs = prepare_run(cfg, proc, lambda tokenizer: build_classifier(cfg, proc.device, say=notes.append, adapters=True))
     train = training_split(cfg, proc, inputs.train)
     weights = class_weights(cfg, train, proc.device, say=proc.say)
     trainer = Trainer(cfg, proc, inputs.built, inputs.tokenizer, train, inputs.val,
                       loss_fn=functools.partial(supervised_loss, class_weights=weights))
     result = fit(trainer, notes)
     if result is not None and cfg["data"]["predict_filepath"]:
+        decisions = Decisions(trainer.thresholds.values, trainer.calibration.temperature or 1.0)  # the best model's
         result["predictions"] = predict_file(cfg, proc, classifier_of(trainer.model), inputs.tokenizer, trainer.run_dir,
-                                             thresholds=trainer.thresholds.values, total_rows=inputs.predict_rows)
+                                             total_rows=inputs.predict_rows, decisions=decisions)
     return result
 
 
@@ -605,7 +718,7 @@ def main(argv=None, run_fn=run, doc=__doc__):
     except (ConfigError, DataError, ModelError, TrainingError, OutputError) as e:
         if cfg is not None and cfg["trainer"]["debug"]:
             raise
-        if int(os.environ.get("RANK", 0)) == 0 or not (shared or isinstance(e, MainProcessFailed)):
+        if launch_rank() == 0 or not (shared or isinstance(e, MainProcessFailed)):
             # one write: print writes the newline apart, and under torchrun ranks share one stderr
             sys.stderr.write(f"error: {e}\n")
         return 2

@@ -80,9 +80,11 @@ def test_evaluate_and_predict_take_labels_task_and_max_seq_len_from_the_checkpoi
     rc, out, err = main(predict_args(trained, tiny_bert, rows), capsys)
     assert rc == 0, err
     best = trained / "ckpt" / "best"
+    temperature = json.loads((best / "calibration.json").read_text())["temperature"]
     notes = [line for line in out if "checkpoint" in line and line.startswith("note: ")]
     assert notes == [f"note: from the checkpoint {best}: data.labels_list ['bad', 'good'] "
-                     f"(single-label classification), module.max_seq_len {MAX_SEQ_LEN}"]
+                     f"(single-label classification), module.max_seq_len {MAX_SEQ_LEN}, "
+                     f"module.calibrate {round(temperature, 4)} (its temperature, calibration.json)"]
     result = last_json_line("\n".join(out))
     assert result["acc"] > 0.9  # labelled bad / good, which config.yaml's labels would not read
     predicted = read_predictions(trained)
@@ -91,16 +93,17 @@ def test_evaluate_and_predict_take_labels_task_and_max_seq_len_from_the_checkpoi
     model = AutoModelForSequenceClassification.from_pretrained(best).eval()
     tokenizer = make_tokenizer()
     with torch.no_grad():
-        probs = {n: model(**tokenizer(LONG_TEXT, truncation=True, max_length=n, return_tensors="pt")).logits
-                 .softmax(-1)[0].numpy() for n in (MAX_SEQ_LEN, 64)}
+        logits = {n: model(**tokenizer(LONG_TEXT, truncation=True, max_length=n, return_tensors="pt")).logits[0]
+                  for n in (MAX_SEQ_LEN, 64)}
     ours = np.array([float(predicted[0]["prob_bad"]), float(predicted[0]["prob_good"])])
-    np.testing.assert_allclose(ours, probs[MAX_SEQ_LEN], atol=2e-6)
-    # and the two lengths give probabilities far apart, beyond that tolerance: the match says which
-    assert np.abs(probs[MAX_SEQ_LEN] - probs[64]).max() > 100 * 2e-6
+    np.testing.assert_allclose(ours, (logits[MAX_SEQ_LEN] / temperature).softmax(-1).numpy(), atol=2e-6)  # calibrated
+    # and the two lengths give logits far apart (probabilities may saturate at a small temperature): the match says which
+    assert (logits[MAX_SEQ_LEN] - logits[64]).abs().max() > 1e-3
 
     # the same values given by the user are theirs: nothing to say, the same predictions
     rc, out, err = main(predict_args(trained, tiny_bert, rows, **{
-        "data.labels_list": "[bad, good]", "module.max_seq_len": MAX_SEQ_LEN, "module.metric": "acc"}), capsys)
+        "data.labels_list": "[bad, good]", "module.max_seq_len": MAX_SEQ_LEN, "module.metric": "acc",
+        "module.calibrate": temperature}), capsys)
     assert rc == 0, err
     assert not [line for line in out if "from the checkpoint" in line]
     assert read_predictions(trained) == predicted
@@ -178,11 +181,15 @@ def test_pipeline_on_a_long_text_gives_our_probabilities(trained, tiny_bert, cap
     assert rc == 0, err
     ours = [{name: float(row[f"prob_{name}"]) for name in ("bad", "good")} for row in read_predictions(trained)]
     # the pipeline passes no truncation to the tokenizer unless asked: truncation=True is needed,
-    # and then it cuts at the saved tokenizer's model_max_length, which is the training max_seq_len
-    classify = pipeline("text-classification", model=str(best), top_k=None, truncation=True, device="cpu")
+    # and then it cuts at the saved tokenizer's model_max_length, which is the training max_seq_len;
+    # its logits divided by config.json's temperature give our calibrated probabilities (the model card's recipe)
+    classify = pipeline("text-classification", model=str(best), top_k=None, truncation=True, device="cpu",
+                        function_to_apply="none")
     assert classify.tokenizer.model_max_length == MAX_SEQ_LEN
+    temperature = classify.model.config.calibration_temperature
     for scores, mine in zip(classify([LONG_TEXT, "good film"]), ours):
-        theirs = {item["label"]: item["score"] for item in scores}
+        logits = {item["label"]: item["score"] / temperature for item in scores}
+        theirs = {name: 1 / sum(np.exp(z - logit) for z in logits.values()) for name, logit in logits.items()}
         assert theirs.keys() == mine.keys()
         for name in mine:  # the fourth decimal and beyond: our file holds six
             assert theirs[name] == pytest.approx(mine[name], abs=5e-6)

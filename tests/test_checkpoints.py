@@ -3,9 +3,11 @@ replaced, a resume checks what changed and keeps its books, and what a crash lea
 
 Runs are in-process (trainer.main) on a tiny model: 2 epochs x 13 steps of 16 examples.
 """
+import functools
 import json
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import subprocess
@@ -133,6 +135,27 @@ def test_resume_auto_skips_a_checkpoint_that_does_not_load_and_takes_the_next(jo
         f.truncate(10)
     assert trainer.main(job["args"]("truncated", **{"ckpt.resume": str(newest)})) == 2
     assert "incomplete checkpoint: training_state.pt is 10 bytes" in error_line(capsys)
+
+
+def test_resume_auto_where_no_checkpoint_loads_stops_naming_them_and_keeps_them(job, capsys):
+    args = functools.partial(job["args"], "wrong-ext", **{"trainer.epochs": 1})
+    assert trainer.main(args()) == 0
+    ckpt = ckpt_dir(job, "wrong-ext")
+    before = sorted(p.name for p in ckpt.iterdir())
+    capsys.readouterr()
+    # a careless extension: once a fresh run from step 0 that deleted them all at its first save
+    assert trainer.main(args(**{"ckpt.resume": "auto", "ckpt.file_ext": ".bin"})) == 2
+    out, err = capsys.readouterr()
+    [line] = err.splitlines()
+    assert line.startswith(f"error: --ckpt.resume auto: none of the 5 checkpoints in {ckpt} loads "
+                           f"(checkpoint-epoch1-step13: holds training_state.pt, not training_state.bin; pass "
+                           f"--ckpt.file_ext .pt as the run that wrote it did; checkpoint-epoch1-step12: ")
+    assert line.endswith("; ...); fix what stops them, or pass --ckpt.overwrite true to start a new run that replaces them")
+    assert "note: skipping" not in out and sorted(p.name for p in ckpt.iterdir()) == before  # nothing moved
+    # told to, a new run replaces them
+    assert trainer.main(args(**{"ckpt.resume": "auto", "ckpt.file_ext": ".bin", "ckpt.overwrite": "true"})) == 0
+    assert "moved 5 checkpoints that do not load" in capsys.readouterr().out
+    assert [p.name for p in (ckpt / "last").iterdir() if p.name.startswith("training_state")] == ["training_state.bin"]
 
 
 @pytest.mark.slow  # trains more than one epoch
@@ -274,6 +297,28 @@ def test_resume_with_a_changed_config_or_data_stops_before_step_one(job, capsys,
     assert line.startswith("error: cannot resume") and expected.format(tmp=job["tmp"]) in line
     assert "--model.model_path" in line
     assert sorted(p.name for p in ckpt_dir(job, name).iterdir()) == before
+
+
+def test_a_refused_resume_names_the_file_trained_on_and_the_command_that_resumes_it(job, capsys):
+    args = functools.partial(job["args"], "own-command", **{"trainer.epochs": 1})
+    assert trainer.main(args()) == 0
+    ckpt = ckpt_dir(job, "own-command")
+    other = write_csv(job["tmp"] / "other.csv", sentiment_rows(50, seed=9))
+    capsys.readouterr()
+    # a resume that forgot the run's flags and points at another training file
+    forgetful = ["--data.train_filepath", other, "--data.val_filepath", job["val"], "--data.label_col", "label",
+                 "--model.hf_model", job["model"], "--ckpt.model_state_save_dir", str(ckpt), "--ckpt.resume", "auto",
+                 "--trainer.device", "cpu", "--trainer.num_threads", "1"]
+    assert trainer.main(forgetful) == 2
+    line = error_line(capsys)
+    assert f"data.train_filepath: the file's content differs from the one the checkpoint trained on ({job['train']})" in line
+    assert "module.max_lr 0.003 -> 5e-05" in line
+    command = line.split("Resume with the checkpoint's settings: ", 1)[1].split("; or start a new run", 1)[0]
+    launcher, script, *own = shlex.split(command)
+    assert (launcher, script, own[-2:]) == ("python", "trainer.py", ["--ckpt.resume", "auto"])
+    # the command it gives resumes the checkpoint: every setting is the checkpoint's own
+    assert trainer.main(own) == 0
+    assert "the resumed run is already complete (step 13, epoch 1 of 1)" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # trains several epochs

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from config import GOLDEN_CONFIG, ConfigError, load_config, parse_args, print_help, read_yaml, task_of
+from config import GOLDEN_CONFIG, ConfigError, config_options, load_config, parse_args, print_help, read_yaml, task_of
 
 
 def config_error(argv):
@@ -113,6 +113,30 @@ def test_config_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
     path.write_bytes("trainer:\n  seed: 3  # café\n".encode("latin-1"))
     message = config_error(["--config_path", str(path)])
     assert "latin1.yaml:2:" in message and "UTF-8" in message
+
+
+@pytest.mark.parametrize("value", ["&a [*a]", "&a {x: *a}", "[1, &a [2, *a]]"])
+def test_a_yaml_alias_inside_its_own_anchor_is_one_line_not_a_recursion(value):
+    message = config_error(["--data.labels_list", value])
+    assert message.startswith("--data.labels_list: a YAML alias inside its own anchor")
+
+
+def test_a_recursive_alias_in_a_config_file_names_the_file(tmp_path):
+    path = write_config(tmp_path, "sweep:\n  grid: &g {module.max_lr: [1e-5], nested: *g}\n")
+    assert config_error(["--config_path", path]).startswith(f"{path}: a YAML alias inside its own anchor")
+
+
+def test_aliases_of_aliases_that_would_make_a_billion_items_are_refused():
+    nested = "[&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    nested += "".join(f", &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)) + "]"
+    assert "more than 100000 items" in config_error(["--data.labels_list", nested])
+
+
+def test_an_alias_used_twice_without_recursion_is_an_ordinary_value():
+    cfg = load_config(["--distill.loss_types", "[&t logits, labels]", "--distill.loss_weights", "[0.5, 0.5]"])
+    assert cfg["distill"]["loss_types"] == ["logits", "labels"]
+    _, overrides = parse_args(["--sweep.grid", "{module.max_lr: &lr [1e-5, 2e-5], module.weight_decay: *lr}"])
+    assert overrides == [("sweep.grid", {"module.max_lr": [1e-5, 2e-5], "module.weight_decay": [1e-5, 2e-5]})]
 
 
 def test_config_file_without_sections_is_refused(tmp_path):
@@ -341,3 +365,19 @@ def test_help_prints_usage_and_every_key_without_importing_torch(script):
     if script == "trainer.py":
         assert "--data.val_filepath null \\\n        --data.predict_filepath new.csv" in usage
 
+
+
+def test_config_options_give_back_the_config_they_were_made_of():
+    argv = ["--data.labels_list", "[business, 'a b', 'yes', '1']", "--module.max_lr", "2e-5", "--data.label_sep", "#",
+            "--data.header", "null", "--data.text_a_col", "0", "--data.train_filepath", "data/bbc/train.csv",
+            "--distill.student_config", "{num_hidden_layers: 2}", "--module.threshold", "[0.3, 0.4, 0.5, 0.6]",
+            "--data.multi_label", "true", "--data.val_filepath", "true.csv", "--model.tokenizer_path", "'12'",
+            "--ckpt.file_prefix=--odd", "--trainer.seed", "0", "--trainer.log_steps", "7", "--export.int8", "false"]
+    cfg = load_config(argv)
+    options = config_options(cfg, leave_out=("export", "trainer.seed"))
+    assert "--ckpt.file_prefix=--odd" in options and "--export.int8" not in options and "--trainer.seed" not in options
+    again = load_config(options)
+    assert again["trainer"]["seed"] == 42 and again["export"]["int8"] is True
+    again["trainer"]["seed"], again["export"]["int8"] = 0, False
+    assert again == cfg
+    assert config_options(load_config([])) == []

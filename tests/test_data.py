@@ -1,10 +1,14 @@
 """Data: reading csv / tsv / jsonl files, token ids, and the batches the loop and DDP ranks use."""
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
 
+import trainer
 from config import GOLDEN_CONFIG, read_yaml
-from conftest import make_tokenizer, write_csv, write_jsonl
+from conftest import base_args, make_tokenizer, sentiment_rows, write_csv, write_jsonl
 from data import (
     DataError,
     Encoded,
@@ -556,3 +560,45 @@ def test_a_bad_row_late_in_a_prediction_file_is_found_by_the_check_pass(tmp_path
     path = write_csv(tmp_path / "a.csv", rows)
     with pytest.raises(DataError, match=r"a\.csv:32: empty text"):
         count_examples(path, data_cfg(labels_list=LABELS))
+
+
+# -- data.max_rows: a quick run on the first rows of each file ---------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_max_rows_reads_the_first_rows_and_never_the_rest(tmp_path, fmt):
+    rows = ROWS * 3 + [{"text": "past the first rows", "label": "no such label"}]
+    path = write_csv(tmp_path / "a.csv", rows) if fmt == "csv" else write_jsonl(tmp_path / "a.jsonl", rows)
+    cfg = data_cfg(file_format=fmt, labels_list=LABELS, max_rows=4)
+    examples = read_examples(path, cfg, need_labels=True)
+    assert examples.texts_a == [row["text"] for row in ROWS + ROWS[:1]] and examples.labels.tolist() == [1, 0, 1, 1]
+    assert count_examples(path, cfg) == 4
+    assert [len(chunk.texts_a) for chunk in example_chunks(path, cfg, 3)] == [3, 1]
+    with pytest.raises(DataError, match="label 'no such label' is not in data.labels_list"):
+        read_examples(path, data_cfg(file_format=fmt, labels_list=LABELS), need_labels=True)
+
+
+def test_a_quick_run_says_records_and_caches_its_first_rows_and_a_resume_keeps_them(tmp_path, tiny_bert, capsys):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(100, seed=1))
+    val = write_csv(tmp_path / "val.csv", sentiment_rows(30, seed=2))
+
+    def run(name, max_rows, **more):
+        capsys.readouterr()
+        rc = trainer.main(base_args(tmp_path, tiny_bert, train, val, **{
+            "trainer.epochs": 1, "data.max_rows": max_rows, "ckpt.model_state_save_dir": str(tmp_path / name),
+            "data.predict_filepath": val, "data.predict_output": str(tmp_path / f"{name}.csv"), **more}))
+        out, err = capsys.readouterr()
+        return rc, out, err
+    rc, out, _ = run("quick", 40)
+    assert rc == 0 and "training: 40 examples (data.max_rows 40: the first 40 rows of each file), 1 epochs x 3 steps" in out
+    assert f"prediction of {val} (data.max_rows 40: the first 40 rows of each file)" in out
+    assert len((tmp_path / "quick.csv").read_text().splitlines()) == 1 + 30  # the val file has fewer rows
+    record = json.loads((tmp_path / "runs" / os.path.basename(json.loads(out.splitlines()[-1])["run_dir"]) /
+                         "run.json").read_text())
+    assert record["max_rows"] == 40
+    # the token cache keeps the first 40 rows apart from the first 60 (and from the whole file)
+    rc, out, _ = run("more", 60)
+    assert rc == 0 and "training: 60 examples (data.max_rows 60" in out
+    # the rows a run trained on are part of what it is: a resume may not change them
+    rc, _, err = run("quick", 60, **{"ckpt.resume": "auto"})
+    assert rc == 2 and "data.max_rows 40 -> 60" in err

@@ -31,6 +31,7 @@ from conftest import (
     write_csv,
 )
 from data import Encoded
+from model import ModelError
 
 LABELS = ["negative", "positive"]
 
@@ -102,6 +103,12 @@ def test_the_tokenizers_differ_in_ids_and_lengths(job):
     # a student folder with the teacher's vocabulary reads the teacher's tokens, as before
     assert distill.student_tokenizer({"distill": {"student_tokenizer": None, "student_model": job["base"]}},
                                      teacher) == (None, None)
+
+
+def test_a_student_tokenizer_that_does_not_load_is_one_line_naming_its_key(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}", encoding="utf-8")  # once a KeyError traceback
+    with pytest.raises(ModelError, match=rf"^distill.student_tokenizer '{tmp_path}': cannot load a tokenizer there"):
+        distill.student_tokenizer({"distill": {"student_tokenizer": str(tmp_path), "student_model": None}}, None)
 
 
 @pytest.mark.slow  # trains more than one epoch

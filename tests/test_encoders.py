@@ -98,13 +98,14 @@ def error_line(err):
 
 
 def plain_predictions(checkpoint, texts):
-    """Class probabilities of texts by the checkpoint in plain transformers: its config.json, its
-    tokenizer truncating where training did (model_max_length), padded batches."""
+    """Class probabilities of texts by the checkpoint in plain transformers: its config.json (the
+    logits divided by its calibration_temperature, as the model card says), its tokenizer truncating
+    where training did (model_max_length), padded batches."""
     model = AutoModelForSequenceClassification.from_pretrained(checkpoint).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     with torch.no_grad():
         logits = model(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).logits
-    return torch.softmax(logits, dim=1).numpy()
+    return torch.softmax(logits / getattr(model.config, "calibration_temperature", 1.0), dim=1).numpy()
 
 
 def read_predictions(path):

@@ -1,5 +1,8 @@
 """evaluation.py: streaming prediction (predict_file), chunk by chunk the same CSV as the whole file at once."""
 import csv
+import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +10,9 @@ import torch
 
 import config
 import evaluation
+import export
 import processes
+import trainer
 from config import load_config
 from conftest import base_args, sentiment_rows, write_csv
 from data import DataError, encode, read_examples
@@ -85,9 +90,39 @@ def test_a_bad_row_in_a_later_chunk_leaves_no_output(job, tmp_path):
 def test_a_file_of_several_chunks_shows_one_bar_over_all_its_rows(job, tmp_path, capsys, monkeypatch):
     cfg, model, tokenizer, rows = job
     cfg["data"]["predict_output"] = str(tmp_path / "p.csv")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # tqdm's bars: on a terminal
     evaluation.predict_file(cfg, MAIN, model, tokenizer, None, total_rows=len(rows))
     err = capsys.readouterr().err
     assert f"predict {cfg['data']['predict_filepath']}:" in err and f"/{len(rows)} " in err  # 30 rows, 5 chunks
     monkeypatch.setattr(evaluation, "PREDICT_CHUNK", 50)
     evaluation.predict_file(cfg, MAIN, model, tokenizer, None, total_rows=len(rows))
     assert f"predict {cfg['data']['predict_filepath']}:" not in capsys.readouterr().err  # one chunk: its own bar only
+
+
+def test_an_export_folder_says_which_onnx_model_ran_records_it_and_model_artifact_picks_int8(tmp_path, tiny_bert, capsys):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(64, seed=1))
+    val = write_csv(tmp_path / "val.csv", sentiment_rows(24, seed=2))
+    assert trainer.main(base_args(tmp_path, tiny_bert, train, val, **{"trainer.epochs": 1})) == 0
+    checkpoint = tmp_path / "ckpt" / "best"
+    # both models kept, whatever int8 costs a tiny random model
+    assert export.main(["--model.model_path", str(checkpoint), "--data.val_filepath", val, "--data.text_a_col", "text",
+                        "--data.label_col", "label", "--export.threads", "1", "--export.output_dir", str(tmp_path / "onnx"),
+                        "--export.int8_max_metric_drop", "1", "--export.int8_min_identical", "0"]) == 0
+    evaluate = ["--data.train_filepath", "null", "--data.val_filepath", val, "--data.label_col", "label",
+                "--model.model_path", str(tmp_path / "onnx"),
+                "--trainer.log_dir", str(tmp_path / "runs"), "--trainer.device", "cpu", "--trainer.num_threads", "1"]
+    for artifact, file in (("auto", "model.onnx"), ("onnx_int8", "model.int8.onnx")):
+        capsys.readouterr()
+        assert trainer.main(evaluate + ["--model.artifact", artifact]) == 0
+        out = capsys.readouterr().out
+        assert f"model: {tmp_path / 'onnx' / file}, run by ONNX Runtime on the CPU (model.artifact {artifact})" in out
+        result = json.loads(out.splitlines()[-1])
+        record = json.loads((Path(result["run_dir"]) / "run.json").read_text())
+        assert result["onnx_model"] == str(tmp_path / "onnx" / file) and record["onnx_model"] == f"../../onnx/{file}"
+    # a checkpoint has no ONNX model to pick; and the key's earlier name says its new one
+    for more, message in ((["--model.model_path", str(checkpoint), "--model.artifact", "onnx_int8"],
+                           f"error: model.artifact onnx_int8 picks a model of an export folder (export.py), and "
+                           f"model.model_path {checkpoint} is not one; leave it out"),
+                          (["--serve.artifact", "onnx_int8"], "error: --serve.artifact: serve.artifact is now model.artifact")):
+        assert trainer.main(evaluate + more) == 2
+        assert capsys.readouterr().err.startswith(message)

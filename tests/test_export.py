@@ -7,6 +7,7 @@ sentence pairs each train and export a checkpoint of their own: slow.
 """
 import contextlib
 import csv
+import errno
 import io
 import json
 import random
@@ -22,6 +23,7 @@ from transformers import AutoModelForSequenceClassification
 import checkpoint
 import evaluation
 import export
+import files
 import processes
 import trainer
 from config import load_config
@@ -371,3 +373,193 @@ def test_export_keys_never_block_a_resume():
     assert checkpoint.resume_conflicts(older, digests, cfg, digests) == []
     cfg["module"]["max_lr"] = 1.0  # while a key of training still does
     assert checkpoint.resume_conflicts(older, digests, cfg, digests) == ["module.max_lr 5e-05 -> 1.0"]
+
+
+# -- a damaged export folder, an edited export.json: one line each (issue 41) --------------------
+
+
+def copy_of(single, tmp_path):
+    folder = tmp_path / "served"
+    shutil.copytree(single["folder"], folder)
+    return folder
+
+
+def predict_through(single, folder, tmp_path, expect=2, **more):
+    """trainer.py evaluating and predicting through the export folder: (stdout, stderr)."""
+    new = write_csv(tmp_path / "new.csv", [{"text": r["text"]} for r in sentiment_rows(6, seed=4)])
+    return run_main(trainer.main, export_args(str(folder), single["val"], **{
+        "data.train_filepath": "null", "data.predict_filepath": new, "trainer.log_dir": str(tmp_path / "runs"),
+        "data.predict_output": str(tmp_path / "predictions.csv"), "trainer.device": "cpu", **more}), expect=expect)
+
+
+def rewrite_json(path, change):
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("damage, missing", [
+    ("no config.json", "config.json"),
+    ("no tokenizer", "tokenizer_config.json"),
+    ("no model.onnx", "model.onnx"),
+    ("multi-label without thresholds", "thresholds.json"),
+    ("calibrated without its temperature", "calibration.json"),
+])
+def test_a_damaged_export_folder_is_refused_in_one_line(single, tmp_path, damage, missing):
+    """Complete or refused: never read with the default labels, task or another tokenizer."""
+    folder = copy_of(single, tmp_path)
+    if damage == "no tokenizer":
+        for name in ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+            (folder / name).unlink(missing_ok=True)
+    elif damage == "multi-label without thresholds":
+        rewrite_json(folder / "config.json", lambda c: c.update(problem_type="multi_label_classification"))
+    elif damage == "calibrated without its temperature":
+        assert json.loads((folder / "config.json").read_text())["calibration_temperature"] > 0
+        (folder / missing).unlink()
+    else:
+        (folder / missing).unlink()
+    _, err = predict_through(single, folder, tmp_path)
+    assert err == f"error: {folder}: an incomplete export folder ({missing} missing); export the checkpoint again\n"
+    assert not (tmp_path / "predictions.csv").exists()
+    with pytest.raises(ModelError, match="an incomplete export folder"):
+        export.load_exported(folder)
+
+
+def export_json_edit(name):
+    """An edit of export.json, by name: (change, the part of the error line that names it)."""
+    artifacts = {"onnx_fp32": "model.onnx"}
+    return {
+        "artifact up and out": (lambda m: m.update(artifacts={"onnx_fp32": "../model.onnx"}),
+                                "artifacts is {'onnx_fp32': '../model.onnx'}"),
+        "artifact absolute": (lambda m: m.update(artifacts={"onnx_fp32": "/tmp/model.onnx"}),
+                              "artifacts is {'onnx_fp32': '/tmp/model.onnx'}"),
+        "artifacts a list": (lambda m: m.update(artifacts=["model.onnx"]), "artifacts is ['model.onnx']"),
+        "no artifacts": (lambda m: m.update(artifacts={}), "artifacts is {}"),
+        "an unknown artifact": (lambda m: m.update(artifacts={**artifacts, "onnx_fp16": "model.onnx"}),
+                                "artifacts is {'onnx_fp32': 'model.onnx', 'onnx_fp16': 'model.onnx'}"),
+        "window_stride text": (lambda m: m["config"]["data"].update(window_stride="abc"),
+                               "config: data.window_stride is 'abc'; expected int"),
+        "window_pool bogus": (lambda m: m["config"]["data"].update(window_pool="bogus"),
+                              "config: data.window_pool is 'bogus'; choose one of ['mean', 'max']"),
+        "long_texts bogus": (lambda m: m["config"]["data"].update(long_texts="bogus"),
+                             "config: data.long_texts is 'bogus'; choose one of ['truncate', 'windows']"),
+        "max_seq_len 0": (lambda m: m["config"]["module"].update(max_seq_len=0),
+                          "config: module.max_seq_len is 0; it must be positive"),
+        "config a string": (lambda m: m.update(config="x"), "config is 'x'"),
+        "source a number": (lambda m: m.update(source=5), "source is 5"),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["artifact up and out", "artifact absolute", "artifacts a list", "no artifacts",
+                                  "an unknown artifact", "window_stride text", "window_pool bogus", "long_texts bogus",
+                                  "max_seq_len 0", "config a string", "source a number"])
+def test_an_edited_export_json_is_refused_in_one_line(single, tmp_path, name):
+    folder = copy_of(single, tmp_path)
+    change, fragment = export_json_edit(name)
+    rewrite_json(folder / "export.json", change)
+    _, err = predict_through(single, folder, tmp_path)
+    assert err.startswith(f"error: {folder / 'export.json'}: {fragment}") and err.count("\n") == 1, err
+    assert err.endswith("export the checkpoint again\n")
+    with pytest.raises(ModelError):
+        export.load_exported(folder)
+
+
+def test_an_onnx_model_whose_logits_do_not_fit_the_labels_is_refused(single, tmp_path):
+    folder = copy_of(single, tmp_path)
+    rewrite_json(folder / "config.json", lambda c: c.update(
+        id2label={"0": "negative", "1": "positive", "2": "mixed"}, label2id={"negative": 0, "positive": 1, "mixed": 2}))
+    _, err = predict_through(single, folder, tmp_path)
+    assert err == (f"error: {folder / 'model.onnx'}: its logits have 2 values per text, but its folder's config.json "
+                   f"has 3 labels; export the checkpoint again\n")
+    assert not (tmp_path / "predictions.csv").exists()
+
+
+def test_predictions_over_the_export_folders_own_model_are_refused(single, tmp_path):
+    folder = copy_of(single, tmp_path)
+    before = (folder / "model.onnx").read_bytes()
+    _, err = predict_through(single, folder, tmp_path, **{"data.predict_output": str(folder / "model.onnx")})
+    assert err == (f"error: data.predict_output {folder / 'model.onnx'} is a file of model.model_path {folder}, the "
+                   f"model it predicts with; write the predictions outside that folder\n")
+    assert (folder / "model.onnx").read_bytes() == before
+
+
+# -- a full disk, two exports at once, where pruning would delete the export ---------------------
+
+
+def test_a_full_disk_while_quantizing_is_one_line_and_leaves_nothing(single, reuse_export, monkeypatch, tmp_path):
+    def full(fp32_path, path):
+        path.write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(export, "quantize_int8", full)
+    _, err = run_main(export.main, export_args(single["checkpoint"], single["val"], **{
+        "export.output_dir": tmp_path / "served"}), expect=2)
+    assert err == (f"error: cannot write {tmp_path / 'served'}: No space left on device (the disk is full); free space "
+                   f"or choose another export.output_dir\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_tracing_is_not_said_to_be_a_model_that_does_not_export(single, monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):  # what torch raises when the protobuf cannot be written
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=4096))
+    _, err = run_main(export.main, export_args(single["checkpoint"], single["val"], **{
+        "export.output_dir": tmp_path / "served"}), expect=2)
+    assert err == (f"error: cannot write {tmp_path / 'served'}: PytorchStreamWriter failed writing file data/0: file "
+                   f"write failed (the disk is full); free space or choose another export.output_dir\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_live_export_folder_and_a_users_lookalike_are_never_removed(tmp_path):
+    """remove_abandoned removes a temporary folder only when its mark proves it an export's and its
+    writer is gone: another export's, still being written, and a user's folder of such a name stay."""
+    said = []
+    user = tmp_path / ".served-0123abcd.tmp"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    starred = tmp_path / ".s-0123abcd.tmp"  # an export to "s*" must not take "s"'s
+    with files.temporary_folder(tmp_path, "served", export.EXPORT_WRITING) as live, \
+            files.temporary_folder(tmp_path, "s", export.EXPORT_WRITING) as other:
+        files.remove_abandoned(tmp_path, "served", export.EXPORT_WRITING, say=said.append)
+        assert live.is_dir() and user.is_dir() and said == []
+        other.rename(starred)  # its writer ends below without publishing it: a killed export's leftover
+    files.remove_abandoned(tmp_path, "s*", export.EXPORT_WRITING, say=said.append)
+    assert starred.is_dir() and said == []
+    files.remove_abandoned(tmp_path, "s", export.EXPORT_WRITING, say=said.append)
+    assert not starred.exists() and len(said) == 1
+    assert (user / "notes.txt").read_text() == "mine"
+
+
+def test_an_export_folder_made_meanwhile_by_another_export_is_one_line_and_kept(single, reuse_export, monkeypatch,
+                                                                                 tmp_path):
+    target = tmp_path / "served"
+    real = export.write_folder
+
+    def and_another_export(folder, *args):  # the other export publishes first
+        real(folder, *args)
+        target.mkdir()
+        (target / "model.onnx").write_text("the other export's")
+    monkeypatch.setattr(export, "write_folder", and_another_export)
+    _, err = run_main(export.main, export_args(single["checkpoint"], single["val"], **{
+        "export.output_dir": target, "export.int8": "false"}), expect=2)
+    assert "Traceback" not in err and err.splitlines()[-1] == (
+        f"error: {target} was made while this export ran (another export to the same folder?); nothing was written; "
+        f"remove it, or choose another --export.output_dir")
+    assert (target / "model.onnx").read_text() == "the other export's"
+    assert [p.name for p in tmp_path.iterdir()] == ["served"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("where", ["inside the checkpoint", "named like a save folder's temporary"])
+def test_an_export_where_trainer_py_deletes_is_refused(single, tmp_path, where):
+    checkpoint = single["checkpoint"].resolve()
+    target = checkpoint / "onnx" if where == "inside the checkpoint" else checkpoint.parent / ".tmp-onnx"
+    _, err = run_main(export.main, export_args(single["checkpoint"], single["val"], **{
+        "export.output_dir": target}), expect=2)
+    if where == "inside the checkpoint":
+        assert err == (f"error: export.output_dir {target} is inside the checkpoint folder {checkpoint}, which "
+                       f"trainer.py deletes when it prunes or replaces it; choose a folder outside it\n")
+    else:
+        assert err == (f"error: export.output_dir {target}: a name that trainer.py takes for its own in the save "
+                       f"folder {checkpoint.parent}; choose another name\n")
+    assert not target.exists()

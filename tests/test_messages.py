@@ -2,6 +2,7 @@
 one class, and files that follow the umask (a team can read a shared checkpoint folder)."""
 import os
 import stat
+import sys
 
 import numpy as np
 import pytest
@@ -37,15 +38,17 @@ def test_checkpoint_and_log_files_follow_the_umask(trained):
     assert set(modes.values()) == {0o644}, {n: oct(m) for n, m in modes.items() if m != 0o644}
 
 
-def test_evaluation_and_prediction_show_progress_with_the_device(trained, capsys):
+def test_evaluation_and_prediction_show_progress_with_the_device(trained, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # tqdm's bars: on a terminal (progress.py)
     args = base_args(trained, str(trained / "bert"), "null", str(trained / "val.csv"), **{
         "model.model_path": str(trained / "ckpt" / "best"), "trainer.val_batch_size": 4,
         "data.predict_filepath": str(trained / "val.csv"), "data.predict_output": str(trained / "p2.csv")})
     assert trainer.main(args) == 0
     out, err = capsys.readouterr()
     assert "evaluate on cpu" in err and "predict on cpu" in err and "/10 " in err  # 40 rows / 4 a batch
-    # the first line of each says the device, before the wait, as training's does
-    lines = out.splitlines()
+    # the first line of each says the device, before the wait, as training's does (after the note of
+    # what the checkpoint supplied: its temperature)
+    lines = [line for line in out.splitlines() if not line.startswith("note: ")]
     assert lines[0] == f"evaluation of {trained / 'ckpt' / 'best'} on {trained / 'val.csv'} (40 examples), device cpu"
     assert f"prediction of {trained / 'val.csv'}, device cpu" in lines
     assert lines.index(f"prediction of {trained / 'val.csv'}, device cpu") < lines.index(

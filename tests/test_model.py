@@ -166,3 +166,22 @@ def test_training_from_a_2_label_classifier_saves_a_3_label_checkpoint(tmp_path,
     best = BertForSequenceClassification.from_pretrained(tmp_path / "ckpt" / "best")
     assert best.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
     assert best.classifier.weight.shape == (3, 32)
+
+
+# -- a tokenizer folder that does not load ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", [
+    {"tokenizer.json": "{}"},  # once a KeyError traceback ('added_tokens')
+    {"tokenizer.json": "[1, 2]"},
+    {"tokenizer.json": '{"version": "1.0", "model": '},  # cut short
+    {"tokenizer_config.json": "not json"},
+])
+def test_a_tokenizer_folder_that_does_not_load_is_one_line_naming_it(tmp_path, tiny_bert, capfd, damage):
+    encoder = shutil.copytree(tiny_bert, tmp_path / "encoder")
+    (encoder / "vocab.txt").unlink(missing_ok=True)  # the damaged file is all there is to read
+    for name, text in damage.items():
+        (encoder / name).write_text(text, encoding="utf-8")
+    line = run_error_line(tmp_path, tiny_bert, capfd, **{"model.tokenizer_path": str(encoder)})
+    assert line.startswith(f"error: model.tokenizer_path '{encoder}': cannot load a tokenizer there (")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "runs").exists()  # nothing written

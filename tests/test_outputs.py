@@ -147,7 +147,8 @@ def test_a_rank_hears_that_rank_zero_failed_and_leaves_the_saying_to_it(monkeypa
     def failing_run(cfg, proc):
         processes.on_main(rank1, lambda: None)
     for rank, printed in (("1", []), ("0", ["error: the main process (rank 0) failed: cannot write checkpoints/last"])):
-        monkeypatch.setenv("RANK", rank)
+        for key, value in {"RANK": rank, "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500"}.items():
+            monkeypatch.setenv(key, value)
         monkeypatch.setattr(trainer, "setup_distributed", lambda tcfg: rank1)
         assert trainer.main(["--trainer.device", "cpu"], run_fn=failing_run) == 2
         assert capsys.readouterr().err.splitlines() == printed

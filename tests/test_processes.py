@@ -1,6 +1,7 @@
 """processes.py: the device a process picks, its threads and precision, and the random state a checkpoint restores."""
 import pickle
 import random
+import re
 
 import numpy as np
 import pytest
@@ -10,12 +11,62 @@ import config
 import processes
 import trainer
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_environment(monkeypatch, **variables):
+    """The environment torchrun gives a process (MASTER_ADDR / MASTER_PORT unless said otherwise),
+    with exactly the variables given of the rest."""
+    for key in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {"MASTER_ADDR": "localhost", "MASTER_PORT": "29500", **variables}.items():
+        if value is not None:
+            monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"RANK": "3", "MASTER_ADDR": None, "MASTER_PORT": None},
+     "the environment sets RANK but not WORLD_SIZE, MASTER_ADDR, MASTER_PORT, which torchrun sets"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": None},
+     "the environment sets RANK and WORLD_SIZE but not MASTER_ADDR, which torchrun sets"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "abc"}, "LOCAL_RANK is 'abc' in the environment"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "0"}, "LOCAL_WORLD_SIZE is '0' in the environment"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK is '2' in the environment; torchrun sets it to a whole number from 0 to 1"),
+    ({"RANK": "0", "WORLD_SIZE": "-1"}, "WORLD_SIZE is '-1' in the environment"),
+])
+def test_an_environment_that_is_not_torchruns_is_one_line_naming_the_variable(monkeypatch, capsys, variables, message):
+    torchrun_environment(monkeypatch, **variables)
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        processes.torchrun_launch()
+    # the run stops with that line, printed by this process whatever RANK says
+    assert trainer.main(["--trainer.device", "cpu"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and message in line
+
+
+def test_torchruns_environment_reads_as_the_process_place(monkeypatch):
+    torchrun_environment(monkeypatch, RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
+    assert processes.torchrun_launch() == processes.Launch(True, rank=3, local_rank=1, world_size=4, local_world_size=2)
+    torchrun_environment(monkeypatch, MASTER_ADDR=None, MASTER_PORT=None)
+    assert processes.torchrun_launch() == processes.Launch(False)
+
+
+def test_a_config_error_is_printed_by_a_process_whose_rank_is_not_torchruns(monkeypatch, capsys):
+    # RANK=3 left in a shell: once the config error went unprinted (exit 2, no output at all)
+    torchrun_environment(monkeypatch, RANK="3", MASTER_ADDR=None, MASTER_PORT=None)
+    assert trainer.main(["--trainer.epochs", "0"]) == 2
+    assert capsys.readouterr().err == "error: trainer.epochs is 0; it must be positive\n"
+    # under torchrun, rank 0 alone prints an error that every rank meets alike
+    for rank, printed in (("3", ""), ("0", "error: trainer.epochs is 0; it must be positive\n")):
+        torchrun_environment(monkeypatch, RANK=rank, WORLD_SIZE="4")
+        assert trainer.main(["--trainer.epochs", "0"]) == 2
+        assert capsys.readouterr().err == printed
+
 
 def test_a_local_rank_without_a_gpu_of_its_own_is_one_line_naming_both_numbers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
-        monkeypatch.setenv(key, value)
+    torchrun_environment(monkeypatch, RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2")
     cfg = config.load_config(["--trainer.backend", "ddp"])
     with pytest.raises(config.ConfigError, match="local rank 1 has no GPU of its own: this machine shows 1"):
         trainer.setup_distributed(cfg["trainer"])

@@ -1,9 +1,10 @@
-"""README.md's commands still run: every trainer.py / distill.py / export.py / sweep.py command in its
-fenced code blocks parses and validates against config.yaml, as the script itself would check it
-before loading anything. A renamed key, a value that is no longer accepted or a `...` left in an
+"""README.md's commands still run: every command of SCRIPTS (trainer.py, distill.py, ...) in its fenced
+code blocks parses and validates against config.yaml, as the script itself would check it before
+loading anything. A renamed key, a value that is no longer accepted or a `...` left in an
 example fails here instead of in a user's shell. In process and fast: nothing is trained."""
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from config import GOLDEN_CONFIG, ConfigError, load_config, read_yaml
 ROOT = GOLDEN_CONFIG.parent
 README = ROOT / "README.md"
 # the scripts that take config.yaml's keys; a script not in the repository yet is skipped until it lands
-SCRIPTS = ("trainer.py", "distill.py", "export.py", "sweep.py", "serve.py")
+SCRIPTS = ("trainer.py", "distill.py", "export.py", "sweep.py", "serve.py", "check_data.py", "crossval.py")
 LAUNCHERS = ("python", "python3", "torchrun")
 SHELL_OPERATORS = {"&&", "||", ";", "|", "&"}
 
@@ -137,3 +138,13 @@ def test_every_key_the_readme_names_exists():
     named = set(re.findall(rf"(?<![\w/.])((?:{'|'.join(golden)})\.{not_files}[a-z_0-9]+)(?![.\w])", prose))
     unknown = sorted(key for key in named if key.partition(".")[2] not in golden[key.partition(".")[0]])
     assert len(named) > 40 and not unknown
+
+
+@pytest.mark.parametrize("path", ["exports/minilm/model.onnx", "sweeps/results.csv", "predictions.csv", "new.csv",
+                                  "checkpoints/best", "runs/runs.csv", "data/tweets/train.csv", "models/x/config.json",
+                                  ".token_cache/x/ids.npy"])
+def test_what_the_readme_flows_write_is_not_for_git(path):
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", path], check=False)
+    assert ignored.returncode == 0, f"{path} would show up in git status; add it to .gitignore"

@@ -3,13 +3,16 @@ its command, checkpoint, files, config and times; `--runs` tables them; a checkp
 files were read; a resume says only what is true; TensorBoard shows PR curves, the confusion matrix
 and the per-class table; a distilled student's weights are stored once."""
 import csv
+import errno
 import io
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,16 +89,18 @@ def test_eval_and_predict_folders_name_their_checkpoint_file_and_config(job):
         folder = job["tmp"] / "runs" / os.path.basename(result["run_dir"])
         assert folder.name.endswith(f"-{kind}")
         record = json.loads((folder / "run.json").read_text())
-        assert record["kind"] == kind and record["checkpoint"] == str(best) and record["checkpoint_step"] == step
-        assert record["result"]["wall_s"] == result["wall_s"]
+        # paths relative to the run's folder (a checkpoint by its real folder): a moved folder still reads
+        assert record["kind"] == kind and record["checkpoint"] == f"../../ckpt/{best.name}"
+        assert record["checkpoint_step"] == step and record["result"]["wall_s"] == result["wall_s"]
         argv = job["eval_argv"] if kind == "eval" else job["predict_argv"]
         assert shlex.split(record["command"]) == ["python", "trainer.py", *argv]
+        assert (folder / record["directory"]).resolve() == Path.cwd().resolve()  # where the command ran
         config = json.loads((folder / "config.json").read_text())
         assert config["model"]["model_path"] == str(job["tmp"] / "ckpt" / "best")
     evaluated = json.loads((job["tmp"] / "runs" / os.path.basename(job["evaluated"]["run_dir"]) / "run.json").read_text())
-    assert evaluated["val_file"] == job["val"] and evaluated["result"]["acc"] == job["evaluated"]["acc"]
+    assert evaluated["val_file"] == "../../val.csv" and evaluated["result"]["acc"] == job["evaluated"]["acc"]
     predicted = json.loads((job["tmp"] / "runs" / os.path.basename(job["predicted"]["run_dir"]) / "run.json").read_text())
-    assert predicted["predict_file"] == job["val"] and predicted["predictions"] == str(job["tmp"] / "predictions.csv")
+    assert predicted["predict_file"] == "../../val.csv" and predicted["predictions"] == "../../predictions.csv"
 
 
 def test_the_runs_table_lists_every_run_newest_first_and_as_csv(job, capsys):
@@ -112,8 +117,57 @@ def test_the_runs_table_lists_every_run_newest_first_and_as_csv(job, capsys):
         rows = list(csv.DictReader(f))
     assert [row["kind"] for row in rows] == ["predict", "eval", "train"]
     assert float(rows[2]["value"]) == job["trained"]["acc"] and int(rows[2]["best_step"]) == job["trained"]["best_step"]
-    assert float(rows[2]["wall_s"]) == job["trained"]["wall_s"] and rows[2]["data"] == job["train"]
-    assert rows[1]["data"] == job["val"]
+    # runs.csv's paths are relative to its folder
+    assert float(rows[2]["wall_s"]) == job["trained"]["wall_s"] and rows[2]["data"] == "../train.csv"
+    assert rows[2]["model"] == "../bert" and rows[1]["data"] == "../val.csv"
+    assert rows[1]["model"] == f"../ckpt/{(job['tmp'] / 'ckpt' / 'best').resolve().name}"
+
+
+def test_a_moved_folder_still_reads_its_runs(job, tmp_path, capsys):
+    moved = shutil.copytree(job["tmp"], tmp_path / "moved", symlinks=True)
+    rc, out, _ = main(["--runs", "--trainer.log_dir", str(moved / "runs")], capsys)
+    assert rc == 0
+    with open(moved / "runs" / "runs.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["kind"] for row in rows] == ["predict", "eval", "train"]
+    for row in rows:  # every path leads to the moved copy's own files
+        assert not os.path.isabs(row["data"]) and not os.path.isabs(row["model"])
+        assert (moved / "runs" / row["data"]).is_file() and (moved / "runs" / row["model"]).is_dir()
+    assert str(job["tmp"]) not in out
+
+
+@pytest.mark.parametrize("damage", ['{"kind": "train", "resu', '{"result": "x"}', '{"kind": "bogus"}', '{"model": 5}',
+                                    '[1, 2]', '{"result": {"best_step": [1]}}', '{"metric": ["acc"]}'])
+def test_a_damaged_run_json_is_left_out_with_a_note_and_the_others_are_listed(tmp_path, capsys, damage):
+    for name, record in (("20240101-120000-train", damage), ("20240102-120000-eval", '{"kind": "eval"}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "run.json").write_text(record, encoding="utf-8")
+    rc, out, err = main(["--runs", "--trainer.log_dir", str(tmp_path)], capsys)
+    assert rc == 0 and err == ""
+    note, header, row, written = out.splitlines()
+    assert note.startswith(f"note: left {tmp_path / '20240101-120000-train'} out of the table: its ")
+    assert header.startswith("kind") and row.startswith("eval") and written.startswith("(also written to")
+
+
+def test_a_log_folder_that_cannot_take_runs_csv_still_shows_the_table(job, monkeypatch, capsys):
+    def full(path, newline=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(runlog, "atomic_write", full)
+    rc, out, err = main(["--runs", "--trainer.log_dir", str(job["tmp"] / "runs")], capsys)
+    assert rc == 0 and "Traceback" not in err
+    *table, note = out.splitlines()
+    assert [line.split()[0] for line in table] == ["kind", "predict", "eval", "train"]
+    assert note == (f"note: {job['tmp'] / 'runs' / 'runs.csv'} not written (No space left on device); the table above "
+                    f"has every run")
+
+
+def test_a_log_folder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch, capsys):
+    def denied(self):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(runlog.Path, "iterdir", denied)
+    rc, out, err = main(["--runs", "--trainer.log_dir", str(tmp_path)], capsys)
+    assert rc == 2 and err == (f"error: trainer.log_dir {tmp_path}: cannot list its runs (Permission denied); choose a "
+                               f"folder you can read\n")
 
 
 def test_a_run_folder_without_run_json_is_listed_from_its_config_and_metrics(tmp_path):
@@ -185,8 +239,11 @@ def test_multi_label_curves_carry_thresholds_and_regression_a_scatter(tmp_path):
     metrics = {"per_label": {n: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "threshold": t}
                              for n, t in zip(names, [0.3, 0.65])}}
     labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    probabilities = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6], [0.2, 0.1]])
     log.write_figures(3, metrics, {"task": "multi_label", "names": names, "labels": labels,
-                                   "probabilities": np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.6], [0.2, 0.1]])})
+                                   "probabilities": probabilities, "uncalibrated": probabilities,
+                                   "confidences": np.array([0.8, 0.8, 0.6, 0.8]), "correct": np.array([1, 1, 0, 1]),
+                                   "abstain_below": None})
     rng = np.random.default_rng(0)
     truth = rng.normal(size=200)
     log.write_figures(4, {}, {"task": "regression", "labels": truth, "predictions": truth + 0.1})

@@ -200,7 +200,8 @@ def test_raw_scores_are_the_logits_whose_softmax_is_the_answer(client):
     probs = client.post("/predict", json={"inputs": text}).json()
     raw = client.post("/predict", json={"inputs": text, "raw_scores": True}).json()
     assert [e["label"] for e in raw] == [e["label"] for e in probs]
-    logits = np.array([e["score"] for e in raw])
+    # the softmax at the checkpoint's temperature (its calibration.json), as prediction's
+    logits = np.array([e["score"] for e in raw]) / client.get("/info").json()["temperature"]
     np.testing.assert_allclose(np.exp(logits) / np.exp(logits).sum(), [e["score"] for e in probs], atol=1e-6)
 
 
@@ -229,7 +230,7 @@ def test_an_export_folder_is_served_by_onnx_runtime_with_its_gate_table(single, 
     texts = [row["text"] for row in sentiment_rows(10, seed=11)]
     answers = {}
     for name, path, keys in (("torch", single["checkpoint"], {}), ("fp32", tmp_path / "onnx", {}),
-                             ("int8", tmp_path / "onnx", {"serve.artifact": "onnx_int8"})):
+                             ("int8", tmp_path / "onnx", {"model.artifact": "onnx_int8"})):
         with client_of(path, **keys) as client:
             answers[name] = client.post("/predict", json={"inputs": texts}).json()
             info = client.get("/info").json()
@@ -378,8 +379,8 @@ def test_bad_config_or_model_is_one_line_and_exit_status_2(single, tmp_path):
         (serve_args(single["checkpoint"], **{"serve.port": 70000}), "error: serve.port is 70000; it must be a TCP port"),
         (serve_args(single["checkpoint"], **{"serve.max_wait_ms": -1}),
          "error: serve.max_wait_ms is -1; it must not be negative"),
-        (serve_args(single["checkpoint"], **{"serve.artifact": "onnx_int8", "serve.port": free_port()}),
-         "error: serve.artifact onnx_int8 picks a model of an export folder"),
+        (serve_args(single["checkpoint"], **{"model.artifact": "onnx_int8", "serve.port": free_port()}),
+         "error: model.artifact onnx_int8 picks a model of an export folder"),
         (serve_args(single["checkpoint"], **{"serve.max_batch_tokens": 8, "serve.port": free_port()}),
          "error: serve.max_batch_tokens 8 cannot hold one text of module.max_seq_len 16 tokens"),
         (serve_args(single["checkpoint"], **{"serve.nope": 1}), "error: --serve.nope: unknown key 'serve.nope'"),

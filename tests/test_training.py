@@ -61,10 +61,14 @@ def test_lr_multiplier_without_warmup_starts_at_the_peak():
     assert lr_multiplier(0, 1, 1) == 1  # all warmup: one step at the peak
 
 
+MODULE = {"max_lr": 1e-3, "weight_decay": 0.01, "head_lr": None, "layer_lr_decay": 1.0}
+
+
 def test_adamw_decays_weight_matrices_only(tiny_bert):
     model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None},
                         ["negative", "positive"])
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
+    optimizer = build_optimizer(model, MODULE)
+    assert len(optimizer.param_groups) == 2  # one rate: a group with weight decay, one without
     name_of = {id(p): name for name, p in model.named_parameters()}
     decayed = {name_of[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     exempt = {name_of[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
@@ -75,6 +79,91 @@ def test_adamw_decays_weight_matrices_only(tiny_bert):
     assert "bert.embeddings.LayerNorm.weight" in exempt
     assert "bert.encoder.layer.1.output.LayerNorm.bias" in exempt
     assert not any("bias" in name or "LayerNorm" in name for name in decayed)
+
+
+def rates_of(model, module_cfg):
+    """{parameter name: peak learning rate} of build_optimizer's groups for module_cfg."""
+    optimizer = build_optimizer(model, {**MODULE, **module_cfg})
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return {name_of[id(p)]: g["peak_lr"] for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_head_lr_and_layer_lr_decay_give_each_part_its_rate(tiny_bert):
+    model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None}, ["negative", "positive"])
+    rates = rates_of(model, {"head_lr": 1e-2, "layer_lr_decay": 0.5})  # 2 layers
+    assert rates["classifier.weight"] == rates["classifier.bias"] == pytest.approx(1e-2)
+    assert rates["bert.encoder.layer.1.attention.self.query.weight"] == pytest.approx(1e-3)  # the top: max_lr
+    assert rates["bert.pooler.dense.weight"] == pytest.approx(1e-3)  # above the layers: with the top one
+    assert rates["bert.encoder.layer.0.output.LayerNorm.bias"] == pytest.approx(5e-4)
+    assert rates["bert.embeddings.word_embeddings.weight"] == pytest.approx(2.5e-4)  # one factor below layer 0
+    assert len(rates) == len(list(model.parameters()))
+    assert set(rates_of(model, {}).values()) == {1e-3}
+    head_only = rates_of(model, {"head_lr": 1e-2})
+    assert {name: rate for name, rate in head_only.items() if rate != 1e-3} == {
+        "classifier.weight": pytest.approx(1e-2), "classifier.bias": pytest.approx(1e-2)}
+
+
+def test_layer_decay_finds_the_layers_of_other_encoders():
+    """ModernBERT's layers are model.layers.i, its final norm sits above them; DeBERTa-v2's
+    relative position embeddings belong to its encoder, not to the embeddings below layer 0."""
+    from test_lora import tiny_classifier
+    modernbert = rates_of(tiny_classifier("modernbert"), {"layer_lr_decay": 0.5})
+    assert modernbert["model.embeddings.tok_embeddings.weight"] == pytest.approx(2.5e-4)
+    assert modernbert["model.layers.0.attn.Wqkv.weight"] == pytest.approx(5e-4)
+    assert modernbert["model.layers.1.mlp.Wo.weight"] == modernbert["model.final_norm.weight"] == pytest.approx(1e-3)
+    assert modernbert["head.dense.weight"] == modernbert["classifier.weight"] == pytest.approx(1e-3)
+    deberta = rates_of(tiny_classifier("deberta-v2"), {"layer_lr_decay": 0.5, "head_lr": 2e-3})
+    assert deberta["deberta.encoder.rel_embeddings.weight"] == pytest.approx(1e-3)
+    assert deberta["deberta.embeddings.word_embeddings.weight"] == pytest.approx(2.5e-4)
+    assert deberta["pooler.dense.weight"] == deberta["classifier.bias"] == pytest.approx(2e-3)
+
+
+def test_the_start_up_line_says_the_groups_and_their_rates(tiny_bert):
+    model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None}, ["negative", "positive"])
+    optimizer = build_optimizer(model, {**MODULE, "head_lr": 1e-2, "layer_lr_decay": 0.5})
+    total = sum(p.numel() for p in model.parameters()) / 1e6
+    assert trainer.describe_optimizer(optimizer, model) == (
+        "optimizer: AdamW, 8 parameter groups, peak learning rates embeddings 2.50e-04, layer 0 5.00e-04, "
+        f"layer 1 1.00e-03, head 1.00e-02; {total:.2f}M of {total:.2f}M parameters train")
+    optimizer = build_optimizer(model, MODULE)
+    assert trainer.describe_optimizer(optimizer, model).startswith(
+        "optimizer: AdamW, 2 parameter groups, peak learning rates all 1.00e-03;")
+
+
+def test_weight_decay_groups_are_unchanged_by_the_rates(tiny_bert):
+    model = build_model({"hf_model": tiny_bert, "model_path": None, "model_file": None}, ["negative", "positive"])
+    optimizer = build_optimizer(model, {**MODULE, "head_lr": 1e-2, "layer_lr_decay": 0.8})
+    # 2 layers: embeddings, layer 0, layer 1 (with the pooler), head; each with and without weight decay
+    assert len(optimizer.param_groups) == 8
+    for group in optimizer.param_groups:
+        assert all((p.ndim >= 2) == (group["weight_decay"] == 0.01) for p in group["params"])
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_each_group_follows_the_schedule_at_its_own_rate(tmp_path, tiny_bert):
+    """The groups' rates at a given update are their peak rate x the schedule's multiplier."""
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(64))
+    cfg = load_config(base_args(tmp_path, tiny_bert, train, "null", **{
+        "trainer.epochs": 1, "module.warmup_prop": 0.5, "module.head_lr": 1e-2, "module.layer_lr_decay": 0.5}))
+    tokenizer = load_tokenizer(cfg["model"])
+    cpu = torch.device("cpu")
+    proc = processes.Process(0, 0, 1, cpu, True, False, amp_dtype=None)
+    model = build_model(cfg["model"], cfg["data"]["labels_list"])
+    run = trainer.Trainer(cfg, proc, model, tokenizer, load_split(cfg, tokenizer, train, True), None)
+    batches = run.epoch_batches(0)
+    name_of = {id(p): name for name, p in model.named_parameters()}
+
+    def peak(name):  # max_lr 3e-3 (base_args) at the top layer, halved a layer below; the head's own
+        if name.startswith("classifier."):
+            return 1e-2
+        return 3e-3 * (0.25 if ".embeddings." in name else 0.5 if ".layer.0." in name else 1)
+    for update in range(3):
+        run.train_step(*batches[update])
+        multiplier = float(lr_multiplier(update, run.warmup_steps, run.total_steps))
+        for group in run.optimizer.param_groups:
+            (expected,) = {peak(name_of[id(p)]) for p in group["params"]}
+            assert float(group["lr"]) == pytest.approx(expected * multiplier, rel=1e-6)
+    assert float(run.lr) == pytest.approx(3e-3 * multiplier, rel=1e-6)  # train/lr: module.max_lr's
 
 
 # -- the loop against a plain one, written with torch and transformers alone ----------------------
@@ -351,14 +440,15 @@ def test_predict_writes_input_columns_labels_and_probabilities_in_input_order(tr
         [["negative", "positive"][i] for i in probs.argmax(axis=1)]
     accuracy = np.mean([p["predicted_label"] == row["label"] for p, row in zip(predicted, rows)])
     assert accuracy > 0.9
-    # the same probabilities as the checkpoint gives in plain transformers
+    # the same probabilities as the checkpoint gives in plain transformers, at its temperature (config.json)
     best = trained.ckpt / "best"
     model = AutoModelForSequenceClassification.from_pretrained(best).eval()
     tokenizer = AutoTokenizer.from_pretrained(best)
     with torch.no_grad():
         logits = model(**tokenizer([row["text"] for row in rows], padding=True, truncation=True,
                                    max_length=16, return_tensors="pt")).logits
-    np.testing.assert_allclose(probs, torch.softmax(logits, dim=1).numpy(), atol=2e-6)
+    temperature = model.config.calibration_temperature
+    np.testing.assert_allclose(probs, torch.softmax(logits / temperature, dim=1).numpy(), atol=2e-6)
 
 
 def test_evaluate_and_predict_in_one_run_write_predictions_to_the_run_folder(trained):
