@@ -74,7 +74,7 @@ from checkpoint import RESUME_MAY_CHANGE
 from config import ConfigError, answer_help, label_names, load_config, parse_args, task_of
 from data import DataError, read_examples
 from datacheck import issue_order, label_issues, multilabel_issues, regression_issues, text_keys
-from files import FolderLock, OutputError, atomic_write, check_writable_dir, file_digest, write_json, writing_to
+from files import FolderLock, OutputError, atomic_write, check_writable_dir, csv_cells, file_digest, write_json, writing_to
 from sweep import as_arg, command_of, die_with_parent, plain_command, plan_differences, trial_result
 
 STATE = "crossval.json"
@@ -422,7 +422,8 @@ def label_text(labels, names, i, sep):
 
 
 def write_outputs(top, cfg, examples, folds, probs):
-    """oof_probabilities.csv and label_issues.csv, atomically; the number of rows flagged."""
+    """oof_probabilities.csv and label_issues.csv, atomically, a cell a spreadsheet would run as a
+    formula written as text (files.csv_cell); the number of rows flagged."""
     data, names = cfg["data"], label_names(cfg)
     sep, labels = data["label_sep"], examples.labels
     columns = ["prediction"] if names is None else [f"prob_{name}" for name in names]
@@ -430,16 +431,17 @@ def write_outputs(top, cfg, examples, folds, probs):
         writer = csv.writer(f)
         writer.writerow(["row", "fold", "label"] + columns)
         for i, row in enumerate(probs):
-            writer.writerow([i + 1, folds[i] + 1, label_text(labels, names, i, sep)] + [f"{p:.6g}" for p in row])
+            writer.writerow(csv_cells([i + 1, folds[i] + 1, label_text(labels, names, i, sep)] + [f"{p:.6g}" for p in row]))
     scores, suggested, issues = issues_of(task_of(data), probs, labels)
     pair = ["text_b"] if examples.texts_b is not None else []
     with writing_to("crossval.dir", top / OUTPUTS[1]), atomic_write(top / OUTPUTS[1], newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "row", "fold", "given_label", "suggested_label", "score", "issue", "text"] + pair)
         for rank, i in enumerate(issue_order(scores, issues), 1):
-            writer.writerow([rank, i + 1, folds[i] + 1, label_text(labels, names, i, sep),
-                             label_text(suggested, names, i, sep), f"{scores[i]:.6g}", str(bool(issues[i])).lower(),
-                             examples.texts_a[i]] + ([examples.texts_b[i]] if pair else []))
+            writer.writerow(csv_cells([rank, i + 1, folds[i] + 1, label_text(labels, names, i, sep),
+                                       label_text(suggested, names, i, sep), f"{scores[i]:.6g}",
+                                       str(bool(issues[i])).lower(), examples.texts_a[i]]
+                                      + ([examples.texts_b[i]] if pair else [])))
     return int(issues.sum())
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import read_manifest
-from files import OutputError, atomic_write, first_line, write_json, writing_to
+from files import OutputError, atomic_write, csv_cells, first_line, write_json, writing_to
 from metrics import expected_calibration_error, reliability, risk_coverage, selective_accuracy
 
 # what a run folder is named after: <date>-<time>-<kind>[-n] (new_run_dir)
@@ -461,7 +461,8 @@ def write_runs_csv(rows, log_dir):
     with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(ROW_TYPES))
         writer.writeheader()
-        writer.writerows(seen_from(row, Path(log_dir).absolute()) for row in rows)
+        for row in (seen_from(row, Path(log_dir).absolute()) for row in rows):
+            writer.writerow(dict(zip(row, csv_cells(row.values()))))  # a formula-like cell as text
     return path
 
 

@@ -346,3 +346,17 @@ def test_multilabel_pairs_cross_validate(tmp_path, tiny_bert):
     issues = read_csv(tmp_path / "cv" / "label_issues.csv")
     assert list(issues[0])[-2:] == ["text", "text_b"] and len(issues) == 36
     assert "f1_micro over 3 folds: mean" in result.stdout
+
+
+def test_label_issues_csv_writes_formula_like_texts_and_labels_as_text(tmp_path):
+    from crossval import write_outputs
+    cfg = load_config(["--data.labels_list", "[=cmd(), neutral, positive]"])
+    rows = examples(["=HYPERLINK(\"http://x\")", "@SUM(A1)", "-0.5 is a number"], [0, 1, 2])
+    probs = np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.2, 0.2, 0.6]])
+    write_outputs(tmp_path, cfg, rows, np.array([0, 1, 2]), probs)
+    issues = {row["row"]: row for row in read_csv(tmp_path / "label_issues.csv")}
+    assert issues["1"]["text"] == "'=HYPERLINK(\"http://x\")" and issues["1"]["given_label"] == "'=cmd()"
+    assert issues["2"]["text"] == "'@SUM(A1)" and issues["2"]["suggested_label"] == "'=cmd()"
+    assert issues["3"]["text"] == "'-0.5 is a number"
+    oof = read_csv(tmp_path / "oof_probabilities.csv")
+    assert oof[0]["label"] == "'=cmd()" and oof[0]["prob_=cmd()"] == "0.1"

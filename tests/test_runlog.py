@@ -446,3 +446,13 @@ def test_under_torchrun_a_warning_is_printed_once_and_ddps_deprecation_not_at_al
     assert "broadcast_buffers" not in out.stderr
     replaced = [line for line in out.stderr.splitlines() if "classification head; it is replaced" in line]
     assert len(replaced) == 1, stderr_tail(out.stderr)
+
+
+def test_runs_csv_writes_a_formula_like_cell_as_text(tmp_path):
+    from runlog import write_runs_csv
+    row = {"run": "=cmd()", "kind": "train", "date": "2026-12-07 10:00:00", "model": "@evil", "data": "+data.csv",
+           "metric": "acc", "value": -0.5, "best_step": 3, "wall_s": 1.5, "state": "done"}
+    with open(write_runs_csv([row], tmp_path), newline="", encoding="utf-8") as f:
+        (written,) = list(csv.DictReader(f))
+    assert written["run"] == "'=cmd()" and written["model"] == "'@evil" and written["data"] == "'+data.csv"
+    assert written["value"] == "-0.5" and written["best_step"] == "3" and written["kind"] == "train"
