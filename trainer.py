@@ -445,7 +445,10 @@ class Trainer:
         state, manifest = load_checkpoint(path, self.cfg["ckpt"]["file_ext"])
         device = self.proc.device
         load_module_weights(self.model, path, state)
+        built = [{"peak_lr": group["peak_lr"], "parts": group["parts"]} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, rates in zip(self.optimizer.param_groups, built):  # the config's rates: a checkpoint from
+            group.update(rates)                                       # before optimizer groups holds none
         self.group_lrs, self.peak_lrs = group_rates(self.optimizer, device)  # the loaded groups hold copies
         self.scaler.load_state_dict(state["scaler"])
         self.updates.copy_(state["updates"])
