@@ -4,7 +4,9 @@ Everything here is offline and fast: a 2-layer, 32-wide BERT or RoBERTa saved to
 directory stands in for a pretrained encoder (`model.hf_model`), and a WordPiece tokenizer is
 built from the word list below, so the real code paths run in seconds on a CPU.
 """
+import contextlib
 import csv
+import io
 import json
 import os
 import random
@@ -177,3 +179,12 @@ def one_and_two_processes(args):
 def without_timings(result):
     """A final JSON line without what differs between two runs of the same job: times, log folder."""
     return {k: v for k, v in result.items() if k not in ("wall_s", "train_s", "run_dir")}
+
+
+def run_main(main, args, expect=0):
+    """main(args) in this process: (stdout, stderr), its exit status checked."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(args)
+    assert rc == expect, err.getvalue()[-3000:] + out.getvalue()[-2000:]
+    return out.getvalue(), err.getvalue()

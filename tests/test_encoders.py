@@ -9,10 +9,8 @@ predicts as our evaluation does, and the ONNX export gate. Then what a model fol
 model.attn_implementation, model.trust_remote_code (a folder with code of its own), a tokenizer
 without a padding token, and the model's position limit; each failure is one line and exit status 2.
 """
-import contextlib
 import copy
 import csv
-import io
 import json
 import subprocess
 import sys
@@ -30,7 +28,7 @@ import export
 import speedups
 import trainer
 from config import ConfigError, load_config
-from conftest import ROOT, WORDS, base_args, make_tokenizer, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
+from conftest import ROOT, WORDS, base_args, make_tokenizer, run_main, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
 from model import ModelError, build_model, position_limit
 from test_training import batch_order
 
@@ -79,15 +77,6 @@ def save_arch(path, arch, dropout=0.1, seed=0, **overrides):
     AutoModel.from_config(arch_config(arch, dropout, **overrides)).save_pretrained(path)
     arch_tokenizer(arch).save_pretrained(path)
     return str(path)
-
-
-def run_main(main, args, expect=0):
-    """main(args) in this process: (stdout, stderr), its exit status checked."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(args)
-    assert rc == expect, err.getvalue()[-3000:] + out.getvalue()[-2000:]
-    return out.getvalue(), err.getvalue()
 
 
 def error_line(err):

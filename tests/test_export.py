@@ -27,20 +27,11 @@ import files
 import processes
 import trainer
 from config import load_config
-from conftest import NEGATIVE, NEUTRAL, POSITIVE, base_args, save_tiny_encoder, sentiment_rows, write_csv
+from conftest import NEGATIVE, NEUTRAL, POSITIVE, base_args, run_main, save_tiny_encoder, sentiment_rows, write_csv
 from data import encode, read_examples, window_stride
 from model import ModelError, build_model, load_tokenizer, use_checkpoint_settings
 
 MAIN = processes.Process(0, 0, 1, torch.device("cpu"), True, False)
-
-
-def run_main(main, args, expect=0):
-    """main(args) in this process: (stdout, stderr), its exit status checked."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(args)
-    assert rc == expect, err.getvalue()[-3000:] + out.getvalue()[-2000:]
-    return out.getvalue(), err.getvalue()
 
 
 def export_args(checkpoint, val, **more):

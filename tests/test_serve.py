@@ -27,17 +27,20 @@ from fastapi.testclient import TestClient
 import serve
 import trainer
 from config import load_config
-from conftest import NEGATIVE, NEUTRAL, POSITIVE, ROOT, base_args, save_tiny_encoder, sentiment_rows, stderr_tail, write_csv
+from conftest import (
+    NEGATIVE,
+    NEUTRAL,
+    POSITIVE,
+    ROOT,
+    base_args,
+    run_main,
+    save_tiny_encoder,
+    sentiment_rows,
+    stderr_tail,
+    write_csv,
+)
 
 LABELS = ["good", "bad", "film"]
-
-
-def run_main(main, args, expect=0):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(args)
-    assert rc == expect, err.getvalue()[-3000:] + out.getvalue()[-2000:]
-    return out.getvalue(), err.getvalue()
 
 
 def tagged_long_rows(n, seed):
