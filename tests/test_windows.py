@@ -210,7 +210,9 @@ def test_two_processes_evaluate_windowed_documents_exactly_as_one(job, windowed,
             "--trainer.val_batch_size", "8", "--trainer.log_dir", str(tmp_path / "runs"),
             *sum(([f"--{k}", str(v)] for k, v in WINDOWS.items()), [])]
     one, two = one_and_two_processes(args)
-    assert one == two
+    scores = ("ece", "ece_uncalibrated", "brier", "nll")  # sums of float32 probabilities, in another order
+    assert {k: v for k, v in one.items() if k not in scores} == {k: v for k, v in two.items() if k not in scores}
+    assert [one[k] for k in scores] == pytest.approx([two[k] for k in scores], abs=1e-6)
 
 
 @pytest.mark.slow  # its run trains 8 epochs
