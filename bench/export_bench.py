@@ -77,8 +77,8 @@ def build_runners(checkpoint, encoded, tokenizer, folder, threads):
         if not suffix:
             print(f"{checkpoint}: {export.optimize_fp32(fp32, plain.config)}", file=sys.stderr)
         export.quantize_int8(fp32, int8)
-        runners[f"onnx_fp32{suffix}"] = export.OnnxClassifier(fp32, threads)
-        runners[f"onnx_int8{suffix}"] = export.OnnxClassifier(int8, threads)
+        runners[f"onnx_fp32{suffix}"] = export.OnnxClassifier(fp32, plain.config.num_labels, threads)
+        runners[f"onnx_int8{suffix}"] = export.OnnxClassifier(int8, plain.config.num_labels, threads)
     return runners
 
 

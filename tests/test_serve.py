@@ -5,6 +5,7 @@ client (concurrent requests, SIGTERM's drain) and the page in a real headless br
 Each task's checkpoint is trained for one epoch in this process by trainer.main; the answers are
 compared with the prediction CSV that trainer.py writes for the same texts.
 """
+import asyncio
 import contextlib
 import csv
 import io
@@ -400,6 +401,33 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(single):
         port = taken.getsockname()[1]
         _, err = run_main(serve.main, serve_args(single["checkpoint"], **{"serve.port": port}), expect=2)
     assert err.startswith(f"error: serve.host 127.0.0.1 serve.port {port}: cannot listen there (")
+
+
+class Accepted(asyncio.Protocol):
+    """A server protocol that hands over the transport of the connection it accepts."""
+
+    def __init__(self, accepted):
+        self.accepted = accepted
+
+    def connection_made(self, transport):
+        self.accepted.set_result(transport)
+
+
+def test_the_servers_connections_send_small_answers_at_once():
+    """asyncio sets TCP_NODELAY only on connections of a listening socket that says IPPROTO_TCP; without
+    it a small answer waits for the client's delayed ACK: tens of milliseconds a request."""
+    async def accepted_nodelay():
+        sock = serve.listening_socket("127.0.0.1", 0)
+        accepted = asyncio.get_running_loop().create_future()
+        server = await asyncio.get_running_loop().create_server(lambda: Accepted(accepted), sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        transport = await asyncio.wait_for(accepted, 10)
+        value = transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0
 
 
 def test_serve_keys_never_block_a_resume():
