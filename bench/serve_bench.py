@@ -236,6 +236,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each model (trainer.num_threads)")
     parser.add_argument("--rounds", type=int, default=3, help="offline rounds (median)")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--serve-option", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="a serve.py option, e.g. --serve-option serve.max_wait_ms 0 (repeatable)")
     parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the naive server's own process
     args = parser.parse_args()
     if args.naive_server:
@@ -245,11 +247,12 @@ def main():
     offline, rounds, batch = offline_rate(args.model, args.threads, texts, args.rounds)
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(), "model": args.model,
                "data": args.data, "texts": len(texts), "threads": args.threads, "batch": batch,
-               "offline_ex_s": offline, "offline_rounds": rounds}
+               "offline_ex_s": offline, "offline_rounds": rounds, "serve_options": args.serve_option}
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         command = [sys.executable, "serve.py", "--model.model_path", args.model, "--serve.port", str(port),
-                   "--trainer.num_threads", str(args.threads), "--trainer.device", "cpu"]
+                   "--trainer.num_threads", str(args.threads), "--trainer.device", "cpu",
+                   *sum(([f"--{key}", value] for key, value in args.serve_option), [])]
         print("serve.py ...", file=sys.stderr)
         with server(command, port, Path(tmp) / "serve.log") as url:
             results["serve"] = load_levels(url, texts, args)
