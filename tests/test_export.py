@@ -554,3 +554,22 @@ def test_an_export_where_trainer_py_deletes_is_refused(single, tmp_path, where):
         assert err == (f"error: export.output_dir {target}: a name that trainer.py takes for its own in the save "
                        f"folder {checkpoint.parent}; choose another name\n")
     assert not target.exists()
+
+
+@pytest.mark.slow  # a subprocess that exports four graphs
+def test_the_export_benchmark_runs_on_a_tiny_checkpoint(single, tmp_path):
+    """bench/export_bench.py end to end, tiny: every runner predicts every row, the fp32 graphs as PyTorch
+    does (a near tie of a tiny model's logits may flip one row)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, stderr_tail
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "export_bench.py"), "--model", str(single["checkpoint"]),
+                             "--data", single["val"], "--rows", "12", "--rounds", "1", "--batch", "4", "--threads", "1",
+                             "--json", str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, stderr_tail(result.stderr)
+    rows = {row["runner"]: row for row in json.loads((tmp_path / "bench.json").read_text())["models"]}
+    assert set(rows) == {"plain", "ours", "onnx_fp32", "onnx_int8", "onnx_fp32_unfused", "onnx_int8_unfused"}
+    assert all(row["ex_s"] > 0 for row in rows.values()) and rows["ours"]["x_ours"] == 1.0
+    assert rows["ours"]["identical"] == 1.0  # the same weights, our path: the same predictions
+    assert rows["onnx_fp32"]["identical"] >= 11 / 12 and rows["onnx_fp32_unfused"]["identical"] >= 11 / 12
