@@ -27,7 +27,13 @@ and the status text-embeddings-inference gives (413, 422, 429), answers malforme
 on serving after any bad request; no request names a file. SIGTERM or Ctrl-C: no new connections, the
 requests in flight are answered, exit status 0. Bad config or model: one line, exit status 2.
 """
+import os
 import sys
+
+# Between batches, the model's idle OpenMP threads spin by default, waiting for the next parallel
+# region: in a server that takes the cores the event loop needs to read requests and send answers.
+# Passive waiting gives them back (set before torch loads OpenMP; a value the user set is kept).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # --help needs only config.yaml: answer it before torch is imported, which takes seconds
 if __name__ == "__main__" and ("-h" in sys.argv[1:] or "--help" in sys.argv[1:]):

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import random
 import shutil
 import signal
@@ -428,6 +429,17 @@ def test_the_servers_connections_send_small_answers_at_once():
         return value
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+@pytest.mark.slow  # two subprocesses that import torch
+def test_the_models_idle_threads_wait_passively_unless_the_user_says_otherwise():
+    """serve.py sets OMP_WAIT_POLICY before torch loads OpenMP: spinning threads would take the event loop's cores."""
+    code = "import serve, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    default = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    chosen = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                            capture_output=True, text=True, timeout=120)
+    assert (default.stdout.strip(), chosen.stdout.strip()) == ("PASSIVE", "ACTIVE"), default.stderr + chosen.stderr
 
 
 def test_serve_keys_never_block_a_resume():
