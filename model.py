@@ -107,7 +107,7 @@ def warn(message):
 
 def note(message):
     """A note on stdout, from rank 0 alone under torchrun, as warn."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if launch_rank() == 0:
         print(message)
 
 

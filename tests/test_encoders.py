@@ -511,6 +511,21 @@ def test_a_tokenizer_without_a_pad_token_pads_with_its_sep_token_and_says_so(tmp
                                plain_predictions(best, [row["text"] for row in rows]), atol=1e-5)
 
 
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False), ("abc", True)])
+def test_the_padding_note_comes_from_rank_0_alone_and_survives_a_malformed_rank(monkeypatch, capsys, rank, printed):
+    """Under torchrun every rank loads the tokenizer; the note is rank 0's. A RANK that is not torchrun's
+    (abc) is the launch check's error to report, not a ValueError here."""
+    from model import with_pad_token
+    tokenizer = make_tokenizer()
+    tokenizer.pad_token = None
+    for name, value in {"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    with_pad_token(tokenizer, "model.hf_model 'x'")
+    assert tokenizer.pad_token == "[SEP]"
+    assert ("has no padding token" in capsys.readouterr().out) is printed
+
+
 def test_a_tokenizer_with_nothing_to_pad_with_is_refused_before_tokenizing(tmp_path):
     model = save_tiny_encoder(tmp_path / "nothing")
     from tokenizers import Tokenizer, models, pre_tokenizers
