@@ -103,6 +103,17 @@ def read_predictions(path):
     return rows, np.array([[float(row[f"prob_{name}"]) for name in LABELS] for row in rows])
 
 
+def predicted_by(job, name, model_path, rows, **more):
+    """trainer.py's prediction of the rows' texts through model_path, in a run of its own: (its stdout,
+    the prediction CSV's rows, their class probabilities)."""
+    new = write_csv(job["root"] / f"{name}-new.csv", [{"text": row["text"]} for row in rows])
+    output = job["root"] / f"{name}-predictions.csv"
+    out, _ = run_main(trainer.main, job["args"](name, **{
+        "data.train_filepath": "null", "data.predict_filepath": new, "data.predict_output": output,
+        "model.model_path": model_path, **more}))
+    return (out, *read_predictions(output))
+
+
 @pytest.fixture(scope="module", params=list(ARCHS))
 def job(request, tmp_path_factory):
     """One training run of each architecture (dropout on), saving every 2 of its 4 steps."""
@@ -181,13 +192,8 @@ def test_fine_tuning_matches_a_plain_loop(tmp_path, arch):
 
 def test_evaluation_and_prediction_are_plain_transformers(job):
     rows = sentiment_rows(24, seed=9)
-    new = write_csv(job["root"] / "new.csv", [{"text": row["text"]} for row in rows])
-    output = job["root"] / "predictions.csv"
     best = job["ckpt"] / "best"
-    out, _ = run_main(trainer.main, job["args"]("eval", **{
-        "data.train_filepath": "null", "data.predict_filepath": new, "data.predict_output": output,
-        "model.model_path": best}))
-    predicted, probs = read_predictions(output)
+    out, predicted, probs = predicted_by(job, "eval", best, rows)
     assert [row["text"] for row in predicted] == [row["text"] for row in rows]
     np.testing.assert_allclose(probs, plain_predictions(best, [row["text"] for row in rows]), atol=1e-5)
     # the evaluation's accuracy is the one plain transformers' predictions give on the validation file
@@ -273,12 +279,7 @@ def test_a_cut_student_trains_saves_and_predicts_as_plain_transformers(job):
     _, info = AutoModelForSequenceClassification.from_pretrained(student, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     rows = sentiment_rows(20, seed=12)
-    new = write_csv(job["root"] / "cut-new.csv", [{"text": row["text"]} for row in rows])
-    output = job["root"] / "cut-predictions.csv"
-    run_main(trainer.main, job["args"]("cut-eval", **{
-        "data.train_filepath": "null", "data.val_filepath": "null", "data.predict_filepath": new,
-        "data.predict_output": output, "model.model_path": student}))
-    _, probs = read_predictions(output)
+    _, _, probs = predicted_by(job, "cut-eval", student, rows, **{"data.val_filepath": "null"})
     np.testing.assert_allclose(probs, plain_predictions(student, [row["text"] for row in rows]), atol=1e-5)
 
 
@@ -319,12 +320,7 @@ def test_export_passes_the_onnx_gate_and_predicts_as_pytorch(job):
     assert report["onnx_fp32"]["kept"] and report["onnx_fp32"]["identical"] == 1.0
     assert report["onnx_fp32"]["max_prob_diff"] < 1e-4
     rows = sentiment_rows(16, seed=13)
-    new = write_csv(job["root"] / "onnx-new.csv", [{"text": row["text"]} for row in rows])
-    output = job["root"] / "onnx-predictions.csv"
-    run_main(trainer.main, job["args"]("onnx-eval", **{
-        "data.train_filepath": "null", "data.val_filepath": "null", "data.predict_filepath": new,
-        "data.predict_output": output, "model.model_path": folder}))
-    _, probs = read_predictions(output)
+    _, _, probs = predicted_by(job, "onnx-eval", folder, rows, **{"data.val_filepath": "null"})
     np.testing.assert_allclose(probs, plain_predictions(best, [row["text"] for row in rows]), atol=1e-4)
 
 
