@@ -63,7 +63,6 @@ import json
 import secrets
 import shutil
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,7 @@ from config import ConfigError, answer_help, label_names, load_config, parse_arg
 from data import DataError, read_examples
 from datacheck import issue_order, label_issues, multilabel_issues, regression_issues, text_keys
 from files import FolderLock, OutputError, atomic_write, check_writable_dir, csv_cells, file_digest, write_json, writing_to
-from sweep import as_arg, command_of, die_with_parent, plain_command, plan_differences, trial_result
+from sweep import Launcher, as_arg, command_of, failure_line, plain_command, plan_differences, trial_result
 
 STATE = "crossval.json"
 WRITTEN_BY = "crossval.py"
@@ -327,36 +326,18 @@ def write_fold_files(folder, examples, names, folds, fold):
 # -- running the folds ----------------------------------------------------------------------------
 
 
-class Launcher:
-    """Runs one trainer.py command at a time, and passes a Ctrl-C or SIGTERM on to it once."""
-
-    def __init__(self):
-        self.child, self.stopping = None, False
-
-    def request_stop(self, signum, frame):
-        # the fold gets the signal and writes its checkpoint; a second one stops it at once
-        self.stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
-
-    def launch(self, command, folder, metric):
-        """(exit status, the final metrics trainer.py printed (with metric) or None, its error line or None) of
-        one launch, its output appended to folder/trainer.stdout and trainer.stderr."""
-        with open(folder / "trainer.stdout", "a", encoding="utf-8") as out, \
-                open(folder / "trainer.stderr", "a", encoding="utf-8") as err:
-            # a session of its own: a Ctrl-C at the terminal reaches the fold once, through request_stop;
-            # and the fold dies with crossval (sweep.die_with_parent), writing its checkpoint
-            self.child = subprocess.Popen(command, stdout=out, stderr=err, start_new_session=True,
-                                          preexec_fn=die_with_parent())
-            returncode = self.child.wait()
-            self.child = None
-        if returncode == 0:
-            result = trial_result(folder / "trainer.stdout", metric)
-            if result is not None:
-                return returncode, result, None
-        lines = (folder / "trainer.stderr").read_text(encoding="utf-8", errors="replace").splitlines()
-        errors = [line for line in lines if line.startswith("error:")]
-        return returncode, None, (errors or lines or [f"exit status {returncode}, no result line"])[-1]
+def launch(launcher, command, folder, metric):
+    """(exit status, the final metrics trainer.py printed (with metric) or None, its error line or None) of
+    one launch of a fold, its output appended to folder/trainer.stdout and trainer.stderr; like a
+    sweep's trial it dies with crossval, writing its checkpoint (sweep.Launcher)."""
+    with open(folder / "trainer.stdout", "a", encoding="utf-8") as out, \
+            open(folder / "trainer.stderr", "a", encoding="utf-8") as err:
+        returncode = launcher.run(command, out, err)
+    if returncode == 0:
+        result = trial_result(folder / "trainer.stdout", metric)
+        if result is not None:
+            return returncode, result, None
+    return returncode, None, failure_line(folder / "trainer.stderr", returncode)
 
 
 def run_one(launcher, job, run):
@@ -369,7 +350,7 @@ def run_one(launcher, job, run):
         write_fold_files(folder, job.examples, label_names(job.cfg), job.folds, run["fold"])
     start = time.perf_counter()
     metric = job.cfg["module"]["metric"]
-    returncode, result, error = launcher.launch(command_of(run, run["epochs"], job.cfg["crossval"]["nproc_per_node"]), folder,
+    returncode, result, error = launch(launcher, command_of(run, run["epochs"], job.cfg["crossval"]["nproc_per_node"]), folder,
                                                 metric)
     record["seconds"] += time.perf_counter() - start
     if result is None and launcher.stopping:

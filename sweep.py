@@ -410,6 +410,36 @@ def die_with_parent():
     return preexec
 
 
+class Launcher:
+    """Runs one trainer.py at a time (a sweep's trials, crossval's folds), in a session of its own and
+    dying with us (die_with_parent), and passes a Ctrl-C or SIGTERM on to it once: it writes its
+    checkpoint and stops. stopping: one came."""
+
+    def __init__(self):
+        self.child, self.stopping = None, False
+
+    def request_stop(self, signum, frame):
+        # the child gets the one signal and writes its checkpoint; a second one stops it at once
+        self.stopping = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)
+
+    def run(self, command, stdout, stderr):
+        """Its exit status; a Ctrl-C at the terminal reaches it once, through request_stop."""
+        self.child = subprocess.Popen(command, stdout=stdout, stderr=stderr, start_new_session=True,
+                                      preexec_fn=die_with_parent())
+        returncode = self.child.wait()
+        self.child = None
+        return returncode
+
+
+def failure_line(err, returncode):
+    """Why a launch failed, from its stderr file: its last error: line, else its last line."""
+    lines = err.read_text(encoding="utf-8", errors="replace").splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or [f"exit status {returncode}, no result line"])[-1]
+
+
 def wait_for_lock(path, stopping, say):
     """Wait until no process holds path (a FolderLock's file) locked; False if stopping() first."""
     try:
@@ -458,13 +488,7 @@ class Sweep:
         self.records = state["trials"]
         self.metric = trials[0]["metric"]
         self.rungs = state["plan"]["rungs"]
-        self.child, self.stopping = None, False
-
-    def request_stop(self, signum, frame):
-        # the trial gets the one signal and writes its checkpoint; a second one stops it at once
-        self.stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)
+        self.launcher = Launcher()
 
     def run(self):
         """Every rung in turn; returns the exit status."""
@@ -475,7 +499,7 @@ class Sweep:
         sizes = field_sizes(len(self.records), self.rungs, self.sweep["keep"])
         bar = progress_bar(total=sum(sizes), initial=sum(r["launches"] for r in self.records), desc="sweep",
                            unit="trial", dynamic_ncols=True)
-        previous = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self.launcher.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for i, rung in enumerate(self.rungs):
                 field = [r for r in self.records if r["out_at"] is None or r["out_at"] >= i]
@@ -484,7 +508,7 @@ class Sweep:
                         continue
                     if record["trained_to"] >= min(rung, record["epochs"]):
                         continue
-                    if self.stopping or not self.launch(record, trial, i):
+                    if self.launcher.stopping or not self.launch(record, trial, i):
                         return self.stopped()
                     bar.update(1)
                 if i + 1 < len(self.rungs):
@@ -508,30 +532,26 @@ class Sweep:
         target, folder = min(self.rungs[i], record["epochs"]), self.dir / trial["name"]
         with writing_to("sweep.dir", folder):
             claim_trial_dir(folder, self.state["id"])
-        if not wait_for_lock(folder / "checkpoints" / LOCK, lambda: self.stopping, lambda holder: self.say(
+        if not wait_for_lock(folder / "checkpoints" / LOCK, lambda: self.launcher.stopping, lambda holder: self.say(
                 f"{trial['name']}: waiting for its launch by an earlier sweep to end ({holder})")):
             return False
         start = time.perf_counter()
         returncode, out, err = self.run_trial(folder, trial, target)
         record["seconds"] += time.perf_counter() - start
         result = trial_result(out, self.metric) if returncode == 0 else None
-        if result is None and self.stopping:  # stopped with a checkpoint: the next launch resumes it
+        if result is None and self.launcher.stopping:  # stopped with a checkpoint: the next launch resumes it
             return False
         record["launches"] += 1
         line = self.record_outcome(record, result, target, i, err, returncode)
         self.save()
         self.say(f"{line}, {record['seconds']:.0f} s  [{settings_text(record['settings'])}]")
-        return not self.stopping
+        return not self.launcher.stopping
 
     def run_trial(self, folder, trial, target):
         """One launch of trainer.py, its output in epoch<target>.stdout / .stderr: (exit status, the two files)."""
         out, err = folder / f"epoch{target}.stdout", folder / f"epoch{target}.stderr"
         with writing_to("sweep.dir", folder), new_file(out) as stdout, new_file(err) as stderr:
-            # a session of its own: a Ctrl-C at the terminal reaches the trial once, through request_stop
-            self.child = subprocess.Popen(command_of(trial, target, self.sweep["nproc_per_node"]), stdout=stdout,
-                                          stderr=stderr, start_new_session=True, preexec_fn=die_with_parent())
-            returncode = self.child.wait()
-            self.child = None
+            returncode = self.launcher.run(command_of(trial, target, self.sweep["nproc_per_node"]), stdout, stderr)
         return returncode, out, err
 
     def record_outcome(self, record, result, target, i, err, returncode):
@@ -541,9 +561,7 @@ class Sweep:
                           best_step=result["best_step"], best_checkpoint=checkpoint_name(result.get("best_checkpoint")))
             return (f"{record['name']} epoch {target}/{record['epochs']}: {self.metric} {record['value']:.4f} "
                     f"(best step {record['best_step']})")
-        lines = err.read_text(encoding="utf-8", errors="replace").splitlines()
-        errors = [line for line in lines if line.startswith("error:")]
-        record.update(error=(errors or lines or [f"exit status {returncode}, no result line"])[-1], out_at=i)
+        record.update(error=failure_line(err, returncode), out_at=i)
         return f"{record['name']} failed: {record['error']}"
 
     def cut(self, field, i):
