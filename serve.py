@@ -496,7 +496,7 @@ def listening_socket(host, port):
     """The server's socket, bound before the model loads, so a taken port is one line at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP said, not left 0: asyncio sets TCP_NODELAY only on connections of a socket that says it;
-    # without it each small answer waits for the client's delayed ACK (about 40 ms on Linux)
+    # without it each small answer waits for the client's delayed ACK (bench/README.md, serving)
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -416,7 +416,7 @@ class Accepted(asyncio.Protocol):
 
 def test_the_servers_connections_send_small_answers_at_once():
     """asyncio sets TCP_NODELAY only on connections of a listening socket that says IPPROTO_TCP; without
-    it a small answer waits for the client's delayed ACK: tens of milliseconds a request."""
+    it a small answer waits for the client's delayed ACK."""
     async def accepted_nodelay():
         sock = serve.listening_socket("127.0.0.1", 0)
         accepted = asyncio.get_running_loop().create_future()
